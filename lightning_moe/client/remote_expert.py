@@ -1,0 +1,150 @@
+"""RemoteExpert: an expert on another computer, called like a local nn.Module."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from typing import Any
+
+import requests
+import torch
+from torch import nn
+
+from lightning_moe import wire
+
+DEFAULT_TIMEOUT = 30.0
+_sessions: dict[tuple[int, int], requests.Session] = {}
+_sessions_lock = threading.Lock()
+
+
+class RemoteExpertError(RuntimeError):
+    """A call to a remote expert failed; names the uid, the endpoint and the host's message."""
+
+    def __init__(self, uid: str, endpoint: str, message: str, status: int | None = None):
+        self.uid, self.endpoint, self.message, self.status = uid, endpoint, message, status
+        where = f"HTTP {status}" if status is not None else "no answer"
+        super().__init__(f"expert {uid!r} at {endpoint} failed ({where}): {message}")
+
+
+def get_session() -> requests.Session:
+    """The HTTP session of this process and thread: keep-alive connections, reused across calls.
+
+    Keyed by pid so that a forked child never shares its parent's sockets.
+    """
+    key = (os.getpid(), threading.get_ident())
+    session = _sessions.get(key)
+    if session is None:
+        session = requests.Session()
+        adapter = requests.adapters.HTTPAdapter(pool_connections=32, pool_maxsize=32, max_retries=0)
+        session.mount("http://", adapter)
+        with _sessions_lock:
+            _sessions[key] = session
+    return session
+
+
+def call_expert(
+    uid: str,
+    endpoint: str,
+    method: str,
+    tensors: list[torch.Tensor],
+    compression: str = "none",
+    timeout: float | None = DEFAULT_TIMEOUT,
+) -> list[torch.Tensor]:
+    """POST tensors to ``/{method}/{uid}`` and return the decoded answer (CPU tensors).
+
+    Raises RemoteExpertError for any failure: no connection, timeout, HTTP error, bad answer.
+    """
+    url = f"http://{endpoint}/{method}/{uid}"
+    try:
+        body = wire.serialize(tensors, compression)
+        response = get_session().post(
+            url,
+            data=body,
+            headers={"Content-Type": "application/octet-stream", "X-Compression": compression},
+            timeout=timeout,
+        )
+    except requests.RequestException as e:
+        raise RemoteExpertError(uid, endpoint, f"{method}: {type(e).__name__}: {e}") from e
+    if response.status_code != 200:
+        raise RemoteExpertError(uid, endpoint, f"{method}: {_error_message(response)}", response.status_code)
+    try:
+        return wire.deserialize(bytearray(response.content))
+    except wire.WireError as e:
+        raise RemoteExpertError(uid, endpoint, f"{method}: malformed answer: {e}", response.status_code) from e
+
+
+def _error_message(response: requests.Response) -> str:
+    try:
+        return str(json.loads(response.content)["error"])
+    except (ValueError, KeyError, TypeError):
+        return response.text[:500] or response.reason or "empty answer"
+
+
+class _RemoteCall(torch.autograd.Function):
+    """Forward and backward of one remote expert; the host recomputes forward in backward."""
+
+    @staticmethod
+    def forward(ctx: Any, expert: "RemoteExpert", *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        ctx.expert = expert
+        ctx.save_for_backward(*inputs)
+        outputs = call_expert(expert.uid, expert.endpoint, "forward", list(inputs), expert.compression, expert.forward_timeout)
+        like = inputs[0]
+        return tuple(out.to(device=like.device, dtype=like.dtype if out.is_floating_point() else out.dtype) for out in outputs)
+
+    @staticmethod
+    def backward(ctx: Any, *grad_outputs: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        expert: RemoteExpert = ctx.expert
+        inputs = ctx.saved_tensors
+        grads = call_expert(
+            expert.uid, expert.endpoint, "backward", [*inputs, *grad_outputs], expert.compression, expert.backward_timeout
+        )
+        if len(grads) != len(inputs):
+            raise RemoteExpertError(expert.uid, expert.endpoint, f"backward: {len(grads)} gradients for {len(inputs)} inputs")
+        return (None, *(g.to(device=x.device, dtype=x.dtype) for g, x in zip(grads, inputs)))
+
+
+class RemoteExpert(nn.Module):
+    """An expert served by an ExpertHost at ``endpoint``; gradients flow through it to the host.
+
+    Args:
+        uid: the expert's uid on the host, e.g. ``"ffn.3.14"``.
+        endpoint: the host's ``"host:port"``.
+        forward_timeout: seconds to wait for a forward answer (None: forever).
+        backward_timeout: seconds to wait for a backward answer (None: forever).
+        compression: wire compression of activations and gradients: none, float16 or uint8.
+    """
+
+    def __init__(
+        self,
+        uid: str,
+        endpoint: str,
+        forward_timeout: float | None = DEFAULT_TIMEOUT,
+        backward_timeout: float | None = DEFAULT_TIMEOUT,
+        compression: str = "none",
+    ):
+        super().__init__()
+        if compression not in wire.COMPRESSIONS:
+            raise ValueError(f"compression must be one of {wire.COMPRESSIONS}, got {compression!r}")
+        self.uid, self.endpoint, self.compression = uid, endpoint, compression
+        self.forward_timeout, self.backward_timeout = forward_timeout, backward_timeout
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        outputs = _RemoteCall.apply(self, *inputs)
+        return outputs[0] if len(outputs) == 1 else outputs
+
+    def info(self, timeout: float | None = DEFAULT_TIMEOUT) -> dict:
+        """The host's description of this expert (schemas, max batch size)."""
+        try:
+            response = get_session().get(f"http://{self.endpoint}/info", timeout=timeout)
+        except requests.RequestException as e:
+            raise RemoteExpertError(self.uid, self.endpoint, f"info: {type(e).__name__}: {e}") from e
+        if response.status_code != 200:
+            raise RemoteExpertError(self.uid, self.endpoint, f"info: {_error_message(response)}", response.status_code)
+        experts = response.json().get("experts", {})
+        if self.uid not in experts:
+            raise RemoteExpertError(self.uid, self.endpoint, "info: the host does not serve this expert", 404)
+        return experts[self.uid]
+
+    def extra_repr(self) -> str:
+        return f"uid={self.uid!r}, endpoint={self.endpoint!r}, compression={self.compression!r}"
