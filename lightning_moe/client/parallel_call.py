@@ -1,0 +1,222 @@
+"""Many remote experts called at once, as one autograd Function, with k_min and timeout rules."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lightning_moe.client.remote_expert import RemoteExpertError, call_expert
+
+logger = logging.getLogger(__name__)
+_executors: dict[int, ThreadPoolExecutor] = {}
+_executors_lock = threading.Lock()
+
+
+def get_executor() -> ThreadPoolExecutor:
+    """The thread pool of this process that sends expert calls (recreated after a fork)."""
+    pid = os.getpid()
+    with _executors_lock:
+        if pid not in _executors:
+            _executors[pid] = ThreadPoolExecutor(max_workers=32, thread_name_prefix="lightning_moe-call")
+        return _executors[pid]
+
+
+class NotEnoughExpertsError(RuntimeError):
+    """Fewer than k_min experts answered for some sample; says which experts were tried and why each failed."""
+
+
+@dataclass
+class ExpertCall:
+    """The rows of a batch routed to one expert, and the slot (0..k-1) each row holds them in."""
+
+    uid: str
+    endpoint: str
+    rows: torch.Tensor
+    slots: torch.Tensor
+
+
+@dataclass
+class CallSettings:
+    """How long to wait and how many answers are enough, in one direction."""
+
+    k_min: int = 1
+    timeout: float | None = None
+    timeout_after_k_min: float | None = None
+    compression: str = "none"
+
+
+@dataclass
+class CallStats:
+    """What happened to the calls of one forward (and its backward)."""
+
+    asked: int = 0
+    answered: int = 0
+    failed: int = 0
+    timed_out: int = 0
+    latency: float = 0.0
+    backward_asked: int = 0
+    backward_answered: int = 0
+    backward_failed: int = 0
+    errors: list[str] = field(default_factory=list)
+    failed_endpoints: set[str] = field(default_factory=set)
+
+
+def call_in_parallel(
+    calls: list[ExpertCall],
+    method: str,
+    payloads: list[list[torch.Tensor]],
+    num_samples: int,
+    settings: CallSettings,
+    deadline: float | None = None,
+) -> list[list[torch.Tensor] | BaseException]:
+    """Send every call at once; return each call's answer or the exception it failed with.
+
+    Waits until all calls answered, or until every sample has ``k_min`` answers and
+    ``timeout_after_k_min`` more seconds passed, or until ``settings.timeout`` (or the earlier
+    ``deadline``, a ``time.monotonic()`` value) ran out. Calls still out then get TimeoutError.
+    """
+    start = time.monotonic()
+    ends = [deadline] if deadline is not None else []
+    if settings.timeout is not None:
+        ends.append(start + settings.timeout)
+    hard_end = min(ends) if ends else None
+    request_timeout = None if hard_end is None else max(hard_end - start, 1e-3)
+    executor = get_executor()
+    futures: dict[Future, int] = {
+        executor.submit(call_expert, c.uid, c.endpoint, method, p, settings.compression, request_timeout): i
+        for i, (c, p) in enumerate(zip(calls, payloads))
+    }
+    results: list[Any] = [None] * len(calls)
+    answers_per_sample = torch.zeros(num_samples, dtype=torch.long)
+    pending = set(futures)
+    soft_end = None
+    while pending:
+        now = time.monotonic()
+        end = min((t for t in (hard_end, soft_end) if t is not None), default=None)
+        if end is not None and now >= end:
+            break
+        done, pending = wait(pending, timeout=None if end is None else end - now, return_when=FIRST_COMPLETED)
+        for future in done:
+            index = futures[future]
+            try:
+                results[index] = future.result()
+                answers_per_sample[calls[index].rows] += 1
+            except Exception as e:  # noqa: BLE001 - every failure is reported per expert
+                results[index] = e
+        if soft_end is None and settings.timeout_after_k_min is not None and bool((answers_per_sample >= settings.k_min).all()):
+            soft_end = time.monotonic() + settings.timeout_after_k_min
+    for future in pending:
+        future.cancel()
+        index = futures[future]
+        call = calls[index]
+        results[index] = TimeoutError(f"expert {call.uid!r} at {call.endpoint}: no {method} answer in time")
+    return results
+
+
+def call_forward(
+    calls: list[ExpertCall],
+    x: torch.Tensor,
+    outputs: torch.Tensor,
+    mask: torch.Tensor,
+    settings: CallSettings,
+    deadline: float | None,
+    stats: CallStats,
+) -> tuple[list[ExpertCall], list[BaseException | None]]:
+    """Run every call's forward at once and write the answers into ``outputs[rows, slots]``.
+
+    Sets ``mask`` where an expert answered; returns the calls that answered and, per call, its error.
+    """
+    payloads = [[x[call.rows]] for call in calls]
+    begin = time.monotonic()
+    results = call_in_parallel(calls, "forward", payloads, x.shape[0], settings, deadline)
+    stats.latency += time.monotonic() - begin
+    out_shape = tuple(outputs.shape[2:])
+    answered, errors = [], []
+    for call, result in zip(calls, results):
+        stats.asked += 1
+        if not isinstance(result, BaseException):
+            output = result[0] if len(result) == 1 else None
+            if output is None or tuple(output.shape) != (len(call.rows), *out_shape):
+                shape = None if output is None else tuple(output.shape)
+                result = RemoteExpertError(call.uid, call.endpoint, f"forward: answered shape {shape}, expected {(len(call.rows), *out_shape)}")
+        if isinstance(result, BaseException):
+            stats.timed_out += isinstance(result, TimeoutError)
+            stats.failed += not isinstance(result, TimeoutError)
+            stats.errors.append(str(result))
+            stats.failed_endpoints.add(call.endpoint)
+            errors.append(result)
+            continue
+        stats.answered += 1
+        outputs[call.rows, call.slots] = output.to(outputs.dtype)
+        mask[call.rows, call.slots] = True
+        answered.append(call)
+        errors.append(None)
+    return answered, errors
+
+
+class RemoteMixtureCall(torch.autograd.Function):
+    """Connects the experts' outputs (computed by :func:`call_forward`) to ``x`` for autograd.
+
+    Backward sends each answered expert its rows of ``x`` and of the output gradient and adds
+    up the input gradients. An expert whose backward fails drops its contribution and is counted.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        answered: list[ExpertCall],
+        settings: CallSettings,
+        stats: CallStats,
+        outputs: list[torch.Tensor],
+        x: torch.Tensor,
+    ) -> torch.Tensor:
+        ctx.calls, ctx.backward_settings, ctx.stats = answered, settings, stats
+        ctx.out_dtype = outputs[0].dtype
+        ctx.save_for_backward(x)
+        return outputs[0]
+
+    @staticmethod
+    def backward(ctx: Any, grad_outputs: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (x,) = ctx.saved_tensors
+        calls: list[ExpertCall] = ctx.calls
+        stats: CallStats = ctx.stats
+        grad_outputs = grad_outputs.to(ctx.out_dtype)
+        payloads = [[x[call.rows], grad_outputs[call.rows, call.slots]] for call in calls]
+        results = call_in_parallel(calls, "backward", payloads, x.shape[0], ctx.backward_settings)
+        grad_x = torch.zeros_like(x)
+        answers = torch.zeros(x.shape[0], dtype=torch.long)
+        for call, result in zip(calls, results):
+            stats.backward_asked += 1
+            if isinstance(result, BaseException) or len(result) != 1 or result[0].shape != x[call.rows].shape:
+                stats.backward_failed += 1
+                stats.errors.append(f"backward: {result}" if isinstance(result, BaseException) else f"backward: expert {call.uid!r} answered a wrong shape")
+                continue
+            stats.backward_answered += 1
+            grad_x.index_add_(0, call.rows, result[0].to(x.dtype))
+            answers[call.rows] += 1
+        short = int((answers < ctx.backward_settings.k_min).sum())
+        if short:
+            logger.warning("backward: %d samples got fewer than backward_k_min=%d expert gradients; %d of %d calls failed",
+                           short, ctx.backward_settings.k_min, stats.backward_failed, len(calls))
+        return None, None, None, None, grad_x
+
+
+def check_k_min(tried: dict[int, list[tuple[ExpertCall, BaseException | None]]], mask: torch.Tensor, k_min: int) -> None:
+    """Raise NotEnoughExpertsError if a sample has fewer than ``k_min`` answers, naming what was tried."""
+    answered = mask.sum(dim=1)
+    short = (answered < k_min).nonzero().flatten()
+    if len(short) == 0:
+        return
+    sample = int(short[0])
+    lines = [f"  {call.uid} at {call.endpoint}: {error or 'answered'}" for call, error in tried.get(sample, [])]
+    raise NotEnoughExpertsError(
+        f"{len(short)} of {mask.shape[0]} samples got fewer than k_min={k_min} expert answers; "
+        f"sample {sample} got {int(answered[sample])}, experts tried for it:\n" + ("\n".join(lines) or "  (none found alive in the DHT)")
+    )

@@ -1,0 +1,141 @@
+"""Throughput of one ExpertHost under many trainer processes, against the same experts run locally.
+
+The scenario of hivemind's benchmarks/benchmark_throughput.py, so the figures compare: one host
+with 16 ``ffn`` experts (hid_dim 1024, Adam), 8 client processes each sending 16 batches of 128
+rows to random experts, forward + backward. Prints remote samples/s, the local ceiling measured
+in the same run (the same experts, forward + backward + optimizer step in one process), and
+their ratio.
+
+    python tests/benchmark_throughput.py
+    python tests/benchmark_throughput.py --num-clients 4 --compression uint8
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import multiprocessing as mp
+import random
+import time
+
+import torch
+
+from lightning_moe.client.remote_expert import call_expert
+from lightning_moe.server import ExpertBackend, ExpertHost
+from lightning_moe.server.experts import make_expert
+
+logger = logging.getLogger("benchmark_throughput")
+
+
+def make_backends(args: argparse.Namespace) -> dict[str, ExpertBackend]:
+    torch.manual_seed(0)
+    backends = {}
+    for i in range(args.num_experts):
+        expert = make_expert(args.expert_cls, args.hid_dim)
+        backends[f"expert.{i}"] = ExpertBackend(
+            f"expert.{i}",
+            expert,
+            torch.optim.Adam(expert.parameters(), lr=1e-4),
+            args_schema=[((args.hid_dim,), torch.float32)],
+            max_batch_size=args.max_batch_size,
+        )
+    return backends
+
+
+def client_process(endpoint: str, uids: list[str], args: argparse.Namespace, seed: int, ready, start, results) -> None:
+    torch.set_num_threads(1)
+    rng = random.Random(seed)
+    x = torch.randn(args.batch_size, args.hid_dim)
+    grad = torch.randn(args.batch_size, args.hid_dim)
+    call_expert(uids[0], endpoint, "forward", [x[:1]], timeout=60)  # open the keep-alive connection
+    ready.release()
+    start.wait()
+    begin = time.perf_counter()
+    for _ in range(args.batches_per_client):
+        uid = rng.choice(uids)
+        call_expert(uid, endpoint, "forward", [x], args.compression, timeout=120)
+        if args.backprop:
+            call_expert(uid, endpoint, "backward", [x, grad], args.compression, timeout=120)
+    results.put(time.perf_counter() - begin)
+
+
+def measure_remote(args: argparse.Namespace) -> float:
+    """Samples per second through a real host on loopback, clients in separate processes."""
+    ctx = mp.get_context("spawn")
+    with ExpertHost(make_backends(args), host="127.0.0.1", port=0) as host:
+        uids = sorted(host.backends)
+        ready, start, results = ctx.Semaphore(0), ctx.Event(), ctx.Queue()
+        clients = [
+            ctx.Process(target=client_process, args=(host.endpoint, uids, args, seed, ready, start, results), daemon=True)
+            for seed in range(args.num_clients)
+        ]
+        for client in clients:
+            client.start()
+        for _ in clients:
+            if not ready.acquire(timeout=300):
+                raise RuntimeError("a client process did not start within 300 s")
+        begin = time.perf_counter()
+        start.set()
+        for _ in clients:
+            results.get(timeout=args.timeout)
+        elapsed = time.perf_counter() - begin
+        for client in clients:
+            client.join(timeout=30)
+        stats = host.stats()
+    total = args.num_clients * args.batches_per_client * args.batch_size
+    logger.info("host stats: %s", stats)
+    return total / elapsed
+
+
+def measure_local(args: argparse.Namespace) -> float:
+    """Samples per second of the same experts in this process: forward + backward + step."""
+    backends = make_backends(args)
+    experts = [(b.expert, b.optimizer) for b in backends.values()]
+    rng = random.Random(0)
+    x = torch.randn(args.batch_size, args.hid_dim)
+    grad = torch.randn(args.batch_size, args.hid_dim)
+
+    def step() -> None:
+        expert, optimizer = rng.choice(experts)
+        out = expert(x.requires_grad_(True))
+        if args.backprop:
+            out.backward(grad)
+            optimizer.step()
+            optimizer.zero_grad()
+
+    for _ in range(3):
+        step()
+    begin = time.perf_counter()
+    for _ in range(args.local_batches):
+        step()
+    return args.local_batches * args.batch_size / (time.perf_counter() - begin)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-experts", type=int, default=16)
+    parser.add_argument("--expert-cls", default="ffn")
+    parser.add_argument("--hid-dim", type=int, default=1024)
+    parser.add_argument("--num-clients", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--batches-per-client", type=int, default=16)
+    parser.add_argument("--max-batch-size", type=int, default=2048, help="rows per batch the host forms")
+    parser.add_argument("--compression", default="none", choices=["none", "float16", "uint8"])
+    parser.add_argument("--no-backprop", dest="backprop", action="store_false", help="forward only")
+    parser.add_argument("--local-batches", type=int, default=48, help="batches for the local ceiling")
+    parser.add_argument("--timeout", type=float, default=600.0)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+    print(f"experts={args.num_experts} x {args.expert_cls}(hid={args.hid_dim}), clients={args.num_clients}, "
+          f"batch={args.batch_size} x {args.batches_per_client} per client, backprop={args.backprop}, "
+          f"compression={args.compression}, torch threads={torch.get_num_threads()}")
+    local = measure_local(args)
+    print(f"local ceiling (one process, no network): {local:8.1f} samples/s")
+    remote = measure_remote(args)
+    print(f"remote through one ExpertHost:           {remote:8.1f} samples/s")
+    print(f"ratio remote/local: {remote / local:.2f}")
+
+
+if __name__ == "__main__":
+    main()
