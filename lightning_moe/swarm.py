@@ -77,6 +77,7 @@ class HostSpec:
     seed: int | None = None
     num_threads: int | None = None
     delay: float = 0.0
+    dtype: torch.dtype = torch.float32
 
 
 def serve(spec: HostSpec, on_ready: Callable[[str, str], None], stop: threading.Event) -> dict[str, Any]:
@@ -85,7 +86,8 @@ def serve(spec: HostSpec, on_ready: Callable[[str, str], None], stop: threading.
 
     if spec.num_threads:
         torch.set_num_threads(spec.num_threads)
-    backends = make_backends(spec.uids, spec.expert, spec.optimizer, spec.in_features, spec.max_batch_size, seed=spec.seed)
+    backends = make_backends(spec.uids, spec.expert, spec.optimizer, spec.in_features, spec.max_batch_size,
+                             dtype=spec.dtype, seed=spec.seed)
     if spec.delay:
         for backend in backends.values():
             _add_delay(backend, spec.delay)
@@ -145,6 +147,8 @@ class LocalSwarm:
         host: the loopback address to bind.
         start_timeout: seconds to wait for each host to be ready.
         num_threads: torch threads per host process (None: torch's default).
+        dtype: the experts' dtype.
+        host_delays: extra seconds per batch for each of the first hosts (to test slow volunteers).
     """
 
     def __init__(
@@ -160,11 +164,14 @@ class LocalSwarm:
         host: str = "127.0.0.1",
         start_timeout: float = 120.0,
         num_threads: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        host_delays: Sequence[float] = (),
     ):
         self.uid_prefix, self.grid_size, self.num_hosts = uid_prefix, tuple(grid_size), num_hosts
         self.expert, self.optimizer, self.in_features = expert, optimizer, in_features
         self.max_batch_size, self.update_period, self.host = max_batch_size, update_period, host
         self.start_timeout, self.num_threads = start_timeout, num_threads
+        self.dtype, self.host_delays = dtype, list(host_delays)
         self._ctx = mp.get_context("spawn")
         self._ready = self._ctx.Queue()
         self.processes: list[Any] = []
@@ -183,7 +190,8 @@ class LocalSwarm:
         uids = grid_uids(self.uid_prefix, self.grid_size)
         try:
             for i in range(self.num_hosts):
-                self.add_host(uids[i :: self.num_hosts], seed=i, wait=False)
+                delay = self.host_delays[i] if i < len(self.host_delays) else 0.0
+                self.add_host(uids[i :: self.num_hosts], seed=i, delay=delay, wait=False)
             self._wait_ready(range(self.num_hosts))
         except BaseException:
             self.shutdown()
@@ -195,7 +203,7 @@ class LocalSwarm:
         """Start one more host process serving ``uids``; returns its index."""
         spec = HostSpec(list(uids), self.expert, self.optimizer, self.in_features, initial_peers=self.initial_peers,
                         host=self.host, max_batch_size=self.max_batch_size, update_period=self.update_period,
-                        seed=seed, num_threads=self.num_threads, delay=delay)
+                        seed=seed, num_threads=self.num_threads, delay=delay, dtype=self.dtype)
         index = len(self.processes)
         process = self._ctx.Process(target=_host_process, args=(index, spec, self._ready, os.getpid()), daemon=True,
                                     name=f"lightning_moe-host-{index}")

@@ -126,7 +126,8 @@ class DecentralizedMoE(nn.Module):
         gate_input = flat
         if self.training and self.jitter > 0:
             gate_input = flat * torch.empty_like(flat).uniform_(1 - self.jitter, 1 + self.jitter)
-        logits = self.proj(gate_input).float().split(self.grid_size, dim=-1)
+        compute_dtype = torch.promote_types(x.dtype, torch.float32)  # float64 stays float64; halves go to float32
+        logits = self.proj(gate_input.to(self.proj.weight.dtype)).to(compute_dtype).split(self.grid_size, dim=-1)
 
         cpu_scores = [logit.detach().to("cpu") for logit in logits]
         chosen = self._choose_experts(cpu_scores, deadline)
@@ -144,7 +145,7 @@ class DecentralizedMoE(nn.Module):
         expert_outputs = RemoteMixtureCall.apply(answered, backward_settings, stats, [outputs], x_cpu)
         scores = sum(logit.gather(1, coords[..., d].to(logit.device)) for d, logit in enumerate(logits))
         weights = torch.softmax(scores.masked_fill(~mask.to(scores.device), torch.finfo(scores.dtype).min), dim=1)
-        mixed = torch.einsum("bk,bk...->b...", weights.to("cpu"), expert_outputs.float())
+        mixed = torch.einsum("bk,bk...->b...", weights.to("cpu"), expert_outputs.to(compute_dtype))
         self.aux_loss = self._balancing_loss(logits, coords, mask)
         return mixed.to(device=x.device, dtype=x.dtype).reshape(*leading, *mixed.shape[1:])
 
@@ -232,7 +233,7 @@ class DecentralizedMoE(nn.Module):
         used = mask.to(logits[0].device)
         for d, logit in enumerate(logits):
             probs = torch.softmax(logit, dim=-1)
-            counts = torch.zeros_like(probs).scatter_add_(1, coords[..., d].to(logit.device), used.float())
+            counts = torch.zeros_like(probs).scatter_add_(1, coords[..., d].to(logit.device), used.to(probs.dtype))
             fraction = counts.sum(0) / counts.sum().clamp_min(1.0)
             losses.append(self.grid_size[d] * (fraction * probs.mean(0)).sum())
         return torch.stack(losses).mean()

@@ -1,0 +1,231 @@
+"""DecentralizedMoE against a real swarm: a DHT node here, hosts in subprocesses, 16 experts in a 4x4 grid."""
+
+import copy
+import functools
+import pickle
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from lightning_moe.client.moe import DecentralizedMoE
+from lightning_moe.client.parallel_call import NotEnoughExpertsError
+from lightning_moe.server.experts import make_expert
+from lightning_moe.swarm import LocalSwarm, grid_uids, make_backends
+
+HID = 16
+GRID = (4, 4)
+LR = 0.1
+
+
+def start_swarm(optimizer=True, dtype=torch.float32, **kwargs) -> LocalSwarm:
+    return LocalSwarm(
+        "ffn", GRID, kwargs.pop("num_hosts", 2), functools.partial(make_expert, "ffn", HID),
+        functools.partial(torch.optim.SGD, lr=LR) if optimizer else None, HID, update_period=2.0,
+        num_threads=1, dtype=dtype, **kwargs,
+    ).start()
+
+
+def local_experts(swarm: LocalSwarm, optimizer=True, dtype=torch.float32) -> dict:
+    """Copies of the swarm's experts: each host built its share of the grid from seed = its index."""
+    uids = grid_uids("ffn", GRID)
+    experts = {}
+    for i in range(swarm.num_hosts):
+        opt = functools.partial(torch.optim.SGD, lr=LR) if optimizer else None
+        experts.update(make_backends(uids[i :: swarm.num_hosts], swarm.expert, opt, HID, dtype=dtype, seed=i))
+    return experts
+
+
+def local_mixture(moe: DecentralizedMoE, experts: dict, x: torch.Tensor) -> torch.Tensor:
+    """The same mixture computed here, every expert alive: top-k of summed grid scores, softmax, sum."""
+    logits = moe.proj(x).float().split(GRID, dim=-1)
+    scores = (logits[0][:, :, None] + logits[1][:, None, :]).flatten(1)
+    top, index = scores.topk(moe.k_best, dim=1)
+    weights = torch.softmax(top, dim=1)
+    rows = []
+    for b in range(len(x)):
+        outs = [experts[f"ffn.{i // GRID[1]}.{i % GRID[1]}"].expert(x[b : b + 1]) for i in index[b].tolist()]
+        rows.append(sum(w * o for w, o in zip(weights[b], outs)))
+    return torch.cat(rows)
+
+
+@pytest.fixture
+def swarm():
+    swarm = start_swarm()
+    yield swarm
+    swarm.shutdown()
+
+
+def make_moe(swarm: LocalSwarm, **kwargs) -> DecentralizedMoE:
+    kwargs.setdefault("k_best", 4)
+    return DecentralizedMoE(HID, GRID, "ffn", initial_peers=swarm.initial_peers, cache_ttl=1.0, **kwargs)
+
+
+@pytest.mark.slow
+def test_outputs_and_gradients_equal_local_computation_and_hosts_learn(swarm):
+    torch.manual_seed(0)
+    moe = make_moe(swarm)
+    experts = local_experts(swarm)
+    x = torch.randn(24, HID, requires_grad=True)
+    grad = torch.randn(24, HID)
+    try:
+        y = moe(x)
+        x_local = x.detach().clone().requires_grad_(True)
+        y_local = local_mixture(moe, experts, x_local)
+        torch.testing.assert_close(y, y_local, atol=1e-5, rtol=1e-4)
+        assert moe.stats["answered"] == moe.stats["asked"] > 0
+
+        y.backward(grad)
+        proj_grad = moe.proj.weight.grad.clone()
+        moe.proj.weight.grad = None
+        y_local.backward(grad)
+        torch.testing.assert_close(x.grad, x_local.grad, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(proj_grad, moe.proj.weight.grad, atol=1e-5, rtol=1e-4)
+        assert proj_grad.abs().sum() > 0 and x.grad.abs().sum() > 0
+        assert moe.stats["backward_answered"] == moe.stats["answered"]
+
+        # The hosts stepped SGD on the experts that got gradients; stepping the local copies the same way agrees.
+        for backend in experts.values():
+            if any(p.grad is not None for p in backend.expert.parameters()):
+                backend.optimizer.step()
+        with torch.no_grad():
+            y2 = moe(x)
+            y2_local = local_mixture(moe, experts, x)
+        assert not torch.allclose(y2, y.detach(), atol=1e-4), "the hosts' experts did not learn"
+        torch.testing.assert_close(y2, y2_local, atol=1e-5, rtol=1e-4)
+    finally:
+        moe.dht.shutdown()
+
+
+@pytest.mark.slow
+def test_training_continues_when_a_host_dies(swarm):
+    torch.manual_seed(1)
+    moe = make_moe(swarm, k_min=1, forward_timeout=20.0)
+    optimizer = torch.optim.SGD(moe.parameters(), lr=0.01)
+    x = torch.randn(64, HID)
+    failed = 0
+    try:
+        for step in range(8):
+            if step == 3:
+                swarm.kill(0)
+            loss = moe(x).pow(2).mean()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            failed += moe.stats["failed"]
+            if step >= 5:  # the dead host is banned and its records have expired: no more calls to it
+                assert moe.stats["failed"] == 0 and moe.stats["answered"] > 0
+        assert failed > 0, "no call ever failed: the host was not really killed"
+        assert torch.isfinite(loss)
+    finally:
+        moe.dht.shutdown()
+
+
+@pytest.mark.slow
+def test_all_hosts_dead_raises_error_naming_experts_and_endpoints(swarm):
+    moe = make_moe(swarm, k_min=1, forward_timeout=10.0)
+    x = torch.randn(8, HID)
+    try:
+        moe(x)
+        swarm.kill(0)
+        swarm.kill(1)
+        with pytest.raises(NotEnoughExpertsError) as info:
+            moe(x)
+        message = str(info.value)
+        assert "k_min=1" in message and "ffn." in message
+        assert any(endpoint in message for endpoint in swarm.endpoints)
+    finally:
+        moe.dht.shutdown()
+
+
+@pytest.mark.slow
+def test_slow_host_does_not_stall_steps():
+    swarm = start_swarm(host_delays=[3.0])
+    moe = make_moe(swarm, k_min=1, timeout_after_k_min=0.2, forward_timeout=20.0)
+    x = torch.randn(32, HID)
+    try:
+        y = moe(x)
+        y.sum().backward()
+        stats = moe.stats
+        assert stats["timed_out"] > 0 and stats["answered"] > 0
+        assert torch.isfinite(y).all()
+    finally:
+        moe.dht.shutdown()
+        swarm.shutdown()
+
+
+@pytest.mark.slow
+def test_float64_gradcheck_and_bfloat16_paths():
+    swarm = start_swarm(optimizer=False, dtype=torch.float64)
+    try:
+        moe = make_moe(swarm).double()
+        x = torch.randn(6, HID, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(moe, (x,), eps=1e-6, atol=1e-4)
+
+        for dtype in (torch.float32, torch.bfloat16):
+            xb = torch.randn(6, HID, dtype=dtype, requires_grad=True)
+            yb = moe(xb)
+            assert yb.dtype == dtype
+            yb.float().sum().backward()
+            assert xb.grad.dtype == dtype and torch.isfinite(xb.grad.float()).all()
+
+        moe = moe.float()
+        x32 = torch.randn(6, HID, requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = moe(x32)
+        y.float().pow(2).sum().backward()
+        assert torch.isfinite(x32.grad).all() and moe.proj.weight.grad is not None
+    finally:
+        moe.dht.shutdown()
+        swarm.shutdown()
+
+
+@pytest.mark.slow
+def test_module_pickles_keeps_only_gating_state_and_accepts_any_leading_shape(swarm):
+    moe = make_moe(swarm)
+    try:
+        assert set(moe.state_dict()) == {"proj.weight", "proj.bias"}
+        clone = pickle.loads(pickle.dumps(moe))
+        copied = copy.deepcopy(moe)
+        x = torch.randn(2, 3, HID)
+        y = clone(x)  # the unpickled copy creates its own DHT client
+        assert y.shape == (2, 3, HID)
+        torch.testing.assert_close(y, moe(x), atol=1e-5, rtol=1e-4)
+        loss = moe.aux_loss
+        assert loss is not None and loss.requires_grad and torch.isfinite(loss)
+        assert copied._dht is None or copied._dht is moe._dht
+    finally:
+        moe.dht.shutdown()
+        clone.dht.shutdown()
+
+
+class MoEClassifier(pl.LightningModule):
+    def __init__(self, initial_peers):
+        super().__init__()
+        self.inp = torch.nn.Linear(8, HID)
+        self.moe = DecentralizedMoE(HID, GRID, "ffn", k_best=2, initial_peers=initial_peers)
+        self.out = torch.nn.Linear(HID, 3)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self.out(self.moe(torch.relu(self.inp(x))))
+        loss = torch.nn.functional.cross_entropy(logits, y) + 0.01 * self.moe.aux_loss
+        self.log_dict({f"moe/{k}": v for k, v in self.moe.stats.items()})
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+@pytest.mark.slow
+def test_lightning_module_with_the_layer_runs_fast_dev_run(swarm, tmp_path):
+    data = torch.utils.data.TensorDataset(torch.randn(64, 8), torch.randint(0, 3, (64,)))
+    model = MoEClassifier(swarm.initial_peers)
+    trainer = pl.Trainer(fast_dev_run=2, default_root_dir=tmp_path, accelerator="cpu", enable_progress_bar=False,
+                         enable_model_summary=False, logger=False)
+    try:
+        trainer.fit(model, torch.utils.data.DataLoader(data, batch_size=16))
+        assert trainer.state.finished
+        assert model.moe.stats["answered"] > 0
+    finally:
+        model.moe.dht.shutdown()
