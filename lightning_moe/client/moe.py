@@ -15,6 +15,7 @@ from torch import nn
 from lightning_moe import wire
 from lightning_moe.client.beam_search import beam_search
 from lightning_moe.client.dht_cache import CachedExpertLookup
+from lightning_moe.client.gating import load_balancing_loss
 from lightning_moe.client.parallel_call import (
     CallSettings,
     CallStats,
@@ -142,11 +143,12 @@ class DecentralizedMoE(nn.Module):
         check_k_min(tried, mask, self.k_min)
 
         backward_settings = CallSettings(self.backward_k_min, self.backward_timeout, self.timeout_after_k_min, self.compression)
-        expert_outputs = RemoteMixtureCall.apply(answered, backward_settings, stats, [outputs], x_cpu)
+        dummy = torch.empty(0, requires_grad=torch.is_grad_enabled())
+        expert_outputs = RemoteMixtureCall.apply(answered, backward_settings, stats, [outputs], dummy, x_cpu)
         scores = sum(logit.gather(1, coords[..., d].to(logit.device)) for d, logit in enumerate(logits))
         weights = torch.softmax(scores.masked_fill(~mask.to(scores.device), torch.finfo(scores.dtype).min), dim=1)
         mixed = torch.einsum("bk,bk...->b...", weights.to("cpu"), expert_outputs.to(compute_dtype))
-        self.aux_loss = self._balancing_loss(logits, coords, mask)
+        self.aux_loss = load_balancing_loss(logits, coords, mask)
         return mixed.to(device=x.device, dtype=x.dtype).reshape(*leading, *mixed.shape[1:])
 
     def _call_with_retry(
@@ -226,17 +228,6 @@ class DecentralizedMoE(nn.Module):
             except RemoteExpertError as e:
                 errors.append(str(e))
         raise NotEnoughExpertsError("could not read expert schemas from any host:\n" + "\n".join(errors))
-
-    def _balancing_loss(self, logits: Sequence[torch.Tensor], coords: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Switch-Transformer load balancing per grid dimension: size * sum(fraction routed * mean gate probability)."""
-        losses = []
-        used = mask.to(logits[0].device)
-        for d, logit in enumerate(logits):
-            probs = torch.softmax(logit, dim=-1)
-            counts = torch.zeros_like(probs).scatter_add_(1, coords[..., d].to(logit.device), used.to(probs.dtype))
-            fraction = counts.sum(0) / counts.sum().clamp_min(1.0)
-            losses.append(self.grid_size[d] * (fraction * probs.mean(0)).sum())
-        return torch.stack(losses).mean()
 
     @property
     def stats(self) -> dict[str, float]:

@@ -164,6 +164,9 @@ def call_forward(
 class RemoteMixtureCall(torch.autograd.Function):
     """Connects the experts' outputs (computed by :func:`call_forward`) to ``x`` for autograd.
 
+    ``_dummy`` is a tensor that requires grad, so backward reaches the hosts (whose experts learn)
+    even when ``x`` itself needs no gradient, e.g. when the layer sees the data directly.
+
     Backward sends each answered expert its rows of ``x`` and of the output gradient and adds
     up the input gradients. An expert whose backward fails drops its contribution and is counted.
     """
@@ -175,6 +178,7 @@ class RemoteMixtureCall(torch.autograd.Function):
         settings: CallSettings,
         stats: CallStats,
         outputs: list[torch.Tensor],
+        _dummy: torch.Tensor,
         x: torch.Tensor,
     ) -> torch.Tensor:
         ctx.calls, ctx.backward_settings, ctx.stats = answered, settings, stats
@@ -205,7 +209,7 @@ class RemoteMixtureCall(torch.autograd.Function):
         if short:
             logger.warning("backward: %d samples got fewer than backward_k_min=%d expert gradients; %d of %d calls failed",
                            short, ctx.backward_settings.k_min, stats.backward_failed, len(calls))
-        return None, None, None, None, grad_x
+        return None, None, None, None, None, grad_x if ctx.needs_input_grad[5] else None
 
 
 def check_k_min(tried: dict[int, list[tuple[ExpertCall, BaseException | None]]], mask: torch.Tensor, k_min: int) -> None:
