@@ -26,6 +26,14 @@ def uses_swarm(cfg: DictConfig) -> bool:
     return "initial_peers" in cfg.moe
 
 
+def is_volunteer(cfg: DictConfig) -> bool:
+    """`+volunteer=true` on the command line; any value but a boolean is an error naming the key."""
+    volunteer = cfg.get("volunteer", False)
+    if not isinstance(volunteer, bool):
+        raise ValueError(f"volunteer must be true or false (as in +volunteer=true), got {volunteer!r}")
+    return volunteer
+
+
 def start_local_swarm(cfg: DictConfig) -> LocalSwarm:
     """A DHT node here and host processes that serve every expert of the grid."""
     return LocalSwarm(
@@ -56,6 +64,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         moe = hydra.utils.instantiate(cfg.moe)
         model = hydra.utils.instantiate(cfg.model, moe=moe)
         callbacks = [hydra.utils.instantiate(callback) for callback in cfg.callbacks.values()]
+        if is_volunteer(cfg):
+            callbacks.append(hydra.utils.instantiate(cfg.host.callback))
         trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks)
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
         metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}

@@ -6,6 +6,7 @@ import functools
 import logging
 import multiprocessing as mp
 import os
+import random
 import signal
 import threading
 import time
@@ -30,6 +31,22 @@ def grid_uids(uid_prefix: str, grid_size: Sequence[int]) -> list[str]:
     for size in grid_size:
         uids = [f"{uid}.{i}" for uid in uids for i in range(size)]
     return uids
+
+
+def choose_cells(dht: Any, uid_prefix: str, grid_size: Sequence[int], count: int, seed: int | None = None) -> list[str]:
+    """``count`` grid cells that no one declares in the DHT yet; random busy ones if too few are free."""
+    uids = grid_uids(uid_prefix, grid_size)
+    if not 1 <= count <= len(uids):
+        raise ValueError(f"cells must be between 1 and {len(uids)} for grid {list(grid_size)}, got {count}")
+    taken = dht.get_experts(uids)
+    rng = random.Random(seed)
+    free = [uid for uid, endpoint in zip(uids, taken) if endpoint is None]
+    rng.shuffle(free)
+    chosen = free[:count]
+    if len(chosen) < count:
+        logger.warning("only %d free cells in %s%s; also hosting cells that others declare", len(free), uid_prefix, list(grid_size))
+        chosen += rng.sample([uid for uid in uids if uid not in chosen], count - len(chosen))
+    return sorted(chosen)
 
 
 def make_backends(
@@ -61,9 +78,12 @@ def make_backends(
 
 @dataclass
 class HostSpec:
-    """All a host process needs to start; plain data and importable factories, so it pickles."""
+    """All a host process needs to start; plain data and importable factories, so it pickles.
 
-    uids: list[str]
+    ``uids`` is the list of experts to host, or a number of free cells of ``uid_prefix``/``grid_size``.
+    """
+
+    uids: list[str] | int
     expert: ExpertFactory
     optimizer: OptimizerFactory | None
     in_features: int
@@ -78,23 +98,31 @@ class HostSpec:
     num_threads: int | None = None
     delay: float = 0.0
     dtype: torch.dtype = torch.float32
+    uid_prefix: str = "ffn"
+    grid_size: Sequence[int] = ()
 
 
-def serve(spec: HostSpec, on_ready: Callable[[str, str], None], stop: threading.Event) -> dict[str, Any]:
-    """Host ``spec``'s experts with a DHT node until ``stop`` is set; returns the host's final stats."""
+def serve(spec: HostSpec, on_ready: Callable[[ExpertHost, Any], None], stop: threading.Event) -> dict[str, Any]:
+    """Host ``spec``'s experts with a DHT node until ``stop`` is set; returns the host's final stats.
+
+    ``on_ready(host, dht)`` is called once both serve.
+    """
     from lightning_moe.dht import DHT
 
     if spec.num_threads:
         torch.set_num_threads(spec.num_threads)
-    backends = make_backends(spec.uids, spec.expert, spec.optimizer, spec.in_features, spec.max_batch_size,
-                             dtype=spec.dtype, seed=spec.seed)
-    if spec.delay:
-        for backend in backends.values():
-            _add_delay(backend, spec.delay)
     with DHT(initial_peers=spec.initial_peers, host=spec.host, port=spec.dht_port, announce_host=spec.announce_host) as dht:
+        uids = spec.uids
+        if isinstance(uids, int):
+            uids = choose_cells(dht, spec.uid_prefix, spec.grid_size, uids, spec.seed)
+        backends = make_backends(uids, spec.expert, spec.optimizer, spec.in_features, spec.max_batch_size,
+                                 dtype=spec.dtype, seed=spec.seed)
+        if spec.delay:
+            for backend in backends.values():
+                _add_delay(backend, spec.delay)
         with ExpertHost(backends, host=spec.host, port=spec.port, announce_host=spec.announce_host, dht=dht,
                         update_period=spec.update_period) as host:
-            on_ready(host.endpoint, dht.address)
+            on_ready(host, dht)
             stop.wait()
             return host.stats()
 
@@ -126,7 +154,7 @@ def _host_process(index: int, spec: HostSpec, ready: Any, parent_pid: int) -> No
 
     threading.Thread(target=watch_parent, daemon=True).start()
     try:
-        serve(spec, lambda endpoint, dht_address: ready.put((index, endpoint, dht_address, None)), stop)
+        serve(spec, lambda host, dht: ready.put((index, host.endpoint, dht.address, None)), stop)
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it
         ready.put((index, None, None, f"{type(e).__name__}: {e}"))
         raise

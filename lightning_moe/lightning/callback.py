@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -12,7 +11,7 @@ import torch
 from pytorch_lightning.callbacks import Callback
 
 from lightning_moe.server import ExpertHost
-from lightning_moe.swarm import ExpertFactory, OptimizerFactory, grid_uids, make_backends
+from lightning_moe.swarm import ExpertFactory, OptimizerFactory, choose_cells, grid_uids, make_backends
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +31,7 @@ class ExpertHostCallback(Callback):
         optimizer: factory ``params -> Optimizer`` for each expert; None keeps the experts frozen.
         in_features: the experts' input size.
         cells: the uids to host, or a number N: N grid cells that no one declares in the DHT yet
-            (random cells of the grid, if fewer are free).
+            (random busy cells too, if fewer are free).
         initial_peers: ``"host:port"`` of DHT nodes of the swarm; empty starts a new DHT.
         max_batch_size: rows per batch the host forms.
         update_every: 0 steps each expert's optimizer after every backward batch; N accumulates N samples.
@@ -99,7 +98,8 @@ class ExpertHostCallback(Callback):
         self.dht = DHT(initial_peers=self.initial_peers, host=self.host, port=self.dht_port, announce_host=self.announce_host)
         try:
             state, self._pending_state = self._pending_state, None
-            self._start_host(sorted(state) if state else self._choose_cells(), state)
+            cells = self.cells if not isinstance(self.cells, int) else choose_cells(self.dht, self.uid_prefix, self.grid_size, self.cells, self.seed)
+            self._start_host(sorted(state) if state else list(cells), state)
         except BaseException:
             self._shutdown()
             raise
@@ -114,22 +114,6 @@ class ExpertHostCallback(Callback):
         self.expert_host = host.start()
         self.hosted_uids = list(uids)
         logger.info("volunteer hosts %d experts at %s; DHT node at %s", len(uids), host.endpoint, self.dht.address)
-
-    def _choose_cells(self) -> list[str]:
-        """Explicit cells as given; N cells: free ones first (as the DHT sees them now), then random ones."""
-        if not isinstance(self.cells, int):
-            return list(self.cells)
-        uids = grid_uids(self.uid_prefix, self.grid_size)
-        taken = self.dht.get_experts(uids) if self.initial_peers else [None] * len(uids)
-        rng = random.Random(self.seed)
-        free = [uid for uid, endpoint in zip(uids, taken) if endpoint is None]
-        rng.shuffle(free)
-        chosen = free[: self.cells]
-        if len(chosen) < self.cells:
-            busy = [uid for uid in uids if uid not in chosen]
-            chosen += rng.sample(busy, self.cells - len(chosen))
-            logger.warning("only %d free cells in %s; also hosting already declared ones", len(free), self.uid_prefix)
-        return sorted(chosen)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.expert_host is None or trainer.logger is None or trainer.global_step % self.log_every_n_steps:
