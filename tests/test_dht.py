@@ -1,0 +1,393 @@
+"""Tests of lightning_moe.dht with real kademlia nodes on 127.0.0.1 (port 0 everywhere)."""
+import asyncio
+import contextlib
+import inspect
+import logging
+import math
+import multiprocessing as mp
+import random
+import socket
+import threading
+import time
+from collections import Counter
+
+import pytest
+import umsgpack
+from kademlia.utils import digest
+
+from lightning_moe.dht import DHT, expert_key, is_valid_endpoint, parse_endpoint, parse_uid, prefix_key
+from lightning_moe.dht.protocol import pack_nodes
+from lightning_moe.dht.records import (
+    MAX_RECORD_BYTES,
+    cap_record,
+    decode_record,
+    encode_record,
+    merge_records,
+)
+from lightning_moe.dht.storage import SubkeyStorage
+
+FAST = dict(rpc_timeout=0.3, wait_timeout=5.0)
+
+
+@contextlib.contextmanager
+def swarm(n: int, **kwargs):
+    """``n`` server nodes in this process, each bootstrapped to a random earlier one."""
+    nodes = []
+    try:
+        for _ in range(n):
+            initial = [random.choice(nodes).address] if nodes else []
+            nodes.append(DHT(initial_peers=initial, **{**FAST, **kwargs}))
+        yield nodes
+    finally:
+        for node in nodes:
+            node.shutdown()
+
+
+def on_loop(dht: DHT, fn):
+    """Call ``fn()`` on a node's own loop thread and await its result if needed (test-only
+    access to internals)."""
+    async def run():
+        result = fn()
+        return (await result) if inspect.isawaitable(result) else result
+    return asyncio.run_coroutine_threadsafe(run(), dht._loop).result(10)
+
+
+# ----------------------------------------------------------------------------- pure functions
+def test_parse_uid_and_endpoint():
+    assert parse_uid("ffn.3.14") == ("ffn", (3, 14))
+    assert parse_uid("my_expert-2.0") == ("my_expert-2", (0,))
+    for bad in ["ffn", "ffn.", "ffn.a", "ffn.-1", "ffn.01", "3ffn.1", "ffn..1", "f n.1", "", None, 7, "ffn.1" + ".1" * 200]:
+        with pytest.raises(ValueError):
+            parse_uid(bad)
+    assert parse_endpoint("127.0.0.1:8000") == ("127.0.0.1", 8000)
+    assert parse_endpoint("host-1.example.org:1") == ("host-1.example.org", 1)
+    for bad in ["127.0.0.1", "127.0.0.1:0", "127.0.0.1:65536", "999.1.1.1:80", "a b:80", ":80", "h:08",
+                "[::1]:80", "h:80:1", "x" * 300 + ":80", None, 80]:
+        assert not is_valid_endpoint(bad), bad
+
+
+def test_decode_record_skips_and_counts_invalid_entries():
+    now = time.time()
+    stats = Counter()
+    blob = umsgpack.packb({
+        "ok": ["v", now + 60], "expired": ["v", now - 1], "nan": ["v", math.nan], "far": ["v", now + 1e9],
+        "type": ["v", "tomorrow"], "short": ["v"], "obj": [{1: 2}, now + 60], 5: ["v", now + 60],
+    })
+    assert decode_record(blob, stats, now) == {"ok": ("v", now + 60)}
+    assert stats["invalid_entries"] == 6 and stats["invalid_records"] == 0
+    for garbage in [b"\xc1junk", umsgpack.packb([1, 2]), "not bytes", 5, b"\x91" * 3000 + b"\xc0",
+                    umsgpack.packb({"k": ["x" * 7000, now + 60]})]:
+        assert decode_record(garbage, stats, now) is None
+    assert stats["invalid_records"] == 6
+
+
+def test_cap_record_drops_soonest_expiring_first():
+    now = time.time()
+    record = {f"sub{i}": ("x" * 100, now + 100 + i) for i in range(200)}
+    capped = cap_record(record)
+    assert len(encode_record(capped)) <= MAX_RECORD_BYTES < len(encode_record(record))
+    kept = sorted(capped)
+    dropped = set(record) - set(capped)
+    assert min(record[k][1] for k in kept) > max(record[k][1] for k in dropped)
+
+
+def test_storage_merges_subkeys_with_per_entry_expiry():
+    storage = SubkeyStorage()
+    key = digest("k")
+    now = time.time()
+    storage.merge(key, {"a": ("old", now + 10), "b": ("b", now + 0.2)})
+    storage.merge(key, {"a": ("stale", now + 5), "c": ("c", now + 10)})  # older "a" loses
+    storage.merge(key, {"a": ("new", now + 20)})
+    assert storage.get_record(key) == {"a": ("new", now + 20), "b": ("b", now + 0.2), "c": ("c", now + 10)}
+    assert decode_record(storage.get(key)) == storage.get_record(key)
+    time.sleep(0.3)
+    assert set(storage.get_record(key)) == {"a", "c"}
+    assert set(decode_record(dict(iter(storage))[key])) == {"a", "c"}
+    assert set(decode_record(dict(storage.iter_older_than(0))[key])) == {"a", "c"}
+    with pytest.raises(ValueError):
+        storage[key] = b"\xc1garbage"
+    many = {f"s{i}": ("y" * 200, now + 100 + i) for i in range(100)}
+    storage.merge(key, many)
+    assert len(storage.get(key)) <= MAX_RECORD_BYTES and "s99" in storage.get_record(key)
+    assert merge_records([{"x": (1, now + 5)}, {"x": (2, now + 9)}, {"y": (3, now - 1)}]) == {"x": (2, now + 9)}
+
+
+# ----------------------------------------------------------------------------- nodes
+def test_store_get_and_input_validation():
+    with swarm(3) as (a, b, c):
+        expiration = time.time() + 60
+        assert b.store("key", "one", {"x": [1, 2.5, None]}, expiration)
+        assert c.store("key", "two", b"\x00bytes", expiration)
+        assert a.store_many([("key", "three", "s", expiration), ("other", "z", 1, expiration)]) == \
+            {"key": True, "other": True}
+        got = a.get("key")
+        assert got == {"one": ({"x": [1, 2.5, None]}, expiration), "two": (b"\x00bytes", expiration),
+                       "three": ("s", expiration)}
+        assert c.get_many(["key", "other", "missing"])["missing"] == {}
+        assert b.get("key", return_future=True).result(10) == got
+        for bad in [("k", "", 1, expiration), ("k", "s", 1, math.inf), ("k", "s", 1, time.time() + 1e9),
+                    ("k", "s", object(), expiration), ("k", "s", "x" * 5000, expiration), ("", "s", 1, expiration)]:
+            with pytest.raises(ValueError):
+                a.store(*bad)
+        with pytest.raises(ValueError):
+            a.declare_experts(["bad uid"], "127.0.0.1:80", expiration)
+        with pytest.raises(ValueError):
+            a.declare_experts(["ffn.1"], "nohost", expiration)
+
+
+def _child_node(index: int, initial_peer: str, results: "mp.Queue", go, stop) -> None:
+    with DHT(initial_peers=[initial_peer], **FAST) as dht:
+        ok = dht.declare_experts([f"proc.{index}.{index}"], f"127.0.0.1:{9000 + index}", time.time() + 60)
+        results.put(("declared", index, dht.address, ok))
+        go.wait(60)
+        found = dht.get_experts([f"proc.{j}.{j}" for j in range(3)] + ["main.0"])
+        results.put(("found", index, found, dht.get_active_children(["proc"])["proc"]))
+        stop.wait(60)
+
+
+@pytest.mark.slow
+def test_nodes_in_separate_processes_find_each_other_through_bootstrap():
+    ctx = mp.get_context("spawn")
+    results, go, stop = ctx.Queue(), ctx.Event(), ctx.Event()
+    processes = []
+    with DHT(**FAST) as main:
+        main.declare_experts(["main.0"], "127.0.0.1:8999", time.time() + 60)
+        try:
+            peer = main.address
+            for index in range(3):  # a chain: each child only knows the previous one
+                process = ctx.Process(target=_child_node, args=(index, peer, results, go, stop), daemon=True)
+                process.start()
+                processes.append(process)
+                tag, got_index, peer, ok = results.get(timeout=60)
+                assert (tag, got_index, ok) == ("declared", index, True)
+            go.set()
+            expected = [f"127.0.0.1:{9000 + j}" for j in range(3)] + ["127.0.0.1:8999"]
+            for _ in range(3):
+                tag, index, found, children = results.get(timeout=60)
+                assert found == expected, index
+                assert children == {j: f"127.0.0.1:{9000 + j}" for j in range(3)}
+            assert main.get_experts([f"proc.{j}.{j}" for j in range(3)]) == expected[:3]
+        finally:
+            stop.set()
+            for process in processes:
+                process.join(15)
+                if process.is_alive():
+                    process.kill()
+                    process.join(5)
+    assert all(p.exitcode == 0 for p in processes)
+
+
+def test_expiry_also_after_republish():
+    with swarm(3) as (a, b, c):
+        now = time.time()
+        assert a.store("key", "short", "s", now + 1.0) and a.store("key", "long", "l", now + 60)
+        assert a.declare_experts(["tmp.0.0"], "127.0.0.1:7000", now + 1.0)
+        assert set(c.get("key")) == {"short", "long"}
+        assert c.get_experts(["tmp.0.0"]) == ["127.0.0.1:7000"]
+        time.sleep(max(0.0, now + 1.2 - time.time()))
+        for node in (a, b, c):
+            node.republish(older_than=0)
+        for node in (a, b, c):
+            assert set(node.get("key")) == {"long"}
+            assert node.get_experts(["tmp.0.0"]) == [None]
+            assert node.get_active_children(["tmp", "tmp.0"]) == {"tmp": {}, "tmp.0": {}}
+            record = on_loop(node, lambda: node._server.storage.get_record(digest("key")))
+            assert record is None or set(record) == {"long"}
+
+
+def test_concurrent_declares_under_one_prefix_lose_nothing():
+    with swarm(11) as nodes:
+        hosts, reader = nodes[:10], nodes[10]
+        barrier = threading.Barrier(len(hosts))
+        expiration = time.time() + 60
+        outcomes = {}
+
+        def declare(i: int) -> None:
+            barrier.wait(10)
+            outcomes[i] = hosts[i].declare_experts([f"ffn.{i}.0", f"ffn.{i}.1"], f"127.0.0.1:{7000 + i}", expiration)
+            outcomes[i, "store"] = hosts[i].store("shared", f"host{i}", i, expiration)
+
+        threads = [threading.Thread(target=declare, args=(i,)) for i in range(len(hosts))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert all(outcomes.values()) and len(outcomes) == 20
+        for node in (reader, hosts[0], hosts[7]):
+            children = node.get_active_children(["ffn"] + [f"ffn.{i}" for i in range(10)])
+            assert sorted(children["ffn"]) == list(range(10))
+            for i in range(10):
+                assert children[f"ffn.{i}"] == {0: f"127.0.0.1:{7000 + i}", 1: f"127.0.0.1:{7000 + i}"}
+            assert {k: v for k, (v, _) in node.get("shared").items()} == {f"host{i}": i for i in range(10)}
+
+
+@pytest.mark.slow
+def test_records_survive_a_quarter_of_nodes_stopped():
+    with swarm(20) as nodes:
+        expiration = time.time() + 60
+        for i, node in enumerate(nodes):
+            assert node.store(f"record{i}", "sub", f"value{i}", expiration)
+            assert node.declare_experts([f"grid.{i}.0"], f"127.0.0.1:{7000 + i}", expiration)
+        victims = random.sample(nodes, 5)
+        for victim in victims:
+            victim.shutdown()
+        survivors = [n for n in nodes if n not in victims]
+        for reader in random.sample(survivors, 3):
+            records = reader.get_many([f"record{i}" for i in range(20)])
+            assert {k: r.get("sub", (None,))[0] for k, r in records.items()} == {f"record{i}": f"value{i}" for i in range(20)}
+            assert reader.get_experts([f"grid.{i}.0" for i in range(20)]) == [f"127.0.0.1:{7000 + i}" for i in range(20)]
+            assert sorted(reader.get_active_children(["grid"])["grid"]) == list(range(20))
+
+
+def test_hostile_records_are_skipped_and_counted():
+    with swarm(2) as (honest, other), DHT(initial_peers=[honest.address], **FAST) as hostile, \
+            DHT(initial_peers=[other.address], client_mode=True, **FAST) as reader:
+        uids = [f"ffn.{i}.{j}" for i in range(2) for j in range(4)]
+        assert honest.declare_experts(uids, "127.0.0.1:7000", time.time() + 60)
+        now = time.time()
+        garbage = {
+            expert_key("ffn.0.0"): b"\xc1\xc1 not msgpack",
+            expert_key("ffn.0.1"): umsgpack.packb([1, 2, 3]),
+            expert_key("ffn.0.2"): umsgpack.packb({"x": ["not an endpoint", now + 60], "y": ["127.0.0.1:0", now + 60],
+                                                    "z": ["999.1.1.1:80", now + 60], "w": [123, now + 60]}),
+            expert_key("ffn.0.3"): umsgpack.packb({"a": ["127.0.0.1:9", 1e30], "b": ["127.0.0.1:9", math.nan],
+                                                    "c": ["127.0.0.1:9", -5.0], "d": ["127.0.0.1:9", "soon"]}),
+            expert_key("ffn.1.0"): umsgpack.packb({f"k{i}": ["127.0.0.1:9", now + 60] for i in range(300)}),  # > 6 KB
+            expert_key("ffn.1.1"): 12345,
+            expert_key("ffn.1.3"): b"\x91" * 3000 + b"\xc0",  # nesting bomb
+            prefix_key("ffn"): umsgpack.packb({"abc": ["127.0.0.1:9", now + 60], "-1": ["127.0.0.1:9", now + 60],
+                                               "99999999": ["127.0.0.1:9", now + 60], "7": ["bad host:1", now + 60]}),
+        }
+        by_digest = {digest(k): v for k, v in garbage.items()}
+        broken_answer = digest(expert_key("ffn.1.2"))
+        protocol = hostile._server.protocol
+
+        def evil_lookup(sender, *args):
+            key = args[-3]
+            nodes = pack_nodes(protocol.router.find_neighbors(protocol.source_node))
+            if key == broken_answer:
+                return "not a lookup answer"
+            return [True, by_digest.get(key), nodes]
+
+        protocol.rpc_lookup = evil_lookup
+        protocol.rpc_client_lookup = evil_lookup
+
+        assert reader.get_experts(uids) == ["127.0.0.1:7000"] * len(uids)
+        children = reader.get_active_children(["ffn", "ffn.0", "ffn.1"])
+        assert children == {"ffn": {0: "127.0.0.1:7000", 1: "127.0.0.1:7000"},
+                            "ffn.0": dict.fromkeys(range(4), "127.0.0.1:7000"),
+                            "ffn.1": dict.fromkeys(range(4), "127.0.0.1:7000")}
+        stats = reader.stats
+        assert stats["invalid_records"] >= 5, stats
+        assert stats["invalid_entries"] >= 4 and stats["invalid_expert_entries"] >= 4, stats
+        assert stats["invalid_prefix_entries"] >= 4 and stats["bad_responses"] >= 1, stats
+
+        # the hostile node also writes garbage onto honest nodes, and throws junk datagrams at them
+        honest_address = tuple(parse_endpoint(honest.address))
+
+        def write(key: str, value) -> bool:
+            answered, stored = on_loop(hostile, lambda: protocol.store(honest_address, protocol.source_node.id,
+                                                                       digest(key), value))
+            assert answered
+            return stored
+
+        for key, value in [*garbage.items(), (expert_key("ffn.0.0"), b"x" * 7000)]:
+            # the storage accepts only well-formed generic records (valid entries, bounded
+            # size and expiry); records that are well-formed but not valid expert records are
+            # kept, and readers drop their entries
+            assert write(key, value) is (key in (expert_key("ffn.0.2"), prefix_key("ffn"))), key
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as raw:
+            for junk in [b"", b"\x00" * 30, b"\x00" + b"m" * 20 + b"\xc1", b"\x00" + b"m" * 20 + umsgpack.packb(["nope", []]),
+                         b"\x00" + b"m" * 20 + umsgpack.packb(["ping", [b"short id"]]), b"\x07" * 40,
+                         b"\x00" + b"m" * 20 + umsgpack.packb(["store", [b"i" * 20, b"k" * 20, b"x" * 9000]])]:
+                raw.sendto(junk, honest_address)
+        deadline = time.time() + 5
+        while honest.stats.get("bad_requests", 0) + honest.stats.get("bad_datagrams", 0) < 6 and time.time() < deadline:
+            time.sleep(0.05)
+        assert honest.stats["rejected_stores"] >= 6, honest.stats
+        assert honest.stats["bad_requests"] + honest.stats["bad_datagrams"] >= 6, honest.stats
+        assert reader.get_experts(uids) == ["127.0.0.1:7000"] * len(uids)
+        assert reader.get_active_children(["ffn"]) == {"ffn": {0: "127.0.0.1:7000", 1: "127.0.0.1:7000"}}
+
+
+def test_client_mode_node_stays_out_of_routing_tables():
+    with swarm(3) as servers, DHT(initial_peers=[servers[0].address], client_mode=True, **FAST) as client:
+        expiration = time.time() + 60
+        assert client.store("from-client", "s", 1, expiration)
+        assert client.declare_experts(["cli.0.0"], "127.0.0.1:7000", expiration)
+        assert servers[2].get("from-client") == {"s": (1, expiration)}
+        assert client.get_experts(["cli.0.0"]) == ["127.0.0.1:7000"]
+        for server in servers:
+            server.republish(older_than=0)
+            table = server.routing_table()
+            assert client.address not in table
+            assert set(table) == {s.address for s in servers if s is not server}
+        assert set(client.routing_table()) == {s.address for s in servers}
+        # a client answers nobody: a ping to it goes unanswered and is counted
+        protocol = servers[0]._server.protocol
+        assert on_loop(servers[0], lambda: protocol.ping_address(parse_endpoint(client.address))) is None
+        assert client.stats["requests_ignored_in_client_mode"] >= 1
+
+
+def test_shutdown_leaves_no_thread_and_frees_the_port():
+    before = set(threading.enumerate())
+    with DHT(**FAST) as first, DHT(initial_peers=[], **FAST) as second:
+        port = first.port
+        assert first.store("k", "s", 1, time.time() + 60)
+        assert len(set(threading.enumerate()) - before) == 2
+        assert second.get("k") == {}  # not connected: only its own (empty) view
+    assert set(threading.enumerate()) == before
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", port))
+    with pytest.raises(RuntimeError):
+        first.get("k")
+    first.shutdown()  # idempotent
+
+
+def test_warns_when_no_initial_peer_answers(caplog):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        dead_port = sock.getsockname()[1]
+    with caplog.at_level(logging.WARNING, logger="lightning_moe.dht"):
+        with DHT(initial_peers=[f"127.0.0.1:{dead_port}"], rpc_timeout=0.2) as lonely:
+            assert lonely.get("anything") == {}
+    assert any("could not reach ANY" in r.getMessage() for r in caplog.records)
+
+
+def test_announce_address_and_bad_arguments():
+    with DHT(announce_host="10.1.2.3", announce_port=4000, **FAST) as node:
+        assert node.address == "10.1.2.3:4000" and node.port != 4000
+    with pytest.raises(ValueError):
+        DHT(initial_peers=["not an address"])
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        before = set(threading.enumerate())
+        with pytest.raises(OSError):
+            DHT(port=taken.getsockname()[1])
+        assert set(threading.enumerate()) == before
+
+
+def test_get_is_bounded_by_its_timeout_with_dead_peers():
+    with swarm(4) as nodes:
+        expiration = time.time() + 60
+        assert nodes[0].store("k", "s", "v", expiration)
+        for node in nodes[1:3]:
+            node.shutdown()
+        result = nodes[3].get("k", timeout=3.0)
+        assert result == {"s": ("v", expiration)}
+        assert nodes[3].get_many([f"missing{i}" for i in range(20)], timeout=3.0) == {f"missing{i}": {} for i in range(20)}
+
+
+def test_identically_seeded_processes_get_distinct_node_ids():
+    # DDP ranks often call seed_everything(same seed) before creating their DHT
+    random.seed(1234)
+    first = DHT(**FAST)
+    random.seed(1234)
+    second = DHT(initial_peers=[first.address], **FAST)
+    try:
+        assert first._server.node.id != second._server.node.id
+        assert second.store("k", "s", 1, time.time() + 60) and first.get("k")["s"][0] == 1
+        assert first.routing_table() == [second.address]
+    finally:
+        first.shutdown()
+        second.shutdown()
