@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import hydra
 import pytorch_lightning as pl
@@ -48,11 +49,15 @@ def start_local_swarm(cfg: DictConfig) -> LocalSwarm:
         host=cfg.dht.host,
         start_timeout=cfg.local_swarm.start_timeout,
         num_threads=cfg.local_swarm.num_threads,
+        host_delays=cfg.local_swarm.host_delays,
     ).start()
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
-    """Build everything from ``cfg``, fit, and return the final metrics."""
+def train(cfg: DictConfig, extra_callbacks: Callable[[LocalSwarm | None], list[pl.Callback]] | None = None) -> dict[str, float]:
+    """Build everything from ``cfg``, fit, and return the final metrics.
+
+    ``extra_callbacks(swarm)`` adds callbacks that may act on the local swarm (see fault_runs.py).
+    """
     pl.seed_everything(cfg.seed, workers=True)
     swarm = None
     if uses_swarm(cfg) and not cfg.dht.initial_peers:
@@ -66,6 +71,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         callbacks = [hydra.utils.instantiate(callback) for callback in cfg.callbacks.values()]
         if is_volunteer(cfg):
             callbacks.append(hydra.utils.instantiate(cfg.host.callback))
+        if extra_callbacks is not None:
+            callbacks += extra_callbacks(swarm)
         trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks)
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
         metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}

@@ -140,8 +140,8 @@ def _add_delay(backend: ExpertBackend, seconds: float) -> None:
         pool.process_fn = slow
 
 
-def _host_process(index: int, spec: HostSpec, ready: Any, parent_pid: int) -> None:
-    """Entry point of a host process: serves until SIGTERM/SIGINT or until its parent dies."""
+def _host_process(index: int, spec: HostSpec, ready: Any, results: Any, parent_pid: int) -> None:
+    """Entry point of a host process: serves until SIGTERM/SIGINT or until its parent dies, then reports its stats."""
     logging.basicConfig(level=logging.WARNING, format=f"[host {index}] %(levelname)s %(name)s: %(message)s")
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -154,7 +154,8 @@ def _host_process(index: int, spec: HostSpec, ready: Any, parent_pid: int) -> No
 
     threading.Thread(target=watch_parent, daemon=True).start()
     try:
-        serve(spec, lambda host, dht: ready.put((index, host.endpoint, dht.address, None)), stop)
+        stats = serve(spec, lambda host, dht: ready.put((index, host.endpoint, dht.address, None)), stop)
+        results.put((index, stats))
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it
         ready.put((index, None, None, f"{type(e).__name__}: {e}"))
         raise
@@ -201,7 +202,8 @@ class LocalSwarm:
         self.start_timeout, self.num_threads = start_timeout, num_threads
         self.dtype, self.host_delays = dtype, list(host_delays)
         self._ctx = mp.get_context("spawn")
-        self._ready = self._ctx.Queue()
+        self._ready, self._results = self._ctx.Queue(), self._ctx.Queue()
+        self.final_stats: dict[int, dict] = {}
         self.processes: list[Any] = []
         self.endpoints: list[str | None] = []
         self.dht: Any = None
@@ -233,7 +235,7 @@ class LocalSwarm:
                         host=self.host, max_batch_size=self.max_batch_size, update_period=self.update_period,
                         seed=seed, num_threads=self.num_threads, delay=delay, dtype=self.dtype)
         index = len(self.processes)
-        process = self._ctx.Process(target=_host_process, args=(index, spec, self._ready, os.getpid()), daemon=True,
+        process = self._ctx.Process(target=_host_process, args=(index, spec, self._ready, self._results, os.getpid()), daemon=True,
                                     name=f"lightning_moe-host-{index}")
         process.start()
         self.processes.append(process)
@@ -261,6 +263,18 @@ class LocalSwarm:
             self.endpoints[index] = endpoint
             waiting.discard(index)
 
+    def _collect_stats(self, wait: float) -> None:
+        while True:
+            try:
+                index, stats = self._results.get(timeout=wait)
+            except Exception:  # queue.Empty: nothing more for now
+                return
+            self.final_stats[index] = stats
+
+    def served_samples(self, index: int) -> int:
+        """Forward samples host ``index`` served, from the stats it reported when it stopped (0 if it was killed)."""
+        return sum(expert["forward"]["samples"] for expert in self.final_stats.get(index, {}).values())
+
     def kill(self, index: int, sig: int = signal.SIGKILL) -> None:
         """Send ``sig`` to host ``index`` (SIGKILL: it dies without a goodbye, as a volunteer's laptop does)."""
         process = self.processes[index]
@@ -274,8 +288,11 @@ class LocalSwarm:
             if process.is_alive():
                 process.terminate()
         deadline = time.monotonic() + timeout
+        while any(p.is_alive() for p in self.processes) and time.monotonic() < deadline:
+            self._collect_stats(wait=0.2)  # read while they exit: a process blocks on exit until its queue is read
+        self._collect_stats(wait=0.2)
         for process in self.processes:
-            process.join(timeout=max(deadline - time.monotonic(), 0.1))
+            process.join(timeout=1)
             if process.is_alive():
                 logger.warning("host process %s did not stop in time; killing it", process.name)
                 process.kill()

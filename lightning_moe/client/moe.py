@@ -45,8 +45,10 @@ class DecentralizedMoE(nn.Module):
         k_best: experts asked per sample.
         k_min: answers a sample needs; fewer raises :class:`NotEnoughExpertsError`.
         forward_timeout: seconds for the whole forward, DHT lookups and beam search included.
-        timeout_after_k_min: once every sample has ``k_min`` answers, wait at most this long for the rest.
-        backward_k_min: gradients per sample to wait for in backward before ``timeout_after_k_min`` applies.
+        timeout_after_k_min: once the first expert answered, wait at most this long for the others;
+            samples they leave short of ``k_min`` are re-routed once to other live experts, and the
+            stragglers' hosts are left out of routing for a while (so a slow host cannot stall steps).
+        backward_k_min: expert gradients a sample should get; fewer is logged as a warning and counted.
         backward_timeout: seconds for all backward calls; experts that do not answer are dropped and counted.
         dht: a :class:`lightning_moe.dht.DHT` to use; if None, one is created lazily (client mode)
             from ``initial_peers`` in the process that first runs forward (safe for DDP and pickling).

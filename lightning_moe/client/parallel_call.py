@@ -72,15 +72,18 @@ def call_in_parallel(
     calls: list[ExpertCall],
     method: str,
     payloads: list[list[torch.Tensor]],
-    num_samples: int,
     settings: CallSettings,
     deadline: float | None = None,
 ) -> list[list[torch.Tensor] | BaseException]:
     """Send every call at once; return each call's answer or the exception it failed with.
 
-    Waits until all calls answered, or until every sample has ``k_min`` answers and
-    ``timeout_after_k_min`` more seconds passed, or until ``settings.timeout`` (or the earlier
-    ``deadline``, a ``time.monotonic()`` value) ran out. Calls still out then get TimeoutError.
+    Waits until all calls answered, or ``timeout_after_k_min`` seconds after the first answer
+    (stragglers are then given up: a sample they leave short of ``k_min`` is the caller's to
+    re-route), or until ``settings.timeout`` (or the earlier ``deadline``, a ``time.monotonic()``
+    value) ran out. Calls still out then get TimeoutError.
+
+    Waiting for every sample to reach ``k_min`` first, as hivemind does, lets one slow host
+    stall every step in which some sample chose only its experts.
     """
     start = time.monotonic()
     ends = [deadline] if deadline is not None else []
@@ -94,7 +97,6 @@ def call_in_parallel(
         for i, (c, p) in enumerate(zip(calls, payloads))
     }
     results: list[Any] = [None] * len(calls)
-    answers_per_sample = torch.zeros(num_samples, dtype=torch.long)
     pending = set(futures)
     soft_end = None
     while pending:
@@ -107,11 +109,11 @@ def call_in_parallel(
             index = futures[future]
             try:
                 results[index] = future.result()
-                answers_per_sample[calls[index].rows] += 1
             except Exception as e:  # noqa: BLE001 - every failure is reported per expert
                 results[index] = e
-        if soft_end is None and settings.timeout_after_k_min is not None and bool((answers_per_sample >= settings.k_min).all()):
-            soft_end = time.monotonic() + settings.timeout_after_k_min
+                continue
+            if soft_end is None and settings.timeout_after_k_min is not None:
+                soft_end = time.monotonic() + settings.timeout_after_k_min
     for future in pending:
         future.cancel()
         index = futures[future]
@@ -135,7 +137,7 @@ def call_forward(
     """
     payloads = [[x[call.rows]] for call in calls]
     begin = time.monotonic()
-    results = call_in_parallel(calls, "forward", payloads, x.shape[0], settings, deadline)
+    results = call_in_parallel(calls, "forward", payloads, settings, deadline)
     stats.latency += time.monotonic() - begin
     out_shape = tuple(outputs.shape[2:])
     answered, errors = [], []
@@ -193,7 +195,7 @@ class RemoteMixtureCall(torch.autograd.Function):
         stats: CallStats = ctx.stats
         grad_outputs = grad_outputs.to(ctx.out_dtype)
         payloads = [[x[call.rows], grad_outputs[call.rows, call.slots]] for call in calls]
-        results = call_in_parallel(calls, "backward", payloads, x.shape[0], ctx.backward_settings)
+        results = call_in_parallel(calls, "backward", payloads, ctx.backward_settings)
         grad_x = torch.zeros_like(x)
         answers = torch.zeros(x.shape[0], dtype=torch.long)
         for call, result in zip(calls, results):

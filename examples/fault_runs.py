@@ -1,0 +1,130 @@
+"""Learning under faults: the example trained with a local mixture, a healthy swarm, churn and a slow host.
+
+    python examples/fault_runs.py                       # all runs at the default length
+    python examples/fault_runs.py trainer.max_steps=200 --runs local healthy churn
+
+Prints a table: validation bits per character, training steps/s, failed and timed-out expert
+calls, and for churn the forward samples that the late joiner served. Extra arguments are Hydra
+overrides applied to every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from hydra import compose, initialize_config_dir
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train import train  # noqa: E402  (examples/ is not a package)
+
+from lightning_moe.swarm import LocalSwarm, grid_uids  # noqa: E402
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+RUNS = ("local", "healthy", "churn", "slow")
+
+
+@dataclass
+class RunReport:
+    """What one run measured."""
+
+    name: str
+    val_bpc: float = float("nan")
+    steps_per_s: float = 0.0
+    failed: int = 0
+    timed_out: int = 0
+    joiner_samples: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+class FaultMonitor(pl.Callback):
+    """Counts failed and timed-out expert calls and times the training batches.
+
+    With ``kill_at``/``join_at`` (fractions of max_steps) it SIGKILLs host 0 of the swarm, and
+    later starts a new host serving the dead host's cells.
+    """
+
+    def __init__(self, report: RunReport, swarm: LocalSwarm | None, kill_at: float | None = None, join_at: float | None = None):
+        self.report, self.swarm, self.kill_at, self.join_at = report, swarm, kill_at, join_at
+        self.batch_time, self.batches, self.joiner = 0.0, 0, None
+        self._start = 0.0
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        step, total = trainer.global_step, trainer.max_steps
+        if self.swarm is not None and self.kill_at is not None and step == int(self.kill_at * total):
+            self.swarm.kill(0, signal.SIGKILL)
+            self.report.notes.append(f"host 0 killed at step {step}")
+        if self.swarm is not None and self.join_at is not None and step == int(self.join_at * total):
+            uids = grid_uids(self.swarm.uid_prefix, self.swarm.grid_size)[0 :: self.swarm.num_hosts]
+            self.joiner = self.swarm.add_host(uids, seed=100)
+            self.report.notes.append(f"new host joined at step {step} with {len(uids)} experts")
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.batch_time += time.perf_counter() - self._start
+        self.batches += 1
+        stats = getattr(pl_module.moe, "stats", None) or {}
+        self.report.failed += int(stats.get("failed", 0) + stats.get("backward_failed", 0))
+        self.report.timed_out += int(stats.get("timed_out", 0))
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.report.steps_per_s = self.batches / max(self.batch_time, 1e-9)
+
+
+def run(name: str, overrides: list[str]) -> RunReport:
+    """Train once under the named condition and report what happened."""
+    report = RunReport(name)
+    extra = {"local": ["experiment=baseline"], "slow": ["local_swarm.host_delays=[2.0]"]}.get(name, [])
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[*overrides, *extra])
+    monitors: list[FaultMonitor] = []
+
+    def callbacks(swarm: LocalSwarm | None) -> list[pl.Callback]:
+        kill_join = {"kill_at": 1 / 3, "join_at": 1 / 2} if name == "churn" else {}
+        monitors.append(FaultMonitor(report, swarm, **kill_join))
+        return monitors
+
+    metrics = train(cfg, extra_callbacks=callbacks)
+    report.val_bpc = metrics.get("val/bpc", float("nan"))
+    if name == "churn" and monitors and monitors[0].joiner is not None:
+        report.joiner_samples = monitors[0].swarm.served_samples(monitors[0].joiner)
+    return report
+
+
+def print_table(reports: list[RunReport]) -> None:
+    baseline = next((r.val_bpc for r in reports if r.name == "local"), None)
+    healthy = next((r.val_bpc for r in reports if r.name == "healthy"), None)
+    print(f"\n{'run':<9} {'val bpc':>8} {'vs local':>9} {'vs healthy':>10} {'steps/s':>8} {'failed':>7} {'timed out':>9} {'joiner samples':>14}")
+    for r in reports:
+        vs_local = f"{r.val_bpc - baseline:+.3f}" if baseline is not None else "-"
+        vs_healthy = f"{r.val_bpc - healthy:+.3f}" if healthy is not None else "-"
+        joiner = "-" if r.joiner_samples is None else str(r.joiner_samples)
+        print(f"{r.name:<9} {r.val_bpc:8.3f} {vs_local:>9} {vs_healthy:>10} {r.steps_per_s:8.2f} {r.failed:7d} {r.timed_out:9d} {joiner:>14}")
+        for note in r.notes:
+            print(f"{'':<9} {note}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS))
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run, e.g. trainer.max_steps=200")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    overrides = ["trainer.enable_checkpointing=false", "trainer.logger=false", "trainer.default_root_dir=outputs/fault_runs",
+                 *args.overrides]
+    reports = []
+    for name in args.runs:
+        print(f"=== {name} ===", flush=True)
+        reports.append(run(name, overrides))
+    print_table(reports)
+
+
+if __name__ == "__main__":
+    main()

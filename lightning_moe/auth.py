@@ -1,0 +1,35 @@
+"""Private swarms: a shared secret with which hosts authenticate requests and DHT records (HMAC-SHA256)."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+
+SECRET_ENV = "LIGHTNING_MOE_SECRET"
+
+
+def resolve_secret(secret: str | bytes | None = None) -> bytes | None:
+    """The swarm's secret: ``secret`` if given, else the ``LIGHTNING_MOE_SECRET`` environment variable, else None (public swarm)."""
+    if secret is None:
+        secret = os.environ.get(SECRET_ENV) or None
+    if secret is None:
+        return None
+    secret = secret.encode() if isinstance(secret, str) else bytes(secret)
+    if not secret:
+        raise ValueError(f"the swarm secret is empty; unset {SECRET_ENV} or give a non-empty secret")
+    return secret
+
+
+def sign(secret: bytes, *parts: bytes) -> str:
+    """Hex HMAC-SHA256 of ``parts``; each part is length-prefixed, so ("ab", "c") and ("a", "bc") differ."""
+    mac = hmac.new(secret, digestmod=hashlib.sha256)
+    for part in parts:
+        mac.update(len(part).to_bytes(8, "little"))
+        mac.update(part)
+    return mac.hexdigest()
+
+
+def verify(secret: bytes, signature: object, *parts: bytes) -> bool:
+    """True if ``signature`` is :func:`sign` of ``parts`` (constant-time comparison)."""
+    return isinstance(signature, str) and hmac.compare_digest(signature, sign(secret, *parts))
