@@ -63,34 +63,24 @@ def beam_search(dht: Any, uid_prefix: str, grid_scores: Sequence[torch.Tensor], 
         candidates = candidates.masked_fill(~mask, -torch.inf).flatten(1)
         width = min(k_best if dim == num_dims - 1 else beam_size, candidates.shape[1])
         top_scores, top_flat = candidates.topk(width, dim=1)
-        parents = torch.gather(beam_index, 1, top_flat // grid_size).tolist()
-        coords = (top_flat % grid_size).tolist()
-        finite = torch.isfinite(top_scores).tolist()
-
-        new_prefixes: dict[str, int] = {}
-        new_index = torch.zeros(batch, width, dtype=torch.long)
-        for b in range(batch):
-            for w in range(width):
-                if finite[b][w]:
-                    name = f"{prefixes[parents[b][w]]}.{coords[b][w]}"
-                    new_index[b, w] = new_prefixes.setdefault(name, len(new_prefixes))
+        parents = torch.gather(beam_index, 1, top_flat // grid_size)
+        # each live child prefix gets one code; the batch shares one name per code
+        codes = (parents * grid_size + top_flat % grid_size).masked_fill(~torch.isfinite(top_scores), -1)
+        unique_codes, new_index = torch.unique(codes, return_inverse=True)
+        if len(unique_codes) and int(unique_codes[0]) == -1:
+            unique_codes, new_index = unique_codes[1:], (new_index - 1).clamp_min(0)  # empty slots keep score -inf
         last_children = children
-        prefixes, beam_index, beam_scores = list(new_prefixes), new_index, top_scores
+        prefixes = [f"{prefixes[code // grid_size]}.{code % grid_size}" for code in unique_codes.tolist()]
+        beam_index, beam_scores = new_index, top_scores
         if not prefixes:
             return [[] for _ in range(batch)]
 
-    results: list[list[Any]] = []
+    if return_endpoints:
+        names: list[Any] = []
+        for uid in prefixes:
+            parent, _, coord = uid.rpartition(".")
+            names.append((uid, last_children[parent][int(coord)]))
+    else:
+        names = prefixes
     finite = torch.isfinite(beam_scores).tolist()
-    index = beam_index.tolist()
-    for b in range(batch):
-        row = []
-        for w, ok in enumerate(finite[b]):
-            if ok:
-                uid = prefixes[index[b][w]]
-                if return_endpoints:
-                    parent, _, coord = uid.rpartition(".")
-                    row.append((uid, last_children[parent][int(coord)]))
-                else:
-                    row.append(uid)
-        results.append(row)
-    return results
+    return [[names[i] for i, ok in zip(row, ok_row) if ok] for row, ok_row in zip(beam_index.tolist(), finite)]

@@ -24,6 +24,7 @@ from lightning_moe.client.parallel_call import (
     RemoteMixtureCall,
     call_forward,
     check_k_min,
+    tried_by,
 )
 from lightning_moe.client.remote_expert import RemoteExpert, RemoteExpertError
 
@@ -163,15 +164,15 @@ class DecentralizedMoE(nn.Module):
         coords: torch.Tensor,
         deadline: float | None,
         stats: CallStats,
-    ) -> tuple[list[ExpertCall], dict[int, list[tuple[ExpertCall, BaseException | None]]]]:
+    ) -> tuple[list[ExpertCall], list[tuple[ExpertCall, BaseException | None]]]:
         """Call the chosen experts; for samples left short of k_min, ask other live experts once.
 
-        Fills ``outputs``, ``mask`` and ``coords`` in place; returns the calls that answered and,
-        per sample, every (call, error) tried for it.
+        Fills ``outputs``, ``mask`` and ``coords`` in place; returns the calls that answered and
+        every (call, error) tried.
         """
         forward_settings = CallSettings(self.k_min, self.forward_timeout, self.timeout_after_k_min, self.compression)
         answered: list[ExpertCall] = []
-        tried: dict[int, list[tuple[ExpertCall, BaseException | None]]] = {}
+        tried: list[tuple[ExpertCall, BaseException | None]] = []
         free_slots = {b: list(range(self.k_best)) for b in range(len(chosen))}
         for attempt in range(2):
             calls = self._plan_calls(chosen, free_slots, coords)
@@ -179,9 +180,7 @@ class DecentralizedMoE(nn.Module):
                 break
             ok, errors = call_forward(calls, x, outputs, mask, forward_settings, deadline, stats)
             answered += ok
-            for call, error in zip(calls, errors):
-                for row in call.rows.tolist():
-                    tried.setdefault(row, []).append((call, error))
+            tried += zip(calls, errors)
             for endpoint in stats.failed_endpoints:
                 self.lookup.ban(endpoint)
             short = (mask.sum(1) < self.k_min).nonzero().flatten().tolist()
@@ -192,7 +191,7 @@ class DecentralizedMoE(nn.Module):
             retry = self._choose_experts([s[short] for s in scores], deadline)
             chosen, free_slots = [[] for _ in chosen], {}
             for sample, candidates in zip(short, retry):
-                used = {call.uid for call, _ in tried.get(sample, [])}
+                used = {call.uid for call, _ in tried_by(tried, sample)}
                 free_slots[sample] = (~mask[sample]).nonzero().flatten().tolist()
                 chosen[sample] = [pair for pair in candidates if pair[0] not in used]
         return answered, tried
@@ -204,14 +203,25 @@ class DecentralizedMoE(nn.Module):
 
     def _plan_calls(self, chosen: list[list[tuple[str, str]]], free_slots: dict[int, list[int]], coords: torch.Tensor) -> list[ExpertCall]:
         """One call per expert with the rows routed to it, each choice in a free slot; records its grid cell in coords."""
-        rows: dict[tuple[str, str], list[tuple[int, int]]] = {}
-        for sample, slots in free_slots.items():
-            for slot, (uid, endpoint) in zip(slots, chosen[sample]):
-                rows.setdefault((uid, endpoint), []).append((sample, slot))
-                coords[sample, slot] = torch.tensor([int(c) for c in uid.split(".")[1:]])
+        samples, slots, keys = [], [], []
+        for sample, free in free_slots.items():
+            for slot, pair in zip(free, chosen[sample]):
+                samples.append(sample)
+                slots.append(slot)
+                keys.append(pair)
+        if not keys:
+            return []
+        experts = list(dict.fromkeys(keys))
+        position = {pair: i for i, pair in enumerate(experts)}
+        expert_index = torch.tensor([position[pair] for pair in keys])
+        samples_t, slots_t = torch.tensor(samples), torch.tensor(slots)
+        cells = torch.tensor([[int(c) for c in uid.split(".")[1:]] for uid, _ in experts])
+        coords[samples_t, slots_t] = cells[expert_index]
+        order = torch.argsort(expert_index, stable=True)
+        counts = torch.bincount(expert_index, minlength=len(experts)).tolist()
         return [
-            ExpertCall(uid, endpoint, torch.tensor([r for r, _ in pairs]), torch.tensor([s for _, s in pairs]))
-            for (uid, endpoint), pairs in rows.items()
+            ExpertCall(uid, endpoint, rows, expert_slots)
+            for (uid, endpoint), rows, expert_slots in zip(experts, samples_t[order].split(counts), slots_t[order].split(counts))
         ]
 
     def _get_expert_info(self, chosen: list[list[tuple[str, str]]], deadline: float | None) -> dict:

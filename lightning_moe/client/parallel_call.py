@@ -214,14 +214,19 @@ class RemoteMixtureCall(torch.autograd.Function):
         return None, None, None, None, None, grad_x if ctx.needs_input_grad[5] else None
 
 
-def check_k_min(tried: dict[int, list[tuple[ExpertCall, BaseException | None]]], mask: torch.Tensor, k_min: int) -> None:
-    """Raise NotEnoughExpertsError if a sample has fewer than ``k_min`` answers, naming what was tried."""
+def tried_by(tried: list[tuple[ExpertCall, BaseException | None]], sample: int) -> list[tuple[ExpertCall, BaseException | None]]:
+    """The (call, error) pairs whose rows include ``sample``."""
+    return [(call, error) for call, error in tried if bool((call.rows == sample).any())]
+
+
+def check_k_min(tried: list[tuple[ExpertCall, BaseException | None]], mask: torch.Tensor, k_min: int) -> None:
+    """Raise NotEnoughExpertsError if a sample has fewer than ``k_min`` answers, naming what was tried for it."""
     answered = mask.sum(dim=1)
     short = (answered < k_min).nonzero().flatten()
     if len(short) == 0:
         return
     sample = int(short[0])
-    lines = [f"  {call.uid} at {call.endpoint}: {error or 'answered'}" for call, error in tried.get(sample, [])]
+    lines = [f"  {call.uid} at {call.endpoint}: {error or 'answered'}" for call, error in tried_by(tried, sample)]
     raise NotEnoughExpertsError(
         f"{len(short)} of {mask.shape[0]} samples got fewer than k_min={k_min} expert answers; "
         f"sample {sample} got {int(answered[sample])}, experts tried for it:\n" + ("\n".join(lines) or "  (none found alive in the DHT)")
