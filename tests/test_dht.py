@@ -391,3 +391,142 @@ def test_identically_seeded_processes_get_distinct_node_ids():
     finally:
         first.shutdown()
         second.shutdown()
+
+
+# ----------------------------------------------------------------------------- private swarms
+from lightning_moe import auth  # noqa: E402
+from lightning_moe.dht.records import entry_size, entry_tag, sign_record, strip_tags  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _no_secret_from_the_environment(monkeypatch):
+    """Tests here choose their secrets themselves."""
+    monkeypatch.delenv(auth.SECRET_ENV, raising=False)
+
+
+def test_entry_tags_cover_key_subkey_value_and_expiration():
+    secret, key = b"s3cret", digest("expert:ffn.0.0")
+    now = time.time()
+    signed = sign_record(secret, key, {"a": ("v", now + 60), "b": ([1, 2], now + 60)})
+    blob = encode_record(signed)
+    stats = Counter()
+    assert decode_record(blob, stats, secret=secret, dkey=key) == signed
+    assert decode_record(blob) == signed  # a node without the secret keeps the tags unchecked
+    tag = signed["a"][2]
+    forged = {
+        "value": {"a": ["w", now + 60, tag]},
+        "expiration": {"a": ["v", now + 3600, tag]},
+        "subkey": {"c": ["v", now + 60, tag]},
+        "untagged": {"a": ["v", now + 60]},
+        "other secret": {"a": ["v", now + 60, entry_tag(b"other", key, "a", "v", now + 60)]},
+    }
+    for name, raw in forged.items():
+        stats = Counter()
+        assert decode_record(umsgpack.packb(raw), stats, secret=secret, dkey=key) == {}, name
+        assert stats == {"unauthenticated_entries": 1}, name
+    stats = Counter()
+    assert decode_record(blob, stats, secret=secret, dkey=digest("expert:ffn.0.1")) == {}  # moved to another key
+    assert stats["unauthenticated_entries"] == 2
+    stats = Counter()  # malformed tags are invalid for everyone
+    bad_tags = {"a": ["v", now + 60, "zz" * 32], "b": ["v", now + 60, tag[:10]], "c": ["v", now + 60, 7]}
+    assert decode_record(umsgpack.packb(bad_tags), stats) == {} and stats["invalid_entries"] == 3
+
+    # the tag counts in every size limit: a full record of tagged entries still fits
+    assert entry_size("a", "v", now, tag) - entry_size("a", "v", now) == 66
+    many = sign_record(secret, key, {f"127.0.0.1:{1000 + i}": (f"127.0.0.1:{1000 + i}", now + 60 + i) for i in range(200)})
+    storage = SubkeyStorage(secret=secret)
+    storage.merge(key, many)
+    assert len(storage.get(key)) <= MAX_RECORD_BYTES and storage.stats["entries_dropped_by_size_cap"] > 0
+    assert decode_record(storage.get(key), secret=secret, dkey=key) == storage.get_record(key)
+    # a storage with the secret refuses untagged or forged entries, and counts them
+    assert not storage.store_blob(digest("k"), encode_record({"x": (1, now + 60)}))
+    assert storage.stats["unauthenticated_entries"] == 1 and storage.stats["rejected_stores"] == 1
+    assert storage.store_blob(digest("k"), encode_record(sign_record(secret, digest("k"), {"x": (1, now + 60)})))
+    assert strip_tags(storage.get_record(digest("k"))) == {"x": (1, now + 60)}
+
+
+def test_private_swarm_sees_its_experts_and_ignores_strangers():
+    with swarm(2, secret="swarm secret") as (a, b), \
+            DHT(initial_peers=[a.address], **FAST) as stranger, \
+            DHT(initial_peers=[b.address], secret="another secret", **FAST) as impostor, \
+            DHT(initial_peers=[a.address], client_mode=True, secret=b"swarm secret", **FAST) as trainer:
+        assert a.is_private and trainer.is_private and not stranger.is_private
+        now = time.time()
+        assert a.declare_experts(["ffn.0.0", "ffn.0.1"], "127.0.0.1:7000", now + 60)
+        assert b.declare_experts(["ffn.1.0"], "127.0.0.1:7001", now + 60)
+        assert b.store("plain", "mine", 1, now + 60)
+        # the stranger and the impostor write under the same keys, with later expirations
+        stranger.declare_experts(["ffn.0.0", "ffn.2.0"], "127.0.0.1:6666", now + 3600)
+        impostor.declare_experts(["ffn.0.1", "ffn.3.3"], "127.0.0.1:6667", now + 3600)
+        stranger.store("plain", "mine", 2, now + 3600)
+        stranger.store("plain", "theirs", 3, now + 3600)
+        for reader in (a, b, trainer):
+            assert reader.get_experts(["ffn.0.0", "ffn.0.1", "ffn.1.0", "ffn.2.0", "ffn.3.3"]) == \
+                ["127.0.0.1:7000", "127.0.0.1:7000", "127.0.0.1:7001", None, None]
+            assert reader.get_active_children(["ffn", "ffn.0", "ffn.2", "ffn.3"], all_endpoints=True) == {
+                "ffn": {0: ["127.0.0.1:7000"], 1: ["127.0.0.1:7001"]},
+                "ffn.0": {0: ["127.0.0.1:7000"], 1: ["127.0.0.1:7000"]}, "ffn.2": {}, "ffn.3": {}}
+            assert reader.get("plain") == {"mine": (1, now + 60)}
+        # storage nodes with the secret refused the strangers' entries; the stranger's own storage
+        # kept them, and the trainer, reading it, skipped them: both counted
+        assert a.stats["unauthenticated_entries"] > 0 and b.stats["unauthenticated_entries"] > 0
+        assert trainer.stats["unauthenticated_entries"] > 0
+        # the stranger ignores tags: it sees everyone (one format for all)
+        assert stranger.get_experts(["ffn.0.0"], all_endpoints=True) == [["127.0.0.1:6666", "127.0.0.1:7000"]]
+
+
+def test_secret_from_the_environment_variable(monkeypatch):
+    monkeypatch.setenv(auth.SECRET_ENV, "from the environment")
+    with DHT(**FAST) as a, DHT(initial_peers=[a.address], client_mode=True, **FAST) as reader, \
+            DHT(initial_peers=[a.address], secret="from the environment", **FAST) as explicit:
+        assert a.is_private and reader.is_private
+        now = time.time()
+        assert a.declare_experts(["ffn.0"], "127.0.0.1:7000", now + 60)
+        assert explicit.declare_experts(["ffn.1"], "127.0.0.1:7001", now + 60)
+        monkeypatch.delenv(auth.SECRET_ENV)
+        with DHT(initial_peers=[a.address], **FAST) as outsider:
+            assert not outsider.is_private
+            outsider.declare_experts(["ffn.0", "ffn.2"], "127.0.0.1:6666", now + 3600)
+            assert reader.get_active_children(["ffn"], all_endpoints=True) == \
+                {"ffn": {0: ["127.0.0.1:7000"], 1: ["127.0.0.1:7001"]}}
+            assert reader.get_experts(["ffn.0", "ffn.2"]) == ["127.0.0.1:7000", None]
+            assert reader.stats["unauthenticated_entries"] + a.stats["unauthenticated_entries"] > 0
+    monkeypatch.setenv(auth.SECRET_ENV, "")  # set but empty: a public node
+    with DHT(**FAST) as public:
+        assert not public.is_private
+    with pytest.raises(ValueError):
+        DHT(secret="", **FAST)
+
+
+def test_cap_record_keeps_children_balanced():
+    now = time.time()
+    flood = {f"0@127.0.0.1:{1000 + i}": (None, now + 3600 + i) for i in range(300)}  # one child, far-future
+    honest = {f"{c}@127.0.0.1:7000": (None, now + 5) for c in range(1, 4)}
+    capped = cap_record({**flood, **honest})
+    assert len(encode_record(capped)) <= MAX_RECORD_BYTES
+    assert set(honest) <= set(capped) and 50 < len(capped) < 300
+    assert min(capped[k][1] for k in capped if k in flood) > max(flood[k][1] for k in flood if k not in capped)
+
+
+def test_a_stranger_cannot_hide_or_redirect_a_hosts_declarations():
+    with swarm(2) as (honest, other), DHT(initial_peers=[honest.address], **FAST) as stranger, \
+            DHT(initial_peers=[other.address], client_mode=True, **FAST) as reader:
+        now, far = time.time(), time.time() + 6 * 24 * 3600
+        host = "127.0.0.1:7000"
+        assert honest.declare_experts([f"ffn.0.{j}" for j in range(4)], host, now + 60)
+        # same sub-keys as the host's, other values, later expirations; and a flood of one child
+        stranger.store_many([(prefix_key("ffn"), f"0@{host}", 12345, far), (prefix_key("ffn"), "0", "127.0.0.1:6666", far),
+                             (prefix_key("ffn.0"), f"1@{host}", "127.0.0.1:6666", far),
+                             (expert_key("ffn.0.0"), host, "127.0.0.1:6666", far)])
+        stranger.store_many([(prefix_key("ffn.0"), f"3@127.0.0.1:{1000 + i}", None, far) for i in range(300)])
+        stranger.declare_experts(["ffn.0.2"], "127.0.0.1:6666", far)
+        assert reader.get_experts(["ffn.0.0", "ffn.0.1", "ffn.0.2"], all_endpoints=True) == \
+            [[host], [host], ["127.0.0.1:6666", host]]
+        children = reader.get_active_children(["ffn", "ffn.0"], all_endpoints=True)
+        assert list(children["ffn"]) == [0] and sorted(children["ffn"][0]) == ["127.0.0.1:6666", host]
+        assert [children["ffn.0"][c] for c in range(3)] == [[host], [host], ["127.0.0.1:6666", host]]
+        # the flood fills child 3 (there it can push the host's entry out: the size cap is the one
+        # thing volume buys; a private swarm's secret stops it) but leaves every other child alone
+        assert len(children["ffn.0"][3]) > 10
+        assert reader.get_active_children(["ffn.0"])["ffn.0"][1] == host
+        assert reader.stats["invalid_prefix_entries"] > 0

@@ -25,7 +25,7 @@ class CachedExpertLookup:
     def __init__(self, dht: Any, grid_dims: int, ttl: float = 5.0, ban_time: float = 10.0):
         self.dht, self.ttl, self.ban_time = dht, ttl, ban_time
         self.leaf_depth = grid_dims - 1
-        self._children: dict[str, tuple[float, dict[int, str]]] = {}
+        self._children: dict[str, tuple[float, dict[int, list[str]]]] = {}
         self._banned: dict[str, float] = {}
         self._lock = threading.Lock()
 
@@ -39,23 +39,31 @@ class CachedExpertLookup:
             self._banned[endpoint] = time.monotonic() + self.ban_time
 
     def get_active_children(self, prefixes: Sequence[str], timeout: float | None = None) -> dict[str, dict[int, str]]:
-        """Live children of each prefix, as the DHT's method of the same name; cached."""
+        """Live children of each prefix, as the DHT's method of the same name; cached.
+
+        A leaf child declared by several hosts answers with the first one not banned, so a dead
+        host (or a stranger's record pointing at a closed port) does not hide the others.
+        """
         now = time.monotonic()
         with self._lock:
-            answer = {p: self._children[p][1] for p in prefixes if p in self._children and self._children[p][0] > now}
+            lists = {p: self._children[p][1] for p in prefixes if p in self._children and self._children[p][0] > now}
             self._banned = {e: until for e, until in self._banned.items() if until > now}
             banned = set(self._banned)
-        missing = [p for p in prefixes if p not in answer]
+        missing = [p for p in prefixes if p not in lists]
         if missing:
-            fresh = self.dht.get_active_children(missing, timeout=timeout)
+            fresh = self.dht.get_active_children(missing, timeout=timeout, all_endpoints=True)
             with self._lock:
                 for prefix in missing:
                     children = fresh.get(prefix, {})
                     if children:  # an empty answer may be a lookup that ran out of time: ask again next step
                         self._children[prefix] = (now + self.ttl, children)
-                    answer[prefix] = children
-        if banned:
-            for prefix, children in answer.items():
-                if prefix.count(".") == self.leaf_depth:
-                    answer[prefix] = {c: e for c, e in children.items() if e not in banned}
+                    lists[prefix] = children
+        answer: dict[str, dict[int, str]] = {}
+        for prefix, children in lists.items():
+            leaf = prefix.count(".") == self.leaf_depth
+            answer[prefix] = {}
+            for coord, endpoints in children.items():
+                usable = [e for e in endpoints if e not in banned] if leaf else endpoints
+                if usable:
+                    answer[prefix][coord] = usable[0]
         return answer

@@ -191,9 +191,9 @@ class DecentralizedMoE(nn.Module):
             retry = self._choose_experts([s[short] for s in scores], deadline)
             chosen, free_slots = [[] for _ in chosen], {}
             for sample, candidates in zip(short, retry):
-                used = {call.uid for call, _ in tried_by(tried, sample)}
+                used = {(call.uid, call.endpoint) for call, _ in tried_by(tried, sample)}
                 free_slots[sample] = (~mask[sample]).nonzero().flatten().tolist()
-                chosen[sample] = [pair for pair in candidates if pair[0] not in used]
+                chosen[sample] = [pair for pair in candidates if pair not in used]
         return answered, tried
 
     def _choose_experts(self, scores: Sequence[torch.Tensor], deadline: float | None) -> list[list[tuple[str, str]]]:
@@ -225,20 +225,31 @@ class DecentralizedMoE(nn.Module):
         ]
 
     def _get_expert_info(self, chosen: list[list[tuple[str, str]]], deadline: float | None) -> dict:
-        """Input and output schemas of this layer's experts, asked once from a host that has one."""
+        """Input and output schemas of this layer's experts, asked once from any host that serves one.
+
+        A host that does not answer is banned and another one asked (at most 3 rounds of routing).
+        """
         if self._expert_info is not None:
             return self._expert_info
-        candidates = list(dict.fromkeys(pair for row in chosen for pair in row))
-        if not candidates:
-            raise NotEnoughExpertsError(f"no live experts under prefix {self.uid_prefix!r} in the DHT (peers {self.initial_peers})")
         errors = []
-        for uid, endpoint in candidates[:4]:
-            timeout = self.expert_info_timeout if deadline is None else max(min(self.expert_info_timeout, deadline - time.monotonic()), 1e-3)
-            try:
-                self._expert_info = RemoteExpert(uid, endpoint).info(timeout=timeout)
-                return self._expert_info
-            except RemoteExpertError as e:
-                errors.append(str(e))
+        for _ in range(3):
+            endpoints = list(dict.fromkeys((endpoint, uid) for row in chosen for uid, endpoint in row))
+            by_endpoint = dict(endpoints)
+            for endpoint, uid in list(by_endpoint.items())[:4]:
+                timeout = self.expert_info_timeout
+                if deadline is not None:
+                    timeout = max(min(timeout, deadline - time.monotonic()), 1e-3)
+                try:
+                    self._expert_info = RemoteExpert(uid, endpoint).info(timeout=timeout)
+                    return self._expert_info
+                except RemoteExpertError as e:
+                    errors.append(str(e))
+                    self.lookup.ban(endpoint)
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            chosen = self._choose_experts([torch.zeros(1, g) for g in self.grid_size], deadline)  # any live expert will do
+        if not errors:
+            raise NotEnoughExpertsError(f"no live experts under prefix {self.uid_prefix!r} in the DHT (peers {self.initial_peers})")
         raise NotEnoughExpertsError("could not read expert schemas from any host:\n" + "\n".join(errors))
 
     @property

@@ -12,17 +12,19 @@ import time
 from collections import Counter
 from typing import Any, Coroutine, Iterable, Optional, Sequence
 
+from .. import auth
 from .records import (
     Record,
     check_entry,
     expert_entries,
     expert_key,
-    parse_children,
+    parse_children_endpoints,
     parse_endpoint,
     parse_uid,
     parse_uid_prefix,
-    pick_endpoint,
+    pick_endpoints,
     prefix_key,
+    strip_tags,
     MAX_KEY_LENGTH,
 )
 from .server import DHTServer, _is_ipv4
@@ -47,6 +49,13 @@ class DHT:
     :param ksize: routing table bucket size; :param num_replicas: nodes that store each key (a
         lookup looks for that many nearest nodes and merges all their answers);
     :param alpha: requests in flight per lookup.
+    :param secret: the swarm's shared secret (default: the ``LIGHTNING_MOE_SECRET`` environment
+        variable, see ``lightning_moe.auth.resolve_secret``). With one, every entry this node
+        writes carries an HMAC tag, and it stores and reads only entries whose tag verifies:
+        anything else (a stranger's records, or records of a swarm with another secret) is
+        skipped and counted as ``unauthenticated_entries``. Every node of a private swarm should
+        have it: a node without it still stores and serves the tagged records, but also lets a
+        stranger's entry replace a tagged one under the same sub-key.
 
     Every method is thread-safe and may be called from any thread except the node's own
     loop thread. Expiration times are absolute ``time.time()`` seconds. A call that runs
@@ -60,7 +69,9 @@ class DHT:
     def __init__(self, initial_peers: Sequence[str] = (), host: str = "127.0.0.1", port: int = 0,
                  announce_host: Optional[str] = None, announce_port: Optional[int] = None,
                  client_mode: bool = False, rpc_timeout: float = 1.0, wait_timeout: float = 5.0,
-                 ksize: int = 20, num_replicas: int = 6, alpha: int = 6, **server_kwargs: Any):
+                 ksize: int = 20, num_replicas: int = 6, alpha: int = 6, secret: str | bytes | None = None,
+                 **server_kwargs: Any):
+        self._secret = auth.resolve_secret(secret)
         self.initial_peers = [_parse_peer(p) for p in initial_peers]
         self.host, self.client_mode = host, client_mode
         self.rpc_timeout, self.wait_timeout = float(rpc_timeout), float(wait_timeout)
@@ -94,8 +105,8 @@ class DHT:
                 peers.append((infos[0][4][0], peer_port))
             except OSError:
                 logger.warning("cannot resolve initial peer %s:%s", peer_host, peer_port)
-        self._server = DHTServer(stats=self._stats, rpc_timeout=self.rpc_timeout,
-                                 client_mode=self.client_mode, initial_peers=peers, **server_kwargs)
+        self._server = DHTServer(stats=self._stats, rpc_timeout=self.rpc_timeout, client_mode=self.client_mode,
+                                 initial_peers=peers, secret=self._secret, **server_kwargs)
         bound = await self._server.listen_on(self.host, port)
         if self.initial_peers:
             reached = await self._server.bootstrap_to(peers, time.monotonic() + self.wait_timeout)
@@ -113,10 +124,16 @@ class DHT:
         return f"{self._announce_host or self.host}:{self._announce_port or self.port}"
 
     @property
+    def is_private(self) -> bool:
+        """True when this node has a swarm secret (authenticates the records it writes and reads)."""
+        return self._secret is not None
+
+    @property
     def stats(self) -> Counter:
         """A copy of the counters (missing ones read 0): ``invalid_records``, ``invalid_entries``,
-        ``invalid_expert_entries``, ``invalid_prefix_entries``, ``rejected_stores``, ``bad_datagrams``, ``bad_requests``,
-        ``rpc_timeouts``, ``stragglers_abandoned``, ``entries_dropped_by_size_cap``, ..."""
+        ``invalid_expert_entries``, ``invalid_prefix_entries``, ``unauthenticated_entries``,
+        ``rejected_stores``, ``bad_datagrams``, ``bad_requests``, ``rpc_timeouts``,
+        ``stragglers_abandoned``, ``entries_dropped_by_size_cap``, ..."""
         if self.is_alive and threading.current_thread() is not self._thread:
             try:  # copy on the loop thread, which is the only one that writes the counters
                 return self._call(_copy_counter(self._stats), self.wait_timeout)
@@ -199,7 +216,10 @@ class DHT:
         """Live sub-keys of ``key`` merged over all replicas: ``{subkey: (value, expiration)}``;
         ``{}`` when none. Values come back as msgpack decodes them (tuples become lists)."""
         _check_key(key)
-        return self._run(lambda deadline: self._get_records([key], deadline, key), timeout, return_future)
+
+        async def get(deadline: float) -> dict:
+            return strip_tags(await self._get_records([key], deadline, key))
+        return self._run(get, timeout, return_future)
 
     def get_many(self, keys: Iterable[str], timeout: Optional[float] = None,
                  return_future: bool = False) -> dict[str, dict[str, tuple[Any, float]]]:
@@ -207,7 +227,10 @@ class DHT:
         keys = list(dict.fromkeys(keys))
         for key in keys:
             _check_key(key)
-        return self._run(lambda deadline: self._get_records(keys, deadline), timeout, return_future)
+
+        async def get_many(deadline: float) -> dict:
+            return {k: strip_tags(r) for k, r in (await self._get_records(keys, deadline)).items()}
+        return self._run(get_many, timeout, return_future)
 
     async def _get_records(self, keys: list[str], deadline: float, only: Optional[str] = None) -> Any:
         records = await asyncio.gather(*(self._server.get_record(k, deadline) for k in keys))
@@ -232,31 +255,42 @@ class DHT:
             return not failed
         return self._run(declare, timeout, return_future)
 
-    def get_experts(self, uids: Sequence[str], timeout: Optional[float] = None,
-                    return_future: bool = False) -> list[Optional[str]]:
-        """The live endpoint of each uid (the latest-expiring valid declaration), or None."""
+    def get_experts(self, uids: Sequence[str], timeout: Optional[float] = None, return_future: bool = False,
+                    all_endpoints: bool = False) -> list[Any]:
+        """The live endpoint of each uid (the latest-expiring valid declaration), or None.
+        With ``all_endpoints=True``: every live endpoint of each uid, latest-expiring first
+        (``[]`` when none), so a caller can fall back when one fails."""
         for uid in uids:
             parse_uid(uid)
         keys = [expert_key(uid) for uid in uids]
 
-        async def find(deadline: float) -> list[Optional[str]]:
+        async def find(deadline: float) -> list[Any]:
             records = await self._get_records(list(dict.fromkeys(keys)), deadline)
-            return [pick_endpoint(records[k], self._stats) for k in keys]
+            found = [pick_endpoints(records[k], self._stats) for k in keys]
+            return found if all_endpoints else [endpoints[0] if endpoints else None for endpoints in found]
         return self._run(find, timeout, return_future)
 
     def get_active_children(self, prefixes: Sequence[str], timeout: Optional[float] = None,
-                            return_future: bool = False) -> dict[str, dict[int, str]]:
+                            return_future: bool = False, all_endpoints: bool = False) -> dict[str, dict[int, Any]]:
         """For each prefix (``"ffn"``, ``"ffn.3"``), its live children: ``{coordinate: endpoint}``.
 
         The endpoint of a child is one live expert below it; for the last grid dimension it is
-        that expert's own endpoint. Prefixes are looked up in parallel."""
+        that expert's own endpoint (of the latest-expiring declaration when several hosts serve
+        the uid). With ``all_endpoints=True`` each child maps to the list of every endpoint
+        declared for it, latest-expiring first: for the last dimension, every host of that uid,
+        so a caller can skip one that fails (say, a stranger's declaration pointing at a closed
+        port, which no expiration it claims can make hide the honest hosts). Prefixes are
+        looked up in parallel."""
         for prefix in prefixes:
             parse_uid_prefix(prefix)
         keys = {p: prefix_key(p) for p in prefixes}
 
-        async def find(deadline: float) -> dict[str, dict[int, str]]:
+        async def find(deadline: float) -> dict[str, dict[int, Any]]:
             records = await self._get_records(list(keys.values()), deadline)
-            return {p: parse_children(records[k], self._stats) for p, k in keys.items()}
+            children = {p: parse_children_endpoints(records[k], self._stats) for p, k in keys.items()}
+            if all_endpoints:
+                return children
+            return {p: {c: endpoints[0] for c, endpoints in found.items()} for p, found in children.items()}
         return self._run(find, timeout, return_future)
 
     # ------------------------------------------------------------------ introspection

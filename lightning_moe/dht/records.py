@@ -3,41 +3,62 @@
 Two layers live here:
 
 * **Generic records** (what goes over the wire and into storage): a record is a map
-  ``subkey -> (value, expiration_time)``. It travels through kademlia as one msgpack blob
+  ``subkey -> (value, expiration_time[, tag])``. It travels through kademlia as one msgpack
+  blob ``{subkey: [value, expiration]}`` or ``{subkey: [value, expiration, tag]}``
   (``encode_record`` / ``decode_record``), never pickle. ``decode_record`` validates every
   entry (types, sizes, expiry bounds) and skips what does not parse, counting it.
 
+* **Private swarms**: a node with a secret (``lightning_moe.auth``) appends to each entry it
+  writes a tag, the hex HMAC-SHA256 of (key digest, sub-key, msgpack of the value, expiration
+  as a big-endian double) (``entry_tag``). Such a node stores and reads only entries whose tag
+  verifies; the rest are skipped and counted as ``unauthenticated_entries``. Nodes without a
+  secret keep and pass on tags without checking them: there is one format. The tag is part of
+  each entry's encoded size, so the size caps below account for it (66 bytes per entry).
+
 * **Expert records** built on top of them. For a grid uid ``ffn.3.14`` served at ``endpoint``:
 
-  ===================  ==========  ==========
-  key                  sub-key     value
-  ===================  ==========  ==========
-  ``expert:ffn.3.14``  endpoint    endpoint
-  ``prefix:ffn.3``     ``"14"``    endpoint
-  ``prefix:ffn``       ``"3"``     endpoint
-  ===================  ==========  ==========
+  ===================  ====================  ==========
+  key                  sub-key               value
+  ===================  ====================  ==========
+  ``expert:ffn.3.14``  endpoint              endpoint
+  ``prefix:ffn.3``     ``"14@"`` + endpoint  None
+  ``prefix:ffn``       ``"3@"`` + endpoint   None
+  ===================  ====================  ==========
 
   A prefix record lists the live children of that prefix (one coordinate of the next grid
-  dimension each), so beam search walks the grid one dimension at a time. The value of a
-  child is the endpoint of one live expert below it; for the last dimension it is exactly
-  the endpoint of that expert. Keying the uid record by endpoint keeps every host that
-  serves the uid until its own entry expires; readers take the latest-expiring one.
+  dimension each), so beam search walks the grid one dimension at a time. Each host writes
+  its own entry per child: ``"coord@endpoint"`` says that the host at ``endpoint`` serves a
+  live expert below the child; for the last grid dimension, that it serves exactly that uid.
+
+  Anyone can write any key, so readers take endpoints from *sub-keys* and ignore values: a
+  writer can add (child, endpoint) pairs, or keep an existing pair alive longer, but cannot
+  redirect or hide another host's pair, whatever value or expiration it claims (merging keeps
+  one entry per sub-key: the latest-expiring, so with a value as the endpoint, a stranger's
+  far-future entry would have replaced the host's). When several endpoints serve one child,
+  readers order them latest-expiring first and can ask for all of them, so a trainer can fall
+  back from one that fails to the next. The size cap keeps children balanced (``cap_record``),
+  so many hosts under one child, or a flood of entries for one child, cannot push the others out.
 """
 from __future__ import annotations
 
+import heapq
 import ipaddress
 import math
 import re
 import time
+import struct
 from collections import Counter
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import umsgpack
 
-Record = dict  # subkey (str) -> (value, expiration_time: float)
+from .. import auth
+
+Record = dict  # subkey (str) -> (value, expiration_time: float) or (value, expiration_time, tag: str)
 
 MAX_KEY_LENGTH = 256
-MAX_SUBKEY_LENGTH = 128
+MAX_SUBKEY_LENGTH = 300  # room for "coord@" + a 260-character endpoint
+TAG_LENGTH = 64  # hex HMAC-SHA256
 MAX_VALUE_BYTES = 2048  # msgpack size of one value
 MAX_RECORD_BYTES = 6000  # msgpack size of one stored or transmitted record; UDP request limit is 8192
 MAX_ENTRIES = 1024
@@ -52,6 +73,8 @@ _PREFIX_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*\Z")
 _COORD_RE = re.compile(r"(0|[1-9][0-9]{0,6})\Z")
 _HOSTNAME_RE = re.compile(r"(?=.{1,253}\Z)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\Z")
 _PORT_RE = re.compile(r"[1-9][0-9]{0,4}\Z")
+_TAG_RE = re.compile(r"[0-9a-f]{64}\Z")
+_TAG_DOMAIN = b"lightning_moe.dht.entry.v1"
 
 
 # ----------------------------------------------------------------------------- uids, endpoints
@@ -158,9 +181,15 @@ def check_entry(subkey: Any, value: Any, expiration_time: Any, now: Optional[flo
     return None
 
 
-def entry_size(subkey: str, value: Any, expiration_time: float) -> int:
-    """Bytes this entry adds to an encoded record (msgpack maps are concatenations)."""
-    return len(umsgpack.packb(subkey)) + len(umsgpack.packb([value, float(expiration_time)]))
+def entry_size(subkey: str, value: Any, expiration_time: float, tag: Optional[str] = None) -> int:
+    """Bytes this entry adds to an encoded record (msgpack maps are concatenations); a tag
+    adds 66 bytes."""
+    body = [value, float(expiration_time)] if tag is None else [value, float(expiration_time), tag]
+    return len(umsgpack.packb(subkey)) + len(umsgpack.packb(body))
+
+
+def _entry_size(subkey: str, entry: tuple) -> int:
+    return entry_size(subkey, entry[0], entry[1], entry[2] if len(entry) > 2 else None)
 
 
 def _map_header_size(n: int) -> int:
@@ -170,21 +199,32 @@ def _map_header_size(n: int) -> int:
 def cap_record(record: Record, max_bytes: int = MAX_RECORD_BYTES) -> Record:
     """Drop entries until the encoded record fits in ``max_bytes``.
 
-    Rule: the entries that expire soonest are dropped first (ties: larger sub-key first), so
-    the entries that hosts refreshed most recently survive. Returns a new dict.
+    Sub-keys ``"group@rest"`` form groups by the part before ``@`` (a sub-key without ``@`` is a
+    group of its own). Rule: drop from the group with the most entries, its entry that expires
+    soonest (ties: the group whose entry expires sooner, then larger sub-key first). So groups stay
+    balanced (every child of a prefix keeps entries while the record is big enough for one per
+    child), and within a group, and among single entries, the most recently refreshed survive.
+    Returns a new dict.
     """
-    sizes = {sk: entry_size(sk, v, e) for sk, (v, e) in record.items()}
+    sizes = {sk: _entry_size(sk, entry) for sk, entry in record.items()}
     total = _map_header_size(len(record)) + sum(sizes.values())
     if total <= max_bytes:
         return dict(record)
-    order = sorted(record, key=lambda sk: (record[sk][1], _neg_str(sk)))
+    groups: dict[str, list[str]] = {}
+    for sk in sorted(record, key=lambda sk: (record[sk][1], _neg_str(sk)), reverse=True):
+        groups.setdefault(sk.partition("@")[0] if "@" in sk else "\x00" + sk, []).append(sk)  # soonest last
+    heap = [(-len(members), record[members[-1]][1], _neg_str(members[-1]), name) for name, members in groups.items()]
+    heapq.heapify(heap)
     kept = dict(record)
-    for sk in order:
-        if total <= max_bytes:
-            break
+    while total > max_bytes and heap:
+        _, _, _, name = heapq.heappop(heap)
+        members = groups[name]
+        sk = members.pop()
         del kept[sk]
         total -= sizes[sk]
         total += _map_header_size(len(kept)) - _map_header_size(len(kept) + 1)
+        if members:
+            heapq.heappush(heap, (-len(members), record[members[-1]][1], _neg_str(members[-1]), name))
     return kept
 
 
@@ -192,37 +232,69 @@ def _neg_str(s: str) -> tuple:
     return tuple(-ord(c) for c in s)
 
 
-def encode_record(record: Mapping[str, tuple[Any, float]]) -> bytes:
-    """msgpack ``{subkey: [value, expiration]}``; the caller keeps it under MAX_RECORD_BYTES."""
-    return umsgpack.packb({sk: [v, float(e)] for sk, (v, e) in record.items()})
+def _wire_entry(entry: tuple) -> list:
+    return [entry[0], float(entry[1])] if len(entry) < 3 or entry[2] is None else [entry[0], float(entry[1]), entry[2]]
 
 
-def split_record(record: Mapping[str, tuple[Any, float]], max_bytes: int = MAX_RECORD_BYTES) -> list[Record]:
+def encode_record(record: Mapping[str, tuple]) -> bytes:
+    """msgpack ``{subkey: [value, expiration(, tag)]}``; the caller keeps it under MAX_RECORD_BYTES."""
+    return umsgpack.packb({sk: _wire_entry(entry) for sk, entry in record.items()})
+
+
+def split_record(record: Mapping[str, tuple], max_bytes: int = MAX_RECORD_BYTES) -> list[Record]:
     """Split a record into chunks that each encode to at most ``max_bytes`` (greedy)."""
     chunks: list[Record] = []
     current: Record = {}
     size = 5
-    for sk, (v, e) in record.items():
-        es = entry_size(sk, v, e)
+    for sk, entry in record.items():
+        es = _entry_size(sk, entry)
         if current and size + es > max_bytes:
             chunks.append(current)
             current, size = {}, 5
-        current[sk] = (v, float(e))
+        current[sk] = tuple(entry)
         size += es
     if current:
         chunks.append(current)
     return chunks
 
 
-def decode_record(blob: Any, stats: Optional[Counter] = None, now: Optional[float] = None) -> Optional[Record]:
+def entry_tag(secret: bytes, dkey: bytes, subkey: str, value: Any, expiration_time: float) -> str:
+    """The authentication tag of one entry under the 20-byte key digest ``dkey`` (hex HMAC)."""
+    return auth.sign(secret, _TAG_DOMAIN, dkey, subkey.encode("utf-8", "surrogatepass"), umsgpack.packb(value),
+                     struct.pack(">d", float(expiration_time)))
+
+
+def sign_record(secret: bytes, dkey: bytes, record: Mapping[str, tuple]) -> Record:
+    """``record`` with every entry tagged (existing tags replaced)."""
+    return {sk: (entry[0], float(entry[1]), entry_tag(secret, dkey, sk, entry[0], entry[1]))
+            for sk, entry in record.items()}
+
+
+def is_authentic(secret: bytes, dkey: bytes, subkey: str, entry: tuple) -> bool:
+    return len(entry) > 2 and entry[2] is not None and auth.verify(
+        secret, entry[2], _TAG_DOMAIN, dkey, subkey.encode("utf-8", "surrogatepass"), umsgpack.packb(entry[0]),
+        struct.pack(">d", float(entry[1])))
+
+
+def strip_tags(record: Mapping[str, tuple]) -> dict[str, tuple[Any, float]]:
+    """``{subkey: (value, expiration)}``: what users of the DHT see."""
+    return {sk: (entry[0], entry[1]) for sk, entry in record.items()}
+
+
+def decode_record(blob: Any, stats: Optional[Counter] = None, now: Optional[float] = None,
+                  secret: Optional[bytes] = None, dkey: Optional[bytes] = None) -> Optional[Record]:
     """Decode and validate a record read from the network.
 
-    Returns ``{subkey: (value, expiration)}`` with the live, valid entries (possibly empty),
-    or None when the blob as a whole is unusable. Every skipped thing is counted in ``stats``:
-    ``invalid_records`` (not bytes, too large, not msgpack, not a map) and ``invalid_entries``.
+    Returns ``{subkey: (value, expiration[, tag])}`` with the live, valid entries (possibly
+    empty), or None when the blob as a whole is unusable. Every skipped thing is counted in
+    ``stats``: ``invalid_records`` (not bytes, too large, not msgpack, not a map),
+    ``invalid_entries``, and, when ``secret`` is given (then ``dkey``, the key digest, is
+    needed too), ``unauthenticated_entries``: live entries without a valid tag.
     """
     stats = stats if stats is not None else Counter()
     now = time.time() if now is None else now
+    if secret is not None and not (isinstance(dkey, bytes) and len(dkey) == 20):
+        raise ValueError("checking tags needs the 20-byte key digest")
     if not isinstance(blob, bytes) or len(blob) > MAX_RECORD_BYTES:
         stats["invalid_records"] += 1
         return None
@@ -236,28 +308,34 @@ def decode_record(blob: Any, stats: Optional[Counter] = None, now: Optional[floa
         return None
     record: Record = {}
     for subkey, entry in raw.items():
-        if not isinstance(entry, (list, tuple)) or len(entry) != 2:
+        if not isinstance(entry, (list, tuple)) or len(entry) not in (2, 3) \
+                or (len(entry) == 3 and not (isinstance(entry[2], str) and _TAG_RE.match(entry[2]))):
             stats["invalid_entries"] += 1
             continue
-        value, expiration = entry
+        value, expiration = entry[0], entry[1]
         if check_entry(subkey, value, expiration, now, check_size=False) is not None:
             stats["invalid_entries"] += 1
             continue
-        if expiration > now:
-            record[subkey] = (value, float(expiration))
+        if expiration <= now:
+            continue
+        entry = (value, float(expiration)) if len(entry) == 2 else (value, float(expiration), entry[2])
+        if secret is not None and not is_authentic(secret, dkey, subkey, entry):
+            stats["unauthenticated_entries"] += 1
+            continue
+        record[subkey] = entry
     return record
 
 
-def merge_records(records: Iterable[Optional[Mapping[str, tuple[Any, float]]]], now: Optional[float] = None) -> Record:
+def merge_records(records: Iterable[Optional[Mapping[str, tuple]]], now: Optional[float] = None) -> Record:
     """Union of records: per sub-key the entry with the latest expiration; expired ones dropped."""
     now = time.time() if now is None else now
     merged: Record = {}
     for record in records:
         if not record:
             continue
-        for sk, (v, e) in record.items():
-            if e > now and (sk not in merged or e > merged[sk][1]):
-                merged[sk] = (v, e)
+        for sk, entry in record.items():
+            if entry[1] > now and (sk not in merged or entry[1] > merged[sk][1]):
+                merged[sk] = entry
     return merged
 
 
@@ -275,32 +353,48 @@ def expert_entries(uids: Sequence[str], endpoint: str, expiration_time: float) -
         records.setdefault(expert_key(uid), {})[endpoint] = (endpoint, expiration_time)
         parent = prefix
         for coord in coords:
-            records.setdefault(prefix_key(parent), {})[str(coord)] = (endpoint, expiration_time)
+            records.setdefault(prefix_key(parent), {})[f"{coord}@{endpoint}"] = (None, expiration_time)
             parent = f"{parent}.{coord}"
     return records
 
 
-def pick_endpoint(record: Mapping[str, tuple[Any, float]], stats: Optional[Counter] = None) -> Optional[str]:
-    """The endpoint of the latest-expiring valid entry of an ``expert:`` record, or None."""
-    best: Optional[tuple[float, str]] = None
-    for _, (value, expiration) in record.items():
-        if not is_valid_endpoint(value):
+def pick_endpoints(record: Mapping[str, tuple], stats: Optional[Counter] = None) -> list[str]:
+    """Endpoints of the valid entries of an ``expert:`` record, latest-expiring first.
+
+    The endpoint is the entry's sub-key; its value is not trusted (see the module docstring)."""
+    found: list[tuple[float, str]] = []
+    for subkey, entry in record.items():
+        if not is_valid_endpoint(subkey):
             if stats is not None:
                 stats["invalid_expert_entries"] += 1
             continue
-        if best is None or expiration > best[0]:
-            best = (expiration, value)
-    return None if best is None else best[1]
+        found.append((entry[1], subkey))
+    found.sort(key=lambda pair: (-pair[0], pair[1]))
+    return [endpoint for _, endpoint in found]
 
 
-def parse_children(record: Mapping[str, tuple[Any, float]], stats: Optional[Counter] = None) -> dict[int, str]:
-    """``{coordinate: endpoint}`` from a ``prefix:`` record, skipping (and counting) bad entries."""
-    children: dict[int, str] = {}
-    for subkey, (value, _) in record.items():
-        if not isinstance(subkey, str) or not _COORD_RE.match(subkey) or int(subkey) >= MAX_COORDINATE \
-                or not is_valid_endpoint(value):
+def pick_endpoint(record: Mapping[str, tuple], stats: Optional[Counter] = None) -> Optional[str]:
+    """The endpoint of the latest-expiring valid entry of an ``expert:`` record, or None."""
+    endpoints = pick_endpoints(record, stats)
+    return endpoints[0] if endpoints else None
+
+
+def parse_children_endpoints(record: Mapping[str, tuple], stats: Optional[Counter] = None) -> dict[int, list[str]]:
+    """``{coordinate: [endpoint, ...]}`` from a ``prefix:`` record, latest-expiring first,
+    skipping (and counting as ``invalid_prefix_entries``) entries whose sub-key is not
+    ``"coord@endpoint"``. Values are ignored (see the module docstring)."""
+    found: dict[int, list[tuple[float, str]]] = {}
+    for subkey, entry in record.items():
+        coord, _, endpoint = subkey.partition("@") if isinstance(subkey, str) else ("", "", "")
+        if not _COORD_RE.match(coord) or int(coord) >= MAX_COORDINATE or not is_valid_endpoint(endpoint):
             if stats is not None:
                 stats["invalid_prefix_entries"] += 1
             continue
-        children[int(subkey)] = value
-    return children
+        found.setdefault(int(coord), []).append((entry[1], endpoint))
+    return {coord: [e for _, e in sorted(found[coord], key=lambda pair: (-pair[0], pair[1]))] for coord in sorted(found)}
+
+
+def parse_children(record: Mapping[str, tuple], stats: Optional[Counter] = None) -> dict[int, str]:
+    """``{coordinate: endpoint}`` from a ``prefix:`` record (the latest-expiring endpoint of
+    each child), skipping (and counting) bad entries."""
+    return {coord: endpoints[0] for coord, endpoints in parse_children_endpoints(record, stats).items()}

@@ -32,7 +32,7 @@ from kademlia.node import Node
 from kademlia.utils import digest
 
 from .protocol import DHTProtocol, nearest_nodes, unpack_nodes
-from .records import Record, decode_record, encode_record, merge_records, split_record
+from .records import Record, decode_record, encode_record, merge_records, sign_record, split_record
 from .storage import SubkeyStorage
 
 logger = logging.getLogger(__name__)
@@ -46,12 +46,14 @@ class DHTServer(Server):
     def __init__(self, *, stats: Counter, ksize: int = 20, num_replicas: int = 6, alpha: int = 6, rpc_timeout: float = 1.0,
                  client_mode: bool = False, min_patience: float = 0.05, failed_ttl: float = 60.0,
                  refresh_interval: float = 3600.0, maintenance_interval: float = 30.0,
-                 max_concurrent_lookups: int = 64, initial_peers: Sequence[tuple[str, int]] = ()):
+                 max_concurrent_lookups: int = 64, initial_peers: Sequence[tuple[str, int]] = (),
+                 secret: Optional[bytes] = None):
         self.stats = stats
+        self.secret = secret
         # a node id from os.urandom: kademlia's default uses the `random` module, which DDP ranks
         # often seed identically (seed_everything), and equal ids break routing between them
         super().__init__(ksize=ksize, alpha=alpha, node_id=os.urandom(20))
-        self.storage = SubkeyStorage(stats)  # not via the constructor: an empty storage is falsy
+        self.storage = SubkeyStorage(stats, secret=secret)  # not via the constructor: an empty storage is falsy
         self.rpc_timeout = rpc_timeout
         self.num_replicas = min(num_replicas, ksize)
         self.response_neighbours = min(ksize, 2 * self.num_replicas)
@@ -259,8 +261,12 @@ class DHTServer(Server):
 
     # ------------------------------------------------------------------ store / get
     async def store_record(self, key: str, record: Record, deadline: float) -> bool:
-        """Store ``record`` under ``key`` on the nearest nodes (and here, if this node is one)."""
-        return await self._store_blobs(digest(key), [encode_record(c) for c in split_record(record)], deadline)
+        """Store ``record`` under ``key`` on the nearest nodes (and here, if this node is one);
+        with a secret, every entry is tagged first."""
+        dkey = digest(key)
+        if self.secret is not None:
+            record = sign_record(self.secret, dkey, record)
+        return await self._store_blobs(dkey, [encode_record(c) for c in split_record(record)], deadline)
 
     async def _store_blobs(self, dkey: bytes, blobs: list[bytes], deadline: float) -> bool:
         """The first blob travels with the lookup requests themselves; further chunks of an
@@ -279,12 +285,13 @@ class DHTServer(Server):
         return stored_here or bool(acked)
 
     async def get_record(self, key: str, deadline: float) -> Record:
-        """Merge of this node's record and every valid record returned by the nearest nodes."""
+        """Merge of this node's record and every valid record returned by the nearest nodes
+        (with a secret: of their authentic entries only)."""
         await self.ensure_bootstrapped()
         dkey = digest(key)
         _, values = await self._lookup(dkey, "value", deadline)
         now = time.time()
-        records = [decode_record(v, self.stats, now) for v in values]
+        records = [decode_record(v, self.stats, now, self.secret, dkey) for v in values]
         if not self.client_mode:
             records.append(self.storage.get_record(dkey, now))
         return merge_records(records, now)

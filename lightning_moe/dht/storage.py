@@ -23,13 +23,18 @@ class SubkeyStorage(IStorage):
       dropped first (see ``records.cap_record``).
     * At most ``max_keys`` keys; beyond that the least recently written key is evicted.
 
-    Values handed to ``__setitem__`` are encoded blobs from the network: they are decoded and
-    validated (``records.decode_record``); an invalid blob raises ValueError and is counted.
+    * With a ``secret`` (a private swarm), only entries whose tag verifies are stored; the rest
+      are counted as ``unauthenticated_entries``, and a store left with none is refused. Without
+      one, tags are kept and passed on unchecked.
+
+    Values handed to ``__setitem__`` / ``store_blob`` are encoded blobs from the network: they are
+    decoded and validated (``records.decode_record``); an invalid blob is refused and counted.
     """
 
-    def __init__(self, stats: Optional[Counter] = None, max_keys: int = 100_000):
+    def __init__(self, stats: Optional[Counter] = None, max_keys: int = 100_000, secret: Optional[bytes] = None):
         self.stats = stats if stats is not None else Counter()
         self.max_keys = max_keys
+        self.secret = secret
         self._data: "OrderedDict[bytes, Record]" = OrderedDict()
         self._written: dict[bytes, float] = {}  # monotonic time of the last write, for republish
         self._blobs: dict[bytes, tuple[bytes, float]] = {}  # cached encoding, valid until min expiry
@@ -39,13 +44,13 @@ class SubkeyStorage(IStorage):
         """Merge validated entries into the record under ``key``. False if ``record`` held no
         live entry (True also when a newer entry already here supersedes it)."""
         now = time.time() if now is None else now
-        if not any(e > now for _, e in record.values()):
+        if not any(entry[1] > now for entry in record.values()):
             return False
         current = self._live(key, now) or {}
         changed = False
-        for subkey, (value, expiration) in record.items():
-            if expiration > now and (subkey not in current or expiration > current[subkey][1]):
-                current[subkey] = (value, expiration)
+        for subkey, entry in record.items():
+            if entry[1] > now and (subkey not in current or entry[1] > current[subkey][1]):
+                current[subkey] = entry
                 changed = True
         if changed:
             blob = encode_record(current)
@@ -54,7 +59,7 @@ class SubkeyStorage(IStorage):
                 self.stats["entries_dropped_by_size_cap"] += len(current) - len(capped)
                 current, blob = capped, encode_record(capped)
             self._data[key] = current
-            self._blobs[key] = (blob, min(e for _, e in current.values()))
+            self._blobs[key] = (blob, min(entry[1] for entry in current.values()))
         self._data.move_to_end(key)
         self._written[key] = time.monotonic()
         while len(self._data) > self.max_keys:
@@ -63,18 +68,28 @@ class SubkeyStorage(IStorage):
             self._blobs.pop(old, None)
         return True
 
+    def store_blob(self, key: bytes, blob: Any) -> bool:
+        """Decode, validate (and with a secret, authenticate) ``blob`` and merge it under ``key``.
+        False (counted as ``rejected_stores``) when nothing in it was stored."""
+        if not (isinstance(key, bytes) and len(key) == 20):
+            self.stats["rejected_stores"] += 1
+            return False
+        record = decode_record(blob, self.stats, secret=self.secret, dkey=key)
+        if record is None or not self.merge(key, record):
+            self.stats["rejected_stores"] += 1
+            return False
+        return True
+
     def __setitem__(self, key: bytes, value: Any) -> None:
-        record = decode_record(value, self.stats)
-        if record is None:
+        if not self.store_blob(key, value):
             raise ValueError("invalid record")
-        self.merge(key, record)
 
     # ------------------------------------------------------------------ reads
     def _live(self, key: bytes, now: float) -> Optional[Record]:
         record = self._data.get(key)
         if record is None:
             return None
-        if any(e <= now for _, e in record.values()):
+        if any(entry[1] <= now for entry in record.values()):
             record = {sk: ve for sk, ve in record.items() if ve[1] > now}
             self._blobs.pop(key, None)
             if record:
@@ -103,7 +118,7 @@ class SubkeyStorage(IStorage):
         if not record:
             return default
         blob = encode_record(record)
-        self._blobs[key] = (blob, min(e for _, e in record.values()))
+        self._blobs[key] = (blob, min(entry[1] for entry in record.values()))
         return blob
 
     def __getitem__(self, key: bytes) -> bytes:
