@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_moe import wire
+from lightning_moe import auth, wire
 from lightning_moe.client.beam_search import beam_search
 from lightning_moe.client.dht_cache import CachedExpertLookup
 from lightning_moe.client.gating import load_balancing_loss
@@ -58,6 +58,8 @@ class DecentralizedMoE(nn.Module):
         cache_ttl: seconds that DHT answers are reused, so a step rarely waits on the DHT.
         jitter: multiplicative noise ``U(1 - jitter, 1 + jitter)`` on the gating input during training.
         expert_info_timeout: seconds to wait for a host's ``/info`` (schemas), fetched once.
+        secret: a private swarm's shared secret for requests and DHT records (default: the
+            LIGHTNING_MOE_SECRET environment variable; none: a public swarm).
     """
 
     def __init__(
@@ -77,6 +79,7 @@ class DecentralizedMoE(nn.Module):
         cache_ttl: float = 5.0,
         jitter: float = 0.0,
         expert_info_timeout: float = 10.0,
+        secret: str | bytes | None = None,
     ):
         super().__init__()
         if compression not in wire.COMPRESSIONS:
@@ -90,6 +93,7 @@ class DecentralizedMoE(nn.Module):
         self.forward_timeout, self.timeout_after_k_min, self.backward_timeout = forward_timeout, timeout_after_k_min, backward_timeout
         self.compression, self.cache_ttl, self.jitter = compression, cache_ttl, jitter
         self.expert_info_timeout = expert_info_timeout
+        self.secret = auth.resolve_secret(secret)
         self.initial_peers = list(initial_peers) if initial_peers else [dht.address]
         self.proj = nn.Linear(in_features, sum(self.grid_size))
         self._dht, self._lookup, self._expert_info = dht, None, None
@@ -113,7 +117,7 @@ class DecentralizedMoE(nn.Module):
             if self._dht is None:
                 from lightning_moe.dht import DHT
 
-                self._dht = DHT(initial_peers=self.initial_peers, client_mode=True)
+                self._dht = DHT(initial_peers=self.initial_peers, client_mode=True, secret=self.secret)
             return self._dht
 
     @property
@@ -145,7 +149,8 @@ class DecentralizedMoE(nn.Module):
         answered, tried = self._call_with_retry(chosen, cpu_scores, x_cpu, outputs, mask, coords, deadline, stats)
         check_k_min(tried, mask, self.k_min)
 
-        backward_settings = CallSettings(self.backward_k_min, self.backward_timeout, self.timeout_after_k_min, self.compression)
+        backward_settings = CallSettings(self.backward_k_min, self.backward_timeout, self.timeout_after_k_min, self.compression,
+                                         self.secret)
         dummy = torch.empty(0, requires_grad=torch.is_grad_enabled())
         expert_outputs = RemoteMixtureCall.apply(answered, backward_settings, stats, [outputs], dummy, x_cpu)
         scores = sum(logit.gather(1, coords[..., d].to(logit.device)) for d, logit in enumerate(logits))
@@ -170,7 +175,7 @@ class DecentralizedMoE(nn.Module):
         Fills ``outputs``, ``mask`` and ``coords`` in place; returns the calls that answered and
         every (call, error) tried.
         """
-        forward_settings = CallSettings(self.k_min, self.forward_timeout, self.timeout_after_k_min, self.compression)
+        forward_settings = CallSettings(self.k_min, self.forward_timeout, self.timeout_after_k_min, self.compression, self.secret)
         answered: list[ExpertCall] = []
         tried: list[tuple[ExpertCall, BaseException | None]] = []
         free_slots = {b: list(range(self.k_best)) for b in range(len(chosen))}
@@ -240,7 +245,7 @@ class DecentralizedMoE(nn.Module):
                 if deadline is not None:
                     timeout = max(min(timeout, deadline - time.monotonic()), 1e-3)
                 try:
-                    self._expert_info = RemoteExpert(uid, endpoint).info(timeout=timeout)
+                    self._expert_info = RemoteExpert(uid, endpoint, secret=self.secret).info(timeout=timeout)
                     return self._expert_info
                 except RemoteExpertError as e:
                     errors.append(str(e))

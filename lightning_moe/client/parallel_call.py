@@ -50,6 +50,7 @@ class CallSettings:
     timeout: float | None = None
     timeout_after_k_min: float | None = None
     compression: str = "none"
+    secret: bytes | None = None
 
 
 @dataclass
@@ -93,7 +94,7 @@ def call_in_parallel(
     request_timeout = None if hard_end is None else max(hard_end - start, 1e-3)
     executor = get_executor()
     futures: dict[Future, int] = {
-        executor.submit(call_expert, c.uid, c.endpoint, method, p, settings.compression, request_timeout): i
+        executor.submit(call_expert, c.uid, c.endpoint, method, p, settings.compression, request_timeout, settings.secret): i
         for i, (c, p) in enumerate(zip(calls, payloads))
     }
     results: list[Any] = [None] * len(calls)

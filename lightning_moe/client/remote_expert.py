@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from typing import Any
 
 import requests
 import torch
 from torch import nn
 
-from lightning_moe import wire
+from lightning_moe import auth, wire
 
 DEFAULT_TIMEOUT = 30.0
 _sessions: dict[tuple[int, int], requests.Session] = {}
@@ -43,6 +44,15 @@ def get_session() -> requests.Session:
     return session
 
 
+def auth_headers(secret: bytes | None, method: str, path: str, body: bytes, compression: str = "none") -> dict[str, str]:
+    """Headers that authenticate a request to a host of a private swarm (none without a secret)."""
+    if secret is None:
+        return {}
+    timestamp = f"{time.time():.3f}"
+    signature = auth.sign(secret, method.encode(), path.encode(), timestamp.encode(), compression.encode(), body)
+    return {"X-Timestamp": timestamp, "X-Signature": signature}
+
+
 def call_expert(
     uid: str,
     endpoint: str,
@@ -50,20 +60,19 @@ def call_expert(
     tensors: list[torch.Tensor],
     compression: str = "none",
     timeout: float | None = DEFAULT_TIMEOUT,
+    secret: bytes | None = None,
 ) -> list[torch.Tensor]:
     """POST tensors to ``/{method}/{uid}`` and return the decoded answer (CPU tensors).
 
-    Raises RemoteExpertError for any failure: no connection, timeout, HTTP error, bad answer.
+    ``secret`` signs the request for a private swarm's hosts. Raises RemoteExpertError for any
+    failure: no connection, timeout, HTTP error, bad answer.
     """
-    url = f"http://{endpoint}/{method}/{uid}"
+    path = f"/{method}/{uid}"
     try:
         body = wire.serialize(tensors, compression)
-        response = get_session().post(
-            url,
-            data=body,
-            headers={"Content-Type": "application/octet-stream", "X-Compression": compression},
-            timeout=timeout,
-        )
+        headers = {"Content-Type": "application/octet-stream", "X-Compression": compression}
+        headers.update(auth_headers(secret, "POST", path, body, compression))
+        response = get_session().post(f"http://{endpoint}{path}", data=body, headers=headers, timeout=timeout)
     except requests.RequestException as e:
         raise RemoteExpertError(uid, endpoint, f"{method}: {type(e).__name__}: {e}") from e
     if response.status_code != 200:
@@ -88,7 +97,8 @@ class _RemoteCall(torch.autograd.Function):
     def forward(ctx: Any, expert: "RemoteExpert", *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         ctx.expert = expert
         ctx.save_for_backward(*inputs)
-        outputs = call_expert(expert.uid, expert.endpoint, "forward", list(inputs), expert.compression, expert.forward_timeout)
+        outputs = call_expert(expert.uid, expert.endpoint, "forward", list(inputs), expert.compression, expert.forward_timeout,
+                              expert.secret)
         like = inputs[0]
         return tuple(out.to(device=like.device, dtype=like.dtype if out.is_floating_point() else out.dtype) for out in outputs)
 
@@ -97,7 +107,8 @@ class _RemoteCall(torch.autograd.Function):
         expert: RemoteExpert = ctx.expert
         inputs = ctx.saved_tensors
         grads = call_expert(
-            expert.uid, expert.endpoint, "backward", [*inputs, *grad_outputs], expert.compression, expert.backward_timeout
+            expert.uid, expert.endpoint, "backward", [*inputs, *grad_outputs], expert.compression, expert.backward_timeout,
+            expert.secret,
         )
         if len(grads) != len(inputs):
             raise RemoteExpertError(expert.uid, expert.endpoint, f"backward: {len(grads)} gradients for {len(inputs)} inputs")
@@ -113,6 +124,7 @@ class RemoteExpert(nn.Module):
         forward_timeout: seconds to wait for a forward answer (None: forever).
         backward_timeout: seconds to wait for a backward answer (None: forever).
         compression: wire compression of activations and gradients: none, float16 or uint8.
+        secret: a private swarm's shared secret (default: the LIGHTNING_MOE_SECRET environment variable).
     """
 
     def __init__(
@@ -122,11 +134,13 @@ class RemoteExpert(nn.Module):
         forward_timeout: float | None = DEFAULT_TIMEOUT,
         backward_timeout: float | None = DEFAULT_TIMEOUT,
         compression: str = "none",
+        secret: str | bytes | None = None,
     ):
         super().__init__()
         if compression not in wire.COMPRESSIONS:
             raise ValueError(f"compression must be one of {wire.COMPRESSIONS}, got {compression!r}")
         self.uid, self.endpoint, self.compression = uid, endpoint, compression
+        self.secret = auth.resolve_secret(secret)
         self.forward_timeout, self.backward_timeout = forward_timeout, backward_timeout
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
@@ -136,7 +150,8 @@ class RemoteExpert(nn.Module):
     def info(self, timeout: float | None = DEFAULT_TIMEOUT) -> dict:
         """The host's description of this expert (schemas, max batch size)."""
         try:
-            response = get_session().get(f"http://{self.endpoint}/info", timeout=timeout)
+            response = get_session().get(f"http://{self.endpoint}/info", timeout=timeout,
+                                         headers=auth_headers(self.secret, "GET", "/info", b""))
         except requests.RequestException as e:
             raise RemoteExpertError(self.uid, self.endpoint, f"info: {type(e).__name__}: {e}") from e
         if response.status_code != 200:
