@@ -1,0 +1,215 @@
+"""ExpertHost: experts, the runtime thread and the HTTP server together, plus DHT announcements."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Any, Iterable, Mapping
+
+import torch
+
+from lightning_moe.server.backend import ExpertBackend
+from lightning_moe.server.http import DIRECTIONS, ExpertHTTPServer
+from lightning_moe.server.runtime import Runtime
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
+
+
+class ExpertHost:
+    """Serves ``backends`` over HTTP; one Runtime thread computes, handler threads do I/O.
+
+    Args:
+        backends: ``{uid: ExpertBackend}`` or a list of backends (keyed by their names).
+        host, port: where the HTTP server listens (port 0: any free port).
+        device: where the experts live and compute.
+        announce_host: the host name that peers should use, if not ``host`` (e.g. behind NAT).
+        max_body_bytes: larger request bodies are refused with 413 before they are read.
+        dht: anything with ``declare_experts(uids, endpoint, expiration_time=...)``; called every
+            ``update_period`` seconds while the host runs.
+        request_timeout: seconds a request waits for the runtime before it gets 504.
+    """
+
+    def __init__(
+        self,
+        backends: Mapping[str, ExpertBackend] | Iterable[ExpertBackend],
+        host: str = "127.0.0.1",
+        port: int = 0,
+        device: torch.device | str = "cpu",
+        announce_host: str | None = None,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        dht: Any = None,
+        update_period: float = 30.0,
+        request_timeout: float | None = 300.0,
+        body_timeout: float = 60.0,
+        idle_timeout: float = 600.0,
+    ):
+        if isinstance(backends, Mapping):
+            self.backends = dict(backends)
+        else:
+            self.backends = {}
+            for backend in backends:
+                if backend.name in self.backends:
+                    raise ValueError(f"two backends are named {backend.name!r}")
+                self.backends[backend.name] = backend
+        if not self.backends:
+            raise ValueError("a host needs at least one expert")
+        if update_period <= 0:
+            raise ValueError(f"update_period must be positive, got {update_period}")
+        self.host, self.port, self.announce_host = host, int(port), announce_host
+        self.device = torch.device(device)
+        self.max_body_bytes = int(max_body_bytes)
+        self.dht, self.update_period = dht, float(update_period)
+        self._timeouts = (request_timeout, body_timeout, idle_timeout)
+        for backend in self.backends.values():
+            backend.to(self.device)
+        pools = [pool for b in self.backends.values() for pool in (b.forward_pool, b.backward_pool)]
+        self.runtime = Runtime(pools, self.device, name="lightning_moe-runtime")
+        self.server: ExpertHTTPServer | None = None
+        self._serve_thread: threading.Thread | None = None
+        self._declare_thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._lifecycle = threading.Lock()
+        self._started = self._stopped = False
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def start(self) -> "ExpertHost":
+        """Bind the port, start the runtime, the HTTP server and (with a DHT) the announcements."""
+        with self._lifecycle:
+            if self._started:
+                raise RuntimeError("the host was already started")
+            self._started = True
+            request_timeout, body_timeout, idle_timeout = self._timeouts
+            self.server = ExpertHTTPServer(
+                (self.host, self.port), self.backends, self.max_body_bytes, request_timeout, body_timeout, idle_timeout
+            )
+            self.port = self.server.server_port
+            self.runtime.start()
+            self._serve_thread = threading.Thread(
+                target=self.server.serve_forever, kwargs={"poll_interval": 0.2}, name=f"lightning_moe-http-{self.port}", daemon=True
+            )
+            self._serve_thread.start()
+            if self.announce_host is None and self.host in ("0.0.0.0", "::", ""):
+                logger.warning("host listens on %s but announces it; set announce_host to an address peers can reach", self.host)
+            if self.dht is not None:
+                self._declare_thread = threading.Thread(target=self._declare_loop, name="lightning_moe-declare", daemon=True)
+                self._declare_thread.start()
+        logger.info("serving %d experts at http://%s on %s", len(self.backends), self.endpoint, self.device)
+        return self
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the HTTP server, the runtime and the announcements; join every thread; free the port. Idempotent."""
+        with self._lifecycle:
+            if self._stopped:
+                return
+            self._stopped = True
+            self._stop.set()
+            if self.server is not None:
+                self.server.shutdown()  # serve_forever returns: no new connections
+            self.runtime.shutdown(timeout)  # waiting requests get 503
+            if self.server is not None:
+                self.server.close_connections(timeout)
+                self.server.server_close()
+            for thread in (self._serve_thread, self._declare_thread):
+                if thread is not None:
+                    thread.join(timeout)
+                    if thread.is_alive():
+                        logger.warning("thread %s did not stop within %s s", thread.name, timeout)
+        logger.info("host at %s stopped", self.endpoint if self.server is not None else "(never started)")
+
+    def __enter__(self) -> "ExpertHost":
+        return self if self._started else self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    @property
+    def endpoint(self) -> str:
+        """``"host:port"`` that peers connect to (the announced host if one was given)."""
+        if self.server is None:
+            raise RuntimeError("the host is not started: no port yet")
+        host = self.announce_host or self.host
+        return f"[{host}]:{self.port}" if ":" in host and not host.startswith("[") else f"{host}:{self.port}"
+
+    # ---- DHT -------------------------------------------------------------------------------
+    def _declare_loop(self) -> None:
+        uids = sorted(self.backends)
+        while not self._stop.is_set():
+            try:
+                self.dht.declare_experts(uids, self.endpoint, expiration_time=time.time() + 2 * self.update_period)
+                logger.debug("declared %d experts at %s", len(uids), self.endpoint)
+            except Exception:  # noqa: BLE001 - keep announcing; a DHT hiccup must not kill the host
+                logger.warning("declaring experts in the DHT failed", exc_info=True)
+            if self._stop.wait(self.update_period):
+                break
+
+    # ---- introspection ---------------------------------------------------------------------
+    def stats(self) -> dict[str, dict]:
+        """Per expert and direction: requests, samples, batches, mean batch size, queue wait, errors."""
+        out: dict[str, dict] = {}
+        server = self.server
+        for uid, backend in self.backends.items():
+            entry: dict[str, Any] = {"updates": backend.update_count}
+            for direction in DIRECTIONS:
+                pool = backend.forward_pool if direction == "forward" else backend.backward_pool
+                pool_stats = pool.stats()
+                rejected = server.request_errors[direction, uid] if server is not None else 0
+                entry[direction] = {
+                    "requests": server.requests[direction, uid] if server is not None else 0,
+                    "samples": getattr(backend, f"{direction}_samples"),
+                    "batches": pool_stats["batches"],
+                    "mean_batch_size": pool_stats["mean_batch_size"],
+                    "max_batch_size_seen": pool_stats["max_batch_size_seen"],
+                    "mean_queue_wait": pool_stats["mean_queue_wait"],
+                    "max_queue_wait": pool_stats["max_queue_wait"],
+                    "busy_time": pool_stats["busy_time"],
+                    "queued_rows": pool_stats["queued_rows"],
+                    "split_tasks": pool_stats["split_tasks"],
+                    "errors": rejected,
+                    "failed_batches": pool_stats["batch_errors"],
+                }
+            entry["errors"] = entry["forward"]["errors"] + entry["backward"]["errors"]
+            out[uid] = entry
+        return out
+
+    def http_stats(self) -> dict:
+        """Connections accepted and open, error responses by HTTP status."""
+        if self.server is None:
+            return {"connections_accepted": 0, "open_connections": 0, "errors_by_status": {}}
+        return {
+            "connections_accepted": self.server.connections_accepted,
+            "open_connections": self.server.open_connections,
+            "errors_by_status": dict(self.server.status_errors),
+        }
+
+    # ---- checkpoints -----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, dict]:
+        """Weights, optimizer state and counters of every expert, keyed by uid."""
+        return {uid: backend.state_dict() for uid, backend in self.backends.items()}
+
+    def load_state_dict(self, state: Mapping[str, dict], strict: bool = True) -> None:
+        """Load :meth:`state_dict`; with ``strict``, the uids must match exactly."""
+        missing = set(self.backends) - set(state)
+        unexpected = set(state) - set(self.backends)
+        if strict and (missing or unexpected):
+            raise KeyError(f"checkpoint does not match the host: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
+        for uid, backend in self.backends.items():
+            if uid in state:
+                backend.load_state_dict(state[uid])
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write a local checkpoint file (atomically: a temporary file, then rename)."""
+        tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
+        torch.save(self.state_dict(), tmp)
+        os.replace(tmp, path)
+
+    def load(self, path: str | os.PathLike, strict: bool = True) -> None:
+        """Read a local checkpoint file written by :meth:`save` (weights_only: no code runs)."""
+        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=strict)
+
+    def __repr__(self) -> str:
+        where = self.endpoint if self.server is not None else "not started"
+        return f"ExpertHost({len(self.backends)} experts, {where}, device={self.device})"

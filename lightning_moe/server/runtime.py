@@ -1,0 +1,91 @@
+"""Runtime: the one thread that owns the device and the experts, and runs batches from task pools."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Sequence
+
+import torch
+
+from lightning_moe.server.task_pool import PoolClosedError, TaskPool
+
+logger = logging.getLogger(__name__)
+
+
+class HostShutdownError(PoolClosedError):
+    """The host shut down before the task ran."""
+
+
+class Runtime:
+    """Runs batches from ``pools`` in one thread; the pool whose oldest task waited longest goes first.
+
+    Sleeps on an Event while every pool is empty (no polling). :meth:`shutdown` lets the batch
+    in progress finish, joins the thread and gives every waiting task a HostShutdownError.
+    """
+
+    def __init__(self, pools: Sequence[TaskPool], device: torch.device | str = "cpu", name: str = "lightning_moe-runtime"):
+        self.pools = list(pools)
+        self.device = torch.device(device)
+        self.name = name
+        self._wakeup = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.batches_run = 0
+        for pool in self.pools:  # a pool serves one running runtime at a time
+            pool.wakeup = self._wakeup
+
+    @property
+    def is_alive(self) -> bool:
+        """Whether the runtime thread runs."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> "Runtime":
+        """Start the runtime thread (once)."""
+        if self._thread is not None:
+            raise RuntimeError("the runtime was already started")
+        for pool in self.pools:
+            pool.reopen()  # pools of a previous runtime (e.g. a host restarted with the same backends)
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self._thread.start()
+        return self
+
+    def _pick(self) -> TaskPool | None:
+        best, best_time = None, None
+        for pool in self.pools:
+            submitted = pool.oldest_submit_time
+            if submitted is not None and (best_time is None or submitted < best_time):
+                best, best_time = pool, submitted
+        return best
+
+    def _run(self) -> None:
+        logger.debug("runtime %s started on %s with %d pools", self.name, self.device, len(self.pools))
+        while not self._stop.is_set():
+            self._wakeup.clear()  # clear before looking, so a submit after the look wakes us
+            pool = self._pick()
+            if pool is None:
+                self._wakeup.wait()
+                continue
+            try:
+                pool.run_batch(self.device)
+                self.batches_run += 1
+            except Exception:  # noqa: BLE001 - a bug here must not kill the thread that serves everyone
+                logger.exception("runtime %s: unexpected error in pool %s", self.name, pool.name)
+        logger.debug("runtime %s stopped after %d batches", self.name, self.batches_run)
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Stop after the batch in progress, join the thread, fail the tasks still waiting. Idempotent."""
+        self._stop.set()
+        self._wakeup.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                logger.warning("runtime %s did not stop within %s s", self.name, timeout)
+        for pool in self.pools:
+            pool.close(HostShutdownError(f"the host is shutting down; task of {pool.name} was not run"))
+
+    def __enter__(self) -> "Runtime":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()

@@ -1,0 +1,295 @@
+"""TaskPool: collects tasks from many threads and forms batches of at most ``max_batch_size`` rows.
+
+A task is a tuple of tensors that share their first (batch) dimension, plus a Future. Tasks are
+served first come, first served; a task larger than the room left in a batch is split, so no
+batch ever exceeds the limit. The Future of a split task gets the concatenated outputs of its
+parts, in order. If processing a batch raises, every task in that batch gets the exception and
+the remaining parts of those tasks are dropped; other tasks are not affected.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+ProcessFn = Callable[..., Sequence[torch.Tensor]]
+
+
+class PoolClosedError(RuntimeError):
+    """The pool (or the host that owns it) is shutting down and takes no more tasks."""
+
+
+def _settle(future: Future, result: object = None, error: BaseException | None = None) -> None:
+    """Set a Future's result or exception unless it is already done (cancelled, failed by close())."""
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    except InvalidStateError:
+        pass
+
+
+class _Task:
+    __slots__ = ("inputs", "future", "size", "offset", "parts", "submitted")
+
+    def __init__(self, inputs: tuple[torch.Tensor, ...], future: Future, size: int):
+        self.inputs, self.future, self.size = inputs, future, size
+        self.offset = 0  # rows already put into batches
+        self.parts: list[Sequence[torch.Tensor]] = []  # outputs of the parts processed so far
+        self.submitted = time.monotonic()
+
+
+@dataclass
+class Batch:
+    """Rows taken from the queue: ``parts`` lists ``(task, start, stop)``; ``inputs`` is one tensor per arg."""
+
+    parts: list[tuple[_Task, int, int]]
+    inputs: list[torch.Tensor]
+    size: int
+
+
+class TaskPool:
+    """Collects tasks and forms batches of at most ``max_batch_size`` rows for ``process_fn``.
+
+    ``process_fn(*batch_inputs)`` returns a tuple of outputs whose first dimension is the batch.
+    Thread-safe: any thread may :meth:`submit`; one thread (the Runtime) calls :meth:`run_batch`.
+    """
+
+    def __init__(self, name: str, process_fn: ProcessFn, max_batch_size: int, history: int = 1024):
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
+        self.name, self.process_fn, self.max_batch_size = name, process_fn, int(max_batch_size)
+        self._queue: collections.deque[_Task] = collections.deque()
+        self._lock = threading.Lock()
+        self._rows = 0
+        self._closed: BaseException | None = None
+        self.wakeup: threading.Event | None = None  # set by the Runtime: signalled on every submit
+        self.recent_batch_sizes: collections.deque[int] = collections.deque(maxlen=history)
+        self._counters = dict.fromkeys(
+            ("tasks", "rows", "batches", "rows_processed", "tasks_done", "tasks_failed", "batch_errors", "split_tasks"), 0
+        )
+        self._max_batch_seen = 0
+        self._wait_total = 0.0
+        self._wait_count = 0
+        self._wait_max = 0.0
+        self._busy_time = 0.0
+
+    # ---- producers -------------------------------------------------------------------------
+    def submit(self, *inputs: torch.Tensor) -> Future:
+        """Queue one task; returns a Future of its outputs (a tuple of tensors)."""
+        if not inputs:
+            raise ValueError("a task needs at least one tensor")
+        size = inputs[0].shape[0] if inputs[0].dim() > 0 else -1
+        if size < 0 or any(x.dim() == 0 or x.shape[0] != size for x in inputs):
+            raise ValueError(f"all tensors of a task need the same batch dimension, got {[tuple(x.shape) for x in inputs]}")
+        if size == 0:
+            raise ValueError("a task needs at least one row")
+        future: Future = Future()
+        task = _Task(inputs, future, size)
+        with self._lock:
+            if self._closed is not None:
+                future.set_exception(self._closed)
+                return future
+            self._queue.append(task)
+            self._rows += size
+            self._counters["tasks"] += 1
+            self._counters["rows"] += size
+        wakeup = self.wakeup
+        if wakeup is not None:
+            wakeup.set()
+        return future
+
+    # ---- state ---------------------------------------------------------------------------
+    @property
+    def oldest_submit_time(self) -> float | None:
+        """``time.monotonic()`` at which the oldest waiting task was submitted; None if the queue is empty."""
+        with self._lock:
+            return self._queue[0].submitted if self._queue else None
+
+    @property
+    def oldest_task_age(self) -> float:
+        """Seconds the oldest waiting task has waited (0.0 if none waits)."""
+        submitted = self.oldest_submit_time
+        return 0.0 if submitted is None else time.monotonic() - submitted
+
+    @property
+    def queued_rows(self) -> int:
+        """Rows waiting to be put into a batch."""
+        return self._rows
+
+    @property
+    def queued_tasks(self) -> int:
+        """Tasks with rows waiting (a split task counts while its last part waits)."""
+        return len(self._queue)
+
+    def stats(self) -> dict:
+        """Counters: tasks, rows, batches, batch sizes, queue wait (seconds), errors, busy time."""
+        with self._lock:
+            out: dict = dict(self._counters)
+            batches = out["batches"]
+            out.update(
+                queued_rows=self._rows,
+                queued_tasks=len(self._queue),
+                mean_batch_size=out["rows_processed"] / batches if batches else 0.0,
+                max_batch_size_seen=self._max_batch_seen,
+                mean_queue_wait=self._wait_total / self._wait_count if self._wait_count else 0.0,
+                max_queue_wait=self._wait_max,
+                busy_time=self._busy_time,
+            )
+        return out
+
+    # ---- the consumer (one thread) ---------------------------------------------------------
+    def next_batch(self) -> Batch | None:
+        """Take up to ``max_batch_size`` rows off the queue (splitting the last task if needed) and gather them."""
+        batch = self._take()
+        if batch is not None:
+            batch.inputs = self._gather(batch)
+        return batch
+
+    def _take(self) -> Batch | None:
+        parts: list[tuple[_Task, int, int]] = []
+        room = self.max_batch_size
+        now = time.monotonic()
+        with self._lock:
+            while self._queue and room > 0:
+                task = self._queue[0]
+                if task.offset == 0:
+                    if not task.future.set_running_or_notify_cancel():  # cancelled while it waited
+                        self._drop_head(task)
+                        continue
+                    wait = now - task.submitted
+                    self._wait_total += wait
+                    self._wait_count += 1
+                    self._wait_max = max(self._wait_max, wait)
+                elif task.future.done():  # an earlier part failed
+                    self._drop_head(task)
+                    continue
+                take = min(room, task.size - task.offset)
+                parts.append((task, task.offset, task.offset + take))
+                if take < task.size and task.offset == 0:
+                    self._counters["split_tasks"] += 1
+                task.offset += take
+                room -= take
+                self._rows -= take
+                if task.offset == task.size:
+                    self._queue.popleft()
+        return Batch(parts, [], self.max_batch_size - room) if parts else None
+
+    def _gather(self, batch: Batch) -> list[torch.Tensor]:
+        """One input tensor per arg: the task's own tensors (or views) if it is alone, else a concatenation."""
+        parts = batch.parts
+        if len(parts) == 1:
+            task, start, stop = parts[0]
+            return list(task.inputs) if stop - start == task.size else [x[start:stop] for x in task.inputs]
+        num_args = len(parts[0][0].inputs)
+        if any(len(task.inputs) != num_args for task, _, _ in parts):
+            raise ValueError(f"pool {self.name}: tasks in one batch have different numbers of tensors")
+        return [torch.cat([task.inputs[i][start:stop] for task, start, stop in parts]) for i in range(num_args)]
+
+    def _drop_head(self, task: _Task) -> None:
+        self._queue.popleft()
+        self._rows -= task.size - task.offset
+
+    def deliver(self, batch: Batch, outputs: Sequence[torch.Tensor]) -> None:
+        """Hand each task its rows of ``outputs``; a task's Future is set when its last part is done."""
+        if isinstance(outputs, torch.Tensor):
+            outputs = (outputs,)
+        ok = [isinstance(o, torch.Tensor) and o.dim() > 0 and o.shape[0] == batch.size for o in outputs]
+        if not outputs or not all(ok):
+            shapes = [tuple(o.shape) if isinstance(o, torch.Tensor) else type(o).__name__ for o in outputs]
+            self.fail(batch, RuntimeError(f"pool {self.name}: outputs {shapes} do not all have {batch.size} rows"))
+            return
+        finished: list[tuple[_Task, tuple[torch.Tensor, ...]]] = []
+        offset = 0
+        for task, start, stop in batch.parts:
+            rows = stop - start
+            mine = [out[offset : offset + rows] for out in outputs]
+            offset += rows
+            if task.future.done():
+                continue
+            if start == 0 and stop == task.size:
+                finished.append((task, tuple(mine)))
+            else:
+                task.parts.append(mine)
+                if stop == task.size:
+                    finished.append((task, tuple(torch.cat(pieces) for pieces in zip(*task.parts))))
+                    task.parts = []
+        with self._lock:  # count first: whoever sees a result also sees its batch in stats()
+            self._count_batch(batch.size)
+            self._counters["tasks_done"] += len(finished)
+        for task, result in finished:
+            _settle(task.future, result)
+
+    def fail(self, batch: Batch, error: BaseException) -> None:
+        """Give ``error`` to every task in the batch (their other parts are dropped later)."""
+        failing = [task for task, _, _ in batch.parts if not task.future.done()]
+        with self._lock:
+            self._count_batch(batch.size)
+            self._counters["batch_errors"] += 1
+            self._counters["tasks_failed"] += len(failing)
+        for task in failing:
+            task.parts = []
+            _settle(task.future, error=error)
+
+    def _count_batch(self, size: int) -> None:
+        self._counters["batches"] += 1
+        self._counters["rows_processed"] += size
+        self._max_batch_seen = max(self._max_batch_seen, size)
+        self.recent_batch_sizes.append(size)
+
+    def run_batch(self, device: torch.device | str | None = None) -> int:
+        """Process one batch: move its inputs to ``device``, run ``process_fn``, outputs back to CPU.
+
+        Returns the number of rows processed (0 if the queue was empty). Exceptions of
+        ``process_fn`` (or of gathering mismatched tasks) go to the tasks' Futures, never to the caller.
+        """
+        batch = self._take()
+        if batch is None:
+            return 0
+        begin = time.perf_counter()
+        try:
+            inputs = batch.inputs = self._gather(batch)
+            if device is not None:
+                inputs = [x.to(device, non_blocking=True) for x in inputs]
+            outputs = self.process_fn(*inputs)
+            if isinstance(outputs, torch.Tensor):
+                outputs = (outputs,)
+            outputs = [out.detach().to("cpu") for out in outputs]
+        except Exception as e:  # noqa: BLE001 - the error belongs to the tasks, not to the runtime
+            logger.debug("pool %s: batch of %d rows failed: %r", self.name, batch.size, e)
+            self.fail(batch, e)
+        else:
+            self.deliver(batch, outputs)
+        with self._lock:
+            self._busy_time += time.perf_counter() - begin
+        return batch.size
+
+    def close(self, error: BaseException | None = None) -> None:
+        """Refuse new tasks and give every waiting task ``error`` (a PoolClosedError by default)."""
+        error = error if error is not None else PoolClosedError(f"pool {self.name} is closed")
+        with self._lock:
+            self._closed = error
+            waiting = list(self._queue)
+            self._queue.clear()
+            self._rows = 0
+        for task in waiting:
+            task.parts = []
+            _settle(task.future, error=error)
+
+    def reopen(self) -> None:
+        """Take tasks again after :meth:`close`."""
+        with self._lock:
+            self._closed = None
+
+    def __repr__(self) -> str:
+        return f"TaskPool({self.name!r}, max_batch_size={self.max_batch_size}, queued_rows={self._rows})"
