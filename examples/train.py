@@ -50,6 +50,7 @@ def start_local_swarm(cfg: DictConfig) -> LocalSwarm:
         start_timeout=cfg.local_swarm.start_timeout,
         num_threads=cfg.local_swarm.num_threads,
         host_delays=cfg.local_swarm.host_delays,
+        secret=cfg.dht.secret,
     ).start()
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import hmac
 import os
+import threading
+import time
 
 SECRET_ENV = "LIGHTNING_MOE_SECRET"
 
@@ -33,3 +36,26 @@ def sign(secret: bytes, *parts: bytes) -> str:
 def verify(secret: bytes, signature: object, *parts: bytes) -> bool:
     """True if ``signature`` is :func:`sign` of ``parts`` (constant-time comparison)."""
     return isinstance(signature, str) and hmac.compare_digest(signature, sign(secret, *parts))
+
+
+class ReplayGuard:
+    """Remembers the signatures of the last ``window`` seconds, so that a captured request cannot be sent again.
+
+    At most ``max_entries`` are kept; when full, the oldest are forgotten first.
+    """
+
+    def __init__(self, window: float, max_entries: int = 1 << 20):
+        self.window, self.max_entries = float(window), int(max_entries)
+        self._seen: collections.OrderedDict[str, float] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def first_use(self, signature: str, timestamp: float) -> bool:
+        """True the first time ``signature`` is seen (and remembers it); False for a replay."""
+        now = time.time()
+        with self._lock:
+            while self._seen and (len(self._seen) >= self.max_entries or next(iter(self._seen.values())) < now - 2 * self.window):
+                self._seen.popitem(last=False)
+            if signature in self._seen:
+                return False
+            self._seen[signature] = now
+            return True

@@ -41,6 +41,8 @@ def host_spec(cfg: DictConfig) -> HostSpec:
         seed=cfg.host.seed,
         uid_prefix=cfg.moe.uid_prefix,
         grid_size=list(cfg.moe.grid_size),
+        secret=cfg.dht.secret,
+        compression=cfg.host.compression,
     )
 
 

@@ -100,6 +100,8 @@ class HostSpec:
     dtype: torch.dtype = torch.float32
     uid_prefix: str = "ffn"
     grid_size: Sequence[int] = ()
+    secret: str | bytes | None = None
+    compression: str | None = None
 
 
 def serve(spec: HostSpec, on_ready: Callable[[ExpertHost, Any], None], stop: threading.Event) -> dict[str, Any]:
@@ -111,7 +113,8 @@ def serve(spec: HostSpec, on_ready: Callable[[ExpertHost, Any], None], stop: thr
 
     if spec.num_threads:
         torch.set_num_threads(spec.num_threads)
-    with DHT(initial_peers=spec.initial_peers, host=spec.host, port=spec.dht_port, announce_host=spec.announce_host) as dht:
+    with DHT(initial_peers=spec.initial_peers, host=spec.host, port=spec.dht_port, announce_host=spec.announce_host,
+             secret=spec.secret) as dht:
         uids = spec.uids
         if isinstance(uids, int):
             uids = choose_cells(dht, spec.uid_prefix, spec.grid_size, uids, spec.seed)
@@ -121,7 +124,7 @@ def serve(spec: HostSpec, on_ready: Callable[[ExpertHost, Any], None], stop: thr
             for backend in backends.values():
                 _add_delay(backend, spec.delay)
         with ExpertHost(backends, host=spec.host, port=spec.port, announce_host=spec.announce_host, dht=dht,
-                        update_period=spec.update_period) as host:
+                        update_period=spec.update_period, secret=spec.secret, compression=spec.compression) as host:
             on_ready(host, dht)
             stop.wait()
             return host.stats()
@@ -178,6 +181,7 @@ class LocalSwarm:
         num_threads: torch threads per host process (None: torch's default).
         dtype: the experts' dtype.
         host_delays: extra seconds per batch for each of the first hosts (to test slow volunteers).
+        secret: a private swarm's shared secret (default: the ``LIGHTNING_MOE_SECRET`` environment variable).
     """
 
     def __init__(
@@ -195,12 +199,13 @@ class LocalSwarm:
         num_threads: int | None = None,
         dtype: torch.dtype = torch.float32,
         host_delays: Sequence[float] = (),
+        secret: str | bytes | None = None,
     ):
         self.uid_prefix, self.grid_size, self.num_hosts = uid_prefix, tuple(grid_size), num_hosts
         self.expert, self.optimizer, self.in_features = expert, optimizer, in_features
         self.max_batch_size, self.update_period, self.host = max_batch_size, update_period, host
         self.start_timeout, self.num_threads = start_timeout, num_threads
-        self.dtype, self.host_delays = dtype, list(host_delays)
+        self.dtype, self.host_delays, self.secret = dtype, list(host_delays), secret
         self._ctx = mp.get_context("spawn")
         self._ready, self._results = self._ctx.Queue(), self._ctx.Queue()
         self.final_stats: dict[int, dict] = {}
@@ -216,7 +221,7 @@ class LocalSwarm:
     def start(self) -> "LocalSwarm":
         from lightning_moe.dht import DHT
 
-        self.dht = DHT(host=self.host, port=0)
+        self.dht = DHT(host=self.host, port=0, secret=self.secret)
         uids = grid_uids(self.uid_prefix, self.grid_size)
         try:
             for i in range(self.num_hosts):
@@ -233,7 +238,7 @@ class LocalSwarm:
         """Start one more host process serving ``uids``; returns its index."""
         spec = HostSpec(list(uids), self.expert, self.optimizer, self.in_features, initial_peers=self.initial_peers,
                         host=self.host, max_batch_size=self.max_batch_size, update_period=self.update_period,
-                        seed=seed, num_threads=self.num_threads, delay=delay, dtype=self.dtype)
+                        seed=seed, num_threads=self.num_threads, delay=delay, dtype=self.dtype, secret=self.secret)
         index = len(self.processes)
         process = self._ctx.Process(target=_host_process, args=(index, spec, self._ready, self._results, os.getpid()), daemon=True,
                                     name=f"lightning_moe-host-{index}")

@@ -98,6 +98,21 @@ def test_forward_equals_the_local_expert(rows):
     assert torch.allclose(out, expected, atol=1e-5)
 
 
+def test_host_compression_applies_to_every_answer():
+    backend = make_backend()
+    x = torch.randn(16, HID)
+    with torch.no_grad():
+        expected = copy.deepcopy(backend.expert)(x)
+    with ExpertHost([backend], compression="float16") as host, requests.Session() as session:
+        response = session.post(url(host, "/forward/ffn.0"), data=wire.serialize([x]), timeout=WAIT)  # asks for none
+        assert response.status_code == 200, response.text
+        (out,) = wire.deserialize(bytearray(response.content))
+    assert len(response.content) < len(wire.serialize([expected])) * 0.6
+    assert out.dtype == torch.float32 and torch.allclose(out, expected, atol=1e-2) and not torch.equal(out, expected)
+    with pytest.raises(ValueError, match="compression"):
+        ExpertHost([make_backend()], compression="zip")
+
+
 def test_zero_rows(host):
     with requests.Session() as session:
         (out,) = post(session, host, "/forward/ffn.0", [torch.randn(0, HID)])
@@ -338,6 +353,29 @@ def test_keep_alive_reuses_one_connection(host):
     assert host.http_stats()["connections_accepted"] == 1
 
 
+def test_connections_over_the_cap_are_closed_and_the_host_keeps_serving():
+    backend = make_backend()
+    with ExpertHost([backend], max_connections=2) as host:
+        idle = [socket.create_connection(("127.0.0.1", host.port), timeout=WAIT) for _ in range(2)]
+        try:
+            for _ in range(50):  # bounded: the two handler threads register within a few ms
+                if host.http_stats()["open_connections"] == 2:
+                    break
+                threading.Event().wait(0.05)
+            extra = socket.create_connection(("127.0.0.1", host.port), timeout=WAIT)
+            with extra:
+                assert extra.recv(1) == b""  # closed by the host without an answer
+            assert host.http_stats()["connections_refused"] == 1
+        finally:
+            for sock in idle:
+                sock.close()
+        for _ in range(100):
+            if host.http_stats()["open_connections"] == 0:
+                break
+            threading.Event().wait(0.05)
+        still_serves(host)
+
+
 def test_shutdown_joins_every_thread_and_frees_the_port():
     before = set(threading.enumerate())
     host = ExpertHost([make_backend()]).start()
@@ -373,6 +411,7 @@ def test_dht_declarations_repeat_until_shutdown():
     before = set(threading.enumerate())
     host = ExpertHost([make_backend("ffn.0"), make_backend("ffn.1")], dht=dht, update_period=0.05, announce_host="10.1.2.3")
     with host:
+        assert dht.calls, "start() declares once before it returns"
         assert host.endpoint == f"10.1.2.3:{host.port}"
         assert dht.enough.wait(WAIT)
     assert set(threading.enumerate()) == before

@@ -16,6 +16,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from lightning_moe import DecentralizedMoE, ExpertHostCallback
+from lightning_moe.client.parallel_call import NotEnoughExpertsError
 from lightning_moe.dht import DHT
 from lightning_moe.server.experts import make_expert
 from lightning_moe.swarm import make_backends
@@ -114,7 +115,7 @@ def test_volunteer_hosts_experts_that_another_process_uses(tmp_path):
     with DHT() as boot:
         volunteer = subprocess.Popen(
             [*TRAIN, "+volunteer=true", f"dht.initial_peers=[{boot.address}]", "host.cells=16", "host.update_period=2",
-             "trainer.max_steps=100000", "trainer.val_check_interval=100000", f"hydra.run.dir={tmp_path}"],
+             "trainer.max_steps=100000", "trainer.limit_val_batches=0", f"hydra.run.dir={tmp_path}"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
         )
         moe = DecentralizedMoE(64, (4, 4), "ffn", k_best=2, initial_peers=[boot.address], cache_ttl=0.5)
@@ -129,7 +130,12 @@ def test_volunteer_hosts_experts_that_another_process_uses(tmp_path):
                 time.sleep(1.0)
             assert all(endpoints), "the volunteer never declared its experts"
             x = torch.randn(8, 64, requires_grad=True)
-            moe(x).sum().backward()
+            try:
+                moe(x).sum().backward()
+            except NotEnoughExpertsError:
+                if volunteer.poll() is not None:
+                    raise AssertionError(f"volunteer exited early:\n{volunteer.stderr.read()[-3000:]}") from None
+                raise
             assert moe.stats["answered"] > 0 and moe.stats["backward_answered"] > 0
             assert x.grad is not None
         finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import threading
 import time
 from typing import Any
@@ -48,9 +49,9 @@ def auth_headers(secret: bytes | None, method: str, path: str, body: bytes, comp
     """Headers that authenticate a request to a host of a private swarm (none without a secret)."""
     if secret is None:
         return {}
-    timestamp = f"{time.time():.3f}"
-    signature = auth.sign(secret, method.encode(), path.encode(), timestamp.encode(), compression.encode(), body)
-    return {"X-Timestamp": timestamp, "X-Signature": signature}
+    timestamp, nonce = f"{time.time():.3f}", secrets.token_hex(8)
+    signature = auth.sign(secret, method.encode(), path.encode(), timestamp.encode(), nonce.encode(), compression.encode(), body)
+    return {"X-Timestamp": timestamp, "X-Nonce": nonce, "X-Signature": signature}
 
 
 def call_expert(

@@ -42,6 +42,10 @@ class ExpertHostCallback(Callback):
         update_period: seconds between DHT declarations (records live two periods).
         log_every_n_steps: how often the host's counters go to the trainer's logger.
         seed: seeds the experts' initial weights.
+        compression: how the host compresses its answers (``none``, ``float16``, ``uint8``); None
+            answers each request in the compression the trainer chose for it.
+        secret: a private swarm's shared secret for requests and DHT records (default: the
+            ``LIGHTNING_MOE_SECRET`` environment variable; neither: a public swarm).
     """
 
     def __init__(
@@ -63,6 +67,8 @@ class ExpertHostCallback(Callback):
         update_period: float = 10.0,
         log_every_n_steps: int = 50,
         seed: int | None = None,
+        compression: str | None = None,
+        secret: str | None = None,
     ):
         super().__init__()
         self.uid_prefix, self.grid_size = uid_prefix, tuple(grid_size)
@@ -77,7 +83,8 @@ class ExpertHostCallback(Callback):
         self.initial_peers, self.max_batch_size, self.update_every = list(initial_peers), max_batch_size, update_every
         self.device, self.host, self.port, self.dht_port = device, host, port, dht_port
         self.announce_host, self.update_period = announce_host, update_period
-        self.log_every_n_steps, self.seed = log_every_n_steps, seed
+        self.log_every_n_steps, self.seed, self.secret = log_every_n_steps, seed, secret
+        self.compression = compression
         self.dht: Any = None
         self.expert_host: ExpertHost | None = None
         self._pending_state: dict | None = None
@@ -95,7 +102,8 @@ class ExpertHostCallback(Callback):
         from lightning_moe.dht import DHT
 
         self._device = torch.device(self.device) if self.device is not None else trainer.strategy.root_device
-        self.dht = DHT(initial_peers=self.initial_peers, host=self.host, port=self.dht_port, announce_host=self.announce_host)
+        self.dht = DHT(initial_peers=self.initial_peers, host=self.host, port=self.dht_port, announce_host=self.announce_host,
+                       secret=self.secret)
         try:
             state, self._pending_state = self._pending_state, None
             cells = self.cells if not isinstance(self.cells, int) else choose_cells(self.dht, self.uid_prefix, self.grid_size, self.cells, self.seed)
@@ -108,7 +116,8 @@ class ExpertHostCallback(Callback):
         backends = make_backends(uids, self.expert, self.optimizer, self.in_features, self.max_batch_size,
                                  self.update_every, seed=self.seed)
         host = ExpertHost(backends, host=self.host, port=self.port, device=self._device,
-                          announce_host=self.announce_host, dht=self.dht, update_period=self.update_period)
+                          announce_host=self.announce_host, dht=self.dht, update_period=self.update_period, secret=self.secret,
+                          compression=self.compression)
         if state:
             host.load_state_dict(state)
         self.expert_host = host.start()

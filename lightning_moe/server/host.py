@@ -10,6 +10,7 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
+from lightning_moe import auth, wire
 from lightning_moe.server.backend import ExpertBackend
 from lightning_moe.server.http import DIRECTIONS, ExpertHTTPServer
 from lightning_moe.server.runtime import Runtime
@@ -31,6 +32,13 @@ class ExpertHost:
         dht: anything with ``declare_experts(uids, endpoint, expiration_time=...)``; called every
             ``update_period`` seconds while the host runs.
         request_timeout: seconds a request waits for the runtime before it gets 504.
+        body_timeout: seconds a client may take to send a request body (slower: 408, connection closed).
+        idle_timeout: seconds an idle keep-alive connection stays open.
+        max_connections: connections served at once (a thread each); more are closed on arrival.
+        compression: how the host compresses its answers (``none``, ``float16``, ``uint8``), e.g.
+            on a slow uplink; None answers each request in the compression it came in.
+        secret: a private swarm's shared secret (default: the ``LIGHTNING_MOE_SECRET`` environment
+            variable); with one, unsigned or wrongly signed requests get 401.
     """
 
     def __init__(
@@ -46,6 +54,9 @@ class ExpertHost:
         request_timeout: float | None = 300.0,
         body_timeout: float = 60.0,
         idle_timeout: float = 600.0,
+        secret: str | bytes | None = None,
+        max_connections: int = 1024,
+        compression: str | None = None,
     ):
         if isinstance(backends, Mapping):
             self.backends = dict(backends)
@@ -57,6 +68,8 @@ class ExpertHost:
                 self.backends[backend.name] = backend
         if not self.backends:
             raise ValueError("a host needs at least one expert")
+        if compression is not None and compression not in wire.COMPRESSIONS:
+            raise ValueError(f"compression must be None or one of {list(wire.COMPRESSIONS)}, got {compression!r}")
         if update_period <= 0:
             raise ValueError(f"update_period must be positive, got {update_period}")
         self.host, self.port, self.announce_host = host, int(port), announce_host
@@ -64,6 +77,8 @@ class ExpertHost:
         self.max_body_bytes = int(max_body_bytes)
         self.dht, self.update_period = dht, float(update_period)
         self._timeouts = (request_timeout, body_timeout, idle_timeout)
+        self.secret = auth.resolve_secret(secret)
+        self.max_connections, self.compression = int(max_connections), compression
         for backend in self.backends.values():
             backend.to(self.device)
         pools = [pool for b in self.backends.values() for pool in (b.forward_pool, b.backward_pool)]
@@ -84,7 +99,8 @@ class ExpertHost:
             self._started = True
             request_timeout, body_timeout, idle_timeout = self._timeouts
             self.server = ExpertHTTPServer(
-                (self.host, self.port), self.backends, self.max_body_bytes, request_timeout, body_timeout, idle_timeout
+                (self.host, self.port), self.backends, self.max_body_bytes, request_timeout, body_timeout, idle_timeout,
+                self.secret, self.max_connections, self.compression,
             )
             self.port = self.server.server_port
             self.runtime.start()
@@ -95,6 +111,7 @@ class ExpertHost:
             if self.announce_host is None and self.host in ("0.0.0.0", "::", ""):
                 logger.warning("host listens on %s but announces it; set announce_host to an address peers can reach", self.host)
             if self.dht is not None:
+                self._declare()  # once now, so that the experts are findable when start() returns
                 self._declare_thread = threading.Thread(target=self._declare_loop, name="lightning_moe-declare", daemon=True)
                 self._declare_thread.start()
         logger.info("serving %d experts at http://%s on %s", len(self.backends), self.endpoint, self.device)
@@ -135,16 +152,17 @@ class ExpertHost:
         return f"[{host}]:{self.port}" if ":" in host and not host.startswith("[") else f"{host}:{self.port}"
 
     # ---- DHT -------------------------------------------------------------------------------
-    def _declare_loop(self) -> None:
+    def _declare(self) -> None:
         uids = sorted(self.backends)
-        while not self._stop.is_set():
-            try:
-                self.dht.declare_experts(uids, self.endpoint, expiration_time=time.time() + 2 * self.update_period)
-                logger.debug("declared %d experts at %s", len(uids), self.endpoint)
-            except Exception:  # noqa: BLE001 - keep announcing; a DHT hiccup must not kill the host
-                logger.warning("declaring experts in the DHT failed", exc_info=True)
-            if self._stop.wait(self.update_period):
-                break
+        try:
+            self.dht.declare_experts(uids, self.endpoint, expiration_time=time.time() + 2 * self.update_period)
+            logger.debug("declared %d experts at %s", len(uids), self.endpoint)
+        except Exception:  # noqa: BLE001 - keep announcing; a DHT hiccup must not kill the host
+            logger.warning("declaring experts in the DHT failed", exc_info=True)
+
+    def _declare_loop(self) -> None:
+        while not self._stop.wait(self.update_period):
+            self._declare()
 
     # ---- introspection ---------------------------------------------------------------------
     def stats(self) -> dict[str, dict]:
@@ -176,11 +194,12 @@ class ExpertHost:
         return out
 
     def http_stats(self) -> dict:
-        """Connections accepted and open, error responses by HTTP status."""
+        """Connections accepted, refused (over ``max_connections``) and open; error responses by HTTP status."""
         if self.server is None:
-            return {"connections_accepted": 0, "open_connections": 0, "errors_by_status": {}}
+            return {"connections_accepted": 0, "connections_refused": 0, "open_connections": 0, "errors_by_status": {}}
         return {
             "connections_accepted": self.server.connections_accepted,
+            "connections_refused": self.server.connections_refused,
             "open_connections": self.server.open_connections,
             "errors_by_status": dict(self.server.status_errors),
         }

@@ -12,13 +12,14 @@ import logging
 import socket
 import socketserver
 import threading
+import time
 from concurrent.futures import TimeoutError as FutureTimeoutError
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Mapping
 from urllib.parse import unquote
 
 import lightning_moe
-from lightning_moe import wire
+from lightning_moe import auth, wire
 from lightning_moe.server.backend import ExpertBackend
 from lightning_moe.server.task_pool import PoolClosedError
 
@@ -26,7 +27,9 @@ logger = logging.getLogger(__name__)
 
 DIRECTIONS = ("forward", "backward")
 DRAIN_CHUNK = 1 << 16
+BODY_CHUNK = 1 << 20
 DRAIN_LIMIT = 4 << 20  # an unwanted body up to this size is read and dropped to keep the connection; larger: close
+MAX_CLOCK_SKEW = 300.0  # seconds a signed request's X-Timestamp may differ from the host's clock
 
 
 class _RequestError(Exception):
@@ -136,23 +139,45 @@ class ExpertRequestHandler(BaseHTTPRequestHandler):
         return True
 
     def _read_body(self, length: int) -> bytearray:
-        """The body, read straight into a preallocated buffer."""
-        body = bytearray(length)
-        got = 0
-        with memoryview(body) as view:
-            try:
-                self.connection.settimeout(self.server.body_timeout)
-                while got < length:
-                    n = self.rfile.readinto(view[got:])
-                    if not n:
-                        break
-                    got += n
-                self.connection.settimeout(self.server.idle_timeout)
-            except TimeoutError:
-                raise _RequestError(408, f"timed out reading the body after {got} of {length} bytes", close=True) from None
-        if got < length:
-            raise _RequestError(400, f"truncated body: got {got} of {length} bytes", close=True)
+        """The body, read in chunks: memory grows with the bytes that arrive, not with what Content-Length claims."""
+        body = bytearray()
+        try:
+            self.connection.settimeout(self.server.body_timeout)
+            while len(body) < length:
+                chunk = self.rfile.read(min(length - len(body), BODY_CHUNK))
+                if not chunk:
+                    break
+                body += chunk
+            self.connection.settimeout(self.server.idle_timeout)
+        except TimeoutError:
+            raise _RequestError(408, f"timed out reading the body after {len(body)} of {length} bytes", close=True) from None
+        if len(body) < length:
+            raise _RequestError(400, f"truncated body: got {len(body)} of {length} bytes", close=True)
         return body
+
+    def _authenticate(self, body: bytes | bytearray) -> None:
+        """In a private swarm, check X-Timestamp and X-Signature (HMAC of method, path, timestamp, nonce, compression, body)."""
+        secret = self.server.secret
+        if secret is None:
+            return
+        timestamp = self.headers.get("X-Timestamp", "").strip()
+        signature = self.headers.get("X-Signature", "").strip()
+        if not timestamp or not signature:
+            raise _RequestError(401, "this host serves a private swarm: sign requests with the swarm's secret "
+                                     "(X-Timestamp and X-Signature headers)")
+        try:
+            skew = abs(time.time() - float(timestamp))
+        except ValueError:
+            raise _RequestError(401, f"invalid X-Timestamp {timestamp[:40]!r}") from None
+        if not skew <= MAX_CLOCK_SKEW:  # also refuses nan
+            raise _RequestError(401, f"X-Timestamp is {skew:.0f} s away from the host's clock (limit {MAX_CLOCK_SKEW:.0f} s)")
+        compression = self.headers.get("X-Compression", "none").strip()
+        nonce = self.headers.get("X-Nonce", "").strip()
+        parts = (self.command.encode(), self.path.encode("latin-1"), timestamp.encode(), nonce.encode(), compression.encode(), bytes(body))
+        if not auth.verify(secret, signature, *parts):
+            raise _RequestError(401, "bad X-Signature: the request was not signed with this swarm's secret")
+        if not self.server.replays.first_use(signature, float(timestamp)):
+            raise _RequestError(401, "replayed request: this signature was already used")
 
     def _reject(self, status: int, message: str, uid: str | None, extra: Mapping[str, str] = {}) -> None:
         """Answer an error before the body was read: drain it if small, else close the connection."""
@@ -165,6 +190,10 @@ class ExpertRequestHandler(BaseHTTPRequestHandler):
         if route == "info":
             if not self._discard_body():
                 self.close_connection = True
+            try:
+                self._authenticate(b"")
+            except _RequestError as e:
+                return self._send_error_json(e.status, str(e), None, close=self.close_connection)
             self.server.count_request("info", None)
             self._send(200, self.server.info_bytes, "application/json", close=self.close_connection)
         elif route:
@@ -210,6 +239,7 @@ class ExpertRequestHandler(BaseHTTPRequestHandler):
             raise _RequestError(400, f"unknown X-Compression {compression[:40]!r}; choose one of {list(wire.COMPRESSIONS)}")
         body = self._read_body(self._content_length())
         self._body_unread = False
+        self._authenticate(body)
         try:
             tensors = wire.deserialize(body, self.server.max_body_bytes)
             if direction == "forward":
@@ -234,7 +264,7 @@ class ExpertRequestHandler(BaseHTTPRequestHandler):
                 logger.warning("expert %s %s failed: %s: %s", backend.name, direction, type(e).__name__, e)
                 raise _RequestError(500, f"{direction}: {type(e).__name__}: {e}") from None
         try:
-            return wire.serialize(outputs, compression)
+            return wire.serialize(outputs, self.server.compression or compression)
         except ValueError as e:
             raise _RequestError(500, f"{direction}: cannot serialize the outputs: {e}") from None
 
@@ -253,17 +283,24 @@ class ExpertHTTPServer(ThreadingHTTPServer):
         request_timeout: float | None = 300.0,
         body_timeout: float = 60.0,
         idle_timeout: float = 600.0,
+        secret: bytes | None = None,
+        max_connections: int = 1024,
+        compression: str | None = None,
     ):
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         self.backends = dict(backends)
         self.max_body_bytes = int(max_body_bytes)
         self.request_timeout, self.body_timeout, self.idle_timeout = request_timeout, body_timeout, idle_timeout
+        self.secret, self.max_connections, self.compression = secret, int(max_connections), compression
+        self.connections_refused = 0
+        self.replays = auth.ReplayGuard(MAX_CLOCK_SKEW)
         self.info_bytes = json.dumps(
             {
                 "version": lightning_moe.__version__,
                 "compression": list(wire.COMPRESSIONS),
                 "max_body_bytes": self.max_body_bytes,
+                "private": secret is not None,
                 "experts": {uid: backend.get_info() for uid, backend in self.backends.items()},
             }
         ).encode()
@@ -287,7 +324,8 @@ class ExpertHTTPServer(ThreadingHTTPServer):
             name=f"lightning_moe-http-{self.server_port}-{self.connections_accepted}",
         )
         with self._lock:
-            if self._closing:
+            if self._closing or len(self._connections) >= self.max_connections:
+                self.connections_refused += not self._closing
                 self.shutdown_request(request)
                 return
             self._connections[thread] = request

@@ -1,0 +1,113 @@
+"""Private swarms: hosts with a shared secret refuse unsigned, forged, stale and replayed requests."""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import pytest
+import requests
+import torch
+
+from lightning_moe import auth, wire
+from lightning_moe.client.moe import DecentralizedMoE
+from lightning_moe.client.parallel_call import NotEnoughExpertsError
+from lightning_moe.client.remote_expert import RemoteExpert, RemoteExpertError, auth_headers
+from lightning_moe.server import ExpertBackend, ExpertHost, make_expert
+from lightning_moe.swarm import LocalSwarm
+
+HID = 16
+WAIT = 30.0
+SECRET = b"correct horse battery staple"
+
+
+@pytest.fixture(autouse=True)
+def _no_secret_from_the_environment(monkeypatch):
+    monkeypatch.delenv(auth.SECRET_ENV, raising=False)
+
+
+def make_host(**kwargs) -> ExpertHost:
+    torch.manual_seed(0)
+    expert = make_expert("ffn", HID)
+    backend = ExpertBackend("ffn.0", expert, torch.optim.SGD(expert.parameters(), lr=0.1), args_schema=[((HID,), torch.float32)])
+    return ExpertHost([backend], **kwargs)
+
+
+def signed_post(session: requests.Session, host: ExpertHost, body: bytes, headers: dict[str, str]) -> requests.Response:
+    return session.post(f"http://{host.endpoint}/forward/ffn.0", data=body, headers=headers, timeout=WAIT)
+
+
+def assert_refused(response: requests.Response, fragment: str) -> None:
+    assert response.status_code == 401, response.text
+    assert response.headers["Content-Type"] == "application/json"
+    assert fragment in response.json()["error"], response.json()
+
+
+def test_private_host_refuses_every_request_not_signed_with_its_secret():
+    body = wire.serialize([torch.randn(4, HID)])
+    with make_host(secret=SECRET) as host, requests.Session() as session:
+        assert_refused(signed_post(session, host, body, {}), "private swarm")
+        assert_refused(session.get(f"http://{host.endpoint}/info", timeout=WAIT), "private swarm")
+        assert_refused(signed_post(session, host, body, auth_headers(b"another secret", "POST", "/forward/ffn.0", body)), "bad X-Signature")
+        # the signature covers the body, the path and the compression: changing any of them breaks it
+        good = auth_headers(SECRET, "POST", "/forward/ffn.0", body)
+        other_body = wire.serialize([torch.randn(4, HID)])
+        assert_refused(signed_post(session, host, other_body, good), "bad X-Signature")
+        assert_refused(signed_post(session, host, body, {**auth_headers(SECRET, "POST", "/forward/ffn.1", body)}), "bad X-Signature")
+        assert_refused(signed_post(session, host, body, {**good, "X-Compression": "float16"}), "bad X-Signature")
+        stale = auth_headers(SECRET, "POST", "/forward/ffn.0", body)
+        stale["X-Timestamp"] = f"{time.time() - 3600:.3f}"
+        assert_refused(signed_post(session, host, body, stale), "away from the host's clock")
+        assert_refused(signed_post(session, host, body, {**good, "X-Timestamp": "nan"}), "away from the host's clock")
+        # the correctly signed request is answered, once: the same request sent again is a replay
+        answered = signed_post(session, host, body, good)
+        assert answered.status_code == 200, answered.text
+        assert_refused(signed_post(session, host, body, good), "replayed")
+        # the host kept serving through all of it, and counted the refusals
+        x = torch.randn(3, HID)
+        with torch.no_grad():
+            expected = host.backends["ffn.0"].expert(x)
+        torch.testing.assert_close(RemoteExpert("ffn.0", host.endpoint, secret=SECRET)(x), expected)
+        assert RemoteExpert("ffn.0", host.endpoint, secret=SECRET).info(timeout=WAIT)["args_schema"]
+        assert host.http_stats()["errors_by_status"][401] == 9
+
+
+def test_client_without_the_secret_gets_a_clear_error_naming_the_expert():
+    with make_host(secret=SECRET) as host:
+        with pytest.raises(RemoteExpertError, match=r"ffn\.0.*401.*private swarm|ffn\.0.*private swarm"):
+            RemoteExpert("ffn.0", host.endpoint)(torch.randn(2, HID))
+
+
+def test_secret_comes_from_the_environment_variable(monkeypatch):
+    monkeypatch.setenv(auth.SECRET_ENV, SECRET.decode())
+    with make_host() as host:
+        assert host.secret == SECRET
+        monkeypatch.delenv(auth.SECRET_ENV)
+        with pytest.raises(RemoteExpertError, match="401"):
+            RemoteExpert("ffn.0", host.endpoint)(torch.randn(2, HID))
+        y = RemoteExpert("ffn.0", host.endpoint, secret=SECRET)(torch.randn(2, HID))
+        assert y.shape == (2, HID)
+
+
+@pytest.mark.slow
+def test_decentralized_moe_trains_in_a_private_swarm_and_strangers_are_refused():
+    swarm = LocalSwarm(
+        "ffn", (2, 2), 1, functools.partial(make_expert, "ffn", HID), functools.partial(torch.optim.SGD, lr=0.1), HID,
+        update_period=2.0, num_threads=1, secret=SECRET,
+    ).start()
+    member = DecentralizedMoE(HID, (2, 2), "ffn", k_best=2, initial_peers=swarm.initial_peers, secret=SECRET, cache_ttl=1.0)
+    stranger = DecentralizedMoE(HID, (2, 2), "ffn", k_best=2, initial_peers=swarm.initial_peers, forward_timeout=10.0)
+    try:
+        x = torch.randn(8, HID, requires_grad=True)
+        member(x).pow(2).sum().backward()
+        assert x.grad is not None and x.grad.abs().sum() > 0
+        assert member.stats["answered"] == member.stats["asked"] > 0
+        with pytest.raises(NotEnoughExpertsError):
+            stranger(torch.randn(8, HID))
+    finally:
+        for moe in (member, stranger):
+            if moe._dht is not None:
+                moe.dht.shutdown()
+        swarm.shutdown()
+    updates = sum(expert["updates"] for stats in swarm.final_stats.values() for expert in stats.values())
+    assert updates > 0  # the hosts' experts learned from the member's backward
