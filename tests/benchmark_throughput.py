@@ -83,7 +83,12 @@ def measure_remote(args: argparse.Namespace) -> float:
             client.join(timeout=30)
         stats = host.stats()
     total = args.num_clients * args.batches_per_client * args.batch_size
-    logger.info("host stats: %s", stats)
+    batches = sum(e[d]["batches"] for e in stats.values() for d in ("forward", "backward"))
+    rows = sum(e[d]["samples"] for e in stats.values() for d in ("forward", "backward"))
+    waits = [e[d]["mean_queue_wait"] for e in stats.values() for d in ("forward", "backward") if e[d]["batches"]]
+    errors = sum(e["errors"] for e in stats.values())
+    print(f"host: {batches} batches, mean {rows / max(batches, 1):.0f} rows per batch, "
+          f"mean queue wait {sum(waits) / max(len(waits), 1) * 1000:.0f} ms, {errors} errors")
     return total / elapsed
 
 

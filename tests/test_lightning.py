@@ -1,5 +1,6 @@
 """Lightning and Hydra: config groups, examples/train.py, +volunteer=true, checkpoints, `lightning-moe host`."""
 
+import functools
 import re
 import signal
 import subprocess
@@ -19,7 +20,7 @@ from lightning_moe import DecentralizedMoE, ExpertHostCallback
 from lightning_moe.client.parallel_call import NotEnoughExpertsError
 from lightning_moe.dht import DHT
 from lightning_moe.server.experts import make_expert
-from lightning_moe.swarm import make_backends
+from lightning_moe.swarm import LocalSwarm, make_backends
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = str(ROOT / "conf")
@@ -231,3 +232,23 @@ def test_lightning_moe_host_starts_serves_and_stops_on_sigterm(tmp_path):
         if process.poll() is None:
             process.kill()
             process.wait(timeout=10)
+
+
+@pytest.mark.slow
+def test_readme_code_block_works_as_written(tmp_path):
+    """The README's LightningModule, run as written against a local swarm of hid-64 experts."""
+    code = re.search(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - our own README
+    swarm = LocalSwarm("ffn", (4, 4), 1, functools.partial(make_expert, "ffn", 64),
+                       functools.partial(torch.optim.Adam, lr=1e-3), 64, num_threads=1).start()
+    model = namespace["MyModel"](initial_peers=swarm.initial_peers)
+    try:
+        data = torch.utils.data.TensorDataset(torch.randn(32, 32), torch.randint(0, 10, (32,)))
+        trainer = pl.Trainer(fast_dev_run=2, default_root_dir=tmp_path, enable_progress_bar=False, logger=False)
+        trainer.fit(model, torch.utils.data.DataLoader(data, batch_size=8))
+        assert model.moe.stats["answered"] > 0
+    finally:
+        if model.moe._dht is not None:
+            model.moe.dht.shutdown()
+        swarm.shutdown()
