@@ -7,6 +7,7 @@ far-future expirations. Trainers must skip all of it and keep training.
 """
 
 import asyncio
+import contextlib
 import functools
 import socket
 import time
@@ -106,6 +107,13 @@ class HostileNode:
         self.dht.shutdown()
 
 
+@pytest.fixture
+def closing():
+    """``closing(thing)`` shuts ``thing`` down when the test ends, last registered first; returns it."""
+    with contextlib.ExitStack() as stack:
+        yield lambda thing: stack.callback(thing.shutdown) and thing
+
+
 def train(moe: DecentralizedMoE, steps: int = STEPS) -> list[dict]:
     """A bounded training loop; returns each step's ``moe.stats`` and duration."""
     opt = torch.optim.SGD(moe.parameters(), lr=0.1)
@@ -124,92 +132,71 @@ def train(moe: DecentralizedMoE, steps: int = STEPS) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_training_goes_on_next_to_a_hostile_node(monkeypatch):
+def test_training_goes_on_next_to_a_hostile_node(monkeypatch, closing):
     monkeypatch.delenv(auth.SECRET_ENV, raising=False)
     torch.manual_seed(0)
-    swarm = start_swarm()
-    moe = hostile = None
-    try:
-        hijacked = grid_uids("ffn", GRID)[:8]  # rows 0 and 1
-        closed = [f"127.0.0.1:{port}" for port in closed_ports(4)]
-        hostile = HostileNode(swarm.initial_peers)
-        hostile.attack(hijacked, closed)
-        moe = DecentralizedMoE(HID, GRID, "ffn", k_best=4, initial_peers=swarm.initial_peers, cache_ttl=0.5)
+    swarm = closing(start_swarm())
+    hijacked = grid_uids("ffn", GRID)[:8]  # rows 0 and 1
+    closed = [f"127.0.0.1:{port}" for port in closed_ports(4)]
+    hostile = closing(HostileNode(swarm.initial_peers))
+    hostile.attack(hijacked, closed)
+    moe = DecentralizedMoE(HID, GRID, "ffn", k_best=4, initial_peers=swarm.initial_peers, cache_ttl=0.5)
+    closing(moe.dht)
 
-        # the hosts' declarations are all still there, next to the hostile ones: nothing was hidden
-        children = moe.dht.get_active_children([f"ffn.{i}" for i in range(GRID[0])], all_endpoints=True)
-        for uid in grid_uids("ffn", GRID):
-            _, row, col = uid.split(".")
-            endpoints = children[f"ffn.{row}"][int(col)]
-            assert set(endpoints) & set(swarm.endpoints), (uid, endpoints)
-            if uid in hijacked:
-                assert endpoints[0] in closed  # the far-future declaration comes first
+    # the hosts' declarations are all still there, next to the hostile ones: nothing was hidden
+    children = moe.dht.get_active_children([f"ffn.{i}" for i in range(GRID[0])], all_endpoints=True)
+    for uid in grid_uids("ffn", GRID):
+        _, row, col = uid.split(".")
+        endpoints = children[f"ffn.{row}"][int(col)]
+        assert set(endpoints) & set(swarm.endpoints), (uid, endpoints)
+        if uid in hijacked:
+            assert endpoints[0] in closed  # the far-future declaration comes first
 
-        for uid, endpoints in zip(grid_uids("ffn", GRID), moe.dht.get_experts(grid_uids("ffn", GRID), all_endpoints=True)):
-            assert set(endpoints) & set(swarm.endpoints) and (uid not in hijacked or endpoints[0] in closed), (uid, endpoints)
+    for uid, endpoints in zip(grid_uids("ffn", GRID), moe.dht.get_experts(grid_uids("ffn", GRID), all_endpoints=True)):
+        assert set(endpoints) & set(swarm.endpoints) and (uid not in hijacked or endpoints[0] in closed), (uid, endpoints)
 
-        history = train(moe)
-        failed = sum(step["failed"] for step in history)
-        assert failed > 0, "the closed ports were never tried: the test did not test anything"
-        assert all(step["timed_out"] == 0 for step in history), history  # refused at once, not timed out
-        assert history[-1]["failed"] == 0, history  # by then every closed endpoint is banned
-        leaf = moe.lookup.get_active_children([f"ffn.{i}" for i in range(GRID[0])])
-        assert not {e for row in leaf.values() for e in row.values()} & set(closed), leaf
+    history = train(moe)
+    failed = sum(step["failed"] for step in history)
+    assert failed > 0, "the closed ports were never tried: the test did not test anything"
+    assert all(step["timed_out"] == 0 for step in history), history  # refused at once, not timed out
+    assert history[-1]["failed"] == 0, history  # by then every closed endpoint is banned
+    leaf = moe.lookup.get_active_children([f"ffn.{i}" for i in range(GRID[0])])
+    assert not {e for row in leaf.values() for e in row.values()} & set(closed), leaf
 
-        stats = moe.dht.stats
-        assert stats["invalid_records"] > 0 and stats["invalid_entries"] > 0, stats
-        assert stats["invalid_prefix_entries"] > 0 and stats["invalid_expert_entries"] > 0, stats
-        assert swarm.dht.stats["rejected_stores"] > 0 and swarm.dht.stats["invalid_records"] > 0, swarm.dht.stats
-    finally:
-        if moe is not None:
-            moe.dht.shutdown()
-        if hostile is not None:
-            hostile.shutdown()
-        swarm.shutdown()
+    stats = moe.dht.stats
+    assert stats["invalid_records"] > 0 and stats["invalid_entries"] > 0, stats
+    assert stats["invalid_prefix_entries"] > 0 and stats["invalid_expert_entries"] > 0, stats
+    assert swarm.dht.stats["rejected_stores"] > 0 and swarm.dht.stats["invalid_records"] > 0, swarm.dht.stats
 
 
 @pytest.mark.slow
-def test_training_goes_on_when_every_uid_is_hijacked(monkeypatch):
+def test_training_goes_on_when_every_uid_is_hijacked(monkeypatch, closing):
     """Every uid also declared at a closed port with a far-future expiry: clients fall back to the honest hosts."""
     monkeypatch.delenv(auth.SECRET_ENV, raising=False)
     torch.manual_seed(1)
-    swarm = start_swarm()
-    moe = hostile = None
-    try:
-        closed = [f"127.0.0.1:{port}" for port in closed_ports(4)]
-        hostile = HostileNode(swarm.initial_peers)
-        hostile.attack(grid_uids("ffn", GRID), closed)
-        moe = DecentralizedMoE(HID, GRID, "ffn", k_best=4, initial_peers=swarm.initial_peers, cache_ttl=0.5)
-        history = train(moe)
-        assert sum(step["failed"] for step in history) > 0, "the closed ports were never tried"
-        assert history[-1]["failed"] == 0 and history[-1]["answered"] > 0, history
-    finally:
-        if moe is not None:
-            moe.dht.shutdown()
-        if hostile is not None:
-            hostile.shutdown()
-        swarm.shutdown()
+    swarm = closing(start_swarm())
+    closed = [f"127.0.0.1:{port}" for port in closed_ports(4)]
+    hostile = closing(HostileNode(swarm.initial_peers))
+    hostile.attack(grid_uids("ffn", GRID), closed)
+    moe = DecentralizedMoE(HID, GRID, "ffn", k_best=4, initial_peers=swarm.initial_peers, cache_ttl=0.5)
+    closing(moe.dht)
+    history = train(moe)
+    assert sum(step["failed"] for step in history) > 0, "the closed ports were never tried"
+    assert history[-1]["failed"] == 0 and history[-1]["answered"] > 0, history
 
 
 @pytest.mark.slow
-def test_private_swarm_ignores_a_hostile_node_without_the_secret(monkeypatch):
+def test_private_swarm_ignores_a_hostile_node_without_the_secret(monkeypatch, closing):
     monkeypatch.setenv(auth.SECRET_ENV, "swarm-secret-for-this-test")  # the spawned hosts inherit it
     torch.manual_seed(2)
-    swarm = start_swarm()
-    moe = hostile = None
-    try:
-        monkeypatch.delenv(auth.SECRET_ENV)
-        hostile = HostileNode(swarm.initial_peers)  # no secret
-        hostile.attack(grid_uids("ffn", GRID), [f"127.0.0.1:{port}" for port in closed_ports(4)])
-        monkeypatch.setenv(auth.SECRET_ENV, "swarm-secret-for-this-test")
-        moe = DecentralizedMoE(HID, GRID, "ffn", k_best=4, initial_peers=swarm.initial_peers, cache_ttl=0.5)
-        history = train(moe)
-        assert all(step["failed"] == 0 and step["timed_out"] == 0 for step in history), history
-        assert moe.dht.is_private and moe.dht.stats["unauthenticated_entries"] > 0, moe.dht.stats
-        assert swarm.dht.stats["unauthenticated_entries"] + swarm.dht.stats["rejected_stores"] > 0, swarm.dht.stats
-    finally:
-        if moe is not None:
-            moe.dht.shutdown()
-        if hostile is not None:
-            hostile.shutdown()
-        swarm.shutdown()
+    swarm = closing(start_swarm())
+    monkeypatch.delenv(auth.SECRET_ENV)
+    hostile = closing(HostileNode(swarm.initial_peers))  # no secret
+    hostile.attack(grid_uids("ffn", GRID), [f"127.0.0.1:{port}" for port in closed_ports(4)])
+    monkeypatch.setenv(auth.SECRET_ENV, "swarm-secret-for-this-test")
+    moe = DecentralizedMoE(HID, GRID, "ffn", k_best=4, initial_peers=swarm.initial_peers, cache_ttl=0.5)
+    closing(moe.dht)
+    history = train(moe)
+    assert all(step["failed"] == 0 and step["timed_out"] == 0 for step in history), history
+    assert moe.dht.is_private and moe.dht.stats["unauthenticated_entries"] > 0, moe.dht.stats
+    assert swarm.dht.stats["unauthenticated_entries"] + swarm.dht.stats["rejected_stores"] > 0, swarm.dht.stats

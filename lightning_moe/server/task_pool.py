@@ -149,13 +149,6 @@ class TaskPool:
         return out
 
     # ---- the consumer (one thread) ---------------------------------------------------------
-    def next_batch(self) -> Batch | None:
-        """Take up to ``max_batch_size`` rows off the queue (splitting the last task if needed) and gather them."""
-        batch = self._take()
-        if batch is not None:
-            batch.inputs = self._gather(batch)
-        return batch
-
     def _take(self) -> Batch | None:
         parts: list[tuple[_Task, int, int]] = []
         room = self.max_batch_size
