@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import collections
 import hashlib
+import heapq
 import hmac
 import os
 import threading
@@ -39,23 +39,30 @@ def verify(secret: bytes, signature: object, *parts: bytes) -> bool:
 
 
 class ReplayGuard:
-    """Remembers the signatures of the last ``window`` seconds, so that a captured request cannot be sent again.
+    """Remembers signatures until their timestamps leave the ``window``, so a captured request cannot be sent again.
 
-    At most ``max_entries`` are kept; when full, the oldest are forgotten first.
+    A host accepts a timestamp within ``window`` seconds of its clock, so a signature must be
+    remembered until ``timestamp + window``. At most ``max_entries`` are kept; when full, those
+    closest to expiry are forgotten first.
     """
 
     def __init__(self, window: float, max_entries: int = 1 << 20):
         self.window, self.max_entries = float(window), int(max_entries)
-        self._seen: collections.OrderedDict[str, float] = collections.OrderedDict()
+        self._seen: set[str] = set()
+        self._expiry: list[tuple[float, str]] = []  # a heap of (forget after, signature)
         self._lock = threading.Lock()
 
     def first_use(self, signature: str, timestamp: float) -> bool:
         """True the first time ``signature`` is seen (and remembers it); False for a replay."""
         now = time.time()
         with self._lock:
-            while self._seen and (len(self._seen) >= self.max_entries or next(iter(self._seen.values())) < now - 2 * self.window):
-                self._seen.popitem(last=False)
+            while self._expiry and (self._expiry[0][0] < now or len(self._seen) >= self.max_entries):
+                self._seen.discard(heapq.heappop(self._expiry)[1])
             if signature in self._seen:
                 return False
-            self._seen[signature] = now
+            self._seen.add(signature)
+            heapq.heappush(self._expiry, (timestamp + self.window, signature))
             return True
+
+    def __len__(self) -> int:
+        return len(self._seen)

@@ -111,3 +111,13 @@ def test_decentralized_moe_trains_in_a_private_swarm_and_strangers_are_refused()
         swarm.shutdown()
     updates = sum(expert["updates"] for stats in swarm.final_stats.values() for expert in stats.values())
     assert updates > 0  # the hosts' experts learned from the member's backward
+
+
+def test_replay_guard_forgets_a_signature_once_its_timestamp_is_out_of_the_window():
+    guard = auth.ReplayGuard(window=300.0, max_entries=3)
+    now = time.time()
+    assert guard.first_use("a", now) and not guard.first_use("a", now)
+    assert guard.first_use("old", now - 301.0)  # already outside the window: remembered until the next call
+    assert guard.first_use("b", now) and len(guard) == 2  # "old" is gone, "a" and "b" stay
+    assert guard.first_use("c", now + 1) and guard.first_use("d", now + 2)  # full: "a", closest to expiry, is dropped
+    assert len(guard) == 3 and not guard.first_use("d", now + 2) and guard.first_use("a", now)
