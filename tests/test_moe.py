@@ -2,6 +2,7 @@
 
 import copy
 import functools
+import json
 import pickle
 
 import pytest
@@ -224,3 +225,31 @@ def test_lightning_module_with_the_layer_runs_fast_dev_run(swarm, tmp_path):
         assert model.moe.stats["answered"] > 0
     finally:
         model.moe.dht.shutdown()
+
+
+class RankReport(pl.Callback):
+    """Each DDP rank writes what its own layer saw: its DHT client's address and the experts that answered."""
+
+    def __init__(self, out_dir):
+        self.out_dir = str(out_dir)
+
+    def on_train_end(self, trainer, pl_module):
+        moe = pl_module.moe
+        report = {"rank": trainer.global_rank, "dht": moe.dht.address, "answered": moe.stats["answered"],
+                  "backward_answered": moe.stats["backward_answered"]}
+        with open(f"{self.out_dir}/rank{trainer.global_rank}.json", "w") as f:
+            json.dump(report, f)
+        moe.dht.shutdown()
+
+
+@pytest.mark.slow
+def test_ddp_ranks_each_create_their_own_dht_client(swarm, tmp_path):
+    data = torch.utils.data.TensorDataset(torch.randn(64, 8), torch.randint(0, 3, (64,)))
+    model = MoEClassifier(swarm.initial_peers)
+    trainer = pl.Trainer(strategy="ddp_spawn", accelerator="cpu", devices=2, fast_dev_run=2, default_root_dir=tmp_path,
+                         enable_progress_bar=False, enable_model_summary=False, logger=False, callbacks=[RankReport(tmp_path)])
+    trainer.fit(model, torch.utils.data.DataLoader(data, batch_size=16))
+    reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert reports[0]["dht"] != reports[1]["dht"], reports  # one client per rank, made in the rank's own process
+    assert all(r["answered"] > 0 and r["backward_answered"] > 0 for r in reports), reports
+    assert model.moe._dht is None  # the launching process never needed one
