@@ -158,7 +158,7 @@ def test_float64_gradcheck_and_bfloat16_paths():
         x = torch.randn(6, HID, dtype=torch.float64, requires_grad=True)
         assert torch.autograd.gradcheck(moe, (x,), eps=1e-6, atol=1e-4)
 
-        for dtype in (torch.float32, torch.bfloat16):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
             xb = torch.randn(6, HID, dtype=dtype, requires_grad=True)
             yb = moe(xb)
             assert yb.dtype == dtype
@@ -214,10 +214,11 @@ class MoEClassifier(pl.LightningModule):
 
 
 @pytest.mark.slow
-def test_lightning_module_with_the_layer_runs_fast_dev_run(swarm, tmp_path):
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_lightning_module_with_the_layer_runs_fast_dev_run(swarm, tmp_path, precision):
     data = torch.utils.data.TensorDataset(torch.randn(64, 8), torch.randint(0, 3, (64,)))
     model = MoEClassifier(swarm.initial_peers)
-    trainer = pl.Trainer(fast_dev_run=2, default_root_dir=tmp_path, accelerator="cpu", enable_progress_bar=False,
+    trainer = pl.Trainer(fast_dev_run=2, default_root_dir=tmp_path, accelerator="cpu", precision=precision, enable_progress_bar=False,
                          enable_model_summary=False, logger=False)
     try:
         trainer.fit(model, torch.utils.data.DataLoader(data, batch_size=16))
