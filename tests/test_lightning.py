@@ -93,6 +93,18 @@ def test_train_py_fast_dev_run_on_the_embedded_swarm(tmp_path):
     assert re.search(r"swarm: DHT 127\.0\.0\.1:\d+, hosts 127\.0\.0\.1:\d+, 127\.0\.0\.1:\d+", result.stdout)
 
 
+@pytest.mark.slow
+def test_train_py_multirun_sweeps(tmp_path):
+    result = subprocess.run(
+        [*TRAIN, "-m", "experiment=baseline", "trainer.fast_dev_run=true", "model.hid_dim=32,64", f"hydra.sweep.dir={tmp_path}"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("final metrics:") == 2, result.stdout[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir() and p.name.isdigit()) == ["0", "1"]
+    assert "model.hid_dim=64" in (tmp_path / "1" / ".hydra" / "overrides.yaml").read_text()
+
+
 def wait_for_line(process: subprocess.Popen, pattern: str, timeout: float) -> re.Match:
     """Read the process's stdout until a line matches (bounded in time)."""
     deadline = time.monotonic() + timeout
