@@ -112,9 +112,16 @@ def main() -> None:
         rss_before, max_rss, max_queue = rss_bytes(), rss_bytes(), 0
         start.set()
         begin = time.time()
+        next_report = begin + 10.0
         while time.time() < begin + args.seconds + 1:
-            queued = sum(e[d]["queued_rows"] for e in host.stats().values() for d in ("forward", "backward"))
+            stats = host.stats()
+            queued = sum(e[d]["queued_rows"] for e in stats.values() for d in ("forward", "backward"))
             max_queue, max_rss = max(max_queue, queued), max(max_rss, rss_bytes())
+            if time.time() >= next_report:  # progress: one line per 10 s
+                served = sum(e["backward"]["requests"] for e in stats.values())
+                print(f"  {time.time() - begin:4.0f} s: {served} backward requests served, queue {queued} rows, "
+                      f"memory +{(rss_bytes() - rss_before) / 2**20:.1f} MiB", flush=True)
+                next_report += 10.0
             time.sleep(1.0)
         latencies, failures, failed = [], [], 0
         for _ in processes:
