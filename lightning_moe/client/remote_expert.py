@@ -7,7 +7,7 @@ import os
 import secrets
 import threading
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import requests
 import torch
@@ -98,8 +98,8 @@ class _RemoteCall(torch.autograd.Function):
     def forward(ctx: Any, expert: "RemoteExpert", *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         ctx.expert = expert
         ctx.save_for_backward(*inputs)
-        outputs = call_expert(expert.uid, expert.endpoint, "forward", list(inputs), expert.compression, expert.forward_timeout,
-                              expert.secret)
+        outputs = call_expert(expert.uid, expert.endpoint, "forward", expert.as_host_dtypes(inputs, "args_schema"),
+                              expert.compression, expert.forward_timeout, expert.secret)
         like = inputs[0]
         return tuple(out.to(device=like.device, dtype=like.dtype if out.is_floating_point() else out.dtype) for out in outputs)
 
@@ -107,10 +107,9 @@ class _RemoteCall(torch.autograd.Function):
     def backward(ctx: Any, *grad_outputs: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         expert: RemoteExpert = ctx.expert
         inputs = ctx.saved_tensors
-        grads = call_expert(
-            expert.uid, expert.endpoint, "backward", [*inputs, *grad_outputs], expert.compression, expert.backward_timeout,
-            expert.secret,
-        )
+        tensors = [*expert.as_host_dtypes(inputs, "args_schema"), *expert.as_host_dtypes(grad_outputs, "outputs_schema")]
+        grads = call_expert(expert.uid, expert.endpoint, "backward", tensors, expert.compression, expert.backward_timeout,
+                            expert.secret)
         if len(grads) != len(inputs):
             raise RemoteExpertError(expert.uid, expert.endpoint, f"backward: {len(grads)} gradients for {len(inputs)} inputs")
         return (None, *(g.to(device=x.device, dtype=x.dtype) for g, x in zip(grads, inputs)))
@@ -143,10 +142,20 @@ class RemoteExpert(nn.Module):
         self.uid, self.endpoint, self.compression = uid, endpoint, compression
         self.secret = auth.resolve_secret(secret)
         self.forward_timeout, self.backward_timeout = forward_timeout, backward_timeout
+        self._info: dict | None = None  # the host's /info about this expert, fetched on first use
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         outputs = _RemoteCall.apply(self, *inputs)
         return outputs[0] if len(outputs) == 1 else outputs
+
+    def as_host_dtypes(self, tensors: Sequence[torch.Tensor], schema: str) -> list[torch.Tensor]:
+        """``tensors`` on the CPU in the dtypes of the host's ``args_schema`` or ``outputs_schema``."""
+        if self._info is None:
+            self._info = self.info(timeout=self.forward_timeout)
+        dtypes = [wire.parse_dtype(entry["dtype"]) for entry in self._info[schema]]
+        if len(dtypes) != len(tensors):
+            raise RemoteExpertError(self.uid, self.endpoint, f"the expert takes {len(dtypes)} tensors in its {schema}, got {len(tensors)}")
+        return [t.detach().to(device="cpu", dtype=dtype) for t, dtype in zip(tensors, dtypes)]
 
     def info(self, timeout: float | None = DEFAULT_TIMEOUT) -> dict:
         """The host's description of this expert (schemas, max batch size)."""
