@@ -24,7 +24,7 @@ def resolve_secret(secret: str | bytes | None = None) -> bytes | None:
     return secret
 
 
-def sign(secret: bytes, *parts: bytes) -> str:
+def sign(secret: bytes, *parts: bytes | bytearray) -> str:
     """Hex HMAC-SHA256 of ``parts``; each part is length-prefixed, so ("ab", "c") and ("a", "bc") differ."""
     mac = hmac.new(secret, digestmod=hashlib.sha256)
     for part in parts:
@@ -33,7 +33,7 @@ def sign(secret: bytes, *parts: bytes) -> str:
     return mac.hexdigest()
 
 
-def verify(secret: bytes, signature: object, *parts: bytes) -> bool:
+def verify(secret: bytes, signature: object, *parts: bytes | bytearray) -> bool:
     """True if ``signature`` is :func:`sign` of ``parts`` (constant-time comparison)."""
     return isinstance(signature, str) and hmac.compare_digest(signature, sign(secret, *parts))
 

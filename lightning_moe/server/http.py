@@ -173,7 +173,7 @@ class ExpertRequestHandler(BaseHTTPRequestHandler):
             raise _RequestError(401, f"X-Timestamp is {skew:.0f} s away from the host's clock (limit {MAX_CLOCK_SKEW:.0f} s)")
         compression = self.headers.get("X-Compression", "none").strip()
         nonce = self.headers.get("X-Nonce", "").strip()
-        parts = (self.command.encode(), self.path.encode("latin-1"), timestamp.encode(), nonce.encode(), compression.encode(), bytes(body))
+        parts = (self.command.encode(), self.path.encode("latin-1"), timestamp.encode(), nonce.encode(), compression.encode(), body)
         if not auth.verify(secret, signature, *parts):
             raise _RequestError(401, "bad X-Signature: the request was not signed with this swarm's secret")
         if not self.server.replays.first_use(signature, float(timestamp)):
