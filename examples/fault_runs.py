@@ -13,21 +13,16 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-from hydra import compose, initialize_config_dir
+from hydra import compose, initialize_config_module
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train import train  # noqa: E402  (examples/ is not a package)
+from lightning_moe.lightning.train import train
+from lightning_moe.swarm import LocalSwarm, grid_uids
 
-from lightning_moe.swarm import LocalSwarm, grid_uids  # noqa: E402
-
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
 RUNS = ("local", "healthy", "churn", "slow")
 
 
@@ -82,7 +77,7 @@ def run(name: str, overrides: list[str]) -> RunReport:
     """Train once under the named condition and report what happened."""
     report = RunReport(name)
     extra = {"local": ["experiment=baseline"], "slow": ["local_swarm.host_delays=[2.0]"]}.get(name, [])
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+    with initialize_config_module("lightning_moe.conf", version_base="1.3"):
         cfg = compose(config_name="config", overrides=[*overrides, *extra])
     monitors: list[FaultMonitor] = []
 

@@ -23,7 +23,7 @@ import torch
 from lightning_moe.client.remote_expert import RemoteExpertError, call_expert
 from lightning_moe.server import ExpertHost
 from lightning_moe.server.experts import make_expert
-from lightning_moe.swarm import make_backends
+from lightning_moe.volunteer import make_backends
 
 
 def rss_bytes() -> int:

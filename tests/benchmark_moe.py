@@ -21,6 +21,7 @@ import torch
 from lightning_moe.client.local_moe import LocalMoE
 from lightning_moe.client.moe import DecentralizedMoE
 from lightning_moe.server.experts import make_expert
+from lightning_moe.config import HostConfig
 from lightning_moe.swarm import LocalSwarm
 
 
@@ -42,8 +43,10 @@ def measure_local(args: argparse.Namespace, x: torch.Tensor) -> float:
 
 
 def measure_remote(args: argparse.Namespace, x: torch.Tensor) -> tuple[float, dict]:
-    swarm = LocalSwarm("ffn", args.grid, args.num_hosts, functools.partial(make_expert, args.expert_cls, args.hid_dim),
-                       functools.partial(torch.optim.Adam, lr=1e-4), args.hid_dim, max_batch_size=4096)
+    host = HostConfig(expert=functools.partial(make_expert, args.expert_cls, args.hid_dim), in_features=args.hid_dim,
+                      optimizer=functools.partial(torch.optim.Adam, lr=1e-4), grid_size=list(args.grid), max_batch_size=4096,
+                      update_period=5.0, stats_every=0)
+    swarm = LocalSwarm(host, num_hosts=args.num_hosts)
     with swarm:
         moe = DecentralizedMoE(args.hid_dim, args.grid, "ffn", k_best=args.k_best, initial_peers=swarm.initial_peers,
                                compression=args.compression, forward_timeout=120, backward_timeout=120, cache_ttl=30)

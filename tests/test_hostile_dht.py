@@ -22,6 +22,7 @@ from lightning_moe.client.moe import DecentralizedMoE
 from lightning_moe.dht import DHT, expert_key, prefix_key
 from lightning_moe.dht.records import encode_record, expert_entries
 from lightning_moe.server.experts import make_expert
+from lightning_moe.config import HostConfig
 from lightning_moe.swarm import LocalSwarm, grid_uids
 
 HID = 16
@@ -31,8 +32,9 @@ LAYER_KEYS = [prefix_key("ffn")] + [prefix_key(f"ffn.{i}") for i in range(GRID[0
 
 
 def start_swarm() -> LocalSwarm:
-    return LocalSwarm("ffn", GRID, 2, functools.partial(make_expert, "ffn", HID), functools.partial(torch.optim.SGD, lr=0.1),
-                      HID, update_period=2.0, num_threads=1).start()
+    host = HostConfig(expert=functools.partial(make_expert, "ffn", HID), optimizer=functools.partial(torch.optim.SGD, lr=0.1),
+                      in_features=HID, grid_size=list(GRID), update_period=2.0, num_threads=1, stats_every=0)
+    return LocalSwarm(host, num_hosts=2).start()
 
 
 def closed_ports(count: int) -> list[int]:

@@ -12,35 +12,39 @@ import hydra
 import pytest
 import pytorch_lightning as pl
 import torch
-from hydra import compose, initialize_config_dir
+from hydra import compose, initialize_config_module
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from lightning_moe import DecentralizedMoE, ExpertHostCallback
 from lightning_moe.client.parallel_call import NotEnoughExpertsError
 from lightning_moe.dht import DHT
+from lightning_moe.lightning import train as train_module
+from lightning_moe.shared import shutdown_process_dht
 from lightning_moe.server.experts import make_expert
-from lightning_moe.swarm import LocalSwarm, make_backends
+from lightning_moe.config import HostConfig
+from lightning_moe.swarm import LocalSwarm
+from lightning_moe.volunteer import make_backends
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF = str(ROOT / "conf")
+CONF = ROOT / "lightning_moe" / "conf"
 TRAIN = [sys.executable, str(ROOT / "examples" / "train.py")]
 PEERS = ["127.0.0.1:9"]  # never contacted: nothing runs forward in these tests
 
 
 def compose_config(*overrides: str):
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+    with initialize_config_module("lightning_moe.conf", version_base="1.3"):
         return compose(config_name="config", overrides=[f"dht.initial_peers={PEERS}", *overrides])
 
 
 def option_names(group: str) -> list[str]:
-    return sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml"))
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
 
 @pytest.mark.parametrize("experiment", [None, *option_names("experiment")])
 @pytest.mark.parametrize("moe", option_names("moe"))
 def test_every_config_group_composes_and_instantiates(moe, experiment, tmp_path):
-    overrides = [f"moe={moe}", f"trainer.default_root_dir={tmp_path}", "+volunteer=true"]
+    overrides = [f"moe={moe}", f"paths.output_dir={tmp_path}", "+volunteer=true"]
     if experiment:
         overrides.append(f"experiment={experiment}")
     cfg = compose_config(*overrides)
@@ -56,8 +60,10 @@ def test_every_config_group_composes_and_instantiates(moe, experiment, tmp_path)
         assert isinstance(layer, DecentralizedMoE) and layer.initial_peers == PEERS
     trainer = hydra.utils.instantiate(cfg.trainer)
     assert isinstance(trainer, pl.Trainer)
-    callback = hydra.utils.instantiate(cfg.host.callback)
-    assert isinstance(callback, ExpertHostCallback)
+    callback = hydra.utils.instantiate(cfg.volunteer_callback)
+    assert isinstance(callback, ExpertHostCallback) and callback.config.in_features == cfg.model.hid_dim
+    assert all(isinstance(c, pl.Callback) for c in train_module.instantiate_group(cfg, "callbacks"))
+    assert all(isinstance(c, pl.loggers.Logger) for c in train_module.instantiate_group(cfg, "logger"))
     expert, optimizer = hydra.utils.instantiate(cfg.host.expert), hydra.utils.instantiate(cfg.host.optimizer)
     module = expert()
     optimizer(module.parameters())
@@ -152,7 +158,7 @@ def test_volunteer_hosts_experts_that_another_process_uses(tmp_path):
             assert moe.stats["answered"] > 0 and moe.stats["backward_answered"] > 0
             assert x.grad is not None
         finally:
-            moe.dht.shutdown()
+            shutdown_process_dht()
             volunteer.send_signal(signal.SIGTERM)
             try:
                 volunteer.wait(timeout=60)
@@ -172,7 +178,8 @@ class VolunteerModel(pl.LightningModule):
 
     def on_fit_start(self):
         volunteer = next(c for c in self.trainer.callbacks if isinstance(c, ExpertHostCallback))
-        self.moe.initial_peers = [volunteer.dht.address]
+        self.moe.initial_peers = [volunteer.volunteer.dht.address]
+        assert self.moe.dht is volunteer.volunteer.dht  # the layer uses the volunteer's node, not one of its own
 
     def on_train_start(self):
         if self.expected_state is not None:
@@ -191,16 +198,14 @@ class VolunteerModel(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
     def teardown(self, stage):
-        if self.moe._dht is not None:
-            self.moe.dht.shutdown()
-            self.moe._dht = self.moe._lookup = None
+        self.moe._dht = self.moe._lookup = None
 
 
 def volunteer_callback(seed: int) -> ExpertHostCallback:
-    return ExpertHostCallback(
-        "tiny", (2, 2), lambda: make_expert("ffn", 8), lambda params: torch.optim.SGD(params, lr=0.5), 8,
-        cells=4, update_period=1.0, seed=seed,
-    )
+    return ExpertHostCallback(HostConfig(
+        expert=functools.partial(make_expert, "ffn", 8), optimizer=functools.partial(torch.optim.SGD, lr=0.5), in_features=8,
+        uid_prefix="tiny", grid_size=[2, 2], cells=4, update_period=1.0, seed=seed, stats_every=0,
+    ))
 
 
 @pytest.mark.slow
@@ -213,7 +218,8 @@ def test_resume_from_checkpoint_restores_hosted_expert_weights(tmp_path):
     saved = torch.load(checkpoint_path, weights_only=False)  # our own local file
     experts = next(v for k, v in saved["callbacks"].items() if k.startswith("ExpertHostCallback"))["experts"]
     initial = volunteer_callback(seed=0)
-    fresh = {uid: b.state_dict() for uid, b in make_backends(sorted(experts), initial.expert, initial.optimizer, 8, seed=0).items()}
+    fresh = {uid: b.state_dict() for uid, b in
+             make_backends(sorted(experts), initial.config.expert, initial.config.optimizer, 8, seed=0).items()}
     assert any(not torch.equal(experts[uid]["expert"][n], fresh[uid]["expert"][n]) for uid in experts for n in experts[uid]["expert"]), \
         "the hosted experts never trained, so the test would prove nothing"
 
@@ -252,8 +258,9 @@ def test_readme_code_block_works_as_written(tmp_path):
     code = re.search(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - our own README
-    swarm = LocalSwarm("ffn", (4, 4), 1, functools.partial(make_expert, "ffn", 64),
-                       functools.partial(torch.optim.Adam, lr=1e-3), 64, num_threads=1).start()
+    host = HostConfig(expert=functools.partial(make_expert, "ffn", 64), optimizer=functools.partial(torch.optim.Adam, lr=1e-3),
+                      in_features=64, uid_prefix="ffn", grid_size=[4, 4], num_threads=1)
+    swarm = LocalSwarm(host, num_hosts=1).start()
     model = namespace["MyModel"](initial_peers=swarm.initial_peers)
     try:
         data = torch.utils.data.TensorDataset(torch.randn(32, 32), torch.randint(0, 10, (32,)))
@@ -261,6 +268,5 @@ def test_readme_code_block_works_as_written(tmp_path):
         trainer.fit(model, torch.utils.data.DataLoader(data, batch_size=8))
         assert model.moe.stats["answered"] > 0
     finally:
-        if model.moe._dht is not None:
-            model.moe.dht.shutdown()
+        shutdown_process_dht()
         swarm.shutdown()

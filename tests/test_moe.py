@@ -13,7 +13,9 @@ from lightning_moe.client.local_moe import LocalMoE
 from lightning_moe.client.moe import DecentralizedMoE
 from lightning_moe.client.parallel_call import NotEnoughExpertsError
 from lightning_moe.server.experts import make_expert
-from lightning_moe.swarm import LocalSwarm, grid_uids, make_backends
+from lightning_moe.config import HostConfig
+from lightning_moe.swarm import LocalSwarm, grid_uids
+from lightning_moe.volunteer import make_backends
 
 HID = 16
 GRID = (4, 4)
@@ -21,11 +23,10 @@ LR = 0.1
 
 
 def start_swarm(optimizer=True, dtype=torch.float32, **kwargs) -> LocalSwarm:
-    return LocalSwarm(
-        "ffn", GRID, kwargs.pop("num_hosts", 2), functools.partial(make_expert, "ffn", HID),
-        functools.partial(torch.optim.SGD, lr=LR) if optimizer else None, HID, update_period=2.0,
-        num_threads=1, dtype=dtype, **kwargs,
-    ).start()
+    host = HostConfig(expert=functools.partial(make_expert, "ffn", HID), in_features=HID, grid_size=list(GRID),
+                      optimizer=functools.partial(torch.optim.SGD, lr=LR) if optimizer else None, update_period=2.0,
+                      num_threads=1, dtype=str(dtype).removeprefix("torch."), stats_every=0)
+    return LocalSwarm(host, num_hosts=kwargs.pop("num_hosts", 2), **kwargs).start()
 
 
 def local_experts(swarm: LocalSwarm, optimizer=True, dtype=torch.float32) -> dict:
@@ -34,7 +35,7 @@ def local_experts(swarm: LocalSwarm, optimizer=True, dtype=torch.float32) -> dic
     experts = {}
     for i in range(swarm.num_hosts):
         opt = functools.partial(torch.optim.SGD, lr=LR) if optimizer else None
-        experts.update(make_backends(uids[i :: swarm.num_hosts], swarm.expert, opt, HID, dtype=dtype, seed=i))
+        experts.update(make_backends(uids[i :: swarm.num_hosts], swarm.config.expert, opt, HID, dtype=dtype, seed=i))
     return experts
 
 

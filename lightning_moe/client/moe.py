@@ -27,6 +27,7 @@ from lightning_moe.client.parallel_call import (
     tried_by,
 )
 from lightning_moe.client.remote_expert import RemoteExpert, RemoteExpertError
+from lightning_moe.shared import process_dht, usable
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +52,9 @@ class DecentralizedMoE(nn.Module):
             stragglers' hosts are left out of routing for a while (so a slow host cannot stall steps).
         backward_k_min: expert gradients a sample should get; fewer is logged as a warning and counted.
         backward_timeout: seconds for all backward calls; experts that do not answer are dropped and counted.
-        dht: a :class:`lightning_moe.dht.DHT` to use; if None, one is created lazily (client mode)
-            from ``initial_peers`` in the process that first runs forward (safe for DDP and pickling).
+        dht: a :class:`lightning_moe.dht.DHT` to use; if None, the process's node is used (a volunteer's
+            in the same process, else a client-mode node joined to ``initial_peers`` and shared by every
+            layer), looked up in the process that first runs forward (safe for DDP and pickling).
         initial_peers: ``"host:port"`` of DHT nodes, used when ``dht`` is None.
         compression: wire compression of activations and gradients: none, float16 or uint8.
         cache_ttl: seconds that DHT answers are reused, so a step rarely waits on the DHT.
@@ -114,17 +116,30 @@ class DecentralizedMoE(nn.Module):
     def dht(self) -> Any:
         """The DHT node; created lazily (client mode) in the process that uses it."""
         with self._lock:
-            if self._dht is None:
-                from lightning_moe.dht import DHT
+            if self._dht is None or not usable(self._dht):
 
-                self._dht = DHT(initial_peers=self.initial_peers, client_mode=True, secret=self.secret)
+                self._dht = process_dht(self.initial_peers, self.secret)
             return self._dht
 
     @property
     def lookup(self) -> CachedExpertLookup:
         if self._lookup is None:
             self._lookup = CachedExpertLookup(self.dht, len(self.grid_size), ttl=self.cache_ttl)
+            self._log_swarm()
         return self._lookup
+
+    def _log_swarm(self) -> None:
+        """Say once what this layer finds in the swarm: experts of its grid and the hosts serving them."""
+        from lightning_moe.config import grid_uids
+
+        uids = grid_uids(self.uid_prefix, self.grid_size)
+        try:
+            endpoints = self.dht.get_experts(uids, timeout=min(self.forward_timeout or 5.0, 5.0))
+        except Exception:  # noqa: BLE001 - only a log line; the forward's own lookups report failures
+            logger.debug("could not list the experts of %s", self.uid_prefix, exc_info=True)
+            return
+        found = [e for e in endpoints if e is not None]
+        logger.info("%s: found %d of %d experts on %d hosts", self.uid_prefix, len(found), len(uids), len(set(found)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Mix the experts' outputs for each row of ``x`` (shape ``(..., in_features)``)."""

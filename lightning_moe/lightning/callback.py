@@ -2,137 +2,118 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 
-from lightning_moe.server import ExpertHost
-from lightning_moe.swarm import ExpertFactory, OptimizerFactory, choose_cells, grid_uids, make_backends
+from lightning_moe.config import DHTConfig, HostConfig, to_dataclass
+from lightning_moe.volunteer import CHECKPOINT_FILE, Volunteer, start_volunteer
 
 logger = logging.getLogger(__name__)
 
 
 class ExpertHostCallback(Callback):
-    """Hosts experts of a DecentralizedMoE grid while this process trains (or validates, or tests).
+    """Hosts experts of a DecentralizedMoE grid while this process trains (or validates, tests, predicts).
 
-    On ``setup`` it builds the experts, starts an :class:`~lightning_moe.server.ExpertHost` with a
-    DHT node joined to ``initial_peers`` and declares the experts; on ``teardown`` and on
-    exceptions it shuts both down. Its ``state_dict`` carries the hosted experts' weights and
-    optimizer states, so ``trainer.fit(ckpt_path=...)`` resumes a volunteer with the experts it had.
+    The host starts in ``on_fit_start``, after Lightning restored the callback's state from
+    ``ckpt_path``, so a resumed volunteer serves the experts it had (and the cells it had); in the
+    other stages it starts at the stage's start. It stops on ``teardown`` and on exceptions. Its DHT
+    node is this process's: the DecentralizedMoE layers of the model use it instead of a node of
+    their own. Host counters (``volunteer/*``) go to every logger of the trainer.
 
     Args:
-        uid_prefix: the grid's uid prefix (the DecentralizedMoE layer's ``uid_prefix``).
-        grid_size: the grid (the layer's ``grid_size``).
-        expert: factory of one expert module (e.g. a Hydra ``_partial_`` config, instantiated).
-        optimizer: factory ``params -> Optimizer`` for each expert; None keeps the experts frozen.
-        in_features: the experts' input size.
-        cells: the uids to host, or a number N: N grid cells that no one declares in the DHT yet
-            (random busy cells too, if fewer are free).
-        initial_peers: ``"host:port"`` of DHT nodes of the swarm; empty starts a new DHT.
-        max_batch_size: rows per batch the host forms.
-        update_every: 0 steps each expert's optimizer after every backward batch; N accumulates N samples.
-        device: where the experts compute; None uses the trainer's root device.
-        host: interface the HTTP server and the DHT node bind.
-        port: HTTP port (0: any free port). ``dht_port`` likewise for the DHT node.
-        announce_host: address peers should use when it differs from ``host``.
-        update_period: seconds between DHT declarations (records live two periods).
-        log_every_n_steps: how often the host's counters go to the trainer's logger.
-        seed: seeds the experts' initial weights.
-        compression: how the host compresses its answers (``none``, ``float16``, ``uint8``); None
-            answers each request in the compression the trainer chose for it.
-        secret: a private swarm's shared secret for requests and DHT records (default: the
-            ``LIGHTNING_MOE_SECRET`` environment variable; neither: a public swarm).
+        host: what to host and how (:class:`~lightning_moe.config.HostConfig`, or its mapping, e.g.
+            the ``host`` group of the Hydra config). ``host.device`` None: the trainer's device.
+        dht: where to join the swarm (:class:`~lightning_moe.config.DHTConfig` or its mapping);
+            None starts a new DHT.
+        all_ranks: under DDP, host on every rank (rank ``r`` adds ``r`` to nonzero ports, its seed,
+            and keeps its own ``host.checkpoint_dir`` file; only rank 0's experts go into Lightning
+            checkpoints) instead of on global rank 0 only.
+        log_every_n_steps: how often the host's counters are logged.
     """
 
-    def __init__(
-        self,
-        uid_prefix: str,
-        grid_size: Sequence[int],
-        expert: ExpertFactory,
-        optimizer: OptimizerFactory | None,
-        in_features: int,
-        cells: int | Sequence[str] = 4,
-        initial_peers: Sequence[str] = (),
-        max_batch_size: int = 1024,
-        update_every: int = 0,
-        device: str | torch.device | None = None,
-        host: str = "127.0.0.1",
-        port: int = 0,
-        dht_port: int = 0,
-        announce_host: str | None = None,
-        update_period: float = 10.0,
-        log_every_n_steps: int = 50,
-        seed: int | None = None,
-        compression: str | None = None,
-        secret: str | None = None,
-    ):
+    def __init__(self, host: HostConfig | Mapping[str, Any], dht: DHTConfig | Mapping[str, Any] | None = None,
+                 all_ranks: bool = False, log_every_n_steps: int = 50):
         super().__init__()
-        self.uid_prefix, self.grid_size = uid_prefix, tuple(grid_size)
-        all_uids = set(grid_uids(uid_prefix, self.grid_size))
-        if not isinstance(cells, int):
-            unknown = [uid for uid in cells if uid not in all_uids]
-            if unknown:
-                raise ValueError(f"cells {unknown} are not in the grid {uid_prefix}{list(self.grid_size)}")
-        elif not 1 <= cells <= len(all_uids):
-            raise ValueError(f"cells must be between 1 and {len(all_uids)}, got {cells}")
-        self.expert, self.optimizer, self.in_features, self.cells = expert, optimizer, in_features, cells
-        self.initial_peers, self.max_batch_size, self.update_every = list(initial_peers), max_batch_size, update_every
-        self.device, self.host, self.port, self.dht_port = device, host, port, dht_port
-        self.announce_host, self.update_period = announce_host, update_period
-        self.log_every_n_steps, self.seed, self.secret = log_every_n_steps, seed, secret
-        self.compression = compression
-        self.dht: Any = None
-        self.expert_host: ExpertHost | None = None
-        self._pending_state: dict | None = None
-        self._device = torch.device("cpu")
-        self.hosted_uids: list[str] = []
+        self.config: HostConfig = to_dataclass(host, HostConfig)
+        self.dht_config: DHTConfig = to_dataclass(dht if dht is not None else DHTConfig(), DHTConfig)
+        if log_every_n_steps < 1:
+            raise ValueError(f"log_every_n_steps must be positive, got {log_every_n_steps}")
+        self.all_ranks, self.log_every_n_steps = all_ranks, log_every_n_steps
+        self.volunteer: Volunteer | None = None
+        self._restored_state: dict | None = None
+        self._hosts_here = True
+        self._rank = 0
+        self._device: Any = "cpu"
         self.final_metrics: dict[str, float] = {}
 
     @property
     def state_key(self) -> str:
-        return f"ExpertHostCallback[{self.uid_prefix}]"
+        return self._generate_state_key(uid_prefix=self.config.uid_prefix, grid_size=list(self.config.grid_size))
+
+    @property
+    def hosted_uids(self) -> list[str]:
+        """The uids this process hosts (empty before the host starts or on a rank that does not host)."""
+        return self.volunteer.hosted_uids if self.volunteer is not None else []
+
+    @property
+    def expert_host(self) -> Any:
+        """The running :class:`~lightning_moe.server.ExpertHost`, or None."""
+        return self.volunteer.host if self.volunteer is not None else None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self.expert_host is not None:
+        self._rank = trainer.global_rank
+        self._hosts_here = self.all_ranks or trainer.global_rank == 0
+
+    # ---- starting, after the checkpoint was restored -----------------------------------------
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start(trainer)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start(trainer)
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start(trainer)
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start(trainer)
+
+    def _start(self, trainer: pl.Trainer) -> None:
+        if self.volunteer is not None or not self._hosts_here:
             return
-        from lightning_moe.dht import DHT
+        self._device = self.config.device or trainer.strategy.root_device
+        self._launch()
 
-        self._device = torch.device(self.device) if self.device is not None else trainer.strategy.root_device
-        self.dht = DHT(initial_peers=self.initial_peers, host=self.host, port=self.dht_port, announce_host=self.announce_host,
-                       secret=self.secret)
-        try:
-            state, self._pending_state = self._pending_state, None
-            cells = self.cells if not isinstance(self.cells, int) else choose_cells(self.dht, self.uid_prefix, self.grid_size, self.cells, self.seed)
-            self._start_host(sorted(state) if state else list(cells), state)
-        except BaseException:
-            self._shutdown()
-            raise
-
-    def _start_host(self, uids: list[str], state: dict | None) -> None:
-        backends = make_backends(uids, self.expert, self.optimizer, self.in_features, self.max_batch_size,
-                                 self.update_every, seed=self.seed)
-        host = ExpertHost(backends, host=self.host, port=self.port, device=self._device,
-                          announce_host=self.announce_host, dht=self.dht, update_period=self.update_period, secret=self.secret,
-                          compression=self.compression)
+    def _launch(self) -> None:
+        rank = self._rank
+        config, dht = self.config, self.dht_config
+        if rank:
+            config = dataclasses.replace(config, port=config.port + rank if config.port else 0,
+                                         seed=None if config.seed is None else config.seed + rank)
+            dht = dataclasses.replace(dht, port=dht.port + rank if dht.port else 0)
+        state, self._restored_state = self._restored_state, None
+        self.volunteer = start_volunteer(config, dht, device=self._device, state=state,
+                                         checkpoint_name=f"rank{rank}.pt" if rank else CHECKPOINT_FILE)
         if state:
-            host.load_state_dict(state)
-        self.expert_host = host.start()
-        self.hosted_uids = list(uids)
-        logger.info("volunteer hosts %d experts at %s; DHT node at %s", len(uids), host.endpoint, self.dht.address)
+            logger.info("restored %d experts from checkpoint", len(state))
 
+    # ---- logging ------------------------------------------------------------------------------
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.expert_host is None or trainer.logger is None or trainer.global_step % self.log_every_n_steps:
+        if self.volunteer is None or trainer.global_step % self.log_every_n_steps:
             return
-        trainer.logger.log_metrics(self.host_metrics(), step=trainer.global_step)
+        metrics = self.host_metrics()
+        for trainer_logger in trainer.loggers:
+            trainer_logger.log_metrics(metrics, step=trainer.global_step)
 
     def host_metrics(self) -> dict[str, float]:
         """The host's counters over all its experts: requests, samples, batch sizes, queue wait, errors."""
         metrics: dict[str, float] = {}
-        per_expert = self.expert_host.stats().values()
+        per_expert = self.volunteer.host.stats().values()
         for direction in ("forward", "backward"):
             rows = [expert[direction] for expert in per_expert]
             for counter in ("requests", "samples", "batches", "errors", "failed_batches"):
@@ -143,38 +124,40 @@ class ExpertHostCallback(Callback):
         metrics["volunteer/updates"] = float(sum(expert["updates"] for expert in per_expert))
         return metrics
 
+    # ---- checkpoints --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        if self.expert_host is None:
-            return {"experts": self._pending_state or {}}
-        return {"experts": self.expert_host.state_dict()}
+        if self.volunteer is None:
+            return {"experts": self._restored_state or {}}
+        return {"experts": self.volunteer.host.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the hosted experts; Lightning calls this after ``setup``, so the host restarts
-        with the checkpoint's uids if they differ from the cells it chose."""
+        """Keep the checkpoint's experts for the host to start with (Lightning calls this before ``on_fit_start``)."""
         experts = state_dict.get("experts", {})
         if not experts:
             return
-        if self.expert_host is None:
-            self._pending_state = experts
-        elif set(experts) == set(self.expert_host.backends):
-            self.expert_host.load_state_dict(experts)
+        if self.volunteer is None:
+            self._restored_state = experts
+        elif set(experts) == set(self.volunteer.host.backends):  # a strategy that restores after on_fit_start
+            self.volunteer.host.load_state_dict(experts)
         else:
-            self.expert_host.shutdown()
-            self.expert_host = None
-            self._start_host(sorted(experts), experts)
+            logger.warning("checkpoint's experts %s differ from the running host's %s; restarting the host with them",
+                           sorted(experts), self.volunteer.hosted_uids)
+            self._stop()
+            self._restored_state = experts
+            self._launch()
 
+    # ---- stopping -----------------------------------------------------------------------------
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._shutdown()
+        self._stop()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._shutdown()
+        self._stop()
 
-    def _shutdown(self) -> None:
-        if self.expert_host is not None:
+    def _stop(self) -> None:
+        if self.volunteer is not None:
             self.final_metrics = self.host_metrics()
-            self.expert_host.shutdown()
-            self.expert_host = None
-        if self.dht is not None:
-            self.dht.shutdown()
-            self.dht = None
+            volunteer, self.volunteer = self.volunteer, None
+            volunteer.stop()
 
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config.uid_prefix}{list(self.config.grid_size)}, cells={self.config.cells})"

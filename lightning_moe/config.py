@@ -1,0 +1,252 @@
+"""Structured configs: one host configuration, the DHT's, the local swarm's and the MoE layers'.
+
+They are Hydra schemas (registered with :func:`register_configs`; the yaml files in
+``lightning_moe/conf`` extend them), so a key that no code reads, or a value of the wrong type,
+fails by name when Hydra composes the config. :meth:`HostConfig.check` and friends check ranges
+and relations with errors that name the key, before anything starts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, Optional
+
+WIRE_COMPRESSIONS = ("none", "float16", "uint8")  # lightning_moe.wire.COMPRESSIONS, without importing torch
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names its key (e.g. ``host.port``)."""
+
+
+def _help(text: str, **kwargs: Any) -> Any:
+    """A dataclass field with its documentation (shown by ``lightning-moe host --help``)."""
+    return field(metadata={"help": text}, **kwargs)
+
+
+def _require(ok: bool, key: str, message: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{key} {message}, got {value!r}")
+
+
+@dataclass
+class DHTConfig:
+    """Where this process joins the swarm's DHT."""
+
+    initial_peers: list[str] = _help("`host:port` of DHT nodes of the swarm; empty: train starts a local swarm, "
+                                     "a host starts a new DHT", default_factory=list)
+    host: str = _help("interface the DHT node binds (UDP)", default="127.0.0.1")
+    port: int = _help("UDP port of the DHT node (0: any free port); others need it reachable", default=0)
+    announce_host: Optional[str] = _help("address peers should use when it differs from dht.host (NAT, 0.0.0.0)", default=None)
+    secret: Optional[str] = _help("a private swarm's shared secret; null reads LIGHTNING_MOE_SECRET, unset there "
+                                  "too: a public swarm", default=None)
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self, prefix: str = "dht") -> None:
+        _require(0 <= self.port <= 65535, f"{prefix}.port", "must be a port number (0 to 65535)", self.port)
+        for peer in self.initial_peers:
+            host, _, port = str(peer).rpartition(":")
+            _require(bool(host) and port.isdigit() and 0 < int(port) <= 65535, f"{prefix}.initial_peers",
+                     "must be a list of host:port", peer)
+
+
+@dataclass
+class HostConfig:
+    """What a volunteer hosts and how: used by `lightning-moe host`, the local swarm and ExpertHostCallback."""
+
+    expert: Any = _help("factory of one expert: a `_target_` config (`_partial_: true`) or, in Python, a callable",
+                        default=None)
+    optimizer: Any = _help("factory `params -> Optimizer` for each expert (`_partial_: true`); null keeps experts frozen",
+                           default=None)
+    in_features: int = _help("the experts' input size (the model's hid_dim)", default=64)
+    uid_prefix: str = _help("the grid's uid prefix (the DecentralizedMoE layer's uid_prefix)", default="ffn")
+    grid_size: list[int] = _help("the grid (the layer's grid_size)", default_factory=lambda: [4, 4])
+    cells: Any = _help("N: host N grid cells that nobody declares yet (busy ones too if fewer are free); "
+                       "or a list of uids", default=4)
+    max_batch_size: int = _help("rows per batch the host forms from all trainers' requests", default=4096)
+    update_every: int = _help("0: step each expert's optimizer after every backward batch; N: after N samples", default=0)
+    host: str = _help("interface the HTTP server binds (0.0.0.0: all)", default="127.0.0.1")
+    port: int = _help("HTTP port (0: any free port); trainers need it reachable", default=0)
+    announce_host: Optional[str] = _help("address trainers should use when it differs from host.host", default=None)
+    update_period: float = _help("seconds between DHT declarations (records live two periods)", default=10.0)
+    seed: Optional[int] = _help("seeds the experts' initial weights and the choice of free cells", default=None)
+    compression: Optional[str] = _help("compression of the host's answers (none, float16, uint8); "
+                                       "null: as each request came", default=None)
+    dtype: str = _help("the experts' dtype: float32, float64, bfloat16 or float16", default="float32")
+    device: Optional[str] = _help("where the experts compute (cpu, cuda, cuda:1); null: cpu, or the trainer's "
+                                  "device under ExpertHostCallback", default=None)
+    num_threads: Optional[int] = _help("torch threads of a host process (null: torch's default)", default=None)
+    checkpoint_dir: Optional[str] = _help("save the experts here every checkpoint_every seconds and at exit; "
+                                          "reload them on start (null: no host checkpoints)", default=None)
+    checkpoint_every: float = _help("seconds between host checkpoints", default=300.0)
+    stats_every: float = _help("seconds between one-line stats reports in the log (0: none)", default=60.0)
+    delay: float = _help("extra seconds per batch (a slow volunteer, for tests and demos)", default=0.0)
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self, prefix: str = "host") -> None:
+        """Ranges and relations; raises :class:`ConfigError` naming the key."""
+        _require(len(self.grid_size) >= 1 and all(int(g) >= 1 for g in self.grid_size), f"{prefix}.grid_size",
+                 "must be a non-empty list of positive sizes", self.grid_size)
+        num_cells = 1
+        for size in self.grid_size:
+            num_cells *= int(size)
+        if isinstance(self.cells, int) and not isinstance(self.cells, bool):
+            _require(1 <= self.cells <= num_cells, f"{prefix}.cells", f"must be between 1 and {num_cells} (the grid's cells)",
+                     self.cells)
+        else:
+            _require(isinstance(self.cells, (list, tuple)) and len(self.cells) > 0, f"{prefix}.cells",
+                     "must be a number of cells or a non-empty list of uids", self.cells)
+            valid = set(grid_uids(self.uid_prefix, self.grid_size))
+            unknown = [uid for uid in self.cells if uid not in valid]
+            _require(not unknown, f"{prefix}.cells", f"lists uids outside the grid {self.uid_prefix}{list(self.grid_size)}",
+                     unknown)
+        _require(self.in_features >= 1, f"{prefix}.in_features", "must be positive", self.in_features)
+        _require(self.max_batch_size >= 1, f"{prefix}.max_batch_size", "must be positive", self.max_batch_size)
+        _require(self.update_every >= 0, f"{prefix}.update_every", "must be 0 or positive", self.update_every)
+        _require(0 <= self.port <= 65535, f"{prefix}.port", "must be a port number (0 to 65535)", self.port)
+        _require(self.update_period > 0, f"{prefix}.update_period", "must be positive", self.update_period)
+        _require(self.compression is None or self.compression in WIRE_COMPRESSIONS, f"{prefix}.compression",
+                 f"must be null or one of {list(WIRE_COMPRESSIONS)}", self.compression)
+        _require(self.dtype in ("float32", "float64", "bfloat16", "float16"), f"{prefix}.dtype",
+                 "must be float32, float64, bfloat16 or float16", self.dtype)
+        _require(self.num_threads is None or self.num_threads >= 1, f"{prefix}.num_threads", "must be null or positive",
+                 self.num_threads)
+        _require(self.checkpoint_every > 0, f"{prefix}.checkpoint_every", "must be positive", self.checkpoint_every)
+        _require(self.stats_every >= 0, f"{prefix}.stats_every", "must be 0 or positive", self.stats_every)
+        _require(self.delay >= 0, f"{prefix}.delay", "must be 0 or positive", self.delay)
+        _require(self.expert is not None, f"{prefix}.expert", "must be a factory of an expert", self.expert)
+
+    def make_expert(self) -> Callable[[], Any]:
+        """The expert factory, instantiated from its `_target_` config if it is one."""
+        return _instantiate(self.expert)
+
+    def make_optimizer(self) -> Callable[..., Any] | None:
+        """The optimizer factory (None: frozen experts)."""
+        return None if self.optimizer is None else _instantiate(self.optimizer)
+
+
+@dataclass
+class LocalSwarmConfig:
+    """The swarm that `lightning-moe train` starts on this machine when dht.initial_peers is empty."""
+
+    num_hosts: int = 2
+    num_threads: Optional[int] = 1
+    update_period: float = 5.0
+    start_timeout: float = 120.0
+    host_delays: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        _require(self.num_hosts >= 1, "local_swarm.num_hosts", "must be at least 1 (a swarm needs a host)", self.num_hosts)
+        _require(self.start_timeout > 0, "local_swarm.start_timeout", "must be positive", self.start_timeout)
+        _require(all(d >= 0 for d in self.host_delays), "local_swarm.host_delays", "must be seconds >= 0", self.host_delays)
+
+
+@dataclass
+class DecentralizedMoEConfig:
+    """Schema of the `moe=decentralized` group: typed keys of :class:`lightning_moe.DecentralizedMoE`."""
+
+    _target_: str = "lightning_moe.DecentralizedMoE"
+    in_features: int = 64
+    grid_size: list[int] = field(default_factory=lambda: [4, 4])
+    uid_prefix: str = "ffn"
+    k_best: int = 4
+    k_min: int = 1
+    forward_timeout: Optional[float] = 30.0
+    timeout_after_k_min: Optional[float] = 1.0
+    backward_k_min: int = 1
+    backward_timeout: Optional[float] = 30.0
+    initial_peers: list[str] = field(default_factory=list)
+    secret: Optional[str] = None
+    compression: str = "none"
+    cache_ttl: float = 5.0
+    jitter: float = 0.0
+
+
+@dataclass
+class LocalMoEConfig:
+    """Schema of the `moe=local` group: :class:`lightning_moe.LocalMoE`, the baseline."""
+
+    _target_: str = "lightning_moe.LocalMoE"
+    in_features: int = 64
+    grid_size: list[int] = field(default_factory=lambda: [4, 4])
+    uid_prefix: str = "ffn"
+    k_best: int = 4
+    experts: Any = None
+
+
+def check_moe(moe: Any) -> None:
+    """Ranges of the `moe` group (types are the schema's job); raises ConfigError naming the key."""
+    k_best = int(moe.k_best)
+    _require(k_best >= 1, "moe.k_best", "must be positive", k_best)
+    _require(all(int(g) >= 1 for g in moe.grid_size) and len(moe.grid_size) >= 1, "moe.grid_size",
+             "must be a non-empty list of positive sizes", list(moe.grid_size))
+    if "k_min" in moe:
+        _require(1 <= moe.k_min <= k_best, "moe.k_min", f"must be between 1 and moe.k_best={k_best}", moe.k_min)
+        _require(moe.compression in WIRE_COMPRESSIONS, "moe.compression", f"must be one of {list(WIRE_COMPRESSIONS)}",
+                 moe.compression)
+        for key in ("forward_timeout", "backward_timeout", "timeout_after_k_min"):
+            _require(moe[key] is None or moe[key] > 0, f"moe.{key}", "must be null or positive", moe[key])
+        _require(moe.cache_ttl >= 0, "moe.cache_ttl", "must be 0 or positive", moe.cache_ttl)
+
+
+def grid_uids(uid_prefix: str, grid_size: Any) -> list[str]:
+    """Every uid of a grid, e.g. ``ffn.0.0 .. ffn.3.3`` for prefix ``ffn`` and grid ``(4, 4)``."""
+    uids = [uid_prefix]
+    for size in grid_size:
+        uids = [f"{uid}.{i}" for uid in uids for i in range(int(size))]
+    return uids
+
+
+def to_dataclass(node: Any, schema: type) -> Any:
+    """``node`` (a DictConfig, a mapping or already a ``schema``) as a checked ``schema`` instance."""
+    if isinstance(node, schema):
+        return node
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(node, DictConfig):
+        node = OmegaConf.to_container(node, resolve=True)
+    if not isinstance(node, Mapping):
+        raise ConfigError(f"expected a {schema.__name__} or a mapping, got {type(node).__name__}")
+    known = {f.name for f in fields(schema)}
+    unknown = sorted(set(node) - known)
+    if unknown:
+        raise ConfigError(f"{schema.__name__} has no key {unknown[0]!r} (keys: {sorted(known)})")
+    return schema(**node)
+
+
+def describe(schema: type, prefix: str, values: Mapping[str, Any] | None = None) -> str:
+    """Two lines per key of ``schema``: its name and value (from ``values``, else the default), and its help."""
+    lines = []
+    for f in fields(schema):
+        if "help" not in f.metadata:
+            continue
+        if values is not None and f.name in values:
+            value = values[f.name]
+        else:
+            value = f.default_factory() if f.default_factory is not MISSING else f.default
+        lines.append(f"  {prefix}.{f.name} = {value!r}\n      {f.metadata['help']}")
+    return "\n".join(lines)
+
+
+def _instantiate(spec: Any) -> Any:
+    if callable(spec):
+        return spec
+    import hydra
+
+    return hydra.utils.instantiate(spec)
+
+
+def register_configs() -> None:
+    """Register the schemas with Hydra's ConfigStore (the yaml files of each group extend them)."""
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    store.store(group="host", name="host_schema", node=HostConfig)
+    store.store(group="dht", name="dht_schema", node=DHTConfig)
+    store.store(group="local_swarm", name="local_swarm_schema", node=LocalSwarmConfig)
+    store.store(group="moe", name="decentralized_schema", node=DecentralizedMoEConfig)
+    store.store(group="moe", name="local_schema", node=LocalMoEConfig)

@@ -1,0 +1,116 @@
+"""`lightning-moe train` (and examples/train.py): build a run from the Hydra config, check it, fit.
+
+The config is checked before anything starts (types by the schemas, ranges here); then, with no
+``dht.initial_peers``, a local swarm's DHT node starts, the data, model, callbacks, loggers and
+trainer are built, the swarm's hosts start, and the trainer fits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+from hydra.errors import InstantiationException
+from omegaconf import DictConfig, OmegaConf
+
+import lightning_moe.conf  # noqa: F401  (registers the config schemas)
+from lightning_moe.config import ConfigError, DHTConfig, HostConfig, LocalSwarmConfig, check_moe, to_dataclass
+from lightning_moe.swarm import LocalSwarm
+
+logger = logging.getLogger("lightning_moe.train")
+
+CONFIG_PATH = "pkg://lightning_moe.conf"
+
+
+def uses_swarm(cfg: DictConfig) -> bool:
+    """True when the `moe` group is a layer that finds its experts through the DHT."""
+    return "initial_peers" in cfg.moe
+
+
+def is_volunteer(cfg: DictConfig) -> bool:
+    """`+volunteer=true` on the command line; any value but a boolean is an error naming the key."""
+    volunteer = cfg.get("volunteer", False)
+    if not isinstance(volunteer, bool):
+        raise ConfigError(f"volunteer must be true or false (as in +volunteer=true), got {volunteer!r}")
+    return volunteer
+
+
+def check_config(cfg: DictConfig) -> tuple[HostConfig, DHTConfig, LocalSwarmConfig]:
+    """Every range and relation of the run's config, before anything starts; errors name the key."""
+    is_volunteer(cfg)
+    check_moe(cfg.moe)
+    if cfg.get("objective_mode", "min") not in ("min", "max"):
+        raise ConfigError(f"objective_mode must be min or max, got {cfg.objective_mode!r}")
+    return to_dataclass(cfg.host, HostConfig), to_dataclass(cfg.dht, DHTConfig), to_dataclass(cfg.local_swarm, LocalSwarmConfig)
+
+
+def instantiate_group(cfg: DictConfig, group: str) -> list[Any]:
+    """Instantiate every entry of a name -> `_target_` group (`callbacks`, `logger`); errors name the entry."""
+    objects = []
+    for name, node in (cfg.get(group) or {}).items():
+        try:
+            objects.append(hydra.utils.instantiate(node))
+        except InstantiationException as e:
+            cause = e.__cause__
+            hint = f" (pip install {cause.name})" if isinstance(cause, ModuleNotFoundError) and cause.name else ""
+            raise ConfigError(f"{group}.{name}: cannot instantiate {node.get('_target_')}: {cause or e}{hint}") from e
+    return objects
+
+
+def local_swarm(cfg: DictConfig, host: HostConfig, swarm: LocalSwarmConfig) -> LocalSwarm:
+    """The swarm of this machine: hosts with the `host` group's settings, except the local_swarm group's."""
+    config = dataclasses.replace(host, num_threads=swarm.num_threads, update_period=swarm.update_period)
+    return LocalSwarm(config, num_hosts=swarm.num_hosts, secret=cfg.dht.secret, start_timeout=swarm.start_timeout,
+                      host_delays=swarm.host_delays, bind=cfg.dht.host)
+
+
+def train(cfg: DictConfig, extra_callbacks: Callable[[LocalSwarm | None], list[pl.Callback]] | None = None) -> dict[str, float]:
+    """Build everything from ``cfg``, fit, and return the final metrics.
+
+    ``extra_callbacks(swarm)`` adds callbacks that may act on the local swarm (see examples/fault_runs.py).
+    """
+    host, _, swarm_config = check_config(cfg)
+    pl.seed_everything(cfg.seed, workers=True)
+    swarm = None
+    if uses_swarm(cfg) and not cfg.dht.initial_peers:
+        swarm = local_swarm(cfg, host, swarm_config).start_dht()
+        cfg.dht.initial_peers = swarm.initial_peers
+    try:
+        datamodule = hydra.utils.instantiate(cfg.data)
+        model = hydra.utils.instantiate(cfg.model, moe=hydra.utils.instantiate(cfg.moe))
+        callbacks = instantiate_group(cfg, "callbacks")
+        if is_volunteer(cfg):
+            callbacks.append(hydra.utils.instantiate(cfg.volunteer_callback))
+        if extra_callbacks is not None:
+            callbacks += extra_callbacks(swarm)
+        loggers = instantiate_group(cfg, "logger")
+        trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+        if swarm is not None:
+            swarm.start()
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
+        print("final metrics: " + ", ".join(f"{name}={value:.4f}" for name, value in sorted(metrics.items())))
+        if swarm is not None:
+            print(f"swarm: DHT {swarm.initial_peers[0]}, hosts {', '.join(e for e in swarm.endpoints if e)}")
+        for callback in callbacks:
+            served = getattr(callback, "final_metrics", {}).get("volunteer/forward/samples")
+            if served is not None:
+                print(f"volunteer served {served:.0f} forward samples")
+        return metrics
+    finally:
+        from lightning_moe.shared import shutdown_process_dht
+
+        shutdown_process_dht()
+        if swarm is not None:
+            swarm.shutdown()
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    """`lightning-moe train [overrides]`: returns the objective (for sweeps)."""
+    logger.info("config:\n%s", OmegaConf.to_yaml(cfg))
+    return train(cfg).get(cfg.objective)

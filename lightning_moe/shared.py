@@ -1,0 +1,66 @@
+"""One DHT node per process, shared by every DecentralizedMoE layer and a volunteer in the same process."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from lightning_moe import auth
+
+logger = logging.getLogger(__name__)
+
+_lock = threading.Lock()
+_nodes: dict[bytes | None, Any] = {}  # swarm secret -> this process's DHT node for that swarm
+_owned: set[int] = set()  # ids of the nodes this module created (and so shuts down)
+
+
+def usable(dht: Any) -> bool:
+    """True if ``dht`` runs and belongs to this process (a node cannot cross a fork)."""
+    alive = getattr(dht, "is_alive", True)
+    return getattr(dht, "_pid", os.getpid()) == os.getpid() and bool(alive() if callable(alive) else alive)
+
+
+def process_dht(initial_peers: Sequence[str], secret: str | bytes | None = None) -> Any:
+    """This process's DHT node for the swarm of ``secret``: a volunteer's node if one runs here, else a
+    client-mode node joined to ``initial_peers``, created on first use and reused by every layer."""
+    key = auth.resolve_secret(secret)
+    with _lock:
+        dht = _nodes.get(key)
+        if dht is not None and usable(dht):
+            return dht
+        from lightning_moe.dht import DHT
+
+        dht = DHT(initial_peers=list(initial_peers), client_mode=True, secret=key)
+        _nodes[key] = dht
+        _owned.add(id(dht))
+        logger.debug("process DHT client %s joined %s", dht.address, list(initial_peers))
+        return dht
+
+
+def register_process_dht(dht: Any) -> None:
+    """Make ``dht`` (a volunteer's full node) the one the layers of this process use."""
+    with _lock:
+        _nodes[dht._secret if hasattr(dht, "_secret") else None] = dht
+
+
+def unregister_process_dht(dht: Any) -> None:
+    """Forget ``dht`` (its owner shuts it down); layers then create a client node if they need one."""
+    with _lock:
+        for key, node in list(_nodes.items()):
+            if node is dht:
+                del _nodes[key]
+
+
+def shutdown_process_dht() -> None:
+    """Shut down the client nodes that :func:`process_dht` created (a registered volunteer's node is its owner's)."""
+    with _lock:
+        nodes = [node for node in _nodes.values() if id(node) in _owned]
+        for key, node in list(_nodes.items()):
+            if id(node) in _owned:
+                del _nodes[key]
+                _owned.discard(id(node))
+    for node in nodes:
+        node.shutdown()

@@ -1,0 +1,116 @@
+"""What `lightning-moe swarm` shows: the live experts of each layer, their hosts and each host's load."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from lightning_moe.config import grid_uids
+from lightning_moe.dht import is_valid_endpoint, prefix_key
+
+
+@dataclass
+class HostView:
+    """One host as the DHT and its ``/stats`` show it."""
+
+    endpoint: str
+    uids: list[str] = field(default_factory=list)
+    expires_in: float = 0.0  # seconds until its latest DHT declaration expires
+    stats: dict[str, Any] | None = None
+    error: str | None = None
+
+
+@dataclass
+class LayerView:
+    """The cells of one grid that some host declares alive."""
+
+    uid_prefix: str
+    grid_size: tuple[int, ...]
+    endpoints: dict[str, list[str]] = field(default_factory=dict)  # uid -> hosts declaring it
+
+    @property
+    def num_cells(self) -> int:
+        return len(grid_uids(self.uid_prefix, self.grid_size))
+
+
+def _leaf_prefixes(uid_prefix: str, grid_size: Sequence[int]) -> list[str]:
+    return grid_uids(uid_prefix, grid_size[:-1]) if len(grid_size) > 1 else [uid_prefix]
+
+
+def survey(dht: Any, layers: Sequence[tuple[str, Sequence[int]]], secret: bytes | None = None,
+           timeout: float = 5.0) -> tuple[list[LayerView], dict[str, HostView]]:
+    """Read each layer's records from the DHT, then ask every host found for its ``/stats``."""
+    now = time.time()
+    views, hosts = [], {}
+    for uid_prefix, grid_size in layers:
+        view = LayerView(uid_prefix, tuple(grid_size))
+        prefixes = _leaf_prefixes(uid_prefix, grid_size)
+        records = dht.get_many([prefix_key(p) for p in prefixes], timeout=timeout)
+        for prefix in prefixes:
+            for subkey, (_, expiration) in records.get(prefix_key(prefix), {}).items():
+                coord, _, endpoint = str(subkey).partition("@")
+                uid = f"{prefix}.{coord}"
+                if not coord.isdigit() or int(coord) >= grid_size[-1] or not is_valid_endpoint(endpoint):
+                    continue
+                view.endpoints.setdefault(uid, []).append(endpoint)
+                host = hosts.setdefault(endpoint, HostView(endpoint))
+                host.uids.append(uid)
+                host.expires_in = max(host.expires_in, float(expiration) - now)
+        views.append(view)
+    for host in hosts.values():
+        host.stats, host.error = fetch_stats(host.endpoint, secret, timeout)
+    return views, hosts
+
+
+def fetch_stats(endpoint: str, secret: bytes | None, timeout: float) -> tuple[dict | None, str | None]:
+    """A host's ``GET /stats`` as JSON, or None and why not."""
+    from lightning_moe.client.remote_expert import auth_headers, get_session
+
+    try:
+        response = get_session().get(f"http://{endpoint}/stats", timeout=timeout,
+                                     headers=auth_headers(secret, "GET", "/stats", b""))
+        if response.status_code != 200:
+            return None, f"HTTP {response.status_code}: {response.text[:100]}"
+        return response.json(), None
+    except Exception as e:  # noqa: BLE001 - shown in the table: a host that does not answer is news
+        return None, f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
+
+
+def _load(stats: dict | None) -> str:
+    if stats is None:
+        return "-"
+    experts = stats.get("experts", {})
+    requests = sum(e.get("forward", {}).get("requests", 0) + e.get("backward", {}).get("requests", 0) for e in experts.values())
+    samples = sum(e.get("forward", {}).get("samples", 0) for e in experts.values())
+    queued = sum(e.get("forward", {}).get("queued_rows", 0) + e.get("backward", {}).get("queued_rows", 0) for e in experts.values())
+    return f"{requests} requests, {samples} samples, {queued} rows queued"
+
+
+def format_survey(views: Sequence[LayerView], hosts: dict[str, HostView]) -> str:
+    """The table `lightning-moe swarm` prints."""
+    lines = []
+    for view in views:
+        alive = len(view.endpoints)
+        lines.append(f"layer {view.uid_prefix} {list(view.grid_size)}: {alive} of {view.num_cells} cells alive on "
+                     f"{len({e for es in view.endpoints.values() for e in es})} hosts")
+        missing = [uid for uid in grid_uids(view.uid_prefix, view.grid_size) if uid not in view.endpoints]
+        if missing:
+            lines.append(f"  no host for: {', '.join(missing[:16])}{' ...' if len(missing) > 16 else ''}")
+    lines.append("")
+    lines.append(f"{'host':<24} {'experts':>7} {'record expires':>14}  load (/stats)")
+    for endpoint in sorted(hosts):
+        host = hosts[endpoint]
+        load = _load(host.stats) if host.error is None else f"no answer: {host.error}"
+        lines.append(f"{endpoint:<24} {len(host.uids):>7} {host.expires_in:>12.0f} s  {load}")
+    return "\n".join(lines)
+
+
+def to_json(views: Sequence[LayerView], hosts: dict[str, HostView]) -> str:
+    """The same as :func:`format_survey`, as JSON (``--json``)."""
+    return json.dumps({
+        "layers": [{"uid_prefix": v.uid_prefix, "grid_size": list(v.grid_size), "alive": v.endpoints} for v in views],
+        "hosts": {e: {"uids": h.uids, "expires_in": h.expires_in, "stats": h.stats, "error": h.error} for e, h in hosts.items()},
+    }, indent=2)

@@ -1,0 +1,249 @@
+"""Starting a volunteer: the one way `lightning-moe host`, the local swarm and ExpertHostCallback host experts.
+
+:func:`start_volunteer` joins (or reuses) a DHT node, picks the cells to host, restores them from
+``host.checkpoint_dir``, starts an :class:`~lightning_moe.server.ExpertHost`, and keeps a thread
+that saves checkpoints and logs a one-line stats report every ``host.stats_every`` seconds.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_moe import shared
+from lightning_moe.config import ConfigError, DHTConfig, HostConfig, grid_uids
+from lightning_moe.server import ExpertBackend, ExpertHost
+
+logger = logging.getLogger(__name__)
+
+ExpertFactory = Callable[[], nn.Module]
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+CHECKPOINT_FILE = "experts.pt"
+
+
+def choose_cells(dht: Any, uid_prefix: str, grid_size: Sequence[int], count: int, seed: int | None = None) -> list[str]:
+    """``count`` grid cells that no one declares in the DHT yet; random busy ones if too few are free."""
+    uids = grid_uids(uid_prefix, grid_size)
+    if not 1 <= count <= len(uids):
+        raise ValueError(f"cells must be between 1 and {len(uids)} for grid {list(grid_size)}, got {count}")
+    taken = dht.get_experts(uids)
+    rng = random.Random(seed)
+    free = [uid for uid, endpoint in zip(uids, taken) if endpoint is None]
+    rng.shuffle(free)
+    chosen = free[:count]
+    if len(chosen) < count:
+        logger.warning("only %d free cells in %s%s; also hosting cells that others declare", len(free), uid_prefix, list(grid_size))
+        chosen += rng.sample([uid for uid in uids if uid not in chosen], count - len(chosen))
+    return sorted(chosen)
+
+
+def make_backends(
+    uids: Sequence[str],
+    expert: ExpertFactory,
+    optimizer: OptimizerFactory | None,
+    in_features: int,
+    max_batch_size: int = 1024,
+    update_every: int = 0,
+    dtype: torch.dtype = torch.float32,
+    seed: int | None = None,
+) -> dict[str, ExpertBackend]:
+    """One ExpertBackend per uid, each with a new expert and its own optimizer."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    backends = {}
+    for uid in uids:
+        module = expert().to(dtype)
+        backends[uid] = ExpertBackend(
+            uid,
+            module,
+            optimizer(module.parameters()) if optimizer is not None else None,
+            args_schema=[((in_features,), dtype)],
+            max_batch_size=max_batch_size,
+            update_every=update_every,
+        )
+    return backends
+
+
+def add_delay(backend: ExpertBackend, seconds: float) -> None:
+    """Make every batch of ``backend`` take ``seconds`` longer (a slow volunteer, for tests and demos)."""
+    for pool in (backend.forward_pool, backend.backward_pool):
+        process = pool.process_fn
+
+        @functools.wraps(process)
+        def slow(*args: Any, _process: Callable = process) -> Any:
+            time.sleep(seconds)
+            return _process(*args)
+
+        pool.process_fn = slow
+
+
+def _address_in_use(error: OSError) -> bool:
+    return error.errno in (errno.EADDRINUSE, errno.EACCES)
+
+
+def open_dht(config: DHTConfig) -> Any:
+    """A full DHT node as ``config`` says; a port in use is an error that names ``dht.port``."""
+    from lightning_moe.dht import DHT
+
+    try:
+        return DHT(initial_peers=config.initial_peers, host=config.host, port=config.port, announce_host=config.announce_host,
+                   secret=config.secret)
+    except OSError as e:
+        if _address_in_use(e):
+            raise ConfigError(f"dht.port={config.port}: cannot bind {config.host}:{config.port} ({e.strerror}); "
+                              "choose another port or 0 for any free one") from e
+        raise
+
+
+class Volunteer:
+    """A running volunteer: its ExpertHost, its DHT node, and a thread for checkpoints and stats reports.
+
+    Made by :func:`start_volunteer`; :meth:`stop` saves a last checkpoint and shuts everything down.
+    """
+
+    def __init__(self, config: HostConfig, host: ExpertHost, dht: Any, owns_dht: bool, checkpoint: Path | None,
+                 restored: int):
+        self.config, self.host, self.dht, self.checkpoint, self.restored = config, host, dht, checkpoint, restored
+        self._owns_dht = owns_dht
+        self._stop = threading.Event()
+        self._last_report = (time.monotonic(), self._totals())
+        self._thread = threading.Thread(target=self._run, name="lightning_moe-volunteer", daemon=True)
+        self._thread.start()
+
+    @property
+    def hosted_uids(self) -> list[str]:
+        return sorted(self.host.backends)
+
+    @property
+    def endpoint(self) -> str:
+        return self.host.endpoint
+
+    def _totals(self) -> tuple[int, int, int]:
+        stats = self.host.stats().values()
+        requests = sum(e["forward"]["requests"] + e["backward"]["requests"] for e in stats)
+        samples = sum(e["forward"]["samples"] for e in stats)
+        return requests, samples, sum(e["errors"] + e["forward"]["failed_batches"] + e["backward"]["failed_batches"] for e in stats)
+
+    def report(self) -> str:
+        """One line: requests, forward samples/s and errors since the last report."""
+        now, totals = time.monotonic(), self._totals()
+        (then, before), self._last_report = self._last_report, (now, totals)
+        elapsed = max(now - then, 1e-9)
+        requests, samples, errors = (a - b for a, b in zip(totals, before))
+        return (f"host {self.endpoint}: {requests} requests, {samples / elapsed:.1f} samples/s, {errors} errors "
+                f"in the last {elapsed:.0f} s ({totals[1]} samples in all)")
+
+    def save_checkpoint(self) -> None:
+        """Write the experts' weights and optimizer states to ``host.checkpoint_dir`` (atomically)."""
+        if self.checkpoint is not None:
+            self.host.save(self.checkpoint)
+            logger.info("saved %d experts to %s", len(self.host.backends), self.checkpoint)
+
+    def _run(self) -> None:
+        period = [p for p in (self.config.stats_every, self.config.checkpoint_every if self.checkpoint else 0) if p > 0]
+        if not period:
+            return
+        next_report = next_save = time.monotonic()
+        while not self._stop.wait(min(period)):
+            now = time.monotonic()
+            if self.config.stats_every > 0 and now - next_report >= self.config.stats_every:
+                next_report = now
+                logger.info(self.report())
+            if self.checkpoint is not None and now - next_save >= self.config.checkpoint_every:
+                next_save = now
+                try:
+                    self.save_checkpoint()
+                except OSError:
+                    logger.warning("saving host checkpoint %s failed", self.checkpoint, exc_info=True)
+
+    def stop(self) -> dict[str, Any]:
+        """Save a last checkpoint, stop the host (and the DHT node if this volunteer made it); returns final stats."""
+        self._stop.set()
+        self._thread.join(timeout=10)
+        try:
+            self.save_checkpoint()
+        finally:
+            stats = self.host.stats()
+            self.host.shutdown()
+            if self._owns_dht:
+                shared.unregister_process_dht(self.dht)
+                self.dht.shutdown()
+        return stats
+
+    def __enter__(self) -> "Volunteer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def start_volunteer(config: HostConfig, dht: DHTConfig | Any, device: str | torch.device | None = None,
+                    state: dict | None = None, checkpoint_name: str = CHECKPOINT_FILE) -> Volunteer:
+    """Host ``config``'s experts: join the DHT, pick cells, restore, serve and declare them.
+
+    Args:
+        config: what to host and how.
+        dht: a :class:`DHTConfig` (a node is started, owned and shared with this process's layers), or
+            a running DHT node to use.
+        device: overrides ``config.device``.
+        state: experts' state to restore (e.g. from a Lightning checkpoint); a file in
+            ``config.checkpoint_dir`` takes precedence only when ``state`` is None.
+        checkpoint_name: the file name under ``checkpoint_dir`` (one per DDP rank, say).
+    """
+    config.check()
+    owns_dht = isinstance(dht, DHTConfig)
+    secret = dht.secret if owns_dht else getattr(dht, "_secret", None)
+    node = open_dht(dht) if owns_dht else dht
+    host = None
+    try:
+        checkpoint = Path(config.checkpoint_dir) / checkpoint_name if config.checkpoint_dir else None
+        if state is None and checkpoint is not None and checkpoint.exists():
+            state = torch.load(checkpoint, map_location="cpu", weights_only=True)  # our own file, weights only
+            logger.info("restored %d experts from checkpoint %s", len(state), checkpoint)
+        if state:
+            uids = sorted(state)
+        elif isinstance(config.cells, int):
+            uids = choose_cells(node, config.uid_prefix, config.grid_size, config.cells, config.seed)
+        else:
+            uids = sorted(config.cells)
+        backends = make_backends(uids, config.make_expert(), config.make_optimizer(), config.in_features,
+                                 config.max_batch_size, config.update_every, dtype=getattr(torch, config.dtype), seed=config.seed)
+        for backend in backends.values():
+            if config.delay:
+                add_delay(backend, config.delay)
+        host = ExpertHost(backends, host=config.host, port=config.port, device=device or config.device or "cpu",
+                          announce_host=config.announce_host, dht=node, update_period=config.update_period, secret=secret,
+                          compression=config.compression)
+        if state:
+            host.load_state_dict(state)
+        try:
+            host.start()
+        except OSError as e:
+            if _address_in_use(e):
+                raise ConfigError(f"host.port={config.port}: cannot bind {config.host}:{config.port} ({e.strerror}); "
+                                  "choose another port or 0 for any free one") from e
+            raise
+        if checkpoint is not None:
+            checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        if owns_dht:
+            shared.register_process_dht(node)
+        logger.info("hosting %d cells of %s%s at %s: %s%s", len(uids), config.uid_prefix, list(config.grid_size), host.endpoint,
+                    ", ".join(uids), f" (restored {len(state)} experts)" if state else "")
+        return Volunteer(config, host, node, owns_dht, checkpoint, len(state) if state else 0)
+    except BaseException:
+        if host is not None:
+            host.shutdown()
+        if owns_dht:
+            node.shutdown()
+        raise
