@@ -78,7 +78,7 @@ def run(name: str, overrides: list[str]) -> RunReport:
     report = RunReport(name)
     extra = {"local": ["experiment=baseline"], "slow": ["local_swarm.host_delays=[2.0]"]}.get(name, [])
     with initialize_config_module("lightning_moe.conf", version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[*overrides, *extra])
+        cfg = compose(config_name="config", overrides=[f"paths.output_dir=outputs/fault_runs/{name}", *overrides, *extra])
     monitors: list[FaultMonitor] = []
 
     def callbacks(swarm: LocalSwarm | None) -> list[pl.Callback]:
@@ -112,8 +112,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run, e.g. trainer.max_steps=200")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    overrides = ["trainer.enable_checkpointing=false", "trainer.logger=false", "trainer.default_root_dir=outputs/fault_runs",
-                 *args.overrides]
+    overrides = ["trainer.enable_checkpointing=false", "~logger", "callbacks=none", *args.overrides]
     reports = []
     for name in args.runs:
         print(f"=== {name} ===", flush=True)

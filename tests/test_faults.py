@@ -11,7 +11,7 @@ import fault_runs  # noqa: E402
 
 SHORT = [
     "trainer.max_steps=120", "trainer.val_check_interval=120", "trainer.limit_val_batches=20",
-    "trainer.enable_progress_bar=false", "trainer.enable_checkpointing=false", "trainer.logger=false",
+    "trainer.enable_progress_bar=false", "trainer.enable_checkpointing=false", "~logger", "callbacks=none",
     "data.train_bytes=200000",
 ]
 _reports: dict[str, fault_runs.RunReport] = {}
@@ -21,7 +21,7 @@ def report(name: str, tmp_path_factory: pytest.TempPathFactory) -> fault_runs.Ru
     """Each run once per session, whichever test asks first."""
     if name not in _reports:
         root = tmp_path_factory.mktemp(name)
-        _reports[name] = fault_runs.run(name, [*SHORT, f"trainer.default_root_dir={root}"])
+        _reports[name] = fault_runs.run(name, [*SHORT, f"paths.output_dir={root}"])
     return _reports[name]
 
 
