@@ -146,14 +146,21 @@ class LocalSwarmConfig:
 
 
 @dataclass
-class DecentralizedMoEConfig:
-    """Schema of the `moe=decentralized` group: typed keys of :class:`lightning_moe.DecentralizedMoE`."""
+class MoEConfig:
+    """Keys every `moe` option has."""
 
-    _target_: str = "lightning_moe.DecentralizedMoE"
+    _target_: str = "lightning_moe.LocalMoE"
     in_features: int = 64
     grid_size: list[int] = field(default_factory=lambda: [4, 4])
     uid_prefix: str = "ffn"
     k_best: int = 4
+
+
+@dataclass
+class DecentralizedMoEConfig(MoEConfig):
+    """Schema of the `moe=decentralized` group: typed keys of :class:`lightning_moe.DecentralizedMoE`."""
+
+    _target_: str = "lightning_moe.DecentralizedMoE"
     k_min: int = 1
     forward_timeout: Optional[float] = 30.0
     timeout_after_k_min: Optional[float] = 1.0
@@ -167,14 +174,9 @@ class DecentralizedMoEConfig:
 
 
 @dataclass
-class LocalMoEConfig:
+class LocalMoEConfig(MoEConfig):
     """Schema of the `moe=local` group: :class:`lightning_moe.LocalMoE`, the baseline."""
 
-    _target_: str = "lightning_moe.LocalMoE"
-    in_features: int = 64
-    grid_size: list[int] = field(default_factory=lambda: [4, 4])
-    uid_prefix: str = "ffn"
-    k_best: int = 4
     experts: Any = None
 
 

@@ -8,7 +8,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
 from pytorch_lightning.callbacks import Callback
 
 from lightning_moe.config import DHTConfig, HostConfig, to_dataclass
