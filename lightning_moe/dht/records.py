@@ -20,10 +20,13 @@ Two layers live here:
   ===================  ====================  ==========
   key                  sub-key               value
   ===================  ====================  ==========
-  ``expert:ffn.3.14``  endpoint              endpoint
   ``prefix:ffn.3``     ``"14@"`` + endpoint  None
   ``prefix:ffn``       ``"3@"`` + endpoint   None
   ===================  ====================  ==========
+
+  The entries of the last grid dimension say which host serves which uid, so ``get_experts``
+  reads the parent prefix records: there are no per-uid records (a 4x4 grid declares 5 keys,
+  not 21).
 
   A prefix record lists the live children of that prefix (one coordinate of the next grid
   dimension each), so beam search walks the grid one dimension at a time. Each host writes
@@ -63,7 +66,9 @@ MAX_VALUE_BYTES = 2048  # msgpack size of one value
 MAX_RECORD_BYTES = 6000  # msgpack size of one stored or transmitted record; UDP request limit is 8192
 MAX_ENTRIES = 1024
 MAX_VALUE_DEPTH = 8
-MAX_TTL = 7 * 24 * 3600.0  # an expiration time further ahead than this is invalid
+MAX_TTL = 300.0  # default cap: an expiration time further ahead than this is invalid (node setting ``max_ttl``)
+# Hosts declare ``now + 2 * update_period`` (periods of 5-30 s by default); a stranger's entries
+# live at most this long unless refreshed, so a flood ages out within minutes.
 MAX_COORDINATE = 1 << 20
 
 EXPERT_KEY_PREFIX = "expert:"
@@ -162,7 +167,7 @@ def _check_value(value: Any, depth: int = 0) -> bool:
 
 
 def check_entry(subkey: Any, value: Any, expiration_time: Any, now: Optional[float] = None,
-                check_size: bool = True) -> Optional[str]:
+                check_size: bool = True, max_ttl: float = MAX_TTL) -> Optional[str]:
     """Return None when the entry is well-formed, else a short reason. Expired entries are
     well-formed (callers drop them separately). ``check_size=False`` skips the per-value
     size limit (for values decoded from a record already bounded by MAX_RECORD_BYTES)."""
@@ -171,7 +176,7 @@ def check_entry(subkey: Any, value: Any, expiration_time: Any, now: Optional[flo
         return "bad subkey"
     if isinstance(expiration_time, bool) or not isinstance(expiration_time, (int, float)):
         return "bad expiration type"
-    if not math.isfinite(expiration_time) or expiration_time <= 0 or expiration_time > now + MAX_TTL:
+    if not math.isfinite(expiration_time) or expiration_time <= 0 or expiration_time > now + max_ttl:
         return "expiration out of bounds"
     try:
         if not _check_value(value) or (check_size and len(umsgpack.packb(value)) > MAX_VALUE_BYTES):
@@ -282,14 +287,17 @@ def strip_tags(record: Mapping[str, tuple]) -> dict[str, tuple[Any, float]]:
 
 
 def decode_record(blob: Any, stats: Optional[Counter] = None, now: Optional[float] = None,
-                  secret: Optional[bytes] = None, dkey: Optional[bytes] = None) -> Optional[Record]:
+                  secret: Optional[bytes] = None, dkey: Optional[bytes] = None,
+                  max_ttl: float = MAX_TTL) -> Optional[Record]:
     """Decode and validate a record read from the network.
 
     Returns ``{subkey: (value, expiration[, tag])}`` with the live, valid entries (possibly
     empty), or None when the blob as a whole is unusable. Every skipped thing is counted in
     ``stats``: ``invalid_records`` (not bytes, too large, not msgpack, not a map),
     ``invalid_entries``, and, when ``secret`` is given (then ``dkey``, the key digest, is
-    needed too), ``unauthenticated_entries``: live entries without a valid tag.
+    needed too), ``unauthenticated_entries``: live entries without a valid tag, of which those
+    that carry a well-formed tag (signed with another secret, or forged) are also counted as
+    ``foreign_tag_entries``. Entries expiring more than ``max_ttl`` seconds ahead are invalid.
     """
     stats = stats if stats is not None else Counter()
     now = time.time() if now is None else now
@@ -313,7 +321,7 @@ def decode_record(blob: Any, stats: Optional[Counter] = None, now: Optional[floa
             stats["invalid_entries"] += 1
             continue
         value, expiration = entry[0], entry[1]
-        if check_entry(subkey, value, expiration, now, check_size=False) is not None:
+        if check_entry(subkey, value, expiration, now, check_size=False, max_ttl=max_ttl) is not None:
             stats["invalid_entries"] += 1
             continue
         if expiration <= now:
@@ -321,6 +329,8 @@ def decode_record(blob: Any, stats: Optional[Counter] = None, now: Optional[floa
         entry = (value, float(expiration)) if len(entry) == 2 else (value, float(expiration), entry[2])
         if secret is not None and not is_authentic(secret, dkey, subkey, entry):
             stats["unauthenticated_entries"] += 1
+            if len(entry) > 2:
+                stats["foreign_tag_entries"] += 1
             continue
         record[subkey] = entry
     return record
@@ -350,12 +360,17 @@ def expert_entries(uids: Sequence[str], endpoint: str, expiration_time: float) -
     records: dict[str, Record] = {}
     for uid in uids:
         prefix, coords = parse_uid(uid)
-        records.setdefault(expert_key(uid), {})[endpoint] = (endpoint, expiration_time)
         parent = prefix
         for coord in coords:
             records.setdefault(prefix_key(parent), {})[f"{coord}@{endpoint}"] = (None, expiration_time)
             parent = f"{parent}.{coord}"
     return records
+
+
+def parent_and_coordinate(uid: str) -> tuple[str, int]:
+    """``"ffn.3.14"`` -> ``("ffn.3", 14)``: the prefix whose record lists ``uid``'s hosts."""
+    prefix, coords = parse_uid(uid)
+    return ".".join([prefix, *map(str, coords[:-1])]), coords[-1]
 
 
 def pick_endpoints(record: Mapping[str, tuple], stats: Optional[Counter] = None) -> list[str]:
