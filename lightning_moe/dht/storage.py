@@ -16,7 +16,8 @@ node's own writes). Three bounds apply, each evicting entries rather than refusi
 
 Sizes are accounted as the msgpack size of each entry plus a fixed overhead per entry and per key
 (``ENTRY_OVERHEAD``, ``KEY_OVERHEAD``: roughly what CPython spends on the dicts and tuples), so
-``bytes_used`` tracks the memory the storage holds. Expiration times beyond ``max_ttl`` are
+``bytes_used`` tracks the memory the storage holds. A source is charged for its entries and for
+the keys it created (until they are gone). Expiration times beyond ``max_ttl`` are
 invalid (``records.decode_record``), so nothing lingers longer than that unless re-declared.
 
 With a ``secret`` (a private swarm), only entries whose tag verifies are stored; the rest are
@@ -70,6 +71,7 @@ class SubkeyStorage:
         self._written: dict[bytes, float] = {}  # monotonic time of the last write, for republish
         self._blobs: "OrderedDict[bytes, tuple[bytes, float]]" = OrderedDict()  # LRU of encodings
         self._source_bytes: Counter = Counter()
+        self._key_owner: dict[bytes, str] = {}
         self._by_source: dict[str, list] = {}  # source -> heap of (expiration, key, subkey), lazily pruned
         self.bytes_used = 0
 
@@ -79,6 +81,8 @@ class SubkeyStorage:
         if record is None:
             record, meta = self._data[key], self._meta[key] = {}, {}
             self.bytes_used += KEY_OVERHEAD
+            self._key_owner[key] = source  # charged the key's own overhead until the key goes
+            self._source_bytes[source] += KEY_OVERHEAD
         elif subkey in record:
             self._remove(key, subkey, drop_empty=False)
         size = entry_size(subkey, entry[0], entry[1], entry[2] if len(entry) > 2 else None)
@@ -115,6 +119,11 @@ class SubkeyStorage:
             self._remove(key, subkey, drop_empty=False)
         if self._data.pop(key, None) is not None:
             self.bytes_used -= KEY_OVERHEAD
+            owner = self._key_owner.pop(key)
+            self._source_bytes[owner] -= KEY_OVERHEAD
+            if self._source_bytes[owner] <= 0:
+                del self._source_bytes[owner]
+                self._by_source.pop(owner, None)
         self._meta.pop(key, None)
         self._written.pop(key, None)
         self._blobs.pop(key, None)
@@ -133,12 +142,16 @@ class SubkeyStorage:
         if source != LOCAL:
             while self._source_bytes.get(source, 0) > self.max_bytes_per_source and self._evict_from(source):
                 self.stats["entries_evicted_by_source_quota"] += 1
-        while (self.bytes_used > self.max_bytes or len(self._data) > self.max_keys) and self._source_bytes:
-            biggest = max(self._source_bytes, key=self._source_bytes.__getitem__)
-            if not self._evict_from(biggest):
-                del self._source_bytes[biggest]
-                continue
-            self.stats["entries_evicted_by_storage_cap"] += 1
+        exhausted: set[str] = set()  # sources charged only for keys that now hold others' entries
+        while self.bytes_used > self.max_bytes or len(self._data) > self.max_keys:
+            candidates = [s for s in self._source_bytes if s not in exhausted]
+            if not candidates:
+                break
+            biggest = max(candidates, key=self._source_bytes.__getitem__)
+            if self._evict_from(biggest):
+                self.stats["entries_evicted_by_storage_cap"] += 1
+            else:
+                exhausted.add(biggest)
 
     def _fair_cap(self, key: bytes) -> None:
         """Fit the record under ``key`` in MAX_RECORD_BYTES: evict from the IP holding the most bytes
