@@ -15,11 +15,10 @@ import pytest
 import umsgpack
 from kademlia.utils import digest
 
-from lightning_moe.dht import DHT, expert_key, is_valid_endpoint, parse_endpoint, parse_uid, prefix_key
+from lightning_moe.dht import DHT, is_valid_endpoint, parse_endpoint, parse_uid, prefix_key
 from lightning_moe.dht.protocol import pack_nodes
 from lightning_moe.dht.records import (
     MAX_RECORD_BYTES,
-    cap_record,
     decode_record,
     encode_record,
     merge_records,
@@ -81,14 +80,18 @@ def test_decode_record_skips_and_counts_invalid_entries():
     assert stats["invalid_records"] == 6
 
 
-def test_cap_record_drops_soonest_expiring_first():
-    now = time.time()
-    record = {f"sub{i}": ("x" * 100, now + 100 + i) for i in range(200)}
-    capped = cap_record(record)
-    assert len(encode_record(capped)) <= MAX_RECORD_BYTES < len(encode_record(record))
-    kept = sorted(capped)
-    dropped = set(record) - set(capped)
-    assert min(record[k][1] for k in kept) > max(record[k][1] for k in dropped)
+def test_storage_cap_evicts_from_the_address_holding_the_most():
+    storage = SubkeyStorage()
+    key, now = digest("prefix:ffn"), time.time()
+    honest = {f"{c}@127.0.0.1:7000": (None, now + 5) for c in range(4)}
+    storage.merge(key, honest, source="10.0.0.1:5000")
+    storage.merge(key, {f"{c}@127.0.0.1:{1000 + c}": (None, now + 299) for c in range(300)}, source="10.0.0.2:6000")
+    storage.merge(key, {f"{c}@127.0.0.1:{2000 + c}": (None, now + 299) for c in range(300)}, source="10.0.0.2:6001")
+    kept = storage.get_record(key)
+    assert len(storage.get(key)) <= MAX_RECORD_BYTES and set(honest) <= set(kept) and len(kept) > 50
+    flood_a = sum(sk.endswith(f":{1000 + int(sk.split('@')[0])}") for sk in kept)
+    assert abs(2 * flood_a - (len(kept) - 4)) <= 2  # the two ports of one address share its room evenly
+    assert storage.stats["entries_dropped_by_size_cap"] == 604 - len(kept)
 
 
 def test_storage_merges_subkeys_with_per_entry_expiry():
@@ -496,16 +499,6 @@ def test_secret_from_the_environment_variable(monkeypatch):
         assert not public.is_private
     with pytest.raises(ValueError):
         DHT(secret="", **FAST)
-
-
-def test_cap_record_keeps_children_balanced():
-    now = time.time()
-    flood = {f"0@127.0.0.1:{1000 + i}": (None, now + 250 + i) for i in range(300)}  # one child, far-future
-    honest = {f"{c}@127.0.0.1:7000": (None, now + 5) for c in range(1, 4)}
-    capped = cap_record({**flood, **honest})
-    assert len(encode_record(capped)) <= MAX_RECORD_BYTES
-    assert set(honest) <= set(capped) and 50 < len(capped) < 300
-    assert min(capped[k][1] for k in capped if k in flood) > max(flood[k][1] for k in flood if k not in capped)
 
 
 def test_a_stranger_cannot_hide_or_redirect_a_hosts_declarations():

@@ -39,12 +39,12 @@ Two layers live here:
   one entry per sub-key: the latest-expiring, so with a value as the endpoint, a stranger's
   far-future entry would have replaced the host's). When several endpoints serve one child,
   readers order them latest-expiring first and can ask for all of them, so a trainer can fall
-  back from one that fails to the next. The size cap keeps children balanced (``cap_record``),
-  so many hosts under one child, or a flood of entries for one child, cannot push the others out.
+  back from one that fails to the next. The size cap of a stored record evicts from the address
+  holding the most bytes of it (``storage.SubkeyStorage``), so a flood from one address cannot
+  push the other hosts' entries out.
 """
 from __future__ import annotations
 
-import heapq
 import ipaddress
 import math
 import re
@@ -142,6 +142,7 @@ def is_valid_endpoint(endpoint: Any) -> bool:
 
 
 def expert_key(uid: str) -> str:
+    """The key of the per-uid records of earlier versions (none are written now; kept for callers)."""
     return EXPERT_KEY_PREFIX + uid
 
 
@@ -195,46 +196,6 @@ def entry_size(subkey: str, value: Any, expiration_time: float, tag: Optional[st
 
 def _entry_size(subkey: str, entry: tuple) -> int:
     return entry_size(subkey, entry[0], entry[1], entry[2] if len(entry) > 2 else None)
-
-
-def _map_header_size(n: int) -> int:
-    return 1 if n < 16 else 3 if n < 65536 else 5
-
-
-def cap_record(record: Record, max_bytes: int = MAX_RECORD_BYTES) -> Record:
-    """Drop entries until the encoded record fits in ``max_bytes``.
-
-    Sub-keys ``"group@rest"`` form groups by the part before ``@`` (a sub-key without ``@`` is a
-    group of its own). Rule: drop from the group with the most entries, its entry that expires
-    soonest (ties: the group whose entry expires sooner, then larger sub-key first). So groups stay
-    balanced (every child of a prefix keeps entries while the record is big enough for one per
-    child), and within a group, and among single entries, the most recently refreshed survive.
-    Returns a new dict.
-    """
-    sizes = {sk: _entry_size(sk, entry) for sk, entry in record.items()}
-    total = _map_header_size(len(record)) + sum(sizes.values())
-    if total <= max_bytes:
-        return dict(record)
-    groups: dict[str, list[str]] = {}
-    for sk in sorted(record, key=lambda sk: (record[sk][1], _neg_str(sk)), reverse=True):
-        groups.setdefault(sk.partition("@")[0] if "@" in sk else "\x00" + sk, []).append(sk)  # soonest last
-    heap = [(-len(members), record[members[-1]][1], _neg_str(members[-1]), name) for name, members in groups.items()]
-    heapq.heapify(heap)
-    kept = dict(record)
-    while total > max_bytes and heap:
-        _, _, _, name = heapq.heappop(heap)
-        members = groups[name]
-        sk = members.pop()
-        del kept[sk]
-        total -= sizes[sk]
-        total += _map_header_size(len(kept)) - _map_header_size(len(kept) + 1)
-        if members:
-            heapq.heappush(heap, (-len(members), record[members[-1]][1], _neg_str(members[-1]), name))
-    return kept
-
-
-def _neg_str(s: str) -> tuple:
-    return tuple(-ord(c) for c in s)
 
 
 def _wire_entry(entry: tuple) -> list:
@@ -373,27 +334,6 @@ def parent_and_coordinate(uid: str) -> tuple[str, int]:
     return ".".join([prefix, *map(str, coords[:-1])]), coords[-1]
 
 
-def pick_endpoints(record: Mapping[str, tuple], stats: Optional[Counter] = None) -> list[str]:
-    """Endpoints of the valid entries of an ``expert:`` record, latest-expiring first.
-
-    The endpoint is the entry's sub-key; its value is not trusted (see the module docstring)."""
-    found: list[tuple[float, str]] = []
-    for subkey, entry in record.items():
-        if not is_valid_endpoint(subkey):
-            if stats is not None:
-                stats["invalid_expert_entries"] += 1
-            continue
-        found.append((entry[1], subkey))
-    found.sort(key=lambda pair: (-pair[0], pair[1]))
-    return [endpoint for _, endpoint in found]
-
-
-def pick_endpoint(record: Mapping[str, tuple], stats: Optional[Counter] = None) -> Optional[str]:
-    """The endpoint of the latest-expiring valid entry of an ``expert:`` record, or None."""
-    endpoints = pick_endpoints(record, stats)
-    return endpoints[0] if endpoints else None
-
-
 def parse_children_endpoints(record: Mapping[str, tuple], stats: Optional[Counter] = None) -> dict[int, list[str]]:
     """``{coordinate: [endpoint, ...]}`` from a ``prefix:`` record, latest-expiring first,
     skipping (and counting as ``invalid_prefix_entries``) entries whose sub-key is not
@@ -407,9 +347,3 @@ def parse_children_endpoints(record: Mapping[str, tuple], stats: Optional[Counte
             continue
         found.setdefault(int(coord), []).append((entry[1], endpoint))
     return {coord: [e for _, e in sorted(found[coord], key=lambda pair: (-pair[0], pair[1]))] for coord in sorted(found)}
-
-
-def parse_children(record: Mapping[str, tuple], stats: Optional[Counter] = None) -> dict[int, str]:
-    """``{coordinate: endpoint}`` from a ``prefix:`` record (the latest-expiring endpoint of
-    each child), skipping (and counting) bad entries."""
-    return {coord: endpoints[0] for coord, endpoints in parse_children_endpoints(record, stats).items()}
