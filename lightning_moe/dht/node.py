@@ -39,8 +39,9 @@ class DHT:
         and keeps retrying while its routing table is empty.
     :param host: interface to bind (default loopback); :param port: 0 picks a free port.
     :param announce_host: / :param announce_port: what ``address`` reports when peers must
-        reach this node at another address than the bound one (NAT, 0.0.0.0). kademlia
-        itself learns peers' addresses from the datagrams they send.
+        reach this node at another address than the bound one (NAT, 0.0.0.0). Nodes learn
+        peers' addresses from the datagrams they send, once the address is verified (it answered
+        a request or returned a cookie, see ``protocol``).
     :param client_mode: a trainer-only node: it reads and writes the DHT but answers no
         requests and never enters other nodes' routing tables (works behind NAT).
     :param rpc_timeout: seconds to wait for one peer's reply (kademlia's default is 5).

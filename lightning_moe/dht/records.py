@@ -69,6 +69,7 @@ MAX_VALUE_DEPTH = 8
 MAX_TTL = 300.0  # default cap: an expiration time further ahead than this is invalid (node setting ``max_ttl``)
 # Hosts declare ``now + 2 * update_period`` (periods of 5-30 s by default); a stranger's entries
 # live at most this long unless refreshed, so a flood ages out within minutes.
+MAX_CLOCK_SKEW = 30.0  # records read or stored may expire this much later than max_ttl (peers' clocks differ)
 MAX_COORDINATE = 1 << 20
 
 EXPERT_KEY_PREFIX = "expert:"
@@ -258,7 +259,8 @@ def decode_record(blob: Any, stats: Optional[Counter] = None, now: Optional[floa
     ``invalid_entries``, and, when ``secret`` is given (then ``dkey``, the key digest, is
     needed too), ``unauthenticated_entries``: live entries without a valid tag, of which those
     that carry a well-formed tag (signed with another secret, or forged) are also counted as
-    ``foreign_tag_entries``. Entries expiring more than ``max_ttl`` seconds ahead are invalid.
+    ``foreign_tag_entries``. Entries expiring more than ``max_ttl`` (plus ``MAX_CLOCK_SKEW``)
+    seconds ahead are invalid.
     """
     stats = stats if stats is not None else Counter()
     now = time.time() if now is None else now
@@ -282,7 +284,7 @@ def decode_record(blob: Any, stats: Optional[Counter] = None, now: Optional[floa
             stats["invalid_entries"] += 1
             continue
         value, expiration = entry[0], entry[1]
-        if check_entry(subkey, value, expiration, now, check_size=False, max_ttl=max_ttl) is not None:
+        if check_entry(subkey, value, expiration, now, check_size=False, max_ttl=max_ttl + MAX_CLOCK_SKEW) is not None:
             stats["invalid_entries"] += 1
             continue
         if expiration <= now:
