@@ -231,7 +231,7 @@ def measure_store_flood(keys: int = 3000, sources: int = 3, value_bytes: int = 5
     with _nodes(target, *attackers):
         honest = DHT(initial_peers=[target.address], **FAST)
         with honest:
-            assert honest.declare_experts(["ffn.0.0", "ffn.1.1"], "127.0.0.1:7000", time.time() + 60)
+            assert honest.declare_experts(["ffn.0.0", "ffn.1.1"], "127.0.0.1:7000", time.time() + MAX_TTL - 1)
         address = _address(target)
         for peer in attackers:
             peer.call(address, "ping", [None])  # the cookie handshake: these are real addresses
@@ -243,9 +243,10 @@ def measure_store_flood(keys: int = 3000, sources: int = 3, value_bytes: int = 5
         for i in range(keys):
             peer = attackers[i % sources]
             peer.send(address, "store", [None, digest(f"flood{i}"), encode_record({"s": (value, far)})])
-            if i % 100 == 99:
-                for p in attackers:
-                    p.drain(quiet=0.02, limit=2.0)
+            if i % 100 == 99:  # wait for the target to catch up (its receive buffer is 4 MiB)
+                attackers[0].drain(quiet=0.02, limit=2.0)
+                for p in attackers[1:]:
+                    p.drain(quiet=0.0005, limit=2.0)
         for peer in attackers:
             peer.drain(quiet=0.5)
         seconds = time.monotonic() - started
