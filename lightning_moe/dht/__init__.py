@@ -1,7 +1,10 @@
 """Kademlia DHT where hosts announce their experts and trainers find them.
 
-``DHT`` is the node (one per process, synchronous API); ``records`` holds the record
-formats and the validation helpers (``parse_uid``, ``parse_endpoint``) other modules reuse.
+``DHT`` (node.py) is the node (one per process, synchronous API). On its event loop,
+``server.DHTServer`` owns kademlia's routing table and node ids, the storage (storage.py: bounded
+in bytes, fair between the addresses that write) and the lookups (lookup.py), over a datagram
+protocol of its own (protocol.py: msgpack, address verification by cookies). ``records`` holds the
+record formats and the validation helpers (``parse_uid``, ``parse_endpoint``) other modules reuse.
 """
 from .node import DHT
 from .records import (

@@ -14,18 +14,17 @@ from typing import Any, Coroutine, Iterable, Optional, Sequence
 
 from .. import auth
 from .records import (
+    MAX_KEY_LENGTH,
+    MAX_TTL,
     Record,
     check_entry,
     expert_entries,
-    expert_key,
+    parent_and_coordinate,
     parse_children_endpoints,
     parse_endpoint,
-    parse_uid,
     parse_uid_prefix,
-    pick_endpoints,
     prefix_key,
     strip_tags,
-    MAX_KEY_LENGTH,
 )
 from .server import DHTServer, _is_ipv4
 
@@ -40,8 +39,9 @@ class DHT:
         and keeps retrying while its routing table is empty.
     :param host: interface to bind (default loopback); :param port: 0 picks a free port.
     :param announce_host: / :param announce_port: what ``address`` reports when peers must
-        reach this node at another address than the bound one (NAT, 0.0.0.0). kademlia
-        itself learns peers' addresses from the datagrams they send.
+        reach this node at another address than the bound one (NAT, 0.0.0.0). Nodes learn
+        peers' addresses from the datagrams they send, once the address is verified (it answered
+        a request or returned a cookie, see ``protocol``).
     :param client_mode: a trainer-only node: it reads and writes the DHT but answers no
         requests and never enters other nodes' routing tables (works behind NAT).
     :param rpc_timeout: seconds to wait for one peer's reply (kademlia's default is 5).
@@ -55,7 +55,12 @@ class DHT:
         anything else (a stranger's records, or records of a swarm with another secret) is
         skipped and counted as ``unauthenticated_entries``. Every node of a private swarm should
         have it: a node without it still stores and serves the tagged records, but also lets a
-        stranger's entry replace a tagged one under the same sub-key.
+        stranger's entry replace a tagged one under the same sub-key. When entries tagged under
+        another secret are skipped, the node logs a warning (at most every 5 minutes).
+    :param max_ttl: the furthest ahead (seconds) an expiration time may be; entries beyond it
+        are invalid, here and on every node with this setting (default ``records.MAX_TTL``).
+    Further keyword arguments go to ``server.DHTServer`` and its ``storage.SubkeyStorage``
+    (``max_bytes``, ``max_bytes_per_source``, ``max_keys``, ``failed_ttl``, ...).
 
     Every method is thread-safe and may be called from any thread except the node's own
     loop thread. Expiration times are absolute ``time.time()`` seconds. A call that runs
@@ -72,6 +77,7 @@ class DHT:
                  ksize: int = 20, num_replicas: int = 6, alpha: int = 6, secret: str | bytes | None = None,
                  **server_kwargs: Any):
         self._secret = auth.resolve_secret(secret)
+        self.max_ttl = float(server_kwargs.get("max_ttl", MAX_TTL))
         self.initial_peers = [_parse_peer(p) for p in initial_peers]
         self.host, self.client_mode = host, client_mode
         self.rpc_timeout, self.wait_timeout = float(rpc_timeout), float(wait_timeout)
@@ -132,7 +138,10 @@ class DHT:
     def stats(self) -> Counter:
         """A copy of the counters (missing ones read 0): ``invalid_records``, ``invalid_entries``,
         ``invalid_expert_entries``, ``invalid_prefix_entries``, ``unauthenticated_entries``,
-        ``rejected_stores``, ``bad_datagrams``, ``bad_requests``, ``rpc_timeouts``,
+        ``rejected_stores``, ``foreign_tag_entries``, ``bad_datagrams``, ``bad_requests``, ``rpc_timeouts``,
+        ``bytes_sent`` / ``bytes_received`` and their ``_unverified`` parts (to and from addresses
+        that have not proved they receive what is sent there), ``challenges_sent``,
+        ``entries_evicted_by_source_quota``, ``entries_evicted_by_storage_cap``,
         ``stragglers_abandoned``, ``entries_dropped_by_size_cap``, ..."""
         if self.is_alive and threading.current_thread() is not self._thread:
             try:  # copy on the loop thread, which is the only one that writes the counters
@@ -181,22 +190,22 @@ class DHT:
               timeout: Optional[float] = None, return_future: bool = False) -> bool:
         """Store ``value`` under ``key``/``subkey`` until ``expiration_time``; True if at least one
         node (this one included) stored it. Raises ValueError on an invalid entry."""
-        records = self._make_records([(key, subkey, value, expiration_time)])
+        records = self._make_records([(key, subkey, value, expiration_time)], self.max_ttl)
         return self._run(lambda deadline: self._store_records(records, deadline, key), timeout, return_future)
 
     def store_many(self, entries: Iterable[tuple[str, str, Any, float]], timeout: Optional[float] = None,
                    return_future: bool = False) -> dict[str, bool]:
         """Store many ``(key, subkey, value, expiration_time)`` in parallel; ``{key: stored}``.
         Entries of one key travel together."""
-        records = self._make_records(entries)
+        records = self._make_records(entries, self.max_ttl)
         return self._run(lambda deadline: self._store_records(records, deadline), timeout, return_future)
 
     @staticmethod
-    def _make_records(entries: Iterable[tuple[str, str, Any, float]]) -> dict[str, Record]:
+    def _make_records(entries: Iterable[tuple[str, str, Any, float]], max_ttl: float) -> dict[str, Record]:
         records: dict[str, Record] = {}
         for key, subkey, value, expiration in entries:
             _check_key(key)
-            reason = check_entry(subkey, value, expiration)
+            reason = check_entry(subkey, value, expiration, max_ttl=max_ttl)
             if reason is not None:
                 raise ValueError(f"cannot store {key!r}/{subkey!r}: {reason}")
             records.setdefault(key, {})[subkey] = (value, float(expiration))
@@ -239,12 +248,17 @@ class DHT:
     # ------------------------------------------------------------------ expert records
     def declare_experts(self, uids: Sequence[str], endpoint: str, expiration_time: float,
                         timeout: Optional[float] = None, return_future: bool = False) -> bool:
-        """Announce that ``uids`` are served at ``endpoint`` until ``expiration_time``: stores each
-        uid record and, for a grid uid ``ffn.3.14``, the child entries of ``ffn`` and ``ffn.3``.
+        """Announce that ``uids`` are served at ``endpoint`` until ``expiration_time`` (at most
+        ``max_ttl`` ahead): for a grid uid ``ffn.3.14``, the child entries of ``ffn`` and ``ffn.3``.
         True if every record was stored on at least one node. Meant to be called every few
         seconds from a host's background thread, with an expiration a few periods ahead.
         Raises ValueError on a malformed uid or endpoint."""
         records = expert_entries(uids, endpoint, expiration_time)
+        for key, record in records.items():
+            for subkey, (value, expiration) in record.items():
+                reason = check_entry(subkey, value, expiration, max_ttl=self.max_ttl)
+                if reason is not None:
+                    raise ValueError(f"cannot declare {key!r}/{subkey!r}: {reason}")
 
         async def declare(deadline: float) -> bool:
             results = await self._store_records(records, deadline)
@@ -257,16 +271,17 @@ class DHT:
 
     def get_experts(self, uids: Sequence[str], timeout: Optional[float] = None, return_future: bool = False,
                     all_endpoints: bool = False) -> list[Any]:
-        """The live endpoint of each uid (the latest-expiring valid declaration), or None.
+        """The live endpoint of each uid (the latest-expiring valid declaration), or None. Read
+        from the entries of the uid's parent prefix record (``ffn.3`` for ``ffn.3.14``).
         With ``all_endpoints=True``: every live endpoint of each uid, latest-expiring first
         (``[]`` when none), so a caller can fall back when one fails."""
-        for uid in uids:
-            parse_uid(uid)
-        keys = [expert_key(uid) for uid in uids]
+        parents = [parent_and_coordinate(uid) for uid in uids]
+        keys = [prefix_key(parent) for parent, _ in parents]
 
         async def find(deadline: float) -> list[Any]:
             records = await self._get_records(list(dict.fromkeys(keys)), deadline)
-            found = [pick_endpoints(records[k], self._stats) for k in keys]
+            children = {k: parse_children_endpoints(records[k], self._stats) for k in set(keys)}
+            found = [children[k].get(coord, []) for k, (_, coord) in zip(keys, parents)]
             return found if all_endpoints else [endpoints[0] if endpoints else None for endpoints in found]
         return self._run(find, timeout, return_future)
 
@@ -303,7 +318,7 @@ class DHT:
     def republish(self, older_than: float = 0.0, timeout: Optional[float] = None) -> None:
         """Run kademlia's periodic refresh now, republishing keys written more than
         ``older_than`` seconds ago (live entries only). Normally runs every hour by itself."""
-        self._run(lambda deadline: self._server._refresh_table(older_than), timeout, False)
+        self._run(lambda deadline: self._server.refresh_table(older_than), timeout, False)
 
     # ------------------------------------------------------------------ shutdown
     def shutdown(self, timeout: float = 5.0) -> None:

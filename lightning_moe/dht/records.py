@@ -20,10 +20,13 @@ Two layers live here:
   ===================  ====================  ==========
   key                  sub-key               value
   ===================  ====================  ==========
-  ``expert:ffn.3.14``  endpoint              endpoint
   ``prefix:ffn.3``     ``"14@"`` + endpoint  None
   ``prefix:ffn``       ``"3@"`` + endpoint   None
   ===================  ====================  ==========
+
+  The entries of the last grid dimension say which host serves which uid, so ``get_experts``
+  reads the parent prefix records: there are no per-uid records (a 4x4 grid declares 5 keys,
+  not 21).
 
   A prefix record lists the live children of that prefix (one coordinate of the next grid
   dimension each), so beam search walks the grid one dimension at a time. Each host writes
@@ -36,12 +39,12 @@ Two layers live here:
   one entry per sub-key: the latest-expiring, so with a value as the endpoint, a stranger's
   far-future entry would have replaced the host's). When several endpoints serve one child,
   readers order them latest-expiring first and can ask for all of them, so a trainer can fall
-  back from one that fails to the next. The size cap keeps children balanced (``cap_record``),
-  so many hosts under one child, or a flood of entries for one child, cannot push the others out.
+  back from one that fails to the next. The size cap of a stored record evicts from the address
+  holding the most bytes of it (``storage.SubkeyStorage``), so a flood from one address cannot
+  push the other hosts' entries out.
 """
 from __future__ import annotations
 
-import heapq
 import ipaddress
 import math
 import re
@@ -63,7 +66,10 @@ MAX_VALUE_BYTES = 2048  # msgpack size of one value
 MAX_RECORD_BYTES = 6000  # msgpack size of one stored or transmitted record; UDP request limit is 8192
 MAX_ENTRIES = 1024
 MAX_VALUE_DEPTH = 8
-MAX_TTL = 7 * 24 * 3600.0  # an expiration time further ahead than this is invalid
+MAX_TTL = 300.0  # default cap: an expiration time further ahead than this is invalid (node setting ``max_ttl``)
+# Hosts declare ``now + 2 * update_period`` (periods of 5-30 s by default); a stranger's entries
+# live at most this long unless refreshed, so a flood ages out within minutes.
+MAX_CLOCK_SKEW = 30.0  # records read or stored may expire this much later than max_ttl (peers' clocks differ)
 MAX_COORDINATE = 1 << 20
 
 EXPERT_KEY_PREFIX = "expert:"
@@ -137,6 +143,7 @@ def is_valid_endpoint(endpoint: Any) -> bool:
 
 
 def expert_key(uid: str) -> str:
+    """The key of the per-uid records of earlier versions (none are written now; kept for callers)."""
     return EXPERT_KEY_PREFIX + uid
 
 
@@ -162,7 +169,7 @@ def _check_value(value: Any, depth: int = 0) -> bool:
 
 
 def check_entry(subkey: Any, value: Any, expiration_time: Any, now: Optional[float] = None,
-                check_size: bool = True) -> Optional[str]:
+                check_size: bool = True, max_ttl: float = MAX_TTL) -> Optional[str]:
     """Return None when the entry is well-formed, else a short reason. Expired entries are
     well-formed (callers drop them separately). ``check_size=False`` skips the per-value
     size limit (for values decoded from a record already bounded by MAX_RECORD_BYTES)."""
@@ -171,7 +178,7 @@ def check_entry(subkey: Any, value: Any, expiration_time: Any, now: Optional[flo
         return "bad subkey"
     if isinstance(expiration_time, bool) or not isinstance(expiration_time, (int, float)):
         return "bad expiration type"
-    if not math.isfinite(expiration_time) or expiration_time <= 0 or expiration_time > now + MAX_TTL:
+    if not math.isfinite(expiration_time) or expiration_time <= 0 or expiration_time > now + max_ttl:
         return "expiration out of bounds"
     try:
         if not _check_value(value) or (check_size and len(umsgpack.packb(value)) > MAX_VALUE_BYTES):
@@ -190,46 +197,6 @@ def entry_size(subkey: str, value: Any, expiration_time: float, tag: Optional[st
 
 def _entry_size(subkey: str, entry: tuple) -> int:
     return entry_size(subkey, entry[0], entry[1], entry[2] if len(entry) > 2 else None)
-
-
-def _map_header_size(n: int) -> int:
-    return 1 if n < 16 else 3 if n < 65536 else 5
-
-
-def cap_record(record: Record, max_bytes: int = MAX_RECORD_BYTES) -> Record:
-    """Drop entries until the encoded record fits in ``max_bytes``.
-
-    Sub-keys ``"group@rest"`` form groups by the part before ``@`` (a sub-key without ``@`` is a
-    group of its own). Rule: drop from the group with the most entries, its entry that expires
-    soonest (ties: the group whose entry expires sooner, then larger sub-key first). So groups stay
-    balanced (every child of a prefix keeps entries while the record is big enough for one per
-    child), and within a group, and among single entries, the most recently refreshed survive.
-    Returns a new dict.
-    """
-    sizes = {sk: _entry_size(sk, entry) for sk, entry in record.items()}
-    total = _map_header_size(len(record)) + sum(sizes.values())
-    if total <= max_bytes:
-        return dict(record)
-    groups: dict[str, list[str]] = {}
-    for sk in sorted(record, key=lambda sk: (record[sk][1], _neg_str(sk)), reverse=True):
-        groups.setdefault(sk.partition("@")[0] if "@" in sk else "\x00" + sk, []).append(sk)  # soonest last
-    heap = [(-len(members), record[members[-1]][1], _neg_str(members[-1]), name) for name, members in groups.items()]
-    heapq.heapify(heap)
-    kept = dict(record)
-    while total > max_bytes and heap:
-        _, _, _, name = heapq.heappop(heap)
-        members = groups[name]
-        sk = members.pop()
-        del kept[sk]
-        total -= sizes[sk]
-        total += _map_header_size(len(kept)) - _map_header_size(len(kept) + 1)
-        if members:
-            heapq.heappush(heap, (-len(members), record[members[-1]][1], _neg_str(members[-1]), name))
-    return kept
-
-
-def _neg_str(s: str) -> tuple:
-    return tuple(-ord(c) for c in s)
 
 
 def _wire_entry(entry: tuple) -> list:
@@ -282,14 +249,18 @@ def strip_tags(record: Mapping[str, tuple]) -> dict[str, tuple[Any, float]]:
 
 
 def decode_record(blob: Any, stats: Optional[Counter] = None, now: Optional[float] = None,
-                  secret: Optional[bytes] = None, dkey: Optional[bytes] = None) -> Optional[Record]:
+                  secret: Optional[bytes] = None, dkey: Optional[bytes] = None,
+                  max_ttl: float = MAX_TTL) -> Optional[Record]:
     """Decode and validate a record read from the network.
 
     Returns ``{subkey: (value, expiration[, tag])}`` with the live, valid entries (possibly
     empty), or None when the blob as a whole is unusable. Every skipped thing is counted in
     ``stats``: ``invalid_records`` (not bytes, too large, not msgpack, not a map),
     ``invalid_entries``, and, when ``secret`` is given (then ``dkey``, the key digest, is
-    needed too), ``unauthenticated_entries``: live entries without a valid tag.
+    needed too), ``unauthenticated_entries``: live entries without a valid tag, of which those
+    that carry a well-formed tag (signed with another secret, or forged) are also counted as
+    ``foreign_tag_entries``. Entries expiring more than ``max_ttl`` (plus ``MAX_CLOCK_SKEW``)
+    seconds ahead are invalid.
     """
     stats = stats if stats is not None else Counter()
     now = time.time() if now is None else now
@@ -313,7 +284,7 @@ def decode_record(blob: Any, stats: Optional[Counter] = None, now: Optional[floa
             stats["invalid_entries"] += 1
             continue
         value, expiration = entry[0], entry[1]
-        if check_entry(subkey, value, expiration, now, check_size=False) is not None:
+        if check_entry(subkey, value, expiration, now, check_size=False, max_ttl=max_ttl + MAX_CLOCK_SKEW) is not None:
             stats["invalid_entries"] += 1
             continue
         if expiration <= now:
@@ -321,6 +292,8 @@ def decode_record(blob: Any, stats: Optional[Counter] = None, now: Optional[floa
         entry = (value, float(expiration)) if len(entry) == 2 else (value, float(expiration), entry[2])
         if secret is not None and not is_authentic(secret, dkey, subkey, entry):
             stats["unauthenticated_entries"] += 1
+            if len(entry) > 2:
+                stats["foreign_tag_entries"] += 1
             continue
         record[subkey] = entry
     return record
@@ -350,7 +323,6 @@ def expert_entries(uids: Sequence[str], endpoint: str, expiration_time: float) -
     records: dict[str, Record] = {}
     for uid in uids:
         prefix, coords = parse_uid(uid)
-        records.setdefault(expert_key(uid), {})[endpoint] = (endpoint, expiration_time)
         parent = prefix
         for coord in coords:
             records.setdefault(prefix_key(parent), {})[f"{coord}@{endpoint}"] = (None, expiration_time)
@@ -358,25 +330,10 @@ def expert_entries(uids: Sequence[str], endpoint: str, expiration_time: float) -
     return records
 
 
-def pick_endpoints(record: Mapping[str, tuple], stats: Optional[Counter] = None) -> list[str]:
-    """Endpoints of the valid entries of an ``expert:`` record, latest-expiring first.
-
-    The endpoint is the entry's sub-key; its value is not trusted (see the module docstring)."""
-    found: list[tuple[float, str]] = []
-    for subkey, entry in record.items():
-        if not is_valid_endpoint(subkey):
-            if stats is not None:
-                stats["invalid_expert_entries"] += 1
-            continue
-        found.append((entry[1], subkey))
-    found.sort(key=lambda pair: (-pair[0], pair[1]))
-    return [endpoint for _, endpoint in found]
-
-
-def pick_endpoint(record: Mapping[str, tuple], stats: Optional[Counter] = None) -> Optional[str]:
-    """The endpoint of the latest-expiring valid entry of an ``expert:`` record, or None."""
-    endpoints = pick_endpoints(record, stats)
-    return endpoints[0] if endpoints else None
+def parent_and_coordinate(uid: str) -> tuple[str, int]:
+    """``"ffn.3.14"`` -> ``("ffn.3", 14)``: the prefix whose record lists ``uid``'s hosts."""
+    prefix, coords = parse_uid(uid)
+    return ".".join([prefix, *map(str, coords[:-1])]), coords[-1]
 
 
 def parse_children_endpoints(record: Mapping[str, tuple], stats: Optional[Counter] = None) -> dict[int, list[str]]:
@@ -392,9 +349,3 @@ def parse_children_endpoints(record: Mapping[str, tuple], stats: Optional[Counte
             continue
         found.setdefault(int(coord), []).append((entry[1], endpoint))
     return {coord: [e for _, e in sorted(found[coord], key=lambda pair: (-pair[0], pair[1]))] for coord in sorted(found)}
-
-
-def parse_children(record: Mapping[str, tuple], stats: Optional[Counter] = None) -> dict[int, str]:
-    """``{coordinate: endpoint}`` from a ``prefix:`` record (the latest-expiring endpoint of
-    each child), skipping (and counting) bad entries."""
-    return {coord: endpoints[0] for coord, endpoints in parse_children_endpoints(record, stats).items()}

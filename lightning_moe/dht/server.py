@@ -1,77 +1,83 @@
-"""The asyncio side of a DHT node: a ``kademlia.network.Server`` with its own lookups.
+"""The asyncio side of a DHT node: ``DHTServer`` owns kademlia's routing table and node id, the
+storage, the failed-peer table and its tasks, and an ``RPCProtocol`` (protocol.py) on its socket.
 
 Everything here runs on the node's event loop thread (see ``node.DHT``).
 
-Lookup (``_lookup``) is kademlia's iterative search with these changes:
+RPCs (every request's first argument is the sender's node id, or None from a client-mode node,
+which no one adds to a routing table and which answers no requests, so it works behind NAT):
 
-* it looks for the ``num_replicas`` nearest nodes (a store goes to them) and does not stop
-  at the first node holding a value: every responsive one is asked and the records they
-  return are merged by the caller;
-* the request it sends (``lookup``, see ``protocol.DHTProtocol.rpc_lookup``) can carry the
-  store itself, so a store costs one lookup, not a lookup and then a round of stores;
-* a request is launched as soon as a slot frees (``alpha`` in flight), not in lock-step rounds;
-* a request that has waited ``patience`` (4x the slowest reply seen in this lookup, at least
-  ``min_patience``, at most ``rpc_timeout``) no longer holds a slot, and once every other
-  candidate has answered the lookup returns without it. The straggler keeps running in the
-  background, and if it times out the peer leaves the routing table and is marked failed
-  (skipped by lookups for ``failed_ttl`` seconds, or until it contacts us).
+* ``ping(sender)`` -> our node id
+* ``lookup(sender, key, want_value, value)`` -> ``[stored, record, packed nearest nodes]``:
+  optionally stores ``value`` (None: don't), optionally returns the record (``want_value``); the
+  one request our lookups send (lookup.py)
+* ``store(sender, key, value)`` -> stored: further chunks of an oversized record, replication
+
+Requests reach these handlers only from verified addresses (protocol.py), so a node that enters
+the routing table has proved its address, and replication (handing our keys to a new node that
+is nearer to them, kademlia's rule) only ever goes to such nodes: at most once per address per
+``REPLICATE_INTERVAL`` and within a token bucket of ``REPLICATION_BYTES_PER_S``.
 """
 from __future__ import annotations
 
 import asyncio
-import heapq
 import logging
 import os
+import random
 import socket
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from typing import Any, Coroutine, Optional, Sequence
 
-from kademlia.network import Server
 from kademlia.node import Node
+from kademlia.routing import RoutingTable
 from kademlia.utils import digest
 
-from .protocol import DHTProtocol, nearest_nodes, unpack_nodes
-from .records import Record, decode_record, encode_record, merge_records, sign_record, split_record
+from .lookup import iterative_lookup
+from .protocol import MAX_REMEMBERED, Address, RPCProtocol, nearest_nodes, pack_nodes
+from .records import MAX_TTL, Record, decode_record, encode_record, merge_records, sign_record, split_record
 from .storage import SubkeyStorage
 
 logger = logging.getLogger(__name__)
 
 RCVBUF_BYTES = 4 * 1024 * 1024
+REPLICATE_INTERVAL = 600.0  # seconds between two replications to one address
+REPLICATION_BYTES_PER_S = 256 * 1024  # token bucket refill; the burst is 4 s worth
+WRONG_SECRET_WARNING = "records signed with another secret were skipped: wrong dht.secret?"
+WRONG_SECRET_WARNING_INTERVAL = 300.0
 
 
-class DHTServer(Server):
-    protocol_class = DHTProtocol
+def _is_id(value: Any) -> bool:
+    return isinstance(value, bytes) and len(value) == 20
 
+
+class DHTServer:
     def __init__(self, *, stats: Counter, ksize: int = 20, num_replicas: int = 6, alpha: int = 6, rpc_timeout: float = 1.0,
                  client_mode: bool = False, min_patience: float = 0.05, failed_ttl: float = 60.0,
                  refresh_interval: float = 3600.0, maintenance_interval: float = 30.0,
                  max_concurrent_lookups: int = 64, initial_peers: Sequence[tuple[str, int]] = (),
-                 secret: Optional[bytes] = None):
-        self.stats = stats
-        self.secret = secret
-        # a node id from os.urandom: kademlia's default uses the `random` module, which DDP ranks
-        # often seed identically (seed_everything), and equal ids break routing between them
-        super().__init__(ksize=ksize, alpha=alpha, node_id=os.urandom(20))
-        self.storage = SubkeyStorage(stats, secret=secret)  # not via the constructor: an empty storage is falsy
-        self.rpc_timeout = rpc_timeout
+                 secret: Optional[bytes] = None, max_ttl: float = MAX_TTL, **storage_kwargs: Any):
+        self.stats, self.secret, self.max_ttl = stats, secret, float(max_ttl)
+        # a node id from os.urandom: `random` is often seeded identically in DDP ranks (seed_everything)
+        self.node = Node(os.urandom(20))
+        self.ksize, self.alpha, self.rpc_timeout = ksize, alpha, rpc_timeout
+        self.router = RoutingTable(self, ksize, self.node)
+        self.storage = SubkeyStorage(stats, secret=secret, max_ttl=self.max_ttl, **storage_kwargs)
+        self.protocol = RPCProtocol(self.handle_request, stats, rpc_timeout, client_mode)
         self.num_replicas = min(num_replicas, ksize)
         self.response_neighbours = min(ksize, 2 * self.num_replicas)
-        self.client_mode = client_mode
-        self.min_patience = min_patience
-        self.failed_ttl = failed_ttl
-        self.refresh_interval = refresh_interval
-        self.maintenance_interval = maintenance_interval
+        self.client_mode, self.min_patience, self.failed_ttl = client_mode, min_patience, failed_ttl
+        self.refresh_interval, self.maintenance_interval = refresh_interval, maintenance_interval
         self.initial_peers = list(initial_peers)
+        self.srtt: Optional[float] = None  # smoothed round-trip time of lookup requests
         self._failed: dict[bytes, float] = {}
-        self._srtt: Optional[float] = None  # smoothed round-trip time of lookup requests
+        self._addresses: dict[Address, bytes] = {}  # address -> node id in the routing table
+        self._replicated: "OrderedDict[Address, float]" = OrderedDict()
+        self._tokens, self._tokens_at = 4.0 * REPLICATION_BYTES_PER_S, time.monotonic()
         self._tasks: set[asyncio.Future] = set()
+        self._handles: list[asyncio.TimerHandle] = []
         self._lookup_slots = asyncio.Semaphore(max_concurrent_lookups)
         self._last_bootstrap = 0.0
-        self._maintenance_handle: Optional[asyncio.TimerHandle] = None
-
-    def _create_protocol(self) -> DHTProtocol:
-        return DHTProtocol(self)
+        self._foreign_seen, self._foreign_warned_at = 0, -WRONG_SECRET_WARNING_INTERVAL
 
     # ------------------------------------------------------------------ lifecycle
     def spawn(self, coro: Coroutine) -> asyncio.Future:
@@ -88,31 +94,32 @@ class DHTServer(Server):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF_BYTES)
             sock.bind((host, port))
             sock.setblocking(False)
-            loop = asyncio.get_running_loop()
-            self.transport, self.protocol = await loop.create_datagram_endpoint(self._create_protocol, sock=sock)
+            await asyncio.get_running_loop().create_datagram_endpoint(lambda: self.protocol, sock=sock)
         except BaseException:
             sock.close()
             raise
-        bound = sock.getsockname()[1]
         if sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) < RCVBUF_BYTES:
             logger.info("UDP receive buffer is smaller than requested (net.core.rmem_max caps it)")
-        self.refresh_loop = loop.call_later(self.refresh_interval, self.refresh_table)
-        self._maintenance_handle = loop.call_later(self.maintenance_interval, self._maintenance)
-        return bound
+        self._schedule(self.refresh_interval, self._refresh)
+        self._schedule(self.maintenance_interval, self._maintenance)
+        return sock.getsockname()[1]
 
-    def refresh_table(self, interval: Optional[float] = None) -> None:
-        """kademlia's hourly job: refresh lonely buckets, republish old keys (live entries only)."""
-        self.spawn(self._refresh_table())
-        loop = asyncio.get_running_loop()
-        self.refresh_loop = loop.call_later(interval or self.refresh_interval, self.refresh_table)
+    def _schedule(self, delay: float, callback: Any) -> None:
+        self._handles = [h for h in self._handles if not h.cancelled()][-8:]
+        self._handles.append(asyncio.get_running_loop().call_later(delay, callback))
 
-    async def _refresh_table(self, republish_older_than: Optional[float] = None) -> None:
+    def _refresh(self) -> None:
+        self.spawn(self.refresh_table(self.refresh_interval))
+        self._schedule(self.refresh_interval, self._refresh)
+
+    async def refresh_table(self, republish_older_than: float) -> None:
+        """kademlia's hourly job: look up a random id in each lonely bucket, republish old keys."""
         deadline = time.monotonic() + 10 * self.rpc_timeout
-        await asyncio.gather(*(self._lookup(rid, "node", deadline) for rid in self.protocol.get_refresh_ids()))
-        older = self.refresh_interval if republish_older_than is None else republish_older_than
+        ids = [random.randint(*b.range).to_bytes(20, "big") for b in self.router.lonely_buckets()]
+        await asyncio.gather(*(self.lookup(rid, "node", deadline) for rid in ids))
         deadline = time.monotonic() + 10 * self.rpc_timeout
-        await asyncio.gather(*(self._store_blobs(dkey, [blob], deadline)
-                               for dkey, blob in self.storage.iter_older_than(older)))
+        await asyncio.gather(*(self.store_blobs(dkey, [blob], deadline)
+                               for dkey, blob in self.storage.iter_older_than(republish_older_than)))
 
     def _maintenance(self) -> None:
         self.storage.cull()
@@ -120,167 +127,198 @@ class DHTServer(Server):
         for node_id in [k for k, t in self._failed.items() if t < now]:
             del self._failed[node_id]
         self.spawn(self.ensure_bootstrapped())
-        self._maintenance_handle = asyncio.get_running_loop().call_later(self.maintenance_interval, self._maintenance)
+        self._schedule(self.maintenance_interval, self._maintenance)
 
     def stop(self) -> None:
-        super().stop()
-        if self._maintenance_handle is not None:
-            self._maintenance_handle.cancel()
+        for handle in self._handles:
+            handle.cancel()
         for task in list(self._tasks):
             task.cancel()
+        self.protocol.close()
 
     # ------------------------------------------------------------------ peers
     def mark_failed(self, node: Node) -> None:
         self._failed[node.id] = time.monotonic() + self.failed_ttl
-
-    def clear_failed(self, node: Node) -> None:
-        self._failed.pop(node.id, None)
 
     def is_failed(self, node: Node) -> bool:
         until = self._failed.get(node.id)
         return until is not None and until > time.monotonic()
 
     def routing_table_nodes(self) -> list[Node]:
-        return [node for bucket in self.protocol.router.buckets for node in bucket.get_nodes()]
+        return [node for bucket in self.router.buckets for node in bucket.get_nodes()]
 
-    async def bootstrap_to(self, addrs: Sequence[tuple[str, int]], deadline: float) -> int:
+    def welcome(self, node: Node) -> None:
+        """Add or refresh a node whose address is verified; hand it the keys it is now nearer to."""
+        self._failed.pop(node.id, None)
+        address = (node.ip, node.port)
+        if not self.router.is_new_node(node):
+            self.router.add_contact(node)  # moves it to the tail of its bucket (recently seen)
+            return
+        previous = self._addresses.get(address)
+        if previous is not None and previous != node.id:  # one id per address: the latest counts
+            self.router.remove_contact(Node(previous, *address))
+        self._addresses[address] = node.id
+        if len(self._addresses) > MAX_REMEMBERED:
+            self._addresses = {(n.ip, n.port): n.id for n in self.routing_table_nodes()}
+        if not self.client_mode and len(self.storage):
+            self._replicate_to(node)
+        self.router.add_contact(node)
+
+    def _replicate_to(self, node: Node) -> None:
+        address, now = (node.ip, node.port), time.monotonic()
+        if now - self._replicated.get(address, -REPLICATE_INTERVAL) < REPLICATE_INTERVAL:
+            self.stats["replications_skipped"] += 1
+            return
+        self._replicated[address] = now
+        while len(self._replicated) > MAX_REMEMBERED:
+            self._replicated.popitem(last=False)
+        self._tokens = min(4.0 * REPLICATION_BYTES_PER_S, self._tokens + (now - self._tokens_at) * REPLICATION_BYTES_PER_S)
+        self._tokens_at = now
+        for key in self.storage.keys():
+            keynode = Node(key)
+            neighbours = nearest_nodes(self.router, key, self.num_replicas)
+            if neighbours and not (node.distance_to(keynode) < neighbours[-1].distance_to(keynode)
+                                   and self.node.distance_to(keynode) < neighbours[0].distance_to(keynode)):
+                continue
+            blob = self.storage.get(key)
+            if blob is None:
+                continue
+            if self._tokens < len(blob):
+                self.stats["replications_rate_limited"] += 1
+                return
+            self._tokens -= len(blob)
+            self.spawn(self.call(node, "store", key, blob))
+
+    async def call_ping(self, node: Node) -> None:
+        """Ping ``node`` (kademlia's routing table does, to test a full bucket's head)."""
+        await self.call(node, "ping")
+
+    async def call(self, node: Node, name: str, *args: Any) -> tuple[bool, Any]:
+        return await self.request(node, name, *args)
+
+    def request(self, node: Node, name: str, *args: Any) -> asyncio.Future:
+        """Send an RPC (our id first, None in client mode); the future gives ``(answered, response)``,
+        and its outcome updates the routing table and the failed-peer table."""
+        sender = None if self.client_mode else self.node.id
+        future = self.protocol.request((node.ip, node.port), name, [sender, *args])
+        future.add_done_callback(lambda f: None if f.cancelled() else self._after_call(f.result()[0], node))
+        return future
+
+    def request_lookup(self, node: Node, key: bytes, want_value: bool, value: Optional[bytes]) -> asyncio.Future:
+        return self.request(node, "lookup", key, want_value, value)
+
+    def _after_call(self, answered: bool, node: Node) -> None:
+        if answered:
+            self.welcome(node)
+        else:
+            self.stats["rpc_timeouts"] += 1
+            self.router.remove_contact(node)
+            self.mark_failed(node)
+
+    async def ping_address(self, address: Address) -> Optional[Node]:
+        """Ping ``(ip, port)``; the responding node (added to the routing table) or None."""
+        sender = None if self.client_mode else self.node.id
+        ok, node_id = await self.protocol.request(address, "ping", [sender])
+        if not ok or not _is_id(node_id) or node_id == self.node.id:
+            return None
+        node = Node(node_id, address[0], address[1])
+        self.welcome(node)
+        return node
+
+    async def bootstrap_to(self, addrs: Sequence[Address], deadline: float) -> int:
         """Ping ``addrs``, then look up our own id to fill the routing table; return how many answered."""
         self._last_bootstrap = time.monotonic()
         if not addrs:
             return 0
-        nodes = [n for n in await asyncio.gather(*(self.protocol.ping_address(a) for a in addrs)) if n]
+        nodes = [n for n in await asyncio.gather(*(self.ping_address(a) for a in addrs)) if n]
         if nodes:
-            await self._lookup(self.node.id, "node", deadline, size=self.ksize)
+            await self.lookup(self.node.id, "node", deadline, size=self.ksize)
         return len(nodes)
 
     async def ensure_bootstrapped(self) -> None:
         """Re-bootstrap from the initial peers when the routing table has emptied (rate-limited)."""
-        if not self.initial_peers or any(bucket.nodes for bucket in self.protocol.router.buckets):
+        if not self.initial_peers or any(bucket.nodes for bucket in self.router.buckets):
             return
         if time.monotonic() - self._last_bootstrap < min(5.0, self.maintenance_interval):
             return
         reached = await self.bootstrap_to(self.initial_peers, time.monotonic() + 2 * self.rpc_timeout + 1)
         if not reached:
             logger.warning("DHT node %s knows no peers and none of its initial peers %s answer",
-                           self.protocol.source_node, self.initial_peers)
+                           self.node, self.initial_peers)
 
-    # ------------------------------------------------------------------ lookup
-    def _patience(self, max_rtt: float) -> float:
-        """How long a request may take before it is treated as a straggler: 4x the slowest
-        reply of this lookup (or the node's smoothed round-trip time before the first one)."""
-        reference = max_rtt if max_rtt > 0 else self._srtt
-        if reference is None:
-            return self.rpc_timeout
-        return min(self.rpc_timeout, max(self.min_patience, 4 * reference))
+    # ------------------------------------------------------------------ requests we answer
+    def handle_request(self, name: str, args: list, address: Address) -> Any:
+        """Dispatch a verified request; raises on anything malformed (the protocol drops it)."""
+        handler = {"ping": self.rpc_ping, "lookup": self.rpc_lookup, "store": self.rpc_store}[name]
+        if not args:
+            raise ValueError("no sender")
+        sender, *rest = args
+        if sender is not None:
+            if not _is_id(sender) or sender == self.node.id:
+                raise ValueError("bad node id")
+            self.welcome(Node(sender, address[0], address[1]))
+        return handler(address, *rest)
 
-    async def _lookup(self, dkey: bytes, mode: str, deadline: float, size: Optional[int] = None,
-                      value: Optional[bytes] = None) -> tuple[list[Node], list[Any]]:
-        """Iterative search for the ``size`` (default ``num_replicas``) nodes nearest to ``dkey``.
+    def rpc_ping(self, address: Address) -> bytes:
+        return self.node.id
 
-        Every node on the way gets a ``lookup`` request; ``mode`` says what it carries:
-        ``"node"`` (nothing), ``"value"`` (asks for the record: results are the records
-        returned) or ``"store"`` (stores ``value``: results are the nodes that stored it).
-        Returns (responsive nodes among the nearest, results)."""
-        async with self._lookup_slots:
-            return await self._lookup_inner(dkey, mode, deadline, size or self.num_replicas, value)
+    def rpc_store(self, address: Address, key: Any, value: Any) -> bool:
+        return self._store_local(key, value, address)
 
-    async def _lookup_inner(self, dkey: bytes, mode: str, deadline: float, size: int,
-                            value: Optional[bytes]) -> tuple[list[Node], list[Any]]:
-        target = int.from_bytes(dkey, "big")
-        known: dict[bytes, Node] = {}  # every node heard of, minus those that failed
-        distance: dict[bytes, int] = {}
+    def rpc_lookup(self, address: Address, key: Any, want_value: Any, value: Any) -> list:
+        if not _is_id(key) or not isinstance(want_value, bool):
+            raise ValueError("bad lookup request")
+        stored = None if value is None else self._store_local(key, value, address)
+        record = self.storage.get(key) if want_value else None
+        exclude = Node(b"\x00" * 20, address[0], address[1])
+        return [stored, record, pack_nodes(nearest_nodes(self.router, key, self.response_neighbours, exclude))]
 
-        def learn(nodes: list[Node]) -> None:
-            for n in nodes:
-                if n.id not in distance and n.id != self.node.id and not self.is_failed(n):
-                    known[n.id] = n
-                distance[n.id] = n.long_id ^ target
+    def _store_local(self, key: Any, value: Any, address: Optional[Address] = None) -> bool:
+        """Validate (with a secret: authenticate) and merge; False when nothing was stored."""
+        source = "" if address is None else f"{address[0]}:{address[1]}"
+        stored = self.storage.store_blob(key, value, source)
+        self._warn_if_foreign_tags()
+        return stored
 
-        learn(nearest_nodes(self.protocol.router, dkey, self.ksize))
-        request = self.protocol.request_lookup
-        want_value, to_store = mode == "value", value if mode == "store" else None
-        contacted: set[bytes] = set()
-        pending: dict[asyncio.Future, tuple[Node, float]] = {}
-        responded: list[Node] = []
-        results: list[Any] = []
-        max_rtt = 0.0
-        for _ in range(100 * self.ksize):  # bounded: each pass handles at least one reply or ends
+    def _warn_if_foreign_tags(self) -> None:
+        """Log (at most every few minutes) when entries tagged under another secret were skipped."""
+        seen = self.stats.get("foreign_tag_entries", 0)
+        if seen > self._foreign_seen and self.secret is not None:
             now = time.monotonic()
-            if now >= deadline:
-                break
-            patience = self._patience(max_rtt)
-            active = sum(1 for _, t0 in pending.values() if now - t0 < patience)
-            nearest = heapq.nsmallest(size, known, key=distance.__getitem__)
-            uncontacted = [i for i in nearest if i not in contacted]
-            for node_id in uncontacted[: max(0, self.alpha - active)]:
-                contacted.add(node_id)
-                node = known[node_id]
-                try:
-                    pending[request(node, dkey, want_value, to_store)] = (node, now)
-                except Exception:  # noqa: BLE001 - e.g. a request over the datagram limit
-                    logger.warning("lookup request to %s failed", node, exc_info=True)
-                    known.pop(node_id, None)
-                    continue
-                active += 1
-            if not pending:
-                break
-            if active == 0 and responded:  # nothing left to ask but stragglers
-                self.stats["stragglers_abandoned"] += len(pending)
-                break
-            wake = deadline
-            active_starts = [t0 for _, t0 in pending.values() if now - t0 < patience]
-            if active_starts:
-                wake = min(wake, min(active_starts) + patience)
-            elif not responded:
-                wake = min(wake, now + self.rpc_timeout)
-            done, _ = await asyncio.wait(list(pending), timeout=max(0.0, wake - now),
-                                         return_when=asyncio.FIRST_COMPLETED)
-            for fut in done:
-                node, t0 = pending.pop(fut)
-                ok, data = (False, None) if fut.cancelled() or fut.exception() is not None else fut.result()
-                nodes = None
-                if ok:
-                    if isinstance(data, (list, tuple)) and len(data) == 3:
-                        nodes = unpack_nodes(data[2], 2 * self.ksize, distance)
-                    if nodes is None:
-                        self.stats["bad_responses"] += 1
-                if nodes is None:
-                    known.pop(node.id, None)
-                    continue
-                rtt = time.monotonic() - t0
-                max_rtt = max(max_rtt, rtt)
-                self._srtt = rtt if self._srtt is None else 0.9 * self._srtt + 0.1 * rtt
-                responded.append(node)
-                if mode == "store" and data[0] is True:
-                    results.append(node)
-                elif mode == "value" and data[1] is not None:
-                    results.append(data[1])
-                learn(nodes)
-        responded.sort(key=lambda n: distance[n.id])
-        return responded[:size], results
+            if now - self._foreign_warned_at >= WRONG_SECRET_WARNING_INTERVAL:
+                self._foreign_warned_at = now
+                logger.warning("DHT node %s: %d %s", self.node, seen - self._foreign_seen, WRONG_SECRET_WARNING)
+                self._foreign_seen = seen
+        elif self.secret is None:
+            self._foreign_seen = seen
 
-    # ------------------------------------------------------------------ store / get
+    # ------------------------------------------------------------------ lookups, store / get
+    async def lookup(self, dkey: bytes, mode: str, deadline: float, size: Optional[int] = None,
+                     value: Optional[bytes] = None) -> tuple[list[Node], list[Any]]:
+        """See ``lookup.iterative_lookup`` (at most ``max_concurrent_lookups`` at a time)."""
+        async with self._lookup_slots:
+            return await iterative_lookup(self, dkey, mode, deadline, size or self.num_replicas, value)
+
     async def store_record(self, key: str, record: Record, deadline: float) -> bool:
         """Store ``record`` under ``key`` on the nearest nodes (and here, if this node is one);
         with a secret, every entry is tagged first."""
         dkey = digest(key)
         if self.secret is not None:
             record = sign_record(self.secret, dkey, record)
-        return await self._store_blobs(dkey, [encode_record(c) for c in split_record(record)], deadline)
+        return await self.store_blobs(dkey, [encode_record(c) for c in split_record(record)], deadline)
 
-    async def _store_blobs(self, dkey: bytes, blobs: list[bytes], deadline: float) -> bool:
+    async def store_blobs(self, dkey: bytes, blobs: list[bytes], deadline: float) -> bool:
         """The first blob travels with the lookup requests themselves; further chunks of an
         oversized record go to the nodes the lookup found."""
         await self.ensure_bootstrapped()
-        nodes, acked = await self._lookup(dkey, "store", deadline, value=blobs[0])
+        nodes, acked = await self.lookup(dkey, "store", deadline, value=blobs[0])
         target = Node(dkey)
         stored_here = False
         if not self.client_mode and (len(nodes) < self.num_replicas
                                      or self.node.distance_to(target) < nodes[-1].distance_to(target)):
-            stored_here = all([self.protocol._store_local(dkey, blob) for blob in blobs])
+            stored_here = all([self._store_local(dkey, blob) for blob in blobs])
         if len(blobs) > 1 and acked:
-            calls = [self.protocol.call_store(n, dkey, blob) for n in acked for blob in blobs[1:]]
-            results = await asyncio.gather(*calls)
+            results = await asyncio.gather(*(self.call(n, "store", dkey, blob) for n in acked for blob in blobs[1:]))
             return stored_here or all(ok and answer is True for ok, answer in results)
         return stored_here or bool(acked)
 
@@ -289,9 +327,10 @@ class DHTServer(Server):
         (with a secret: of their authentic entries only)."""
         await self.ensure_bootstrapped()
         dkey = digest(key)
-        _, values = await self._lookup(dkey, "value", deadline)
+        _, values = await self.lookup(dkey, "value", deadline)
         now = time.time()
-        records = [decode_record(v, self.stats, now, self.secret, dkey) for v in values]
+        records = [decode_record(v, self.stats, now, self.secret, dkey, self.max_ttl) for v in values]
+        self._warn_if_foreign_tags()
         if not self.client_mode:
             records.append(self.storage.get_record(dkey, now))
         return merge_records(records, now)

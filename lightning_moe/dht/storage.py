@@ -1,130 +1,251 @@
-"""Local storage of a DHT node: sub-key records with per-entry expiry, merged on every write."""
+"""Local storage of a DHT node: sub-key records with per-entry expiry, bounded in bytes, with
+fair eviction between the addresses that wrote them.
+
+Every entry remembers its *source*: the ``"ip:port"`` that sent it to this node (``""`` for this
+node's own writes). Three bounds apply, each evicting entries rather than refusing new ones:
+
+* **Per record** (``MAX_RECORD_BYTES``, under the 8 KB datagram): when a merge makes a record
+  larger, entries are dropped from the IP address holding the most bytes in that record, within
+  it from its source holding the most, and of that source the entry expiring soonest. So a
+  flood from one address pushes out only its own entries: an honest host's few entries under a
+  prefix survive any number of a stranger's, whatever expirations the stranger claims.
+* **Per source** (``max_bytes_per_source``): a source over its quota loses its own
+  soonest-expiring entries, across all keys.
+* **Per node** (``max_bytes``): over the total, the source holding the most bytes loses its
+  soonest-expiring entries.
+
+Sizes are accounted as the msgpack size of each entry plus a fixed overhead per entry and per key
+(``ENTRY_OVERHEAD``, ``KEY_OVERHEAD``: roughly what CPython spends on the dicts and tuples), so
+``bytes_used`` tracks the memory the storage holds. A source is charged for its entries and for
+the keys it created (until they are gone). Expiration times beyond ``max_ttl`` are
+invalid (``records.decode_record``), so nothing lingers longer than that unless re-declared.
+
+With a ``secret`` (a private swarm), only entries whose tag verifies are stored; the rest are
+counted as ``unauthenticated_entries`` and a store left with none is refused.
+"""
 from __future__ import annotations
 
+import heapq
 import time
 from collections import Counter, OrderedDict
 from typing import Any, Iterator, Optional
 
-from kademlia.storage import IStorage
+from .records import MAX_RECORD_BYTES, MAX_TTL, Record, decode_record, encode_record, entry_size
 
-from .records import MAX_RECORD_BYTES, Record, cap_record, decode_record, encode_record
+MAX_STORAGE_BYTES = 64 * 1024 * 1024
+MAX_BYTES_PER_SOURCE = 2 * 1024 * 1024
+ENTRY_OVERHEAD = 400  # CPython objects per entry beyond its msgpack bytes (dict slot, tuples, str, float, meta)
+KEY_OVERHEAD = 800  # per key: its dicts and bookkeeping
+BLOB_CACHE_KEYS = 256
+LOCAL = ""  # the source of this node's own writes
 
 
-class SubkeyStorage(IStorage):
-    """kademlia storage that keeps, per 20-byte key digest, ``subkey -> (value, expiration)``.
+class _Meta:
+    __slots__ = ("source", "size")
 
-    * A write *merges* into the record: per sub-key the entry with the later expiration wins,
-      so concurrent writers of one key (many hosts declaring children of one prefix) lose nothing.
-    * Expired entries are dropped on every read and write; ``get`` / ``__iter__`` /
-      ``iter_older_than`` (what kademlia answers and republishes) only ever see live entries,
-      so a republish cannot resurrect an expired entry.
-    * Size rule: a record never encodes to more than ``MAX_RECORD_BYTES`` (6000 B, under the
-      8 KB datagram limit). When a merge makes it larger, the entries that expire soonest are
-      dropped first (see ``records.cap_record``).
-    * At most ``max_keys`` keys; beyond that the least recently written key is evicted.
+    def __init__(self, source: str, size: int):
+        self.source, self.size = source, size
 
-    * With a ``secret`` (a private swarm), only entries whose tag verifies are stored; the rest
-      are counted as ``unauthenticated_entries``, and a store left with none is refused. Without
-      one, tags are kept and passed on unchecked.
 
-    Values handed to ``__setitem__`` / ``store_blob`` are encoded blobs from the network: they are
-    decoded and validated (``records.decode_record``); an invalid blob is refused and counted.
-    """
+def _ip(source: str) -> str:
+    return source.rpartition(":")[0]
 
-    def __init__(self, stats: Optional[Counter] = None, max_keys: int = 100_000, secret: Optional[bytes] = None):
+
+def _header(n: int) -> int:
+    return 1 if n < 16 else 3 if n < 65536 else 5
+
+
+class SubkeyStorage:
+    """Per 20-byte key digest, ``subkey -> (value, expiration[, tag])``, merged on every write
+    (per sub-key the later expiration wins, so concurrent writers of one key lose nothing).
+    Reads only ever see live entries, so a republish cannot resurrect an expired one."""
+
+    def __init__(self, stats: Optional[Counter] = None, max_keys: int = 100_000, secret: Optional[bytes] = None,
+                 max_bytes: int = MAX_STORAGE_BYTES, max_bytes_per_source: int = MAX_BYTES_PER_SOURCE,
+                 max_ttl: float = MAX_TTL):
         self.stats = stats if stats is not None else Counter()
-        self.max_keys = max_keys
-        self.secret = secret
-        self._data: "OrderedDict[bytes, Record]" = OrderedDict()
+        self.max_keys, self.secret = max_keys, secret
+        self.max_bytes, self.max_bytes_per_source, self.max_ttl = max_bytes, max_bytes_per_source, max_ttl
+        self._data: dict[bytes, Record] = {}
+        self._meta: dict[bytes, dict[str, _Meta]] = {}
         self._written: dict[bytes, float] = {}  # monotonic time of the last write, for republish
-        self._blobs: dict[bytes, tuple[bytes, float]] = {}  # cached encoding, valid until min expiry
+        self._blobs: "OrderedDict[bytes, tuple[bytes, float]]" = OrderedDict()  # LRU of encodings
+        self._source_bytes: Counter = Counter()
+        self._key_owner: dict[bytes, str] = {}
+        self._by_source: dict[str, list] = {}  # source -> heap of (expiration, key, subkey), lazily pruned
+        self.bytes_used = 0
+
+    # ------------------------------------------------------------------ accounting
+    def _add(self, key: bytes, subkey: str, entry: tuple, source: str) -> None:
+        record, meta = self._data.get(key), self._meta.get(key)
+        if record is None:
+            record, meta = self._data[key], self._meta[key] = {}, {}
+            self.bytes_used += KEY_OVERHEAD
+            self._key_owner[key] = source  # charged the key's own overhead until the key goes
+            self._source_bytes[source] += KEY_OVERHEAD
+        elif subkey in record:
+            self._remove(key, subkey, drop_empty=False)
+        size = entry_size(subkey, entry[0], entry[1], entry[2] if len(entry) > 2 else None)
+        record[subkey] = entry
+        meta[subkey] = _Meta(source, size)
+        self.bytes_used += size + ENTRY_OVERHEAD
+        self._source_bytes[source] += size + ENTRY_OVERHEAD
+        heap = self._by_source.setdefault(source, [])
+        heapq.heappush(heap, (entry[1], key, subkey))
+        if len(heap) > 64 and len(heap) > 3 * self._source_bytes[source] // ENTRY_OVERHEAD:
+            self._by_source[source] = [item for item in heap if self._owns(source, *item)]
+            heapq.heapify(self._by_source[source])
+
+    def _owns(self, source: str, expiration: float, key: bytes, subkey: str) -> bool:
+        record = self._data.get(key)
+        entry = record.get(subkey) if record is not None else None
+        return entry is not None and entry[1] == expiration and self._meta[key][subkey].source == source
+
+    def _remove(self, key: bytes, subkey: str, drop_empty: bool = True) -> None:
+        record, meta = self._data[key], self._meta[key]
+        del record[subkey]
+        m = meta.pop(subkey)
+        self.bytes_used -= m.size + ENTRY_OVERHEAD
+        self._source_bytes[m.source] -= m.size + ENTRY_OVERHEAD
+        if self._source_bytes[m.source] <= 0:
+            del self._source_bytes[m.source]
+            self._by_source.pop(m.source, None)
+        self._blobs.pop(key, None)
+        if drop_empty and not record:
+            self._forget(key)
+
+    def _forget(self, key: bytes) -> None:
+        for subkey in list(self._data.get(key, ())):
+            self._remove(key, subkey, drop_empty=False)
+        if self._data.pop(key, None) is not None:
+            self.bytes_used -= KEY_OVERHEAD
+            owner = self._key_owner.pop(key)
+            self._source_bytes[owner] -= KEY_OVERHEAD
+            if self._source_bytes[owner] <= 0:
+                del self._source_bytes[owner]
+                self._by_source.pop(owner, None)
+        self._meta.pop(key, None)
+        self._written.pop(key, None)
+        self._blobs.pop(key, None)
+
+    def _evict_from(self, source: str) -> bool:
+        """Drop ``source``'s entry that expires soonest; False if it holds none."""
+        heap = self._by_source.get(source)
+        while heap:
+            expiration, key, subkey = heapq.heappop(heap)
+            if self._owns(source, expiration, key, subkey):
+                self._remove(key, subkey)
+                return True
+        return False
+
+    def _enforce_quotas(self, source: str) -> None:
+        if source != LOCAL:
+            while self._source_bytes.get(source, 0) > self.max_bytes_per_source and self._evict_from(source):
+                self.stats["entries_evicted_by_source_quota"] += 1
+        exhausted: set[str] = set()  # sources charged only for keys that now hold others' entries
+        while self.bytes_used > self.max_bytes or len(self._data) > self.max_keys:
+            candidates = [s for s in self._source_bytes if s not in exhausted]
+            if not candidates:
+                break
+            biggest = max(candidates, key=self._source_bytes.__getitem__)
+            if self._evict_from(biggest):
+                self.stats["entries_evicted_by_storage_cap"] += 1
+            else:
+                exhausted.add(biggest)
+
+    def _fair_cap(self, key: bytes) -> None:
+        """Fit the record under ``key`` in MAX_RECORD_BYTES: evict from the IP holding the most bytes
+        of it, its largest source, that source's soonest-expiring entry (ties: larger sub-key)."""
+        record, meta = self._data[key], self._meta[key]
+        total = _header(len(record)) + sum(m.size for m in meta.values())
+        if total <= MAX_RECORD_BYTES:
+            return
+        ip_bytes: Counter = Counter()
+        src_bytes: Counter = Counter()
+        queues: dict[str, list] = {}
+        for subkey, m in meta.items():
+            ip_bytes[_ip(m.source)] += m.size
+            src_bytes[m.source] += m.size
+            queues.setdefault(m.source, []).append((record[subkey][1], [-ord(c) for c in subkey], subkey))
+        for queue in queues.values():
+            queue.sort(reverse=True)  # soonest expiring last
+        while total > MAX_RECORD_BYTES and record:
+            ip = max(ip_bytes, key=lambda i: (ip_bytes[i], i))
+            source = max((s for s in src_bytes if _ip(s) == ip), key=lambda s: (src_bytes[s], s))
+            subkey = queues[source].pop()[2]
+            size = meta[subkey].size
+            self._remove(key, subkey, drop_empty=False)
+            total += _header(len(record)) - _header(len(record) + 1) - size
+            ip_bytes[ip] -= size
+            src_bytes[source] -= size
+            if not ip_bytes[ip]:
+                del ip_bytes[ip]
+            if not src_bytes[source]:
+                del src_bytes[source]
+            self.stats["entries_dropped_by_size_cap"] += 1
 
     # ------------------------------------------------------------------ writes
-    def merge(self, key: bytes, record: Record, now: Optional[float] = None) -> bool:
-        """Merge validated entries into the record under ``key``. False if ``record`` held no
-        live entry (True also when a newer entry already here supersedes it)."""
+    def merge(self, key: bytes, record: Record, now: Optional[float] = None, source: str = LOCAL) -> bool:
+        """Merge validated entries from ``source`` into the record under ``key``. False if
+        ``record`` held no live entry (True also when a newer entry here supersedes it)."""
         now = time.time() if now is None else now
         if not any(entry[1] > now for entry in record.values()):
             return False
-        current = self._live(key, now) or {}
+        self._live(key, now)
+        current = self._data.get(key, {})
         changed = False
         for subkey, entry in record.items():
             if entry[1] > now and (subkey not in current or entry[1] > current[subkey][1]):
-                current[subkey] = entry
+                self._add(key, subkey, tuple(entry), source)
+                current = self._data[key]
                 changed = True
         if changed:
-            blob = encode_record(current)
-            if len(blob) > MAX_RECORD_BYTES:
-                capped = cap_record(current, MAX_RECORD_BYTES)
-                self.stats["entries_dropped_by_size_cap"] += len(current) - len(capped)
-                current, blob = capped, encode_record(capped)
-            self._data[key] = current
-            self._blobs[key] = (blob, min(entry[1] for entry in current.values()))
-        self._data.move_to_end(key)
-        self._written[key] = time.monotonic()
-        while len(self._data) > self.max_keys:
-            old, _ = self._data.popitem(last=False)
-            self._written.pop(old, None)
-            self._blobs.pop(old, None)
+            self._fair_cap(key)
+            self._enforce_quotas(source)
+        if key in self._data:
+            self._written[key] = time.monotonic()
         return True
 
-    def store_blob(self, key: bytes, blob: Any) -> bool:
+    def store_blob(self, key: bytes, blob: Any, source: str = LOCAL) -> bool:
         """Decode, validate (and with a secret, authenticate) ``blob`` and merge it under ``key``.
         False (counted as ``rejected_stores``) when nothing in it was stored."""
         if not (isinstance(key, bytes) and len(key) == 20):
             self.stats["rejected_stores"] += 1
             return False
-        record = decode_record(blob, self.stats, secret=self.secret, dkey=key)
-        if record is None or not self.merge(key, record):
+        record = decode_record(blob, self.stats, secret=self.secret, dkey=key, max_ttl=self.max_ttl)
+        if record is None or not self.merge(key, record, source=source):
             self.stats["rejected_stores"] += 1
             return False
         return True
-
-    def __setitem__(self, key: bytes, value: Any) -> None:
-        if not self.store_blob(key, value):
-            raise ValueError("invalid record")
 
     # ------------------------------------------------------------------ reads
     def _live(self, key: bytes, now: float) -> Optional[Record]:
         record = self._data.get(key)
         if record is None:
             return None
-        if any(entry[1] <= now for entry in record.values()):
-            record = {sk: ve for sk, ve in record.items() if ve[1] > now}
-            self._blobs.pop(key, None)
-            if record:
-                self._data[key] = record
-            else:
-                self._forget(key)
-                return None
-        return dict(record)
-
-    def _forget(self, key: bytes) -> None:
-        self._data.pop(key, None)
-        self._written.pop(key, None)
-        self._blobs.pop(key, None)
+        expired = [sk for sk, entry in record.items() if entry[1] <= now]
+        for subkey in expired:
+            self._remove(key, subkey)
+        return dict(record) if key in self._data else None
 
     def get_record(self, key: bytes, now: Optional[float] = None) -> Optional[Record]:
         """Live entries under ``key`` as a dict, or None."""
         return self._live(key, time.time() if now is None else now)
 
     def get(self, key: bytes, default: Any = None) -> Any:
-        """The encoded live record (what kademlia sends to peers), or ``default``."""
+        """The encoded live record (what is sent to peers), or ``default``."""
         now = time.time()
         cached = self._blobs.get(key)
         if cached is not None and cached[1] > now:
+            self._blobs.move_to_end(key)
             return cached[0]
         record = self._live(key, now)
         if not record:
             return default
         blob = encode_record(record)
         self._blobs[key] = (blob, min(entry[1] for entry in record.values()))
-        return blob
-
-    def __getitem__(self, key: bytes) -> bytes:
-        blob = self.get(key)
-        if blob is None:
-            raise KeyError(key)
+        while len(self._blobs) > BLOB_CACHE_KEYS:
+            self._blobs.popitem(last=False)
         return blob
 
     def cull(self) -> int:
@@ -143,6 +264,13 @@ class SubkeyStorage(IStorage):
             if blob is not None:
                 out.append((key, blob))
         return out
+
+    def keys(self) -> list[bytes]:
+        return list(self._data)
+
+    def source_bytes(self, source: str) -> int:
+        """Bytes (as accounted) held for ``source``."""
+        return self._source_bytes.get(source, 0)
 
     def __iter__(self) -> Iterator[tuple[bytes, bytes]]:
         out = []
