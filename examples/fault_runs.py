@@ -1,7 +1,10 @@
-"""Learning under faults: the example trained with a local mixture, a healthy swarm, churn and a slow host.
+"""Learning under faults: the example trained with a local mixture, a healthy swarm, churn and a slow host;
+and a 4-layer model (experiment=four_layers) healthy, with every expert failing 10% of its batches, and
+with one host 0.3 s late per batch.
 
-    python examples/fault_runs.py                       # all runs at the default length
+    python examples/fault_runs.py                       # the 1-layer runs at the default length
     python examples/fault_runs.py trainer.max_steps=200 --runs local healthy churn
+    python examples/fault_runs.py --runs layers4 layers4_flaky layers4_slow trainer.max_steps=300
 
 Prints a table: validation bits per character, training steps/s, failed and timed-out expert
 calls, and for churn the forward samples that the late joiner served. Extra arguments are Hydra
@@ -23,7 +26,15 @@ from hydra import compose, initialize_config_module
 from lightning_moe.lightning.train import train
 from lightning_moe.swarm import LocalSwarm, grid_uids
 
-RUNS = ("local", "healthy", "churn", "slow")
+RUNS = ("local", "healthy", "churn", "slow", "layers4", "layers4_flaky", "layers4_slow")
+DEFAULT_RUNS = RUNS[:4]
+EXTRA_OVERRIDES = {
+    "local": ["experiment=baseline"],
+    "slow": ["local_swarm.host_delays=[2.0]"],
+    "layers4": ["experiment=four_layers"],
+    "layers4_flaky": ["experiment=four_layers", "host.fault_rate=0.1"],
+    "layers4_slow": ["experiment=four_layers", "local_swarm.host_delays=[0.3]"],
+}
 
 
 @dataclass
@@ -57,7 +68,8 @@ class FaultMonitor(pl.Callback):
             self.swarm.kill(0, signal.SIGKILL)
             self.report.notes.append(f"host 0 killed at step {step}")
         if self.swarm is not None and self.join_at is not None and step == int(self.join_at * total):
-            uids = grid_uids(self.swarm.uid_prefix, self.swarm.grid_size)[0 :: self.swarm.num_hosts]
+            uids = [uid for prefix in self.swarm.config.layer_prefixes()
+                    for uid in grid_uids(prefix, self.swarm.grid_size)[0 :: self.swarm.num_hosts]]
             self.joiner = self.swarm.add_host(uids, seed=100)
             self.report.notes.append(f"new host joined at step {step} with {len(uids)} experts")
         self._start = time.perf_counter()
@@ -65,9 +77,10 @@ class FaultMonitor(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.batch_time += time.perf_counter() - self._start
         self.batches += 1
-        stats = getattr(pl_module.moe, "stats", None) or {}
-        self.report.failed += int(stats.get("failed", 0) + stats.get("backward_failed", 0))
-        self.report.timed_out += int(stats.get("timed_out", 0))
+        for moe in pl_module.moes:
+            stats = getattr(moe, "stats", None) or {}
+            self.report.failed += int(stats.get("failed", 0) + stats.get("backward_failed", 0))
+            self.report.timed_out += int(stats.get("timed_out", 0))
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.report.steps_per_s = self.batches / max(self.batch_time, 1e-9)
@@ -76,7 +89,7 @@ class FaultMonitor(pl.Callback):
 def run(name: str, overrides: list[str]) -> RunReport:
     """Train once under the named condition and report what happened."""
     report = RunReport(name)
-    extra = {"local": ["experiment=baseline"], "slow": ["local_swarm.host_delays=[2.0]"]}.get(name, [])
+    extra = EXTRA_OVERRIDES.get(name, [])
     with initialize_config_module("lightning_moe.conf", version_base="1.3"):
         cfg = compose(config_name="config", overrides=[f"paths.output_dir=outputs/fault_runs/{name}", *overrides, *extra])
     monitors: list[FaultMonitor] = []
@@ -94,21 +107,26 @@ def run(name: str, overrides: list[str]) -> RunReport:
 
 
 def print_table(reports: list[RunReport]) -> None:
-    baseline = next((r.val_bpc for r in reports if r.name == "local"), None)
-    healthy = next((r.val_bpc for r in reports if r.name == "healthy"), None)
-    print(f"\n{'run':<9} {'val bpc':>8} {'vs local':>9} {'vs healthy':>10} {'steps/s':>8} {'failed':>7} {'timed out':>9} {'joiner samples':>14}")
+    """One row per run; each is compared with the healthy run of its model (1 layer, or layers4 for layers4_*)."""
+    by_name = {r.name: r for r in reports}
+    local = by_name.get("local")
+    print(f"\n{'run':<14} {'val bpc':>8} {'vs local':>9} {'vs healthy':>17} {'steps/s':>8} {'speed':>6} {'failed':>7} "
+          f"{'timed out':>9} {'joiner samples':>14}")
     for r in reports:
-        vs_local = f"{r.val_bpc - baseline:+.3f}" if baseline is not None else "-"
-        vs_healthy = f"{r.val_bpc - healthy:+.3f}" if healthy is not None else "-"
+        healthy = by_name.get("layers4" if r.name.startswith("layers4") else "healthy")
+        vs_local = f"{r.val_bpc - local.val_bpc:+.3f}" if local is not None and not r.name.startswith("layers4") else "-"
+        vs_healthy = f"{r.val_bpc - healthy.val_bpc:+.3f} ({100 * (r.val_bpc / healthy.val_bpc - 1):+.1f}%)" if healthy else "-"
+        speed = f"{r.steps_per_s / healthy.steps_per_s:.2f}" if healthy else "-"
         joiner = "-" if r.joiner_samples is None else str(r.joiner_samples)
-        print(f"{r.name:<9} {r.val_bpc:8.3f} {vs_local:>9} {vs_healthy:>10} {r.steps_per_s:8.2f} {r.failed:7d} {r.timed_out:9d} {joiner:>14}")
+        print(f"{r.name:<14} {r.val_bpc:8.3f} {vs_local:>9} {vs_healthy:>17} {r.steps_per_s:8.2f} {speed:>6} {r.failed:7d} "
+              f"{r.timed_out:9d} {joiner:>14}")
         for note in r.notes:
-            print(f"{'':<9} {note}")
+            print(f"{'':<14} {note}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS))
+    parser.add_argument("--runs", nargs="+", choices=RUNS, default=list(DEFAULT_RUNS))
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run, e.g. trainer.max_steps=200")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)

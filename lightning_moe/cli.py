@@ -21,7 +21,7 @@ import hydra
 from omegaconf import DictConfig
 
 import lightning_moe.conf  # noqa: F401  (registers the config schemas)
-from lightning_moe.config import ConfigError, DHTConfig, HostConfig, describe, to_dataclass
+from lightning_moe.config import ConfigError, DHTConfig, HostConfig, describe, layer_prefixes, to_dataclass
 
 CONFIG_PATH = "pkg://lightning_moe.conf"
 COMMANDS = ("host", "train", "swarm")
@@ -77,7 +77,8 @@ def run_swarm(cfg: DictConfig) -> None:
         raise ConfigError("dht.initial_peers is empty: name a DHT node of the swarm, e.g. dht.initial_peers=[HOST:PORT]")
     try:
         node = process_dht(dht.initial_peers, dht.secret)
-        views, hosts = survey(node, [(cfg.moe.uid_prefix, list(cfg.moe.grid_size))], auth.resolve_secret(dht.secret))
+        layers = [(prefix, list(cfg.moe.grid_size)) for prefix in layer_prefixes(cfg.moe.uid_prefix, cfg.model.moe_layers)]
+        views, hosts = survey(node, layers, auth.resolve_secret(dht.secret))
         print(format_survey(views, hosts), flush=True)
     finally:
         shutdown_process_dht()

@@ -12,6 +12,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Optional
 
+from lightning_moe.client.health import HealthConfig
+
 WIRE_COMPRESSIONS = ("none", "float16", "uint8")  # lightning_moe.wire.COMPRESSIONS, without importing torch
 
 
@@ -62,6 +64,8 @@ class HostConfig:
                            default=None)
     in_features: int = _help("the experts' input size (the model's hid_dim)", default=64)
     uid_prefix: str = _help("the grid's uid prefix (the DecentralizedMoE layer's uid_prefix)", default="ffn")
+    num_layers: int = _help("MoE layers of the model: 1 serves uid_prefix; N serves cells of each of uid_prefix0 .. "
+                            "uid_prefix{N-1} (model.moe_layers)", default=1)
     grid_size: list[int] = _help("the grid (the layer's grid_size)", default_factory=lambda: [4, 4])
     cells: Any = _help("N: host N grid cells that nobody declares yet (busy ones too if fewer are free); "
                        "or a list of uids", default=4)
@@ -83,6 +87,8 @@ class HostConfig:
     checkpoint_every: float = _help("seconds between host checkpoints", default=300.0)
     stats_every: float = _help("seconds between one-line stats reports in the log (0: none)", default=60.0)
     delay: float = _help("extra seconds per batch (a slow volunteer, for tests and demos)", default=0.0)
+    fault_rate: float = _help("probability that a batch an expert computes fails with an error (a flaky volunteer, "
+                              "for tests and demos; the start-up check is exempt)", default=0.0)
 
     def __post_init__(self) -> None:
         self.check()
@@ -100,15 +106,21 @@ class HostConfig:
         else:
             _require(isinstance(self.cells, (list, tuple)) and len(self.cells) > 0, f"{prefix}.cells",
                      "must be a number of cells or a non-empty list of uids", self.cells)
-            valid = set(grid_uids(self.uid_prefix, self.grid_size))
+            valid = {uid for layer in self.layer_prefixes() for uid in grid_uids(layer, self.grid_size)}
             unknown = [uid for uid in self.cells if uid not in valid]
-            _require(not unknown, f"{prefix}.cells", f"lists uids outside the grid {self.uid_prefix}{list(self.grid_size)}",
-                     unknown)
+            _require(not unknown, f"{prefix}.cells",
+                     f"lists uids outside the grids {self.layer_prefixes()}{list(self.grid_size)}", unknown)
         _require(self.in_features >= 1, f"{prefix}.in_features", "must be positive", self.in_features)
+        _require(self.num_layers >= 1, f"{prefix}.num_layers", "must be positive", self.num_layers)
+        _require(0 <= self.fault_rate <= 1, f"{prefix}.fault_rate", "must be in [0, 1]", self.fault_rate)
         _require(self.max_batch_size >= 1, f"{prefix}.max_batch_size", "must be positive", self.max_batch_size)
         _require(self.update_every >= 0, f"{prefix}.update_every", "must be 0 or positive", self.update_every)
         _require(0 <= self.port <= 65535, f"{prefix}.port", "must be a port number (0 to 65535)", self.port)
-        _require(self.update_period > 0, f"{prefix}.update_period", "must be positive", self.update_period)
+        from lightning_moe.dht.records import MAX_TTL
+
+        _require(0 < self.update_period <= MAX_TTL / 2, f"{prefix}.update_period",
+                 f"must be positive and at most {MAX_TTL / 2:g} s (declarations live two periods; DHT nodes refuse "
+                 f"expirations more than {MAX_TTL:g} s ahead)", self.update_period)
         _require(self.compression is None or self.compression in WIRE_COMPRESSIONS, f"{prefix}.compression",
                  f"must be null or one of {list(WIRE_COMPRESSIONS)}", self.compression)
         _require(self.dtype in ("float32", "float64", "bfloat16", "float16"), f"{prefix}.dtype",
@@ -119,6 +131,10 @@ class HostConfig:
         _require(self.stats_every >= 0, f"{prefix}.stats_every", "must be 0 or positive", self.stats_every)
         _require(self.delay >= 0, f"{prefix}.delay", "must be 0 or positive", self.delay)
         _require(self.expert is not None, f"{prefix}.expert", "must be a factory of an expert", self.expert)
+
+    def layer_prefixes(self) -> list[str]:
+        """The uid prefix of each MoE layer it serves."""
+        return layer_prefixes(self.uid_prefix, self.num_layers)
 
     def make_expert(self) -> Callable[[], Any]:
         """The expert factory, instantiated from its `_target_` config if it is one."""
@@ -171,6 +187,10 @@ class DecentralizedMoEConfig(MoEConfig):
     compression: str = "none"
     cache_ttl: float = 5.0
     jitter: float = 0.0
+    backward_timeout_after_k_min: Optional[float] = 1.0
+    max_retries: int = 2
+    allow_zero_outputs: bool = False
+    health: HealthConfig = field(default_factory=HealthConfig)
 
 
 @dataclass
@@ -193,6 +213,16 @@ def check_moe(moe: Any) -> None:
         for key in ("forward_timeout", "backward_timeout", "timeout_after_k_min"):
             _require(moe[key] is None or moe[key] > 0, f"moe.{key}", "must be null or positive", moe[key])
         _require(moe.cache_ttl >= 0, "moe.cache_ttl", "must be 0 or positive", moe.cache_ttl)
+        _require(moe.max_retries >= 0, "moe.max_retries", "must be 0 or positive", moe.max_retries)
+        try:
+            HealthConfig(**moe.health)
+        except ValueError as e:
+            raise ConfigError(f"moe.health: {e}") from None
+
+
+def layer_prefixes(uid_prefix: str, num_layers: int) -> list[str]:
+    """The uid prefixes of a model's MoE layers: ``[ffn]`` for one layer, ``[ffn0, ffn1, ...]`` for several."""
+    return [uid_prefix] if num_layers == 1 else [f"{uid_prefix}{i}" for i in range(num_layers)]
 
 
 def grid_uids(uid_prefix: str, grid_size: Any) -> list[str]:

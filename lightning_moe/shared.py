@@ -1,4 +1,4 @@
-"""One DHT node per process, shared by every DecentralizedMoE layer and a volunteer in the same process."""
+"""Per process: one DHT node and one expert-health registry, shared by every DecentralizedMoE layer (and a volunteer)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ logger = logging.getLogger(__name__)
 _lock = threading.Lock()
 _nodes: dict[bytes | None, Any] = {}  # swarm secret -> this process's DHT node for that swarm
 _owned: set[int] = set()  # ids of the nodes this module created (and so shuts down)
+_users: dict[int, int] = {}  # id of a node -> layers using it
 
 
 def usable(dht: Any) -> bool:
@@ -29,15 +30,30 @@ def process_dht(initial_peers: Sequence[str], secret: str | bytes | None = None)
     key = auth.resolve_secret(secret)
     with _lock:
         dht = _nodes.get(key)
-        if dht is not None and usable(dht):
-            return dht
-        from lightning_moe.dht import DHT
+        if dht is None or not usable(dht):
+            from lightning_moe.dht import DHT
 
-        dht = DHT(initial_peers=list(initial_peers), client_mode=True, secret=key)
-        _nodes[key] = dht
-        _owned.add(id(dht))
-        logger.debug("process DHT client %s joined %s", dht.address, list(initial_peers))
+            dht = DHT(initial_peers=list(initial_peers), client_mode=True, secret=key)
+            _nodes[key] = dht
+            _owned.add(id(dht))
+            logger.debug("process DHT client %s joined %s", dht.address, list(initial_peers))
+        _users[id(dht)] = _users.get(id(dht), 0) + 1
         return dht
+
+
+def release_process_dht(dht: Any) -> None:
+    """A layer is done with ``dht`` (from :func:`process_dht`); the last user of a client node shuts it down."""
+    with _lock:
+        left = _users[id(dht)] = _users.get(id(dht), 1) - 1
+        last = left <= 0 and id(dht) in _owned
+        if last:
+            _owned.discard(id(dht))
+            _users.pop(id(dht), None)
+            for key, node in list(_nodes.items()):
+                if node is dht:
+                    del _nodes[key]
+    if last:
+        dht.shutdown()
 
 
 def register_process_dht(dht: Any) -> None:
@@ -62,5 +78,32 @@ def shutdown_process_dht() -> None:
             if id(node) in _owned:
                 del _nodes[key]
                 _owned.discard(id(node))
+                _users.pop(id(node), None)
     for node in nodes:
         node.shutdown()
+
+
+_health: dict[int, Any] = {}  # pid -> this process's HealthRegistry
+
+
+def process_health(config: Any = None) -> Any:
+    """This process's expert-health registry, shared by every layer (see :mod:`lightning_moe.client.health`).
+
+    ``config`` (a HealthConfig) replaces the registry's settings; the last layer to pass one wins.
+    """
+    from lightning_moe.client.health import HealthRegistry
+
+    with _lock:
+        registry = _health.get(os.getpid())
+        if registry is None:
+            registry = _health[os.getpid()] = HealthRegistry(config)
+        elif config is not None and config != registry.config:
+            logger.info("expert health settings of this process: %s (were %s)", config, registry.config)
+            registry.config = config
+        return registry
+
+
+def reset_process_health() -> None:
+    """Forget every exclusion of this process (tests; a trainer that moves to another swarm)."""
+    with _lock:
+        _health.pop(os.getpid(), None)

@@ -51,8 +51,8 @@ class LocalSwarm:
     """A DHT bootstrap node in this process and volunteer host processes on this machine.
 
     Each host process runs :func:`~lightning_moe.volunteer.start_volunteer` with ``host``, except
-    that host ``i`` serves every ``num_hosts``-th cell of the grid from cell ``i``, with seed
-    ``host.seed + i`` (or ``i``) and the delay ``host_delays[i]``.
+    that host ``i`` serves every ``num_hosts``-th cell of each layer's grid from cell ``i``, with
+    seed ``host.seed + i`` (or ``i``) and the delay ``host_delays[i]``. The hosts start in parallel.
 
     Args:
         host: the host configuration (experts, optimizer, grid, batch sizes, ...); must be picklable
@@ -109,11 +109,12 @@ class LocalSwarm:
     def start(self) -> "LocalSwarm":
         """Start the DHT node and all hosts in parallel; returns once every host serves."""
         self.start_dht()
-        uids = grid_uids(self.uid_prefix, self.grid_size)
+        layers = [grid_uids(prefix, self.grid_size) for prefix in self.config.layer_prefixes()]
         try:
             for i in range(self.num_hosts):
                 delay = self.host_delays[i] if i < len(self.host_delays) else 0.0
-                self.add_host(uids[i :: self.num_hosts], seed=(self.config.seed or 0) + i, delay=delay, wait=False)
+                uids = [uid for layer in layers for uid in layer[i :: self.num_hosts]]
+                self.add_host(uids, seed=(self.config.seed or 0) + i, delay=delay, wait=False)
             self._wait_ready(range(self.num_hosts))
         except BaseException:
             self.shutdown()

@@ -87,6 +87,25 @@ def add_delay(backend: ExpertBackend, seconds: float) -> None:
         pool.process_fn = slow
 
 
+class InjectedFault(RuntimeError):
+    """The error of ``host.fault_rate``: a volunteer that fails now and then."""
+
+
+def add_faults(backend: ExpertBackend, rate: float, seed: int | None = None) -> None:
+    """Make each batch of ``backend`` fail with probability ``rate`` (requests then get HTTP 500)."""
+    rng = random.Random(None if seed is None else f"{seed}:{backend.name}")
+    for pool in (backend.forward_pool, backend.backward_pool):
+        process = pool.process_fn
+
+        @functools.wraps(process)
+        def flaky(*args: Any, _process: Callable = process) -> Any:
+            if rng.random() < rate:
+                raise InjectedFault(f"injected fault (host.fault_rate={rate})")
+            return _process(*args)
+
+        pool.process_fn = flaky
+
+
 def _address_in_use(error: OSError) -> bool:
     return error.errno in (errno.EADDRINUSE, errno.EACCES)
 
@@ -213,7 +232,8 @@ def start_volunteer(config: HostConfig, dht: DHTConfig | Any, device: str | torc
         if state:
             uids = sorted(state)
         elif isinstance(config.cells, int):
-            uids = choose_cells(node, config.uid_prefix, config.grid_size, config.cells, config.seed)
+            uids = [uid for layer in config.layer_prefixes()
+                    for uid in choose_cells(node, layer, config.grid_size, config.cells, config.seed)]
         else:
             uids = sorted(config.cells)
         backends = make_backends(uids, config.make_expert(), config.make_optimizer(), config.in_features,
@@ -221,6 +241,8 @@ def start_volunteer(config: HostConfig, dht: DHTConfig | Any, device: str | torc
         for backend in backends.values():
             if config.delay:
                 add_delay(backend, config.delay)
+            if config.fault_rate:
+                add_faults(backend, config.fault_rate, config.seed)
         host = ExpertHost(backends, host=config.host, port=config.port, device=device or config.device or "cpu",
                           announce_host=config.announce_host, dht=node, update_period=config.update_period, secret=secret,
                           compression=config.compression)
@@ -237,8 +259,8 @@ def start_volunteer(config: HostConfig, dht: DHTConfig | Any, device: str | torc
             checkpoint.parent.mkdir(parents=True, exist_ok=True)
         if owns_dht:
             shared.register_process_dht(node)
-        logger.info("hosting %d cells of %s%s at %s: %s%s", len(uids), config.uid_prefix, list(config.grid_size), host.endpoint,
-                    ", ".join(uids), f" (restored {len(state)} experts)" if state else "")
+        logger.info("hosting %d cells of %s%s at %s: %s%s", len(uids), ",".join(config.layer_prefixes()), list(config.grid_size),
+                    host.endpoint, ", ".join(uids), f" (restored {len(state)} experts)" if state else "")
         return Volunteer(config, host, node, owns_dht, checkpoint, len(state) if state else 0)
     except BaseException:
         if host is not None:

@@ -65,7 +65,7 @@ def measure_remote(args: argparse.Namespace, x: torch.Tensor) -> tuple[float, di
             elapsed = time.perf_counter() - begin
             return args.steps / elapsed, moe.stats
         finally:
-            moe.dht.shutdown()
+            moe.close()
 
 
 def main() -> None:

@@ -90,7 +90,7 @@ def test_outputs_and_gradients_equal_local_computation_and_hosts_learn(swarm):
         assert not torch.allclose(y2, y.detach(), atol=1e-4), "the hosts' experts did not learn"
         torch.testing.assert_close(y2, y2_local, atol=1e-5, rtol=1e-4)
     finally:
-        moe.dht.shutdown()
+        moe.close()
 
 
 @pytest.mark.slow
@@ -115,7 +115,7 @@ def test_training_continues_when_a_host_dies(swarm):
         assert failed > 0, "no call ever failed: the host was not really killed"
         assert torch.isfinite(loss)
     finally:
-        moe.dht.shutdown()
+        moe.close()
 
 
 @pytest.mark.slow
@@ -132,7 +132,7 @@ def test_all_hosts_dead_raises_error_naming_experts_and_endpoints(swarm):
         assert "k_min=1" in message and "ffn." in message
         assert any(endpoint in message for endpoint in swarm.endpoints)
     finally:
-        moe.dht.shutdown()
+        moe.close()
 
 
 @pytest.mark.slow
@@ -147,7 +147,7 @@ def test_slow_host_does_not_stall_steps():
         assert stats["timed_out"] > 0 and stats["answered"] > 0
         assert torch.isfinite(y).all()
     finally:
-        moe.dht.shutdown()
+        moe.close()
         swarm.shutdown()
 
 
@@ -173,7 +173,7 @@ def test_float64_gradcheck_and_bfloat16_paths():
         y.float().pow(2).sum().backward()
         assert torch.isfinite(x32.grad).all() and moe.proj.weight.grad is not None
     finally:
-        moe.dht.shutdown()
+        moe.close()
         swarm.shutdown()
 
 
@@ -192,8 +192,8 @@ def test_module_pickles_keeps_only_gating_state_and_accepts_any_leading_shape(sw
         assert loss is not None and loss.requires_grad and torch.isfinite(loss)
         assert copied._dht is None or copied._dht is moe._dht
     finally:
-        moe.dht.shutdown()
-        clone.dht.shutdown()
+        moe.close()
+        clone.close()
 
 
 class MoEClassifier(pl.LightningModule):
@@ -226,7 +226,7 @@ def test_lightning_module_with_the_layer_runs_fast_dev_run(swarm, tmp_path, prec
         assert trainer.state.finished
         assert model.moe.stats["answered"] > 0
     finally:
-        model.moe.dht.shutdown()
+        model.moe.close()
 
 
 class RankReport(pl.Callback):
@@ -241,7 +241,7 @@ class RankReport(pl.Callback):
                   "backward_answered": moe.stats["backward_answered"]}
         with open(f"{self.out_dir}/rank{trainer.global_rank}.json", "w") as f:
             json.dump(report, f)
-        moe.dht.shutdown()
+        moe.close()
 
 
 @pytest.mark.slow

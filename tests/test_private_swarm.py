@@ -107,7 +107,7 @@ def test_decentralized_moe_trains_in_a_private_swarm_and_strangers_are_refused()
     finally:
         for moe in (member, stranger):
             if moe._dht is not None:
-                moe.dht.shutdown()
+                moe.close()
         swarm.shutdown()
     updates = sum(expert["updates"] for stats in swarm.final_stats.values() for expert in stats.values())
     assert updates > 0  # the hosts' experts learned from the member's backward

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -16,18 +16,17 @@ from lightning_moe import auth, wire
 from lightning_moe.client.beam_search import beam_search
 from lightning_moe.client.dht_cache import CachedExpertLookup
 from lightning_moe.client.gating import load_balancing_loss
+from lightning_moe.client.health import HealthConfig, HealthRegistry
 from lightning_moe.client.parallel_call import (
     CallSettings,
     CallStats,
-    ExpertCall,
+    MixtureForward,
     NotEnoughExpertsError,
     RemoteMixtureCall,
-    call_forward,
-    check_k_min,
-    tried_by,
+    record_outcome,
 )
 from lightning_moe.client.remote_expert import RemoteExpert, RemoteExpertError
-from lightning_moe.shared import process_dht, usable
+from lightning_moe.shared import process_dht, process_health, release_process_dht, usable
 
 logger = logging.getLogger(__name__)
 
@@ -48,10 +47,11 @@ class DecentralizedMoE(nn.Module):
         k_min: answers a sample needs; fewer raises :class:`NotEnoughExpertsError`.
         forward_timeout: seconds for the whole forward, DHT lookups and beam search included.
         timeout_after_k_min: once the first expert answered, wait at most this long for the others;
-            samples they leave short of ``k_min`` are re-routed once to other live experts, and the
-            stragglers' hosts are left out of routing for a while (so a slow host cannot stall steps).
+            samples they leave short of ``k_min`` are re-routed to the next-best experts not tried
+            yet, and stragglers count against their hosts' health (so a slow host cannot stall steps).
         backward_k_min: expert gradients a sample should get; fewer is logged as a warning and counted.
         backward_timeout: seconds for all backward calls; experts that do not answer are dropped and counted.
+        backward_timeout_after_k_min: once the first backward answered, wait at most this long for the others.
         dht: a :class:`lightning_moe.dht.DHT` to use; if None, the process's node is used (a volunteer's
             in the same process, else a client-mode node joined to ``initial_peers`` and shared by every
             layer), looked up in the process that first runs forward (safe for DDP and pickling).
@@ -62,6 +62,12 @@ class DecentralizedMoE(nn.Module):
         expert_info_timeout: seconds to wait for a host's ``/info`` (schemas), fetched once.
         secret: a private swarm's shared secret for requests and DHT records (default: the
             LIGHTNING_MOE_SECRET environment variable; none: a public swarm).
+        max_retries: rounds of re-routing for samples left short of ``k_min`` after failures.
+        allow_zero_outputs: a sample that no expert answered contributes zeros instead of raising
+            :class:`NotEnoughExpertsError` (hivemind's option of the same name); off by default.
+        health: how failing experts and hosts are excluded: a :class:`HealthConfig` (or its mapping) for
+            the process's registry, shared by every layer (:func:`lightning_moe.shared.process_health`),
+            or a :class:`HealthRegistry` of this layer's own; default: the process's as it is.
     """
 
     def __init__(
@@ -82,6 +88,10 @@ class DecentralizedMoE(nn.Module):
         jitter: float = 0.0,
         expert_info_timeout: float = 10.0,
         secret: str | bytes | None = None,
+        backward_timeout_after_k_min: float | None = 1.0,
+        max_retries: int = 2,
+        allow_zero_outputs: bool = False,
+        health: HealthRegistry | HealthConfig | Mapping[str, Any] | None = None,
     ):
         super().__init__()
         if compression not in wire.COMPRESSIONS:
@@ -96,16 +106,25 @@ class DecentralizedMoE(nn.Module):
         self.compression, self.cache_ttl, self.jitter = compression, cache_ttl, jitter
         self.expert_info_timeout = expert_info_timeout
         self.secret = auth.resolve_secret(secret)
-        self.initial_peers = list(initial_peers) if initial_peers else [dht.address]
+        self.initial_peers = list(initial_peers) if initial_peers else _peers_of(dht)
+        self.backward_timeout_after_k_min, self.max_retries = backward_timeout_after_k_min, max_retries
+        self.allow_zero_outputs = allow_zero_outputs
         self.proj = nn.Linear(in_features, sum(self.grid_size))
+        if isinstance(health, Mapping):
+            health = HealthConfig(**health)
         self._dht, self._lookup, self._expert_info = dht, None, None
+        self._health = health if isinstance(health, HealthRegistry) else None
+        self.health_config = health if isinstance(health, HealthConfig) else None
+        self._owns_dht_ref = False
         self._lock = threading.Lock()
         self.last_stats = CallStats()
         self.aux_loss: torch.Tensor | None = None
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_dht"], state["_lookup"], state["_lock"] = None, None, None
+        state["_dht"], state["_lookup"], state["_lock"], state["_owns_dht_ref"] = None, None, None, False
+        state["_health"] = None  # a registry belongs to its process
+        state["aux_loss"] = None  # a graph: neither picklable nor deep-copyable (EMA/SWA callbacks deepcopy)
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -117,16 +136,29 @@ class DecentralizedMoE(nn.Module):
         """The DHT node; created lazily (client mode) in the process that uses it."""
         with self._lock:
             if self._dht is None or not usable(self._dht):
-
-                self._dht = process_dht(self.initial_peers, self.secret)
+                self._dht, self._owns_dht_ref, self._lookup = process_dht(self.initial_peers, self.secret), True, None
             return self._dht
 
     @property
+    def health(self) -> HealthRegistry:
+        """The registry of failing experts and hosts (the process's unless one was given)."""
+        return self._health if self._health is not None else process_health(self.health_config)
+
+    @property
     def lookup(self) -> CachedExpertLookup:
-        if self._lookup is None:
-            self._lookup = CachedExpertLookup(self.dht, len(self.grid_size), ttl=self.cache_ttl)
+        dht = self.dht
+        if self._lookup is None or self._lookup.dht is not dht:
+            self._lookup = CachedExpertLookup(dht, len(self.grid_size), self.health, ttl=self.cache_ttl)
             self._log_swarm()
         return self._lookup
+
+    def close(self) -> None:
+        """Let go of the DHT node (the process's client node shuts down when its last layer closes)."""
+        with self._lock:
+            dht, owned = self._dht, self._owns_dht_ref
+            self._dht, self._lookup, self._owns_dht_ref = None, None, False
+        if dht is not None and owned:
+            release_process_dht(dht)
 
     def _log_swarm(self) -> None:
         """Say once what this layer finds in the swarm: experts of its grid and the hosts serving them."""
@@ -153,96 +185,65 @@ class DecentralizedMoE(nn.Module):
         logits = self.proj(gate_input.to(self.proj.weight.dtype)).to(compute_dtype).split(self.grid_size, dim=-1)
 
         cpu_scores = [logit.detach().to("cpu") for logit in logits]
-        chosen = self._choose_experts(cpu_scores, deadline)
+        chosen = self._choose_experts(cpu_scores, self.k_best, deadline)
         info = self._get_expert_info(chosen, deadline)
         x_cpu = flat.to(device="cpu", dtype=wire.parse_dtype(info["args_schema"][0]["dtype"]))
         out_schema = info["outputs_schema"][0]
-        outputs = torch.zeros(len(flat), self.k_best, *out_schema["shape"], dtype=wire.parse_dtype(out_schema["dtype"]))
-        mask = torch.zeros(len(flat), self.k_best, dtype=torch.bool)
-        coords = torch.zeros(len(flat), self.k_best, len(self.grid_size), dtype=torch.long)
-        stats = self.last_stats = CallStats()
-        answered, tried = self._call_with_retry(chosen, cpu_scores, x_cpu, outputs, mask, coords, deadline, stats)
-        check_k_min(tried, mask, self.k_min)
+        state = MixtureForward.empty(len(flat), self.k_best, tuple(out_schema["shape"]), wire.parse_dtype(out_schema["dtype"]),
+                                     len(self.grid_size))
+        self.last_stats = state.stats
+        self._dispatch(state, chosen, cpu_scores, x_cpu, deadline)
+        if not self.allow_zero_outputs:
+            state.check_k_min(self.k_min, lambda: self.lookup.excluded_experts(self.uid_prefix))
 
-        backward_settings = CallSettings(self.backward_k_min, self.backward_timeout, self.timeout_after_k_min, self.compression,
-                                         self.secret)
+        backward_settings = CallSettings(self.backward_k_min, self.backward_timeout, self.backward_timeout_after_k_min,
+                                         self.compression, self.secret, self.health)
         dummy = torch.empty(0, requires_grad=torch.is_grad_enabled())
-        expert_outputs = RemoteMixtureCall.apply(answered, backward_settings, stats, [outputs], dummy, x_cpu)
-        scores = sum(logit.gather(1, coords[..., d].to(logit.device)) for d, logit in enumerate(logits))
-        weights = torch.softmax(scores.masked_fill(~mask.to(scores.device), torch.finfo(scores.dtype).min), dim=1)
-        mixed = torch.einsum("bk,bk...->b...", weights.to("cpu"), expert_outputs.to(compute_dtype))
-        self.aux_loss = load_balancing_loss(logits, coords, mask)
-        return mixed.to(device=x.device, dtype=x.dtype).reshape(*leading, *mixed.shape[1:])
+        expert_outputs = RemoteMixtureCall.apply(state.answered, backward_settings, state.stats, [state.outputs], dummy, x_cpu)
+        device = logits[0].device
+        scores = sum(logit.gather(1, state.coords[..., d].to(device)) for d, logit in enumerate(logits))
+        mask = state.mask.to(device)
+        weights = torch.softmax(scores.masked_fill(~mask, torch.finfo(scores.dtype).min), dim=1) * mask  # no answer: weight 0
+        mixed = torch.einsum("bk,bk...->b...", weights, expert_outputs.to(device=device, dtype=compute_dtype))
+        self.aux_loss = load_balancing_loss(logits, state.coords, state.mask)
+        return mixed.to(dtype=x.dtype).reshape(*leading, *mixed.shape[1:])
 
-    def _call_with_retry(
-        self,
-        chosen: list[list[tuple[str, str]]],
-        scores: list[torch.Tensor],
-        x: torch.Tensor,
-        outputs: torch.Tensor,
-        mask: torch.Tensor,
-        coords: torch.Tensor,
-        deadline: float | None,
-        stats: CallStats,
-    ) -> tuple[list[ExpertCall], list[tuple[ExpertCall, BaseException | None]]]:
-        """Call the chosen experts; for samples left short of k_min, ask other live experts once.
-
-        Fills ``outputs``, ``mask`` and ``coords`` in place; returns the calls that answered and
-        every (call, error) tried.
-        """
-        forward_settings = CallSettings(self.k_min, self.forward_timeout, self.timeout_after_k_min, self.compression, self.secret)
-        answered: list[ExpertCall] = []
-        tried: list[tuple[ExpertCall, BaseException | None]] = []
-        free_slots = {b: list(range(self.k_best)) for b in range(len(chosen))}
-        for attempt in range(2):
-            calls = self._plan_calls(chosen, free_slots, coords)
+    def _dispatch(self, state: MixtureForward, chosen: list[list[tuple[str, str]]], scores: list[torch.Tensor],
+                  x: torch.Tensor, deadline: float | None) -> None:
+        """Call the chosen experts; re-route samples left short of k_min to the next-best experts not tried yet."""
+        settings = CallSettings(self.k_min, self.forward_timeout, self.timeout_after_k_min, self.compression, self.secret,
+                                self.health)
+        candidates = dict(enumerate(chosen))
+        for attempt in range(self.max_retries + 1):
+            calls = state.plan(candidates)
             if not calls:
                 break
-            ok, errors = call_forward(calls, x, outputs, mask, forward_settings, deadline, stats)
-            answered += ok
-            tried += zip(calls, errors)
-            for endpoint in stats.failed_endpoints:
-                self.lookup.ban(endpoint)
-            short = (mask.sum(1) < self.k_min).nonzero().flatten().tolist()
-            if not short or attempt == 1 or (deadline is not None and time.monotonic() >= deadline):
+            state.call(calls, x, settings, deadline)
+            short = state.short(self.k_min)
+            if not short or attempt == self.max_retries or (deadline is not None and time.monotonic() >= deadline):
                 break
-            logger.info("%d samples short of k_min=%d after failures at %s; asking other experts",
-                        len(short), self.k_min, sorted(stats.failed_endpoints))
-            retry = self._choose_experts([s[short] for s in scores], deadline)
-            chosen, free_slots = [[] for _ in chosen], {}
-            for sample, candidates in zip(short, retry):
-                used = {(call.uid, call.endpoint) for call, _ in tried_by(tried, sample)}
-                free_slots[sample] = (~mask[sample]).nonzero().flatten().tolist()
-                chosen[sample] = [pair for pair in candidates if pair not in used]
-        return answered, tried
+            logger.info("%s: %d samples short of k_min=%d after failures at %s; asking the next-best experts", self.uid_prefix,
+                        len(short), self.k_min, sorted(state.stats.failed_endpoints))
+            wanted = self.k_best + max(len(state.tried_pairs.get(sample, ())) for sample in short)  # more than were tried
+            found = self._choose_experts([s[short] for s in scores], wanted, deadline)
+            candidates = dict(zip(short, found))
 
-    def _choose_experts(self, scores: Sequence[torch.Tensor], deadline: float | None) -> list[list[tuple[str, str]]]:
-        """The k_best live experts of each sample, as (uid, endpoint), best first."""
+    def _choose_experts(self, scores: Sequence[torch.Tensor], k: int, deadline: float | None) -> list[list[tuple[str, str]]]:
+        """The ``k`` best experts of each sample that are alive and not excluded, as (uid, endpoint), best first.
+
+        Samples left with fewer than ``k_min`` get the least-bad excluded experts too: a layer never
+        has an empty candidate set while the DHT knows experts.
+        """
         timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-        return beam_search(self.lookup, self.uid_prefix, scores, self.k_best, timeout=timeout, return_endpoints=True)
-
-    def _plan_calls(self, chosen: list[list[tuple[str, str]]], free_slots: dict[int, list[int]], coords: torch.Tensor) -> list[ExpertCall]:
-        """One call per expert with the rows routed to it, each choice in a free slot; records its grid cell in coords."""
-        samples, slots, keys = [], [], []
-        for sample, free in free_slots.items():
-            for slot, pair in zip(free, chosen[sample]):
-                samples.append(sample)
-                slots.append(slot)
-                keys.append(pair)
-        if not keys:
-            return []
-        experts = list(dict.fromkeys(keys))
-        position = {pair: i for i, pair in enumerate(experts)}
-        expert_index = torch.tensor([position[pair] for pair in keys])
-        samples_t, slots_t = torch.tensor(samples), torch.tensor(slots)
-        cells = torch.tensor([[int(c) for c in uid.split(".")[1:]] for uid, _ in experts])
-        coords[samples_t, slots_t] = cells[expert_index]
-        order = torch.argsort(expert_index, stable=True)
-        counts = torch.bincount(expert_index, minlength=len(experts)).tolist()
-        return [
-            ExpertCall(uid, endpoint, rows, expert_slots)
-            for (uid, endpoint), rows, expert_slots in zip(experts, samples_t[order].split(counts), slots_t[order].split(counts))
-        ]
+        chosen = beam_search(self.lookup, self.uid_prefix, scores, k, timeout=timeout, return_endpoints=True)
+        short = [i for i, row in enumerate(chosen) if len(row) < self.k_min]
+        if short:
+            timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            fallback = beam_search(self.lookup.least_bad_view(), self.uid_prefix, [s[short] for s in scores], k,
+                                   timeout=timeout, return_endpoints=True)
+            for i, row in zip(short, fallback):
+                chosen[i] = row
+        return chosen
 
     def _get_expert_info(self, chosen: list[list[tuple[str, str]]], deadline: float | None) -> dict:
         """Input and output schemas of this layer's experts, asked once from any host that serves one.
@@ -264,10 +265,10 @@ class DecentralizedMoE(nn.Module):
                     return self._expert_info
                 except RemoteExpertError as e:
                     errors.append(str(e))
-                    self.lookup.ban(endpoint)
+                    record_outcome(self.health, uid, endpoint, e)
             if deadline is not None and time.monotonic() >= deadline:
                 break
-            chosen = self._choose_experts([torch.zeros(1, g) for g in self.grid_size], deadline)  # any live expert will do
+            chosen = self._choose_experts([torch.zeros(1, g) for g in self.grid_size], self.k_best, deadline)  # any will do
         if not errors:
             raise NotEnoughExpertsError(f"no live experts under prefix {self.uid_prefix!r} in the DHT (peers {self.initial_peers})")
         raise NotEnoughExpertsError("could not read expert schemas from any host:\n" + "\n".join(errors))
@@ -279,3 +280,11 @@ class DecentralizedMoE(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, grid_size={self.grid_size}, uid_prefix={self.uid_prefix!r}, k_best={self.k_best}"
+
+
+def _peers_of(dht: Any) -> list[str]:
+    """Initial peers for a layer given a DHT node: the node itself, or a client-mode node's own peers
+    (a client answers nobody, so its address is useless to a copy of the layer in another process)."""
+    if getattr(dht, "client_mode", False):
+        return [f"{host}:{port}" for host, port in dht.initial_peers]
+    return [dht.address]

@@ -7,11 +7,15 @@ import os
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import requests
 import torch
+from torch.autograd.function import once_differentiable
 
+from lightning_moe.client.health import HealthRegistry
 from lightning_moe.client.remote_expert import RemoteExpertError, call_expert
 
 logger = logging.getLogger(__name__)
@@ -44,13 +48,32 @@ class ExpertCall:
 
 @dataclass
 class CallSettings:
-    """How long to wait and how many answers are enough, in one direction."""
+    """How long to wait and how many answers are enough, in one direction; where to report health."""
 
     k_min: int = 1
     timeout: float | None = None
     timeout_after_k_min: float | None = None
     compression: str = "none"
     secret: bytes | None = None
+    health: HealthRegistry | None = None
+
+    def report(self, call: ExpertCall, result: Any) -> None:
+        """Tell the health registry how ``call`` went."""
+        if self.health is not None:
+            record_outcome(self.health, call.uid, call.endpoint, result)
+
+
+def record_outcome(health: HealthRegistry, uid: str, endpoint: str, result: Any) -> None:
+    """An answer; an error of the expert (the host answered 4xx/500, or a malformed answer); or of the host
+    (no answer in time, 503/504, a refused connection: excluded at once)."""
+    if not isinstance(result, BaseException):
+        health.success(uid, endpoint)
+    elif isinstance(result, RemoteExpertError) and result.status is not None and result.status not in (503, 504):
+        health.expert_failure(uid, endpoint, str(result))
+    else:
+        cause = result.__cause__
+        refused = isinstance(cause, requests.ConnectionError) and not isinstance(cause, requests.Timeout)
+        health.host_failure(endpoint, str(result), refused=refused)
 
 
 @dataclass
@@ -123,45 +146,102 @@ def call_in_parallel(
     return results
 
 
-def call_forward(
-    calls: list[ExpertCall],
-    x: torch.Tensor,
-    outputs: torch.Tensor,
-    mask: torch.Tensor,
-    settings: CallSettings,
-    deadline: float | None,
-    stats: CallStats,
-) -> tuple[list[ExpertCall], list[BaseException | None]]:
-    """Run every call's forward at once and write the answers into ``outputs[rows, slots]``.
+@dataclass
+class MixtureForward:
+    """One forward's state: each sample's ``k_best`` slots, what answered in them, and what was tried."""
 
-    Sets ``mask`` where an expert answered; returns the calls that answered and, per call, its error.
-    """
-    payloads = [[x[call.rows]] for call in calls]
-    begin = time.monotonic()
-    results = call_in_parallel(calls, "forward", payloads, settings, deadline)
-    stats.latency += time.monotonic() - begin
-    out_shape = tuple(outputs.shape[2:])
-    answered, errors = [], []
-    for call, result in zip(calls, results):
-        stats.asked += 1
-        if not isinstance(result, BaseException):
-            output = result[0] if len(result) == 1 else None
-            if output is None or tuple(output.shape) != (len(call.rows), *out_shape):
-                shape = None if output is None else tuple(output.shape)
-                result = RemoteExpertError(call.uid, call.endpoint, f"forward: answered shape {shape}, expected {(len(call.rows), *out_shape)}")
-        if isinstance(result, BaseException):
-            stats.timed_out += isinstance(result, TimeoutError)
-            stats.failed += not isinstance(result, TimeoutError)
-            stats.errors.append(str(result))
-            stats.failed_endpoints.add(call.endpoint)
-            errors.append(result)
-            continue
-        stats.answered += 1
-        outputs[call.rows, call.slots] = output.to(outputs.dtype)
-        mask[call.rows, call.slots] = True
-        answered.append(call)
-        errors.append(None)
-    return answered, errors
+    outputs: torch.Tensor  # [batch, k_best, *out_shape]
+    mask: torch.Tensor  # [batch, k_best]: the slot holds an answer
+    coords: torch.Tensor  # [batch, k_best, grid dims]: the grid cell of each slot's expert
+    stats: CallStats = field(default_factory=CallStats)
+    answered: list[ExpertCall] = field(default_factory=list)
+    tried: list[tuple[ExpertCall, BaseException | None]] = field(default_factory=list)
+    tried_pairs: dict[int, set[tuple[str, str]]] = field(default_factory=dict)  # sample -> (uid, endpoint) asked
+
+    @classmethod
+    def empty(cls, batch: int, k_best: int, out_shape: tuple[int, ...], out_dtype: torch.dtype, grid_dims: int) -> "MixtureForward":
+        return cls(torch.zeros(batch, k_best, *out_shape, dtype=out_dtype), torch.zeros(batch, k_best, dtype=torch.bool),
+                   torch.zeros(batch, k_best, grid_dims, dtype=torch.long))
+
+    def short(self, k_min: int) -> list[int]:
+        """Samples with fewer than ``k_min`` answers."""
+        return (self.mask.sum(1) < k_min).nonzero().flatten().tolist()
+
+    def free_slots(self, sample: int) -> list[int]:
+        return (~self.mask[sample]).nonzero().flatten().tolist()
+
+    def plan(self, candidates: dict[int, list[tuple[str, str]]]) -> list[ExpertCall]:
+        """One call per expert with the rows routed to it, each candidate in a free slot (not one tried before)."""
+        samples, slots, keys = [], [], []
+        for sample, pairs in candidates.items():
+            tried = self.tried_pairs.setdefault(sample, set())
+            fresh = [pair for pair in pairs if pair not in tried]
+            for slot, pair in zip(self.free_slots(sample), fresh):
+                samples.append(sample)
+                slots.append(slot)
+                keys.append(pair)
+                tried.add(pair)
+        if not keys:
+            return []
+        experts = list(dict.fromkeys(keys))
+        position = {pair: i for i, pair in enumerate(experts)}
+        expert_index = torch.tensor([position[pair] for pair in keys])
+        samples_t, slots_t = torch.tensor(samples), torch.tensor(slots)
+        cells = torch.tensor([[int(c) for c in uid.split(".")[1:]] for uid, _ in experts])
+        self.coords[samples_t, slots_t] = cells[expert_index]
+        order = torch.argsort(expert_index, stable=True)
+        counts = torch.bincount(expert_index, minlength=len(experts)).tolist()
+        return [
+            ExpertCall(uid, endpoint, rows, expert_slots)
+            for (uid, endpoint), rows, expert_slots in zip(experts, samples_t[order].split(counts), slots_t[order].split(counts))
+        ]
+
+    def call(self, calls: list[ExpertCall], x: torch.Tensor, settings: CallSettings, deadline: float | None) -> None:
+        """Run every call's forward at once and write the answers into their rows' slots."""
+        payloads = [[x[call.rows]] for call in calls]
+        begin = time.monotonic()
+        results = call_in_parallel(calls, "forward", payloads, settings, deadline)
+        self.stats.latency += time.monotonic() - begin
+        out_shape = tuple(self.outputs.shape[2:])
+        for call, result in zip(calls, results):
+            self.stats.asked += 1
+            if not isinstance(result, BaseException):
+                output = result[0] if len(result) == 1 else None
+                if output is None or tuple(output.shape) != (len(call.rows), *out_shape):
+                    shape = None if output is None else tuple(output.shape)
+                    result = RemoteExpertError(call.uid, call.endpoint, f"forward: answered shape {shape}, expected "
+                                                                        f"{(len(call.rows), *out_shape)}", status=200)
+            settings.report(call, result)
+            if isinstance(result, BaseException):
+                self.stats.timed_out += isinstance(result, TimeoutError)
+                self.stats.failed += not isinstance(result, TimeoutError)
+                self.stats.errors.append(str(result))
+                self.stats.failed_endpoints.add(call.endpoint)
+                self.tried.append((call, result))
+                continue
+            self.stats.answered += 1
+            self.outputs[call.rows, call.slots] = output.to(self.outputs.dtype)
+            self.mask[call.rows, call.slots] = True
+            self.answered.append(call)
+            self.tried.append((call, None))
+
+    def check_k_min(self, k_min: int, excluded: Callable[[], list[str]]) -> None:
+        """Raise NotEnoughExpertsError if a sample has fewer than ``k_min`` answers, naming what was tried
+        for it and why each failed, or, if nothing was tried, what is excluded and why."""
+        short = self.short(k_min)
+        if not short:
+            return
+        sample = short[0]
+        answers = int(self.mask[sample].sum())
+        lines = [f"  {call.uid} at {call.endpoint}: {error or 'answered'}" for call, error in tried_by(self.tried, sample)]
+        if not lines:
+            reasons = excluded()
+            lines = (["  none tried: every expert found in the DHT is excluded after errors:"] + [f"    {r}" for r in reasons[:8]]
+                     if reasons else ["  (none found alive in the DHT)"])
+        raise NotEnoughExpertsError(
+            f"{len(short)} of {self.mask.shape[0]} samples got fewer than k_min={k_min} expert answers; "
+            f"sample {sample} got {answers}, experts tried for it:\n" + "\n".join(lines)
+        )
 
 
 class RemoteMixtureCall(torch.autograd.Function):
@@ -190,6 +270,7 @@ class RemoteMixtureCall(torch.autograd.Function):
         return outputs[0]
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, grad_outputs: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         (x,) = ctx.saved_tensors
         calls: list[ExpertCall] = ctx.calls
@@ -201,6 +282,7 @@ class RemoteMixtureCall(torch.autograd.Function):
         answers = torch.zeros(x.shape[0], dtype=torch.long)
         for call, result in zip(calls, results):
             stats.backward_asked += 1
+            ctx.backward_settings.report(call, result)
             if isinstance(result, BaseException) or len(result) != 1 or result[0].shape != x[call.rows].shape:
                 stats.backward_failed += 1
                 stats.errors.append(f"backward: {result}" if isinstance(result, BaseException) else f"backward: expert {call.uid!r} answered a wrong shape")
@@ -218,17 +300,3 @@ class RemoteMixtureCall(torch.autograd.Function):
 def tried_by(tried: list[tuple[ExpertCall, BaseException | None]], sample: int) -> list[tuple[ExpertCall, BaseException | None]]:
     """The (call, error) pairs whose rows include ``sample``."""
     return [(call, error) for call, error in tried if bool((call.rows == sample).any())]
-
-
-def check_k_min(tried: list[tuple[ExpertCall, BaseException | None]], mask: torch.Tensor, k_min: int) -> None:
-    """Raise NotEnoughExpertsError if a sample has fewer than ``k_min`` answers, naming what was tried for it."""
-    answered = mask.sum(dim=1)
-    short = (answered < k_min).nonzero().flatten()
-    if len(short) == 0:
-        return
-    sample = int(short[0])
-    lines = [f"  {call.uid} at {call.endpoint}: {error or 'answered'}" for call, error in tried_by(tried, sample)]
-    raise NotEnoughExpertsError(
-        f"{len(short)} of {mask.shape[0]} samples got fewer than k_min={k_min} expert answers; "
-        f"sample {sample} got {int(answered[sample])}, experts tried for it:\n" + ("\n".join(lines) or "  (none found alive in the DHT)")
-    )

@@ -77,7 +77,9 @@ def call_expert(
     except requests.RequestException as e:
         raise RemoteExpertError(uid, endpoint, f"{method}: {type(e).__name__}: {e}") from e
     if response.status_code != 200:
-        raise RemoteExpertError(uid, endpoint, f"{method}: {_error_message(response)}", response.status_code)
+        message = _error_message(response)  # the host's message usually names the direction already
+        raise RemoteExpertError(uid, endpoint, message if message.startswith(f"{method}:") else f"{method}: {message}",
+                                response.status_code)
     try:
         return wire.deserialize(bytearray(response.content))
     except wire.WireError as e:

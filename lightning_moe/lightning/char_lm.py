@@ -15,6 +15,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_moe.config import layer_prefixes
+
 
 def stdlib_text(max_bytes: int, skip_bytes: int = 0) -> bytes:
     """Up to ``max_bytes`` of the standard library's top-level ``.py`` files, in sorted order, after ``skip_bytes``."""
@@ -79,29 +81,38 @@ class StdlibCharData(pl.LightningDataModule):
 
 
 class CharLM(pl.LightningModule):
-    """A small causal transformer whose feed-forward block is a mixture of experts.
+    """A small causal transformer whose feed-forward blocks are mixtures of experts.
 
-    embedding -> causal self-attention block -> ``moe`` (residual) -> LayerNorm -> next-byte logits.
-    Reports bits per character (``val/bpc``).
+    embedding -> causal self-attention block -> ``moe_layers`` mixtures (each residual) -> LayerNorm
+    -> next-byte logits. Reports bits per character (``val/bpc``) and the expert calls (``moe/*``,
+    summed over the layers, logged after backward so that ``moe/backward_*`` are filled).
 
     Args:
-        moe: the mixture layer, built by the caller (DecentralizedMoE, or LocalMoE as a baseline);
-            or a factory ``hid_dim -> module``.
+        moe: a factory ``(uid_prefix=...) -> layer`` (DecentralizedMoE, or LocalMoE as a baseline, as a
+            ``functools.partial``) called once per layer; or one layer built by the caller.
         hid_dim: model width (the experts' in/out size).
         seq_len: longest sequence (positional embedding size).
         num_heads: attention heads.
         lr: AdamW learning rate of the model's own parameters (the experts learn on their hosts).
-        aux_loss_weight: weight of the layer's load-balancing loss.
+        aux_loss_weight: weight of the layers' load-balancing loss.
+        moe_layers: mixture layers; their uid prefixes are ``uid_prefix`` for one layer, else
+            ``uid_prefix0 .. uid_prefix{N-1}`` (:func:`lightning_moe.config.layer_prefixes`).
+        uid_prefix: the grid prefix the layers' prefixes derive from.
     """
 
-    def __init__(self, moe: nn.Module | Callable[[int], nn.Module], hid_dim: int = 64, seq_len: int = 64, num_heads: int = 4,
-                 lr: float = 3e-3, aux_loss_weight: float = 0.01):
+    def __init__(self, moe: nn.Module | Callable[..., nn.Module], hid_dim: int = 64, seq_len: int = 64, num_heads: int = 4,
+                 lr: float = 3e-3, aux_loss_weight: float = 0.01, moe_layers: int = 1, uid_prefix: str = "ffn"):
         super().__init__()
         self.save_hyperparameters(ignore=["moe"])
         self.embed = nn.Embedding(256, hid_dim)
         self.position = nn.Parameter(torch.zeros(seq_len, hid_dim))
         self.attention = nn.TransformerEncoderLayer(hid_dim, num_heads, 2 * hid_dim, dropout=0.0, batch_first=True, norm_first=True)
-        self.moe = moe if isinstance(moe, nn.Module) else moe(hid_dim)
+        if isinstance(moe, nn.Module):
+            if moe_layers != 1:
+                raise ValueError(f"moe_layers={moe_layers} needs a factory of layers, not one layer")
+            self.moes = nn.ModuleList([moe])
+        else:
+            self.moes = nn.ModuleList([moe(uid_prefix=prefix) for prefix in layer_prefixes(uid_prefix, moe_layers)])
         self.norm = nn.LayerNorm(hid_dim)
         self.head = nn.Linear(hid_dim, 256)
 
@@ -109,7 +120,8 @@ class CharLM(pl.LightningModule):
         length = tokens.shape[1]
         mask = nn.Transformer.generate_square_subsequent_mask(length, device=tokens.device)
         h = self.attention(self.embed(tokens) + self.position[:length], src_mask=mask, is_causal=True)
-        h = h + self.moe(h)
+        for moe in self.moes:
+            h = h + moe(h)
         return self.head(self.norm(h))
 
     def _bpc(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -119,13 +131,19 @@ class CharLM(pl.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         bpc = self._bpc(batch)
-        aux = getattr(self.moe, "aux_loss", None)
-        loss = bpc if aux is None else bpc + self.hparams.aux_loss_weight * aux
+        aux = [moe.aux_loss for moe in self.moes if getattr(moe, "aux_loss", None) is not None]
+        loss = bpc + self.hparams.aux_loss_weight * sum(aux) if aux else bpc
         self.log("train/bpc", bpc, prog_bar=True)
-        stats = getattr(self.moe, "stats", None)
-        if stats:
-            self.log_dict({f"moe/{k}": v for k, v in stats.items() if k in ("answered", "failed", "timed_out", "latency")})
         return loss
+
+    def on_after_backward(self) -> None:
+        """The last step's expert calls, summed over the layers (backward ones are known only now)."""
+        totals: dict[str, float] = {}
+        for moe in self.moes:
+            for key, value in getattr(moe, "stats", {}).items():
+                totals[key] = totals.get(key, 0.0) + value
+        if totals:
+            self.log_dict({f"moe/{key}": value for key, value in totals.items()})
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self.log("val/bpc", self._bpc(batch), prog_bar=True)

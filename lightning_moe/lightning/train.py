@@ -81,7 +81,7 @@ def train(cfg: DictConfig, extra_callbacks: Callable[[LocalSwarm | None], list[p
         cfg.dht.initial_peers = swarm.initial_peers
     try:
         datamodule = hydra.utils.instantiate(cfg.data)
-        model = hydra.utils.instantiate(cfg.model, moe=hydra.utils.instantiate(cfg.moe))
+        model = hydra.utils.instantiate(cfg.model, moe=hydra.utils.instantiate(cfg.moe, _partial_=True))
         callbacks = instantiate_group(cfg, "callbacks")
         if is_volunteer(cfg):
             callbacks.append(hydra.utils.instantiate(cfg.volunteer_callback))
