@@ -51,13 +51,13 @@ def test_every_config_group_composes_and_instantiates(moe, experiment, tmp_path)
     OmegaConf.resolve(cfg)
     datamodule = hydra.utils.instantiate(cfg.data)
     assert isinstance(datamodule, pl.LightningDataModule)
-    layer = hydra.utils.instantiate(cfg.moe)
-    model = hydra.utils.instantiate(cfg.model, moe=layer)
+    model = hydra.utils.instantiate(cfg.model, moe=hydra.utils.instantiate(cfg.moe, _partial_=True))
+    assert len(model.moes) == cfg.model.moe_layers
     x = torch.zeros(2, cfg.data.seq_len, dtype=torch.long)
     if moe == "local":
         assert model(x).shape == (2, cfg.data.seq_len, 256)
     else:
-        assert isinstance(layer, DecentralizedMoE) and layer.initial_peers == PEERS
+        assert all(isinstance(layer, DecentralizedMoE) and layer.initial_peers == PEERS for layer in model.moes)
     trainer = hydra.utils.instantiate(cfg.trainer)
     assert isinstance(trainer, pl.Trainer)
     callback = hydra.utils.instantiate(cfg.volunteer_callback)
