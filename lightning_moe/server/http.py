@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ctypes
 import hmac
 import json
 import logging
@@ -41,6 +42,15 @@ DRAIN_LIMIT = 1 << 20  # an unwanted body up to this size is read and dropped to
 SMALL_REQUEST = 1 << 20  # requests up to this size may use the last quarter of the in-flight budget; larger ones may not
 MAX_CLOCK_SKEW = 300.0  # seconds a signed request's X-Timestamp may differ from the host's clock
 RETRY_AFTER = "1"
+TRIM_PERIOD = 5.0
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim (gives free heap pages back to the OS), or None elsewhere."""
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 class _RequestError(Exception):
@@ -56,7 +66,7 @@ class InflightBudget:
     """Bytes of request bodies being read or served, host-wide; a request reserves its Content-Length first."""
 
     def __init__(self, limit: int):
-        self.limit, self.used, self.refused = int(limit), 0, 0
+        self.limit, self.used, self.refused, self.reserved_total = int(limit), 0, 0, 0
 
     def reserve(self, nbytes: int) -> bool:
         cap = self.limit if nbytes <= SMALL_REQUEST else self.limit * 3 // 4  # big bodies cannot starve small ones
@@ -64,6 +74,7 @@ class InflightBudget:
             self.refused += 1
             return False
         self.used += nbytes
+        self.reserved_total += nbytes
         return True
 
     def release(self, nbytes: int) -> None:
@@ -120,6 +131,7 @@ class ExpertHTTPServer:
         self._thread: threading.Thread | None = None
         self._runner: web.ServerRunner | None = None
         self._site: web.SockSite | None = None
+        self._housekeeping: asyncio.Task | None = None
         self.server_port = 0
 
     # ---- lifecycle (called from the host's thread) ---------------------------------------------
@@ -150,6 +162,22 @@ class ExpertHTTPServer:
         await self._runner.setup()
         self._site = web.SockSite(self._runner, sock, backlog=4096)
         await self._site.start()
+        self._housekeeping = asyncio.get_running_loop().create_task(self._trim_memory())
+
+    async def _trim_memory(self) -> None:
+        """Every few seconds after a burst of connections or bodies, give their memory back to the OS.
+
+        glibc keeps freed buffers in its arenas (the loop thread has its own): after an attack
+        closes thousands of connections, RSS would otherwise stay near the attack's peak.
+        """
+        trim = _malloc_trim()
+        last = (0, 0)
+        while trim is not None:
+            await asyncio.sleep(TRIM_PERIOD)
+            now = (self.slots.accepted, self.budget.reserved_total)
+            if now != last:
+                trim(0)
+            last = now
 
     def stop_accepting(self) -> None:
         """Close the listening socket; open connections go on."""
@@ -162,6 +190,8 @@ class ExpertHTTPServer:
         loop, thread = self._loop, self._thread
         if loop is None or thread is None:
             return
+        if self._housekeeping is not None:
+            loop.call_soon_threadsafe(self._housekeeping.cancel)
         if self._runner is not None:
             try:
                 asyncio.run_coroutine_threadsafe(self._runner.cleanup(), loop).result(timeout + 5)
@@ -332,28 +362,43 @@ class ExpertHTTPServer:
             self.budget.release(length)
 
     async def _read_body(self, request: web.BaseRequest, length: int, uid: str) -> bytearray:
-        """The body in one buffer; the wire header is checked (sizes, rows) as soon as it has arrived."""
+        """The body in one buffer, allocated once the wire header (sizes, rows) has arrived and passed its checks."""
+        content = request.content
+        head = bytearray()
+        if length >= wire.PREFIX_BYTES:  # the wire header: at most 8 + 64 KiB, read before anything is allocated
+            for stage in ("prefix", "header"):
+                needed = wire.PREFIX_BYTES if stage == "prefix" else self._header_end(head, length, uid)
+                while len(head) < needed:
+                    chunk = await content.read(needed - len(head))
+                    if not chunk:
+                        raise _RequestError(400, f"truncated body: got {len(head)} of {length} bytes", uid, close=True)
+                    head += chunk
+            self._check_wire_header(head, length, uid)
         body = bytearray(length)
         view = memoryview(body)
-        got, header_end = 0, wire.PREFIX_BYTES if length >= wire.PREFIX_BYTES else None
-        content = request.content
+        got = len(head)
+        view[:got] = head
         while got < length:
             chunk = await content.readany()
             if not chunk:
                 raise _RequestError(400, f"truncated body: got {got} of {length} bytes", uid, close=True)
             view[got : got + len(chunk)] = chunk
             got += len(chunk)
-            while header_end is not None and got >= header_end:
-                header_end = self._check_wire_header(view, got, header_end, length, uid)
         return body
 
-    def _check_wire_header(self, view: memoryview, got: int, header_end: int, length: int, uid: str) -> int | None:
-        """Check what has arrived of the wire header; returns the next size to wait for, None when done."""
-        close = got < length
+    @staticmethod
+    def _header_end(prefix: bytearray, length: int, uid: str) -> int:
+        """Where the wire header ends, from the message's prefix."""
         try:
-            if header_end == wire.PREFIX_BYTES:
-                return wire.PREFIX_BYTES + wire.header_length(view[: wire.PREFIX_BYTES])
-            specs, _, total = wire.parse_header(view[:header_end])
+            return min(length, wire.PREFIX_BYTES + wire.header_length(prefix))
+        except wire.WireError as e:
+            raise _RequestError(400, str(e), uid, close=length > len(prefix)) from None
+
+    def _check_wire_header(self, head: bytearray, length: int, uid: str) -> None:
+        """Sizes and rows from the wire header, before the buffers are read or anything is allocated for them."""
+        close = len(head) < length
+        try:
+            specs, _, total = wire.parse_header(head)
         except wire.WireError as e:
             raise _RequestError(400, str(e), uid, close=close) from None
         if total != length:
@@ -362,7 +407,6 @@ class ExpertHTTPServer:
         if rows > self.max_rows[uid]:
             raise _RequestError(413, f"{rows} rows exceed the limit of {self.max_rows[uid]} rows per request; "
                                      "split the batch", uid, close=close)
-        return None
 
     async def _compute(self, direction: str, uid: str, backend: ExpertBackend, tensors: list) -> Any:
         if tensors[0].shape[0] == 0:

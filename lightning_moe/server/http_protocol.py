@@ -103,7 +103,15 @@ class LimitedRequestHandler(web_protocol.RequestHandler):
             return  # refused in connection_made: nothing was set up
         self._lm_slots.release(self._lm_address)
         self._lm_address = None
+        payload = self._lm_payload
         super().connection_lost(exc)
+        # A closed connection sits in reference cycles (protocol, request, streams) until the cyclic
+        # GC runs, which on a quiet host can take long: drop the body bytes it buffered now.
+        self._lm_payload = None
+        self._messages.clear()
+        buffer = getattr(payload, "_buffer", None)
+        if buffer is not None:
+            buffer.clear()
 
     def data_received(self, data: bytes) -> None:
         if self._force_close or self._close:
