@@ -224,11 +224,23 @@ async def _read_answer(reader: asyncio.StreamReader, timeout: float) -> str:
 class _Attack:
     def __init__(self, config: dict):
         self.config, self.kind, self.port = config, config["kind"], config["port"]
-        self.sources = [f"127.0.0.{2 + i}" for i in range(max(1, config.get("sources", 1)))]
+        first = config.get("first_source", 2)
+        self.sources = [f"127.0.0.{first + i}" for i in range(max(1, config.get("sources", 1)))]
         self.counts: collections.Counter = collections.Counter()
         self.stop = asyncio.Event()
         self.connect_slots = asyncio.Semaphore(256)
         self.open = 0
+        self.rate = float(config.get("rate", 0)) or None  # bytes/s over all connections (None: as fast as the kernel takes)
+        self._next_send = 0.0
+
+    async def throttle(self, nbytes: int) -> None:
+        """Wait so that all connections together send at most ``rate`` bytes per second."""
+        if self.rate is None:
+            return
+        now = time.monotonic()
+        self._next_send = max(now, self._next_send) + nbytes / self.rate
+        if self._next_send - now > 0.001:
+            await asyncio.sleep(self._next_send - now)
 
     async def connect(self, i: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         async with self.connect_slots:
@@ -286,6 +298,7 @@ class _Attack:
         writer.write(f"GET /info HTTP/1.1\r\nHost: x\r\n".encode())
         line = b"X-Flood: " + b"a" * 1000 + b"\r\n"
         for _ in range(self.config.get("lines", 200)):  # up to 200 KB of headers per connection
+            await self.throttle(len(line))
             writer.write(line)
             await writer.drain()
         writer.write(b"\r\n")
@@ -304,6 +317,9 @@ class _Attack:
         answer = asyncio.ensure_future(_status(reader, 60))
         chunk, sent = bytes(1 << 16), 0
         while sent < length and not answer.done() and not self.stop.is_set():
+            await self.throttle(len(chunk))
+            if answer.done():
+                break
             writer.write(chunk[: length - sent])
             sent += len(chunk)
             try:

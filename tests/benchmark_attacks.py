@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attack_tools import Attacker, HostProcess, LegitClient, captured_request, huge_rows_request, summarize  # noqa: E402
 
 SECRET = "benchmark secret"
+RATE = 50 << 20  # bytes/s an attacker sends in all (400 Mbit/s: several volunteers' uplinks); 0: unthrottled
 
 
 def measure(name: str, host: HostProcess, start_attack: Callable[[], Attacker], phase_s: float) -> dict:
@@ -52,7 +53,7 @@ def measure(name: str, host: HostProcess, start_attack: Callable[[], Attacker], 
             "rss_before": rss_before, "rss_peak": max(peak), "rss_after": rss_after}
 
 
-def http_attacks(quick: bool) -> list[dict]:
+def http_attacks(quick: bool, rate: int = RATE) -> list[dict]:
     phase = 2.0 if quick else 4.0
     conns = 2000 if quick else 10_000
     sources = 10 if quick else 40  # 250 connections per address, under the default limit of 256 per address
@@ -65,17 +66,18 @@ def http_attacks(quick: bool) -> list[dict]:
                                lambda: Attacker("slowloris", host.port, conns, sources, seconds=60), phase))
     with HostProcess() as host:
         results.append(measure("header flood (200 KB each, 200 conns)", host,
-                               lambda: Attacker("headers", host.port, 200, 4, seconds=60), phase))
+                               lambda: Attacker("headers", host.port, 200, 4, seconds=60, rate=rate), phase))
     with HostProcess(secret=SECRET) as host:
         results.append(measure("unsigned 60 MB bodies, private host (64 conns)", host,
-                               lambda: Attacker("bigbody", host.port, 64, 4, seconds=60), phase))
+                               lambda: Attacker("bigbody", host.port, 64, 4, seconds=60, rate=rate), phase))
     with HostProcess(secret=SECRET) as host:
         results.append(measure("fake-signed 60 MB bodies, private host (16 conns)", host,
                                lambda: Attacker("bigbody", host.port, 16, 4, seconds=60, fake_signature=True,
-                                                host_id=host.host_id), phase))
+                                                host_id=host.host_id, rate=rate), phase))
     with HostProcess() as host:
         results.append(measure("forward claiming 200,000 rows (64 conns)", host,
-                               lambda: Attacker("rows", host.port, 64, 4, seconds=60, **huge_rows_request(200_000)), phase))
+                               lambda: Attacker("rows", host.port, 64, 4, seconds=60, rate=rate,
+                                                **huge_rows_request(200_000)), phase))
     with HostProcess(secret=SECRET) as other:
         capture = captured_request(SECRET, other.host_id)  # signed for `other`, replayed to `host`
     with HostProcess(secret=SECRET) as host:
@@ -103,9 +105,13 @@ def report_http(results: list[dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer connections, shorter phases")
+    parser.add_argument("--rate", type=float, default=RATE / (1 << 20),
+                        help="MiB/s that each flooding attacker sends in all (0: as fast as loopback takes)")
     args = parser.parse_args()
     started = time.monotonic()
-    report_http(http_attacks(args.quick))
+    rate = int(args.rate * (1 << 20))
+    print(f"HTTP attacks on 127.0.0.1; flooding attackers send {'unthrottled' if not rate else f'{args.rate:g} MiB/s'}")
+    report_http(http_attacks(args.quick, rate))
     # a DHT section goes here: results = dht_attacks(args.quick); report_dht(results) -> "DHT amplification: X"
     print(f"(took {time.monotonic() - started:.0f} s)", file=sys.stderr)
 

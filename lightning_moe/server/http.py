@@ -42,7 +42,7 @@ DRAIN_LIMIT = 1 << 20  # an unwanted body up to this size is read and dropped to
 SMALL_REQUEST = 1 << 20  # requests up to this size may use the last quarter of the in-flight budget; larger ones may not
 MAX_CLOCK_SKEW = 300.0  # seconds a signed request's X-Timestamp may differ from the host's clock
 RETRY_AFTER = "1"
-TRIM_PERIOD = 5.0
+TRIM_PERIOD = 2.0
 
 
 def _malloc_trim() -> Callable[[int], int] | None:
