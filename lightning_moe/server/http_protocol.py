@@ -124,6 +124,10 @@ class LimitedRequestHandler(web_protocol.RequestHandler):
         if self._request_count != parsed_before:  # a request's headers are complete: the rest is its body
             self._lm_header_bytes = 0
             self._lm_payload = self._messages[-1][1] if self._messages else None
+            for message, _ in self._messages:
+                error = getattr(message, "exc", None)  # a parse error: its traceback holds this read's bytes
+                if isinstance(error, BaseException):
+                    error.__traceback__ = None
         elif not in_body and self._lm_header_bytes > self._lm_max_header_bytes:
             self._refuse_headers()
 
