@@ -226,3 +226,21 @@ def test_stats_endpoint_reports_the_hosts_load():
     assert expert["forward"]["mean_batch_size"] > 0 and expert["forward"]["queued_rows"] == 0
     assert stats["samples"] == 32 and stats["errors"] == 1 and stats["errors_by_status"] == {"400": 1}
     assert stats["samples_per_second"] >= 0 and set(stats) >= {"requests", "queued_rows", "connections_accepted", "interval"}
+
+
+def test_expect_100_continue_is_answered_only_when_the_headers_pass():
+    body = wire.serialize([torch.randn(4, HID)])
+    with in_process_host(secret=SECRET) as host:
+        from lightning_moe.client.remote_expert import auth_headers
+
+        signed = auth_headers(SECRET.encode(), "POST", "/forward/ffn.0", body, host_id=host.host_id)
+        head = f"POST /forward/ffn.0 HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\nExpect: 100-continue\r\n"
+        with socket.create_connection(("127.0.0.1", host.port), timeout=10) as sock:
+            sock.sendall((head + "".join(f"{k}: {v}\r\n" for k, v in signed.items()) + "\r\n").encode())
+            assert sock.recv(25) == b"HTTP/1.1 100 Continue\r\n\r\n"
+            sock.sendall(body)
+            assert answer_of(sock)[0] == 200
+        with socket.create_connection(("127.0.0.1", host.port), timeout=10) as sock:
+            sock.sendall((head + "\r\n").encode())  # unsigned: refused without asking for the body
+            status, _, error = answer_of(sock)
+        assert status == 401 and "private swarm" in error["error"]

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import ctypes
 import hmac
 import json
 import logging
@@ -32,25 +31,16 @@ from aiohttp import web
 import lightning_moe
 from lightning_moe import auth, wire
 from lightning_moe.server.backend import ExpertBackend
-from lightning_moe.server.http_protocol import ConnectionSlots, LimitedServer, json_error_body
+from lightning_moe.server.http_protocol import ConnectionSlots, InflightBudget, LimitedServer, json_error_body, malloc_trim
 from lightning_moe.server.task_pool import PoolClosedError
 
 logger = logging.getLogger(__name__)
 
 DIRECTIONS = ("forward", "backward")
 DRAIN_LIMIT = 1 << 20  # an unwanted body up to this size is read and dropped to keep the connection; larger: close
-SMALL_REQUEST = 1 << 20  # requests up to this size may use the last quarter of the in-flight budget; larger ones may not
 MAX_CLOCK_SKEW = 300.0  # seconds a signed request's X-Timestamp may differ from the host's clock
 RETRY_AFTER = "1"
 TRIM_PERIOD = 2.0
-
-
-def _malloc_trim() -> Callable[[int], int] | None:
-    """glibc's malloc_trim (gives free heap pages back to the OS), or None elsewhere."""
-    try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
 
 
 class _RequestError(Exception):
@@ -60,25 +50,6 @@ class _RequestError(Exception):
                  headers: Mapping[str, str] | None = None):
         super().__init__(message)
         self.status, self.uid, self.close, self.headers = status, uid, close, dict(headers or {})
-
-
-class InflightBudget:
-    """Bytes of request bodies being read or served, host-wide; a request reserves its Content-Length first."""
-
-    def __init__(self, limit: int):
-        self.limit, self.used, self.refused, self.reserved_total = int(limit), 0, 0, 0
-
-    def reserve(self, nbytes: int) -> bool:
-        cap = self.limit if nbytes <= SMALL_REQUEST else self.limit * 3 // 4  # big bodies cannot starve small ones
-        if self.used + nbytes > cap and self.used > 0:
-            self.refused += 1
-            return False
-        self.used += nbytes
-        self.reserved_total += nbytes
-        return True
-
-    def release(self, nbytes: int) -> None:
-        self.used -= nbytes
 
 
 class ExpertHTTPServer:
@@ -170,7 +141,7 @@ class ExpertHTTPServer:
         glibc keeps freed buffers in its arenas (the loop thread has its own): after an attack
         closes thousands of connections, RSS would otherwise stay near the attack's peak.
         """
-        trim = _malloc_trim()
+        trim = malloc_trim()
         last = (0, 0)
         while trim is not None:
             await asyncio.sleep(TRIM_PERIOD)
@@ -341,6 +312,8 @@ class ExpertHTTPServer:
             raise _RequestError(503, f"the host is reading too many request bodies ({self.budget.used} bytes in flight); "
                                      f"retry in {RETRY_AFTER} s", uid, close=True, headers={"Retry-After": RETRY_AFTER})
         try:
+            if request.headers.get("Expect", "").lower() == "100-continue":  # checks passed: ask for the body
+                await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             try:
                 body = await asyncio.wait_for(self._read_body(request, length, uid), self.body_timeout)
             except asyncio.TimeoutError:

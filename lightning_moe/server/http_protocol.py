@@ -8,6 +8,7 @@ thread). This subclass adds what a host facing strangers needs before any handle
 - header memory: a request whose line and headers exceed ``max_header_bytes`` in total gets 431
   and the connection is closed (aiohttp itself bounds each line and the number of headers);
 - a peer that half-closes (sends FIN) mid-body still gets its answer (400, truncated body);
+- a host-wide budget of request bytes in flight (:class:`InflightBudget`), used by the handlers;
 - every error aiohttp answers itself (unparsable request line, bad headers) is JSON
   ``{"error": ..., "uid": null}`` like the host's own errors.
 
@@ -19,6 +20,7 @@ must complete its next request's headers within ``keepalive_timeout`` (a slowlor
 from __future__ import annotations
 
 import collections
+import ctypes
 import json
 import logging
 import threading
@@ -69,6 +71,36 @@ class ConnectionSlots:
 
 def json_error_body(message: str, uid: str | None) -> bytes:
     return json.dumps({"error": message, "uid": uid}).encode()
+
+
+SMALL_REQUEST = 1 << 20  # requests up to this size may use the last quarter of the in-flight budget; larger ones may not
+
+
+class InflightBudget:
+    """Bytes of request bodies being read or served, host-wide; a request reserves its Content-Length first."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used, self.refused, self.reserved_total = int(limit), 0, 0, 0
+
+    def reserve(self, nbytes: int) -> bool:
+        cap = self.limit if nbytes <= SMALL_REQUEST else self.limit * 3 // 4  # big bodies cannot starve small ones
+        if self.used + nbytes > cap and self.used > 0:  # alone, any body up to max_body_bytes may pass
+            self.refused += 1
+            return False
+        self.used += nbytes
+        self.reserved_total += nbytes
+        return True
+
+    def release(self, nbytes: int) -> None:
+        self.used -= nbytes
+
+
+def malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim (gives free heap pages back to the OS), or None elsewhere."""
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 class LimitedRequestHandler(web_protocol.RequestHandler):
