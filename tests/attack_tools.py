@@ -364,7 +364,7 @@ class _Attack:
         print(json.dumps({"ready": True, "open": self.open, "after_s": round(time.monotonic() - started, 2)}), flush=True)
         await self._until_stop(asyncio.sleep(self.config["seconds"]), self.config["seconds"] + 1)
         self.stop.set()
-        await asyncio.wait(workers, timeout=15)
+        await asyncio.wait(workers, timeout=3)
         for worker in workers:
             worker.cancel()
         self.counts["open_at_end"] = self.open

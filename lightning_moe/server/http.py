@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import gc
 import hmac
 import json
 import logging
@@ -41,6 +42,8 @@ DRAIN_LIMIT = 1 << 20  # an unwanted body up to this size is read and dropped to
 MAX_CLOCK_SKEW = 300.0  # seconds a signed request's X-Timestamp may differ from the host's clock
 RETRY_AFTER = "1"
 TRIM_PERIOD = 2.0
+GC_AFTER_CLOSES = 1000  # connections closed since the last collection that make the host collect
+GC_PERIOD = 20.0
 
 
 class _RequestError(Exception):
@@ -138,15 +141,22 @@ class ExpertHTTPServer:
     async def _trim_memory(self) -> None:
         """Every few seconds after a burst of connections or bodies, give their memory back to the OS.
 
-        glibc keeps freed buffers in its arenas (the loop thread has its own): after an attack
-        closes thousands of connections, RSS would otherwise stay near the attack's peak.
+        A closed aiohttp connection sits in reference cycles until Python's cyclic GC runs, which a
+        quiet host may not do for a long time; so after many closes (an attack ending) the host
+        collects, at most every ``GC_PERIOD`` s while many connections stay open. glibc keeps freed
+        buffers in its arenas (the loop thread has its own): ``malloc_trim`` returns them.
         """
         trim = malloc_trim()
-        last = (0, 0)
-        while trim is not None:
+        last, closed_at_gc, gc_at = (0, 0), 0, 0.0
+        loop = asyncio.get_running_loop()
+        while True:
             await asyncio.sleep(TRIM_PERIOD)
+            closed = self.slots.accepted - self.slots.open
+            if closed - closed_at_gc >= GC_AFTER_CLOSES and (self.slots.open < GC_AFTER_CLOSES or loop.time() - gc_at >= GC_PERIOD):
+                gc.collect()
+                closed_at_gc, gc_at = closed, loop.time()
             now = (self.slots.accepted, self.budget.reserved_total)
-            if now != last:
+            if trim is not None and now != last:
                 trim(0)
             last = now
 
