@@ -142,19 +142,21 @@ class ExpertHTTPServer:
         """Every few seconds after a burst of connections or bodies, give their memory back to the OS.
 
         A closed aiohttp connection sits in reference cycles until Python's cyclic GC runs, which a
-        quiet host may not do for a long time; so after many closes (an attack ending) the host
-        collects, at most every ``GC_PERIOD`` s while many connections stay open. glibc keeps freed
+        quiet host may not do for a long time; so once a burst of many closes is over (an attack
+        ending) the host collects, and at most every ``GC_PERIOD`` s while closes go on. glibc keeps freed
         buffers in its arenas (the loop thread has its own): ``malloc_trim`` returns them.
         """
         trim = malloc_trim()
-        last, closed_at_gc, gc_at = (0, 0), 0, 0.0
+        last, closed_before, closed_at_gc, gc_at = (0, 0), 0, 0, 0.0
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(TRIM_PERIOD)
             closed = self.slots.accepted - self.slots.open
-            if closed - closed_at_gc >= GC_AFTER_CLOSES and (self.slots.open < GC_AFTER_CLOSES or loop.time() - gc_at >= GC_PERIOD):
+            burst_over = closed == closed_before  # no connection closed during the last period
+            if closed - closed_at_gc >= GC_AFTER_CLOSES and (burst_over or loop.time() - gc_at >= GC_PERIOD):
                 gc.collect()
                 closed_at_gc, gc_at = closed, loop.time()
+            closed_before = closed
             now = (self.slots.accepted, self.budget.reserved_total)
             if trim is not None and now != last:
                 trim(0)
