@@ -6,10 +6,13 @@ import hashlib
 import heapq
 import hmac
 import os
+import re
+import secrets
 import threading
 import time
 
 SECRET_ENV = "LIGHTNING_MOE_SECRET"
+SIGNATURE_RE = re.compile(r"[0-9a-f]{64}")  # what sign() returns: hex SHA-256
 
 
 def resolve_secret(secret: str | bytes | None = None) -> bytes | None:
@@ -38,6 +41,26 @@ def verify(secret: bytes, signature: object, *parts: bytes | bytearray) -> bool:
     return isinstance(signature, str) and hmac.compare_digest(signature, sign(secret, *parts))
 
 
+def request_signature(
+    secret: bytes, method: str, path: str, timestamp: str, nonce: str, compression: str, host_id: str, body: bytes | bytearray
+) -> str:
+    """The signature of an HTTP request to a host: binds the method, path, time, a nonce, the compression,
+    the target host instance (its ``host_id`` from ``/info``, new at every start) and the body."""
+    return sign(secret, method.encode(), path.encode("latin-1"), timestamp.encode(), nonce.encode(), compression.encode(),
+                host_id.encode(), body)
+
+
+def request_headers(
+    secret: bytes | None, method: str, path: str, body: bytes | bytearray, compression: str = "none", host_id: str = ""
+) -> dict[str, str]:
+    """Headers that sign a request for the host instance ``host_id`` (none without a secret)."""
+    if secret is None:
+        return {}
+    timestamp, nonce = f"{time.time():.3f}", secrets.token_hex(8)
+    signature = request_signature(secret, method, path, timestamp, nonce, compression, host_id, body)
+    return {"X-Timestamp": timestamp, "X-Nonce": nonce, "X-Host-Id": host_id, "X-Signature": signature}
+
+
 class ReplayGuard:
     """Remembers signatures until their timestamps leave the ``window``, so a captured request cannot be sent again.
 
@@ -63,6 +86,11 @@ class ReplayGuard:
             self._seen.add(signature)
             heapq.heappush(self._expiry, (timestamp + self.window, signature))
             return True
+
+    def seen(self, signature: str) -> bool:
+        """True if ``signature`` was already used (and is still remembered); does not record it."""
+        with self._lock:
+            return signature in self._seen
 
     def __len__(self) -> int:
         return len(self._seen)

@@ -52,6 +52,7 @@ DTYPES: dict[str, torch.dtype] = {
 }
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 _PREFIX = struct.Struct("<4sI")
+PREFIX_BYTES = _PREFIX.size
 ALIGN = 8
 
 
@@ -188,16 +189,26 @@ def _parse_spec(raw: object) -> TensorSpec:
     return TensorSpec(dtype, tuple(shape), compression, expected)
 
 
-def read_header(data: bytes | bytearray | memoryview, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[list[TensorSpec], int]:
-    """Parse and check the header; returns the tensor specs and the offset of the first buffer."""
-    if len(data) > max_bytes:
-        raise WireError(f"message of {len(data)} bytes exceeds the limit of {max_bytes}")
-    if len(data) < _PREFIX.size:
-        raise WireError(f"message of {len(data)} bytes is shorter than the {_PREFIX.size}-byte prefix")
-    magic, header_len = _PREFIX.unpack_from(data, 0)
+def header_length(prefix: bytes | bytearray | memoryview) -> int:
+    """The header length from a message's first :data:`PREFIX_BYTES` bytes; raises WireError if they are wrong."""
+    if len(prefix) < _PREFIX.size:
+        raise WireError(f"message of {len(prefix)} bytes is shorter than the {_PREFIX.size}-byte prefix")
+    magic, header_len = _PREFIX.unpack_from(prefix, 0)
     if magic != MAGIC:
         raise WireError(f"bad magic {bytes(magic)!r}, expected {MAGIC!r}")
-    if header_len > MAX_HEADER_BYTES or _PREFIX.size + header_len > len(data):
+    if header_len > MAX_HEADER_BYTES:
+        raise WireError(f"header length {header_len} exceeds the limit of {MAX_HEADER_BYTES}")
+    return header_len
+
+
+def parse_header(data: bytes | bytearray | memoryview) -> tuple[list[TensorSpec], int, int]:
+    """Parse the header from the start of a message (the buffers need not be there yet).
+
+    Returns the tensor specs, the offset of the first buffer and the size of the whole message,
+    so a receiver can check sizes and row counts before it reads or decodes the buffers.
+    """
+    header_len = header_length(data)
+    if _PREFIX.size + header_len > len(data):
         raise WireError(f"header length {header_len} does not fit the message")
     try:
         header = json.loads(bytes(data[_PREFIX.size : _PREFIX.size + header_len]))
@@ -211,7 +222,19 @@ def read_header(data: bytes | bytearray | memoryview, max_bytes: int = DEFAULT_M
     offset = _PREFIX.size + header_len
     if offset % ALIGN:
         raise WireError(f"header length {header_len} leaves the buffers unaligned to {ALIGN} bytes")
-    total = offset + sum(_aligned(spec.nbytes) for spec in specs)
+    return specs, offset, offset + sum(_aligned(spec.nbytes) for spec in specs)
+
+
+def batch_rows(specs: Sequence[TensorSpec]) -> int:
+    """The largest first dimension among the tensors (0 for scalars or no tensors): rows a host would compute."""
+    return max((spec.shape[0] for spec in specs if spec.shape), default=0)
+
+
+def read_header(data: bytes | bytearray | memoryview, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[list[TensorSpec], int]:
+    """Parse and check the header; returns the tensor specs and the offset of the first buffer."""
+    if len(data) > max_bytes:
+        raise WireError(f"message of {len(data)} bytes exceeds the limit of {max_bytes}")
+    specs, offset, total = parse_header(data)
     if total != len(data):
         raise WireError(f"header describes {total} bytes but the message has {len(data)}")
     return specs, offset

@@ -49,14 +49,17 @@ def test_private_host_refuses_every_request_not_signed_with_its_secret():
     with make_host(secret=SECRET) as host, requests.Session() as session:
         assert_refused(signed_post(session, host, body, {}), "private swarm")
         assert_refused(session.get(f"http://{host.endpoint}/info", timeout=WAIT), "private swarm")
-        assert_refused(signed_post(session, host, body, auth_headers(b"another secret", "POST", "/forward/ffn.0", body)), "bad X-Signature")
+        hid = host.host_id
+        assert_refused(signed_post(session, host, body, auth_headers(b"another secret", "POST", "/forward/ffn.0", body, host_id=hid)),
+                       "bad X-Signature")
         # the signature covers the body, the path and the compression: changing any of them breaks it
-        good = auth_headers(SECRET, "POST", "/forward/ffn.0", body)
+        good = auth_headers(SECRET, "POST", "/forward/ffn.0", body, host_id=hid)
         other_body = wire.serialize([torch.randn(4, HID)])
         assert_refused(signed_post(session, host, other_body, good), "bad X-Signature")
-        assert_refused(signed_post(session, host, body, {**auth_headers(SECRET, "POST", "/forward/ffn.1", body)}), "bad X-Signature")
+        assert_refused(signed_post(session, host, body, {**auth_headers(SECRET, "POST", "/forward/ffn.1", body, host_id=hid)}),
+                       "bad X-Signature")
         assert_refused(signed_post(session, host, body, {**good, "X-Compression": "float16"}), "bad X-Signature")
-        stale = auth_headers(SECRET, "POST", "/forward/ffn.0", body)
+        stale = auth_headers(SECRET, "POST", "/forward/ffn.0", body, host_id=hid)
         stale["X-Timestamp"] = f"{time.time() - 3600:.3f}"
         assert_refused(signed_post(session, host, body, stale), "away from the host's clock")
         assert_refused(signed_post(session, host, body, {**good, "X-Timestamp": "nan"}), "away from the host's clock")
@@ -71,6 +74,53 @@ def test_private_host_refuses_every_request_not_signed_with_its_secret():
         torch.testing.assert_close(RemoteExpert("ffn.0", host.endpoint, secret=SECRET)(x), expected)
         assert RemoteExpert("ffn.0", host.endpoint, secret=SECRET).info(timeout=WAIT)["args_schema"]
         assert host.http_stats()["errors_by_status"][401] == 9
+
+
+def test_signature_binds_the_host_instance_and_restarts_invalidate_it():
+    """A request signed for one host is refused by another host of the same swarm, and by the same host after a restart."""
+    body = wire.serialize([torch.randn(4, HID)])
+    with make_host(secret=SECRET) as a, make_host(secret=SECRET) as b, requests.Session() as session:
+        assert a.host_id != b.host_id
+        info = session.get(f"http://{a.endpoint}/info", headers=auth_headers(SECRET, "GET", "/info", b""), timeout=WAIT).json()
+        assert info["host_id"] == a.host_id and info["private"]
+        for_a = auth_headers(SECRET, "POST", "/forward/ffn.0", body, host_id=a.host_id)
+        assert_refused(signed_post(session, b, body, for_a), "another host")  # captured for a, replayed to b
+        unbound = auth_headers(SECRET, "POST", "/forward/ffn.0", body)  # no host id at all
+        assert_refused(signed_post(session, a, body, unbound), "another host")
+        forged = {**for_a, "X-Host-Id": b.host_id}  # claims b's id, but the HMAC covers the id
+        assert_refused(signed_post(session, b, body, forged), "bad X-Signature")
+        assert signed_post(session, a, body, for_a).status_code == 200
+        # /stats is signed like /info
+        assert session.get(f"http://{b.endpoint}/stats", timeout=WAIT).status_code == 401
+        stats = session.get(f"http://{b.endpoint}/stats", headers=auth_headers(SECRET, "GET", "/stats", b""), timeout=WAIT)
+        assert stats.status_code == 200 and stats.json()["host_id"] == b.host_id
+    port = a.port
+    with make_host(secret=SECRET, port=port) as again, requests.Session() as session:
+        fresh = auth_headers(SECRET, "POST", "/forward/ffn.0", body, host_id=a.host_id)  # signed for the old instance
+        assert_refused(signed_post(session, again, body, fresh), "another host")
+        # RemoteExpert learnt the old host id: it refetches /info once and succeeds
+        expert = RemoteExpert("ffn.0", again.endpoint, secret=SECRET)
+        from lightning_moe.client import remote_expert
+        remote_expert._host_ids[again.endpoint] = a.host_id
+        assert expert(torch.randn(2, HID)).shape == (2, HID)
+        assert remote_expert._host_ids[again.endpoint] == again.host_id
+
+
+def test_private_host_refuses_from_the_headers_before_reading_a_body():
+    """Unsigned or malformed: 401 with the connection closed, while the client has sent only headers."""
+    import http.client
+    import socket
+
+    with make_host(secret=SECRET) as host:
+        for extra in ("", "X-Timestamp: 1\r\nX-Signature: " + "0" * 64 + "\r\n",
+                      f"X-Timestamp: {time.time():.3f}\r\nX-Signature: xyz\r\n",
+                      f"X-Timestamp: {time.time():.3f}\r\nX-Signature: {'0' * 64}\r\nX-Host-Id: nope\r\n"):
+            with socket.create_connection(("127.0.0.1", host.port), timeout=WAIT) as sock:
+                sock.sendall(f"POST /forward/ffn.0 HTTP/1.1\r\nHost: x\r\nContent-Length: 60000000\r\n{extra}\r\n".encode())
+                response = http.client.HTTPResponse(sock)
+                response.begin()  # answered although no body byte was sent
+                assert response.status == 401 and response.getheader("Connection") == "close"
+                assert "error" in response.read().decode()
 
 
 def test_client_without_the_secret_gets_a_clear_error_naming_the_expert():

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import threading
-import time
 from typing import Any, Sequence
 
 import requests
@@ -18,6 +16,7 @@ from lightning_moe import auth, wire
 DEFAULT_TIMEOUT = 30.0
 _sessions: dict[tuple[int, int], requests.Session] = {}
 _sessions_lock = threading.Lock()
+_host_ids: dict[str, str] = {}  # endpoint -> the host_id its /info gave (private swarms sign requests for it)
 
 
 class RemoteExpertError(RuntimeError):
@@ -45,13 +44,40 @@ def get_session() -> requests.Session:
     return session
 
 
-def auth_headers(secret: bytes | None, method: str, path: str, body: bytes, compression: str = "none") -> dict[str, str]:
-    """Headers that authenticate a request to a host of a private swarm (none without a secret)."""
+def auth_headers(
+    secret: bytes | None, method: str, path: str, body: bytes, compression: str = "none", host_id: str = ""
+) -> dict[str, str]:
+    """Headers that authenticate a request to the host instance ``host_id`` of a private swarm (none without a
+    secret). ``host_id`` comes from the host's ``/info``; ``GET /info`` itself may be signed with an empty one."""
+    return auth.request_headers(secret, method, path, body, compression, host_id)
+
+
+def fetch_info(endpoint: str, secret: bytes | None, timeout: float | None = DEFAULT_TIMEOUT) -> dict:
+    """The host's ``/info`` (raises RemoteExpertError with uid ``"*"``); remembers its host_id for signing."""
+    try:
+        response = get_session().get(f"http://{endpoint}/info", timeout=timeout, headers=auth_headers(secret, "GET", "/info", b""))
+    except requests.RequestException as e:
+        raise RemoteExpertError("*", endpoint, f"info: {type(e).__name__}: {e}") from e
+    if response.status_code != 200:
+        raise RemoteExpertError("*", endpoint, f"info: {_error_message(response)}", response.status_code)
+    try:
+        info = response.json()
+    except ValueError as e:
+        raise RemoteExpertError("*", endpoint, f"info: not JSON: {e}", response.status_code) from e
+    if not isinstance(info, dict):
+        raise RemoteExpertError("*", endpoint, "info: not a JSON object", response.status_code)
+    if isinstance(info.get("host_id"), str):
+        _host_ids[endpoint] = info["host_id"]
+    return info
+
+
+def host_id(endpoint: str, secret: bytes | None, timeout: float | None = DEFAULT_TIMEOUT, refresh: bool = False) -> str:
+    """The host_id of the host at ``endpoint`` (from its /info, fetched once; again with ``refresh``)."""
     if secret is None:
-        return {}
-    timestamp, nonce = f"{time.time():.3f}", secrets.token_hex(8)
-    signature = auth.sign(secret, method.encode(), path.encode(), timestamp.encode(), nonce.encode(), compression.encode(), body)
-    return {"X-Timestamp": timestamp, "X-Nonce": nonce, "X-Signature": signature}
+        return ""
+    if refresh or endpoint not in _host_ids:
+        fetch_info(endpoint, secret, timeout)
+    return _host_ids.get(endpoint, "")
 
 
 def call_expert(
@@ -65,17 +91,29 @@ def call_expert(
 ) -> list[torch.Tensor]:
     """POST tensors to ``/{method}/{uid}`` and return the decoded answer (CPU tensors).
 
-    ``secret`` signs the request for a private swarm's hosts. Raises RemoteExpertError for any
-    failure: no connection, timeout, HTTP error, bad answer.
+    ``secret`` signs the request for a private swarm's hosts, bound to the host instance (its
+    host_id from /info, fetched once per endpoint; fetched again, and the call retried once, if the
+    host refuses the signature: it restarted). Raises RemoteExpertError for any failure: no
+    connection, timeout, HTTP error, bad answer.
     """
     path = f"/{method}/{uid}"
     try:
         body = wire.serialize(tensors, compression)
-        headers = {"Content-Type": "application/octet-stream", "X-Compression": compression}
-        headers.update(auth_headers(secret, "POST", path, body, compression))
-        response = get_session().post(f"http://{endpoint}{path}", data=body, headers=headers, timeout=timeout)
+        target = host_id(endpoint, secret, timeout)
+        for attempt in range(2):
+            headers = {"Content-Type": "application/octet-stream", "X-Compression": compression}
+            headers.update(auth_headers(secret, "POST", path, body, compression, target))
+            response = get_session().post(f"http://{endpoint}{path}", data=body, headers=headers, timeout=timeout)
+            if response.status_code != 401 or secret is None or attempt == 1:
+                break
+            renewed = host_id(endpoint, secret, timeout, refresh=True)
+            if renewed == target:
+                break
+            target = renewed
     except requests.RequestException as e:
         raise RemoteExpertError(uid, endpoint, f"{method}: {type(e).__name__}: {e}") from e
+    except RemoteExpertError as e:
+        raise RemoteExpertError(uid, endpoint, f"{method}: {e.message}", e.status) from e
     if response.status_code != 200:
         message = _error_message(response)  # the host's message usually names the direction already
         raise RemoteExpertError(uid, endpoint, message if message.startswith(f"{method}:") else f"{method}: {message}",
@@ -162,14 +200,10 @@ class RemoteExpert(nn.Module):
     def info(self, timeout: float | None = DEFAULT_TIMEOUT) -> dict:
         """The host's description of this expert (schemas, max batch size)."""
         try:
-            response = get_session().get(f"http://{self.endpoint}/info", timeout=timeout,
-                                         headers=auth_headers(self.secret, "GET", "/info", b""))
-        except requests.RequestException as e:
-            raise RemoteExpertError(self.uid, self.endpoint, f"info: {type(e).__name__}: {e}") from e
-        if response.status_code != 200:
-            raise RemoteExpertError(self.uid, self.endpoint, f"info: {_error_message(response)}", response.status_code)
-        experts = response.json().get("experts", {})
-        if self.uid not in experts:
+            experts = fetch_info(self.endpoint, self.secret, timeout).get("experts", {})
+        except RemoteExpertError as e:
+            raise RemoteExpertError(self.uid, self.endpoint, e.message, e.status) from e
+        if not isinstance(experts, dict) or self.uid not in experts:
             raise RemoteExpertError(self.uid, self.endpoint, "info: the host does not serve this expert", 404)
         return experts[self.uid]
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
+import resource
 import threading
 import time
 from typing import Any, Iterable, Mapping
@@ -21,7 +23,7 @@ DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
 
 
 class ExpertHost:
-    """Serves ``backends`` over HTTP; one Runtime thread computes, handler threads do I/O.
+    """Serves ``backends`` over HTTP; one Runtime thread computes, one asyncio loop thread does all I/O.
 
     Args:
         backends: ``{uid: ExpertBackend}`` or a list of backends (keyed by their names).
@@ -32,9 +34,19 @@ class ExpertHost:
         dht: anything with ``declare_experts(uids, endpoint, expiration_time=...)``; called every
             ``update_period`` seconds while the host runs.
         request_timeout: seconds a request waits for the runtime before it gets 504.
-        body_timeout: seconds a client may take to send a request body (slower: 408, connection closed).
-        idle_timeout: seconds an idle keep-alive connection stays open.
-        max_connections: connections served at once (a thread each); more are closed on arrival.
+        body_timeout: seconds a client may take to send a request body once its headers are in (slower:
+            408, connection closed).
+        idle_timeout: seconds an idle keep-alive connection stays open; also the deadline for the
+            next request's line and headers, counted from the connection's start or the last answer.
+        max_connections: connections open at once (no thread each); more are closed on arrival.
+            The process's soft open-files limit is raised to its hard limit at start.
+        max_connections_per_address: connections open at once from one client IP address.
+        max_header_bytes: request line plus headers, in bytes (more: 431, connection closed).
+        max_inflight_bytes: host-wide budget of request bytes being read or served; a request
+            reserves its Content-Length before its body is read, and gets 503 with Retry-After when
+            the budget is spent (default: 4 x ``max_body_bytes``).
+        max_rows_factor: a request may carry at most ``max_batch_size x max_rows_factor`` rows of
+            its expert (checked from the wire header, before the rest of the body is read).
         compression: how the host compresses its answers (``none``, ``float16``, ``uint8``), e.g.
             on a slow uplink; None answers each request in the compression it came in.
         secret: a private swarm's shared secret (default: the ``LIGHTNING_MOE_SECRET`` environment
@@ -53,10 +65,14 @@ class ExpertHost:
         update_period: float = 30.0,
         request_timeout: float | None = 300.0,
         body_timeout: float = 60.0,
-        idle_timeout: float = 600.0,
+        idle_timeout: float = 10.0,
         secret: str | bytes | None = None,
-        max_connections: int = 1024,
+        max_connections: int = 16384,
         compression: str | None = None,
+        max_connections_per_address: int = 256,
+        max_header_bytes: int = 8192,
+        max_inflight_bytes: int | None = None,
+        max_rows_factor: int = 4,
     ):
         if isinstance(backends, Mapping):
             self.backends = dict(backends)
@@ -79,12 +95,19 @@ class ExpertHost:
         self._timeouts = (request_timeout, body_timeout, idle_timeout)
         self.secret = auth.resolve_secret(secret)
         self.max_connections, self.compression = int(max_connections), compression
+        self._limits = {
+            "max_connections_per_address": int(max_connections_per_address), "max_header_bytes": int(max_header_bytes),
+            "max_inflight_bytes": max_inflight_bytes, "max_rows_factor": int(max_rows_factor),
+        }
+        if min(self.max_connections, *(v for v in self._limits.values() if v is not None)) < 1:
+            raise ValueError(f"connection, header, budget and row limits must be positive: {self._limits}")
         for backend in self.backends.values():
             backend.to(self.device)
         pools = [pool for b in self.backends.values() for pool in (b.forward_pool, b.backward_pool)]
         self.runtime = Runtime(pools, self.device, name="lightning_moe-runtime")
         self.server: ExpertHTTPServer | None = None
-        self._serve_thread: threading.Thread | None = None
+        self._started_at = 0.0
+        self._samples_history: collections.deque[tuple[float, int]] = collections.deque(maxlen=13)
         self._declare_thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._lifecycle = threading.Lock()
@@ -98,16 +121,20 @@ class ExpertHost:
                 raise RuntimeError("the host was already started")
             self._started = True
             request_timeout, body_timeout, idle_timeout = self._timeouts
-            self.server = ExpertHTTPServer(
+            max_connections = min(self.max_connections, _raise_open_files_limit() - 64)
+            server = ExpertHTTPServer(
                 (self.host, self.port), self.backends, self.max_body_bytes, request_timeout, body_timeout, idle_timeout,
-                self.secret, self.max_connections, self.compression,
+                self.secret, max_connections, compression=self.compression, stats_fn=self.load_report, **self._limits,
             )
-            self.port = self.server.server_port
             self.runtime.start()
-            self._serve_thread = threading.Thread(
-                target=self.server.serve_forever, kwargs={"poll_interval": 0.2}, name=f"lightning_moe-http-{self.port}", daemon=True
-            )
-            self._serve_thread.start()
+            try:
+                server.start()
+            except BaseException:
+                self.runtime.shutdown()
+                raise
+            self.server, self.port = server, server.server_port
+            self._started_at = time.monotonic()
+            self._samples_history.append((self._started_at, 0))
             if self.announce_host is None and self.host in ("0.0.0.0", "::", ""):
                 logger.warning("host listens on %s but announces it; set announce_host to an address peers can reach", self.host)
             if self.dht is not None:
@@ -125,12 +152,11 @@ class ExpertHost:
             self._stopped = True
             self._stop.set()
             if self.server is not None:
-                self.server.shutdown()  # serve_forever returns: no new connections
+                self.server.stop_accepting()  # no new connections
             self.runtime.shutdown(timeout)  # waiting requests get 503
             if self.server is not None:
-                self.server.close_connections(timeout)
-                self.server.server_close()
-            for thread in (self._serve_thread, self._declare_thread):
+                self.server.close(timeout)  # ends the connections, stops the loop, joins its thread
+            for thread in (self._declare_thread,):
                 if thread is not None:
                     thread.join(timeout)
                     if thread.is_alive():
@@ -142,6 +168,14 @@ class ExpertHost:
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
+
+    @property
+    def host_id(self) -> str:
+        """A random id of this start of the host (``/info`` has it); signed requests name it, so a request
+        signed for another host, or for this one before a restart, is refused."""
+        if self.server is None:
+            raise RuntimeError("the host is not started: no host id yet")
+        return self.server.host_id
 
     @property
     def endpoint(self) -> str:
@@ -194,14 +228,68 @@ class ExpertHost:
         return out
 
     def http_stats(self) -> dict:
-        """Connections accepted, refused (over ``max_connections``) and open; error responses by HTTP status."""
-        if self.server is None:
-            return {"connections_accepted": 0, "connections_refused": 0, "open_connections": 0, "errors_by_status": {}}
+        """Connections accepted, refused (over a connection limit) and open; request bytes in flight and
+        requests refused for lack of that budget; error responses by HTTP status."""
+        server = self.server
+        if server is None:
+            return {"connections_accepted": 0, "connections_refused": 0, "open_connections": 0, "client_addresses": 0,
+                    "inflight_bytes": 0, "budget_refused": 0, "errors_by_status": {}}
         return {
-            "connections_accepted": self.server.connections_accepted,
-            "connections_refused": self.server.connections_refused,
-            "open_connections": self.server.open_connections,
-            "errors_by_status": dict(self.server.status_errors),
+            "connections_accepted": server.slots.accepted,
+            "connections_refused": server.slots.refused,
+            "open_connections": server.slots.open,
+            "client_addresses": server.slots.addresses(),
+            "inflight_bytes": server.budget.used,
+            "budget_refused": server.budget.refused,
+            "errors_by_status": dict(server.status_errors),
+        }
+
+    def load_report(self) -> dict:
+        """What ``GET /stats`` answers: the host's load, as JSON-ready data. Its shape::
+
+            {
+              "host_id": str, "version": str, "endpoint": "host:port", "device": str,
+              "uptime": float,                # seconds since start()
+              "samples_per_second": float,    # forward + backward samples over the last interval
+              "interval": float,              # seconds that rate covers (up to about 60, since the oldest
+                                              # of the last 13 reports at least 5 s apart)
+              "requests": int, "samples": int, "errors": int,   # totals over all experts and directions
+              "queued_rows": int,             # rows waiting in every pool now
+              "open_connections": int, "connections_accepted": int, "connections_refused": int,
+              "client_addresses": int, "inflight_bytes": int, "budget_refused": int,
+              "errors_by_status": {"401": int, ...},            # every error answer, by HTTP status
+              "experts": {
+                uid: {
+                  "updates": int,             # optimizer steps
+                  "forward":  {"requests", "samples", "errors", "queued_rows", "batches",
+                               "mean_batch_size", "mean_queue_wait", "busy_time"},
+                  "backward": {... the same keys ...}
+                }, ...
+              }
+            }
+        """
+        per_expert, keys = {}, ("requests", "samples", "errors", "queued_rows", "batches", "mean_batch_size",
+                                "mean_queue_wait", "busy_time")
+        totals = dict.fromkeys(("requests", "samples", "errors", "queued_rows"), 0)
+        for uid, entry in self.stats().items():
+            per_expert[uid] = {"updates": entry["updates"]}
+            for direction in DIRECTIONS:
+                per_expert[uid][direction] = {key: entry[direction][key] for key in keys}
+                for key in totals:
+                    totals[key] += entry[direction][key]
+        now = time.monotonic()
+        history = self._samples_history
+        if not history or now - history[-1][0] >= 5.0:
+            history.append((now, totals["samples"]))
+        then, samples_then = next(((t, n) for t, n in history if now - t >= 1.0), history[0] if history else (now, 0))
+        http = self.http_stats()
+        http["errors_by_status"] = {str(k): v for k, v in http["errors_by_status"].items()}
+        return {
+            "host_id": self.server.host_id if self.server is not None else None,
+            "version": _version(), "endpoint": self.endpoint if self.server is not None else None,
+            "device": str(self.device), "uptime": now - self._started_at if self._started_at else 0.0,
+            "samples_per_second": (totals["samples"] - samples_then) / (now - then) if now > then else 0.0,
+            "interval": now - then, **totals, **http, "experts": per_expert,
         }
 
     # ---- checkpoints -----------------------------------------------------------------------
@@ -232,3 +320,23 @@ class ExpertHost:
     def __repr__(self) -> str:
         where = self.endpoint if self.server is not None else "not started"
         return f"ExpertHost({len(self.backends)} experts, {where}, device={self.device})"
+
+
+def _version() -> str:
+    import lightning_moe
+
+    return lightning_moe.__version__
+
+
+def _raise_open_files_limit() -> int:
+    """Raise this process's soft limit of open files to its hard limit (connections are files); returns it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            logger.debug("could not raise the open-files limit from %s to %s", soft, hard)
+    return int(hard if soft == resource.RLIM_INFINITY else soft)

@@ -1,279 +1,62 @@
-"""The host's HTTP endpoints: ``GET /info``, ``POST /forward/<uid>``, ``POST /backward/<uid>``.
+"""The host's HTTP endpoints on aiohttp: ``GET /info``, ``GET /stats``, ``POST /forward/<uid>``, ``POST /backward/<uid>``.
 
-Bodies are :mod:`lightning_moe.wire` messages. Handler threads only read, validate, queue and
-write: compute happens in the Runtime thread. Errors are JSON ``{"error": ..., "uid": ...}``.
+One asyncio loop in one background thread serves every connection (an idle connection costs a
+few KiB, no thread). Handlers read, check, queue and write; compute happens in the Runtime thread,
+whose futures the handlers await. Errors are JSON ``{"error": ..., "uid": ...}``.
+
+Before a body is read, a POST is checked from its headers alone: path, expert, X-Compression,
+Content-Length against ``max_body_bytes``, and in a private swarm the signature's form, the
+timestamp's window, the target host id and replays. Its Content-Length is then reserved from a
+host-wide budget of request bytes in flight (none left: 503 with Retry-After). The wire header is
+read first and its row count checked against the expert's limit before the rest is read; the
+HMAC is checked over the whole body before decoding. Nothing from the network is unpickled.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import gc
+import hmac
 import json
 import logging
+import secrets
 import socket
-import socketserver
 import threading
 import time
-from concurrent.futures import TimeoutError as FutureTimeoutError
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Mapping
+from typing import Any, Callable, Mapping
 from urllib.parse import unquote
+
+from aiohttp import web
 
 import lightning_moe
 from lightning_moe import auth, wire
 from lightning_moe.server.backend import ExpertBackend
+from lightning_moe.server.http_protocol import ConnectionSlots, InflightBudget, LimitedServer, json_error_body, malloc_trim
 from lightning_moe.server.task_pool import PoolClosedError
 
 logger = logging.getLogger(__name__)
 
 DIRECTIONS = ("forward", "backward")
-DRAIN_CHUNK = 1 << 16
-BODY_CHUNK = 1 << 20
-DRAIN_LIMIT = 4 << 20  # an unwanted body up to this size is read and dropped to keep the connection; larger: close
+DRAIN_LIMIT = 1 << 20  # an unwanted body up to this size is read and dropped to keep the connection; larger: close
 MAX_CLOCK_SKEW = 300.0  # seconds a signed request's X-Timestamp may differ from the host's clock
+RETRY_AFTER = "1"
+TRIM_PERIOD = 2.0
+GC_AFTER_CLOSES = 1000  # connections closed since the last collection that make the host collect
+GC_PERIOD = 20.0
 
 
 class _RequestError(Exception):
-    """Answer the request with ``status`` and this message; ``close`` when the body was not read."""
+    """Answer with ``status`` and this message; ``close`` ends the connection after the answer."""
 
-    def __init__(self, status: int, message: str, close: bool = False):
+    def __init__(self, status: int, message: str, uid: str | None = None, close: bool = False,
+                 headers: Mapping[str, str] | None = None):
         super().__init__(message)
-        self.status, self.close = status, close
+        self.status, self.uid, self.close, self.headers = status, uid, close, dict(headers or {})
 
 
-class ExpertRequestHandler(BaseHTTPRequestHandler):
-    """One keep-alive connection; each request is read, validated, queued, awaited and answered."""
-
-    protocol_version = "HTTP/1.1"
-    server_version = f"lightning_moe/{lightning_moe.__version__}"
-    sys_version = ""
-    disable_nagle_algorithm = True
-    server: "ExpertHTTPServer"
-
-    def version_string(self) -> str:
-        return self.server_version
-
-    def setup(self) -> None:
-        self.timeout = self.server.idle_timeout  # an idle keep-alive connection closes after this
-        super().setup()
-
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base class's name
-        if logger.isEnabledFor(logging.DEBUG):
-            logger.debug("%s %s", self.address_string(), format % args)
-
-    # ---- helpers ---------------------------------------------------------------------------
-    def _send(self, status: int, body: bytes, content_type: str, close: bool = False, extra: Mapping[str, str] = {}) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        for key, value in extra.items():
-            self.send_header(key, value)
-        if close:
-            self.close_connection = True
-            self.send_header("Connection", "close")
-        self.end_headers()
-        if self.command != "HEAD" and body:
-            self.wfile.write(body)
-
-    def _send_error_json(self, status: int, message: str, uid: str | None, close: bool = False, extra: Mapping[str, str] = {}) -> None:
-        body = json.dumps({"error": message, "uid": uid}).encode()
-        self.server.count_error(status)
-        self._send(status, body, "application/json", close, extra)
-
-    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        """Errors that http.server raises itself (bad request line, huge headers) as JSON, then close."""
-        if self.request_version == "HTTP/0.9":  # unparsable request line: still answer with a status line
-            self.request_version = "HTTP/1.0"
-        self._send_error_json(code, message or explain or self.responses.get(code, ("error",))[0], None, close=True)
-
-    def handle_expect_100(self) -> bool:
-        """Refuse an oversized body before the client sends it."""
-        try:
-            self._content_length()
-        except _RequestError as e:
-            self._send_error_json(e.status, str(e), None, close=True)
-            return False
-        return super().handle_expect_100()
-
-    def _route(self) -> tuple[str, str | None]:
-        """``("info", None)``, ``(direction, uid)`` or ``("", None)`` for an unknown path."""
-        path = self.path.split("?", 1)[0]
-        if path == "/info":
-            return "info", None
-        parts = path.split("/")
-        if len(parts) == 3 and parts[0] == "" and parts[1] in DIRECTIONS and parts[2]:
-            return parts[1], unquote(parts[2])
-        return "", None
-
-    def _content_length(self) -> int:
-        if self.headers.get("Transfer-Encoding"):
-            raise _RequestError(413, "chunked bodies are not supported: send Content-Length", close=True)
-        raw = self.headers.get("Content-Length")
-        if raw is None:
-            raise _RequestError(413, "Content-Length is required", close=True)
-        raw = raw.strip()
-        if not raw.isdigit() or len(raw) > 18:
-            raise _RequestError(413, f"invalid Content-Length {raw[:40]!r}", close=True)
-        length = int(raw)
-        if length > self.server.max_body_bytes:
-            raise _RequestError(413, f"body of {length} bytes exceeds the limit of {self.server.max_body_bytes}", close=True)
-        return length
-
-    def _discard_body(self) -> bool:
-        """Read and drop the body so the connection stays usable; False if it cannot (then close)."""
-        if self.headers.get("Transfer-Encoding"):
-            return False
-        raw = (self.headers.get("Content-Length") or "0").strip()
-        if not raw.isdigit() or int(raw) > min(DRAIN_LIMIT, self.server.max_body_bytes):
-            return False
-        left = int(raw)
-        try:
-            self.connection.settimeout(self.server.body_timeout)
-            while left > 0:
-                chunk = self.rfile.read(min(left, DRAIN_CHUNK))
-                if not chunk:
-                    return False
-                left -= len(chunk)
-            self.connection.settimeout(self.server.idle_timeout)
-        except OSError:
-            return False
-        return True
-
-    def _read_body(self, length: int) -> bytearray:
-        """The body, read in chunks: memory grows with the bytes that arrive, not with what Content-Length claims."""
-        body = bytearray()
-        try:
-            self.connection.settimeout(self.server.body_timeout)
-            while len(body) < length:
-                chunk = self.rfile.read(min(length - len(body), BODY_CHUNK))
-                if not chunk:
-                    break
-                body += chunk
-            self.connection.settimeout(self.server.idle_timeout)
-        except TimeoutError:
-            raise _RequestError(408, f"timed out reading the body after {len(body)} of {length} bytes", close=True) from None
-        if len(body) < length:
-            raise _RequestError(400, f"truncated body: got {len(body)} of {length} bytes", close=True)
-        return body
-
-    def _authenticate(self, body: bytes | bytearray) -> None:
-        """In a private swarm, check X-Timestamp and X-Signature (HMAC of method, path, timestamp, nonce, compression, body)."""
-        secret = self.server.secret
-        if secret is None:
-            return
-        timestamp = self.headers.get("X-Timestamp", "").strip()
-        signature = self.headers.get("X-Signature", "").strip()
-        if not timestamp or not signature:
-            raise _RequestError(401, "this host serves a private swarm: sign requests with the swarm's secret "
-                                     "(X-Timestamp and X-Signature headers)")
-        try:
-            skew = abs(time.time() - float(timestamp))
-        except ValueError:
-            raise _RequestError(401, f"invalid X-Timestamp {timestamp[:40]!r}") from None
-        if not skew <= MAX_CLOCK_SKEW:  # also refuses nan
-            raise _RequestError(401, f"X-Timestamp is {skew:.0f} s away from the host's clock (limit {MAX_CLOCK_SKEW:.0f} s)")
-        compression = self.headers.get("X-Compression", "none").strip()
-        nonce = self.headers.get("X-Nonce", "").strip()
-        parts = (self.command.encode(), self.path.encode("latin-1"), timestamp.encode(), nonce.encode(), compression.encode(), body)
-        if not auth.verify(secret, signature, *parts):
-            raise _RequestError(401, "bad X-Signature: the request was not signed with this swarm's secret")
-        if not self.server.replays.first_use(signature, float(timestamp)):
-            raise _RequestError(401, "replayed request: this signature was already used")
-
-    def _reject(self, status: int, message: str, uid: str | None, extra: Mapping[str, str] = {}) -> None:
-        """Answer an error before the body was read: drain it if small, else close the connection."""
-        close = not self._discard_body()
-        self._send_error_json(status, message, uid, close, extra)
-
-    # ---- methods ---------------------------------------------------------------------------
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-        route, uid = self._route()
-        if route == "info":
-            if not self._discard_body():
-                self.close_connection = True
-            try:
-                self._authenticate(b"")
-            except _RequestError as e:
-                return self._send_error_json(e.status, str(e), None, close=self.close_connection)
-            self.server.count_request("info", None)
-            self._send(200, self.server.info_bytes, "application/json", close=self.close_connection)
-        elif route:
-            self._reject(405, f"use POST for /{route}/<uid>", uid, {"Allow": "POST"})
-        else:
-            self._reject(404, f"no such path: {self.path[:200]}", None)
-
-    do_HEAD = do_GET  # noqa: N815
-
-    def do_POST(self) -> None:  # noqa: N802
-        route, uid = self._route()
-        if route == "info":
-            return self._reject(405, "use GET for /info", None, {"Allow": "GET"})
-        if not route:
-            return self._reject(404, f"no such path: {self.path[:200]}", None)
-        backend = self.server.backends.get(uid)
-        if backend is None:
-            return self._reject(404, f"no expert {uid[:200]!r} on this host", uid[:200])
-        self.server.count_request(route, uid)
-        try:
-            payload = self._serve(route, backend)
-        except _RequestError as e:
-            self.server.count_request_error(route, uid)
-            close = e.close or (self._body_unread and not self._discard_body())
-            return self._send_error_json(e.status, str(e), uid, close)
-        self._send(200, payload, "application/octet-stream")
-
-    def _unsupported(self) -> None:
-        route, uid = self._route()
-        if route:
-            allow = "GET" if route == "info" else "POST"
-            self._reject(405, f"method {self.command} is not allowed here; use {allow}", uid, {"Allow": allow})
-        else:
-            self._reject(404, f"no such path: {self.path[:200]}", None)
-
-    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _unsupported  # noqa: N815
-
-    def _serve(self, direction: str, backend: ExpertBackend) -> bytes:
-        """Read, validate, queue, wait; returns the response body or raises _RequestError."""
-        self._body_unread = True
-        compression = self.headers.get("X-Compression", "none").strip()
-        if compression not in wire.COMPRESSIONS:
-            raise _RequestError(400, f"unknown X-Compression {compression[:40]!r}; choose one of {list(wire.COMPRESSIONS)}")
-        body = self._read_body(self._content_length())
-        self._body_unread = False
-        self._authenticate(body)
-        try:
-            tensors = wire.deserialize(body, self.server.max_body_bytes)
-            if direction == "forward":
-                tensors = backend.validate_forward(tensors)
-            else:
-                tensors = backend.validate_backward(tensors)
-        except ValueError as e:  # WireError is a ValueError
-            raise _RequestError(400, f"{direction}: {e}") from None
-        if tensors[0].shape[0] == 0:
-            outputs = backend.empty_outputs(direction)
-        else:
-            pool = backend.forward_pool if direction == "forward" else backend.backward_pool
-            future = pool.submit(*tensors)
-            try:
-                outputs = future.result(timeout=self.server.request_timeout)
-            except FutureTimeoutError:
-                future.cancel()
-                raise _RequestError(504, f"{direction}: no answer within {self.server.request_timeout} s (host overloaded?)") from None
-            except PoolClosedError as e:
-                raise _RequestError(503, f"{direction}: {e}") from None
-            except Exception as e:  # noqa: BLE001 - the expert's own error goes back to the caller
-                logger.warning("expert %s %s failed: %s: %s", backend.name, direction, type(e).__name__, e)
-                raise _RequestError(500, f"{direction}: {type(e).__name__}: {e}") from None
-        try:
-            return wire.serialize(outputs, self.server.compression or compression)
-        except ValueError as e:
-            raise _RequestError(500, f"{direction}: cannot serialize the outputs: {e}") from None
-
-
-class ExpertHTTPServer(ThreadingHTTPServer):
-    """A thread per connection; tracks its connections so that :meth:`close_connections` ends them all."""
-
-    daemon_threads = True
-    request_queue_size = 128
+class ExpertHTTPServer:
+    """The aiohttp server of one ExpertHost, run by an asyncio loop in a thread of its own."""
 
     def __init__(
         self,
@@ -282,70 +65,131 @@ class ExpertHTTPServer(ThreadingHTTPServer):
         max_body_bytes: int,
         request_timeout: float | None = 300.0,
         body_timeout: float = 60.0,
-        idle_timeout: float = 600.0,
+        idle_timeout: float = 10.0,
         secret: bytes | None = None,
-        max_connections: int = 1024,
+        max_connections: int = 16384,
+        max_connections_per_address: int = 256,
         compression: str | None = None,
+        max_header_bytes: int = 8192,
+        max_inflight_bytes: int | None = None,
+        max_rows_factor: int = 4,
+        stats_fn: Callable[[], dict] | None = None,
     ):
-        if ":" in address[0]:
-            self.address_family = socket.AF_INET6
+        self.address = address
         self.backends = dict(backends)
         self.max_body_bytes = int(max_body_bytes)
         self.request_timeout, self.body_timeout, self.idle_timeout = request_timeout, body_timeout, idle_timeout
-        self.secret, self.max_connections, self.compression = secret, int(max_connections), compression
-        self.connections_refused = 0
+        self.secret, self.compression = secret, compression
+        self.max_header_bytes = int(max_header_bytes)
+        self.max_rows = {uid: b.max_batch_size * int(max_rows_factor) for uid, b in self.backends.items()}
+        self.budget = InflightBudget(max_inflight_bytes if max_inflight_bytes is not None else 4 * self.max_body_bytes)
+        self.slots = ConnectionSlots(max_connections, max_connections_per_address)
+        self.stats_fn = stats_fn
+        self.host_id = secrets.token_hex(16)  # new at every start: signatures for another instance do not verify here
         self.replays = auth.ReplayGuard(MAX_CLOCK_SKEW)
         self.info_bytes = json.dumps(
             {
                 "version": lightning_moe.__version__,
+                "host_id": self.host_id,
                 "compression": list(wire.COMPRESSIONS),
                 "max_body_bytes": self.max_body_bytes,
                 "private": secret is not None,
-                "experts": {uid: backend.get_info() for uid, backend in self.backends.items()},
+                "experts": {uid: {**b.get_info(), "max_rows_per_request": self.max_rows[uid]} for uid, b in self.backends.items()},
             }
         ).encode()
         self._lock = threading.Lock()
-        self._connections: dict[threading.Thread, socket.socket] = {}
-        self._closing = False
-        self.connections_accepted = 0
         self.requests: collections.Counter = collections.Counter()  # (direction, uid) -> requests
         self.request_errors: collections.Counter = collections.Counter()  # (direction, uid) -> rejected or failed
         self.status_errors: collections.Counter = collections.Counter()  # HTTP status -> count
-        super().__init__(address, ExpertRequestHandler)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._runner: web.ServerRunner | None = None
+        self._site: web.SockSite | None = None
+        self._housekeeping: asyncio.Task | None = None
+        self.server_port = 0
 
-    def server_bind(self) -> None:
-        """Bind without HTTPServer's reverse DNS lookup (getfqdn can stall for seconds)."""
-        socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = str(self.server_address[0]), int(self.server_address[1])
-
-    def process_request(self, request: socket.socket, client_address: object) -> None:
-        thread = threading.Thread(
-            target=self.process_request_thread, args=(request, client_address), daemon=True,
-            name=f"lightning_moe-http-{self.server_port}-{self.connections_accepted}",
-        )
-        with self._lock:
-            if self._closing or len(self._connections) >= self.max_connections:
-                self.connections_refused += not self._closing
-                self.shutdown_request(request)
-                return
-            self._connections[thread] = request
-            self.connections_accepted += 1
-        thread.start()
-
-    def process_request_thread(self, request: socket.socket, client_address: object) -> None:
+    # ---- lifecycle (called from the host's thread) ---------------------------------------------
+    def start(self) -> None:
+        """Bind the port, start the loop thread and serve."""
+        family = socket.AF_INET6 if ":" in self.address[0] else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
         try:
-            super().process_request_thread(request, client_address)
-        finally:
-            with self._lock:
-                self._connections.pop(threading.current_thread(), None)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(self.address)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        self.server_port = int(sock.getsockname()[1])
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name=f"lightning_moe-http-{self.server_port}", daemon=True)
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start_site(sock), self._loop).result()
 
-    def handle_error(self, request: object, client_address: object) -> None:
-        logger.debug("connection from %s ended with an error", client_address, exc_info=True)
+    async def _start_site(self, sock: socket.socket) -> None:
+        server = LimitedServer(
+            self.handle, slots=self.slots, max_header_bytes=self.max_header_bytes, count_error=self.count_error,
+            keepalive_timeout=self.idle_timeout, max_line_size=self.max_header_bytes, max_field_size=self.max_header_bytes,
+            max_headers=64, lingering_time=0, access_log=None, auto_decompress=False,
+        )
+        self._runner = web.ServerRunner(server, handle_signals=False, access_log=None, shutdown_timeout=0.5)
+        await self._runner.setup()
+        self._site = web.SockSite(self._runner, sock, backlog=4096)
+        await self._site.start()
+        self._housekeeping = asyncio.get_running_loop().create_task(self._trim_memory())
+
+    async def _trim_memory(self) -> None:
+        """Every few seconds after a burst of connections or bodies, give their memory back to the OS.
+
+        A closed aiohttp connection sits in reference cycles until Python's cyclic GC runs, which a
+        quiet host may not do for a long time; so once a burst of many closes is over (an attack
+        ending) the host collects, and at most every ``GC_PERIOD`` s while closes go on. glibc keeps freed
+        buffers in its arenas (the loop thread has its own): ``malloc_trim`` returns them.
+        """
+        trim = malloc_trim()
+        last, closed_before, closed_at_gc, gc_at = (0, 0), 0, 0, 0.0
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(TRIM_PERIOD)
+            closed = self.slots.accepted - self.slots.open
+            burst_over = closed == closed_before  # no connection closed during the last period
+            if closed - closed_at_gc >= GC_AFTER_CLOSES and (burst_over or loop.time() - gc_at >= GC_PERIOD):
+                gc.collect()
+                closed_at_gc, gc_at = closed, loop.time()
+            closed_before = closed
+            now = (self.slots.accepted, self.budget.reserved_total)
+            if trim is not None and now != last:
+                trim(0)
+            last = now
+
+    def stop_accepting(self) -> None:
+        """Close the listening socket; open connections go on."""
+        if self._loop is not None and self._site is not None:
+            asyncio.run_coroutine_threadsafe(self._site.stop(), self._loop).result(30)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """End every connection (waiting at most ``timeout`` for handlers), stop the loop and join its thread."""
+        self.slots.closing = True
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None:
+            return
+        if self._housekeeping is not None:
+            loop.call_soon_threadsafe(self._housekeeping.cancel)
+        if self._runner is not None:
+            try:
+                asyncio.run_coroutine_threadsafe(self._runner.cleanup(), loop).result(timeout + 5)
+            except Exception:  # noqa: BLE001 - shutting down anyway
+                logger.warning("closing the HTTP connections failed", exc_info=True)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout)
+        if thread.is_alive():
+            logger.warning("HTTP loop thread %s did not stop within %s s", thread.name, timeout)
+        else:
+            loop.close()
 
     @property
     def open_connections(self) -> int:
-        """Connections being served now."""
-        return len(self._connections)
+        return self.slots.open
 
     def count_request(self, direction: str, uid: str | None) -> None:
         with self._lock:
@@ -359,17 +203,208 @@ class ExpertHTTPServer(ThreadingHTTPServer):
         with self._lock:
             self.status_errors[status] += 1
 
-    def close_connections(self, timeout: float = 10.0) -> None:
-        """Take no more connections, end the open ones (their sockets are shut down) and join their threads."""
-        with self._lock:
-            self._closing = True
-            connections = list(self._connections.items())
-        for _, sock in connections:
+    # ---- requests (in the loop thread) -----------------------------------------------------------
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        try:
+            return await self._dispatch(request)
+        except _RequestError as e:
+            return await self._error(request, e)
+
+    async def _error(self, request: web.BaseRequest, e: _RequestError) -> web.StreamResponse:
+        """An error answer; drains a small unread body to keep the connection, else closes it."""
+        self.count_error(e.status)
+        close = e.close
+        if not close and not request.content.is_eof():
+            close = not await self._drain(request)
+        response = web.Response(status=e.status, body=json_error_body(str(e), e.uid), content_type="application/json",
+                                headers=e.headers)
+        if close:
+            response.force_close()
+        return response
+
+    async def _drain(self, request: web.BaseRequest) -> bool:
+        length = request.content_length
+        if length is None or length > DRAIN_LIMIT or request.headers.get("Transfer-Encoding"):
+            return False
+        try:
+            await asyncio.wait_for(request.content.read(), min(self.body_timeout, 5.0))
+        except (asyncio.TimeoutError, ConnectionError, OSError):
+            return False
+        return request.content.is_eof()
+
+    async def _dispatch(self, request: web.BaseRequest) -> web.StreamResponse:
+        raw_path = request.raw_path.split("?", 1)[0]
+        parts = raw_path.split("/")
+        if raw_path in ("/info", "/stats"):
+            route = raw_path[1:]
+            if request.method not in ("GET", "HEAD"):
+                raise _RequestError(405, f"use GET for /{route}", None, headers={"Allow": "GET"})
+            self._check_headers(request, post=False)
+            if not request.content.is_eof() and not await self._drain(request):
+                raise _RequestError(400, f"GET /{route} takes no body", None, close=True)
+            self._verify(request, b"")
+            if route == "info":
+                body = self.info_bytes
+            else:
+                body = json.dumps(self.stats_fn() if self.stats_fn is not None else {}).encode()
+            self.count_request(route, None)
+            return web.Response(body=body, content_type="application/json")
+        if not (len(parts) == 3 and parts[0] == "" and parts[1] in DIRECTIONS and parts[2]):
+            raise _RequestError(404, f"no such path: {raw_path[:200]}", None)
+        direction, uid = parts[1], unquote(parts[2])[:200]
+        if request.method != "POST":
+            raise _RequestError(405, f"method {request.method} is not allowed here; use POST", uid, headers={"Allow": "POST"})
+        backend = self.backends.get(uid)
+        if backend is None:
+            raise _RequestError(404, f"no expert {uid!r} on this host", uid)
+        self.count_request(direction, uid)
+        try:
+            payload = await self._serve(request, direction, uid, backend)
+        except _RequestError:
+            self.count_request_error(direction, uid)
+            raise
+        return web.Response(body=payload, content_type="application/octet-stream")
+
+    def _content_length(self, request: web.BaseRequest, uid: str) -> int:
+        if request.headers.get("Transfer-Encoding"):
+            raise _RequestError(413, "chunked bodies are not supported: send Content-Length", uid, close=True)
+        length = request.content_length
+        if length is None:
+            raise _RequestError(413, "Content-Length is required", uid, close=True)
+        if length > self.max_body_bytes:
+            raise _RequestError(413, f"body of {length} bytes exceeds the limit of {self.max_body_bytes}", uid, close=True)
+        return length
+
+    def _check_headers(self, request: web.BaseRequest, post: bool, uid: str | None = None) -> None:
+        """Private swarm: refuse from the headers alone what cannot verify (before any body is read)."""
+        if self.secret is None:
+            return
+        headers = request.headers
+        timestamp, signature = headers.get("X-Timestamp", "").strip(), headers.get("X-Signature", "").strip()
+        if not timestamp or not signature:
+            raise _RequestError(401, "this host serves a private swarm: sign requests with the swarm's secret "
+                                     "(X-Timestamp and X-Signature headers)", uid)
+        if not auth.SIGNATURE_RE.fullmatch(signature):
+            raise _RequestError(401, "malformed X-Signature: expected 64 hex digits", uid)
+        try:
+            skew = abs(time.time() - float(timestamp))
+        except ValueError:
+            raise _RequestError(401, f"invalid X-Timestamp {timestamp[:40]!r}", uid) from None
+        if not skew <= MAX_CLOCK_SKEW:  # also refuses nan
+            raise _RequestError(401, f"X-Timestamp is {skew:.0f} s away from the host's clock (limit {MAX_CLOCK_SKEW:.0f} s)", uid)
+        host_id = headers.get("X-Host-Id", "").strip()
+        if host_id != self.host_id and (post or host_id):
+            raise _RequestError(401, "request signed for another host instance (X-Host-Id differs): "
+                                     "get this host's host_id from /info and sign again", uid)
+        if self.replays.seen(signature):
+            raise _RequestError(401, "replayed request: this signature was already used", uid)
+
+    def _verify(self, request: web.BaseRequest, body: bytes | bytearray, uid: str | None = None) -> None:
+        if self.secret is None:
+            return
+        headers = request.headers
+        timestamp, signature = headers["X-Timestamp"].strip(), headers["X-Signature"].strip()
+        expected = auth.request_signature(
+            self.secret, request.method, request.raw_path, timestamp, headers.get("X-Nonce", "").strip(),
+            headers.get("X-Compression", "none").strip(), headers.get("X-Host-Id", "").strip(), body,
+        )
+        if not hmac.compare_digest(signature, expected):
+            raise _RequestError(401, "bad X-Signature: the request was not signed with this swarm's secret", uid)
+        if not self.replays.first_use(signature, float(timestamp)):
+            raise _RequestError(401, "replayed request: this signature was already used", uid)
+
+    async def _serve(self, request: web.BaseRequest, direction: str, uid: str, backend: ExpertBackend) -> bytes:
+        """Check, read, verify, decode, queue, await; returns the answer's body or raises _RequestError."""
+        compression = request.headers.get("X-Compression", "none").strip()
+        if compression not in wire.COMPRESSIONS:
+            raise _RequestError(400, f"unknown X-Compression {compression[:40]!r}; choose one of {list(wire.COMPRESSIONS)}", uid)
+        length = self._content_length(request, uid)
+        self._check_headers(request, post=True, uid=uid)
+        if not self.budget.reserve(length):
+            raise _RequestError(503, f"the host is reading too many request bodies ({self.budget.used} bytes in flight); "
+                                     f"retry in {RETRY_AFTER} s", uid, close=True, headers={"Retry-After": RETRY_AFTER})
+        try:
+            if request.headers.get("Expect", "").lower() == "100-continue":  # checks passed: ask for the body
+                await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        for thread, _ in connections:
-            thread.join(timeout)
-            if thread.is_alive():
-                logger.warning("HTTP connection thread %s did not stop within %s s", thread.name, timeout)
+                body = await asyncio.wait_for(self._read_body(request, length, uid), self.body_timeout)
+            except asyncio.TimeoutError:
+                raise _RequestError(408, f"timed out reading the body of {length} bytes after {self.body_timeout} s",
+                                    uid, close=True) from None
+            self._verify(request, body, uid)
+            try:
+                tensors = wire.deserialize(body, self.max_body_bytes)
+                validate = backend.validate_forward if direction == "forward" else backend.validate_backward
+                tensors = validate(tensors)
+            except ValueError as e:  # WireError is a ValueError
+                raise _RequestError(400, f"{direction}: {e}", uid) from None
+            outputs = await self._compute(direction, uid, backend, tensors)
+            try:
+                return wire.serialize(outputs, self.compression or compression)
+            except ValueError as e:
+                raise _RequestError(500, f"{direction}: cannot serialize the outputs: {e}", uid) from None
+        finally:
+            self.budget.release(length)
+
+    async def _read_body(self, request: web.BaseRequest, length: int, uid: str) -> bytearray:
+        """The body in one buffer, allocated once the wire header (sizes, rows) has arrived and passed its checks."""
+        content = request.content
+        head = bytearray()
+        if length >= wire.PREFIX_BYTES:  # the wire header: at most 8 + 64 KiB, read before anything is allocated
+            for stage in ("prefix", "header"):
+                needed = wire.PREFIX_BYTES if stage == "prefix" else self._header_end(head, length, uid)
+                while len(head) < needed:
+                    chunk = await content.read(needed - len(head))
+                    if not chunk:
+                        raise _RequestError(400, f"truncated body: got {len(head)} of {length} bytes", uid, close=True)
+                    head += chunk
+            self._check_wire_header(head, length, uid)
+        body = bytearray(length)
+        view = memoryview(body)
+        got = len(head)
+        view[:got] = head
+        while got < length:
+            chunk = await content.readany()
+            if not chunk:
+                raise _RequestError(400, f"truncated body: got {got} of {length} bytes", uid, close=True)
+            view[got : got + len(chunk)] = chunk
+            got += len(chunk)
+        return body
+
+    @staticmethod
+    def _header_end(prefix: bytearray, length: int, uid: str) -> int:
+        """Where the wire header ends, from the message's prefix."""
+        try:
+            return min(length, wire.PREFIX_BYTES + wire.header_length(prefix))
+        except wire.WireError as e:
+            raise _RequestError(400, str(e), uid, close=length > len(prefix)) from None
+
+    def _check_wire_header(self, head: bytearray, length: int, uid: str) -> None:
+        """Sizes and rows from the wire header, before the buffers are read or anything is allocated for them."""
+        close = len(head) < length
+        try:
+            specs, _, total = wire.parse_header(head)
+        except wire.WireError as e:
+            raise _RequestError(400, str(e), uid, close=close) from None
+        if total != length:
+            raise _RequestError(400, f"header describes {total} bytes but the message has {length}", uid, close=close)
+        rows = wire.batch_rows(specs)
+        if rows > self.max_rows[uid]:
+            raise _RequestError(413, f"{rows} rows exceed the limit of {self.max_rows[uid]} rows per request; "
+                                     "split the batch", uid, close=close)
+
+    async def _compute(self, direction: str, uid: str, backend: ExpertBackend, tensors: list) -> Any:
+        if tensors[0].shape[0] == 0:
+            return backend.empty_outputs(direction)
+        pool = backend.forward_pool if direction == "forward" else backend.backward_pool
+        future = pool.submit(*tensors)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), self.request_timeout)
+        except asyncio.TimeoutError:
+            future.cancel()
+            raise _RequestError(504, f"{direction}: no answer within {self.request_timeout} s (host overloaded?)", uid) from None
+        except PoolClosedError as e:
+            raise _RequestError(503, f"{direction}: {e}", uid) from None
+        except Exception as e:  # noqa: BLE001 - the expert's own error goes back to the caller
+            logger.warning("expert %s %s failed: %s: %s", backend.name, direction, type(e).__name__, e)
+            raise _RequestError(500, f"{direction}: {type(e).__name__}: {e}", uid) from None

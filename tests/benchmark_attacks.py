@@ -1,0 +1,120 @@
+"""Attacks on a real host over 127.0.0.1, and what a legitimate client sees before, during and after each.
+
+    PYTHONPATH=. python tests/benchmark_attacks.py [--quick]
+
+For each attack: the legitimate client's success rate and p50/p99 latency before, during and after,
+and the host's RSS before, at its peak during, and after. Goals: success >= 99 % during every attack,
+p99 during <= 3x before, RSS after within 10 % of before. The host runs in its own process, each
+attacker in another, the client here. Sections run in order; each returns its results, and a section
+may add final lines (the HTTP section prints the worst success during an attack).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from attack_tools import Attacker, HostProcess, LegitClient, captured_request, huge_rows_request, summarize  # noqa: E402
+
+SECRET = "benchmark secret"
+RATE = 50 << 20  # bytes/s an attacker sends in all (400 Mbit/s: several volunteers' uplinks); 0: unthrottled
+
+
+def measure(name: str, host: HostProcess, start_attack: Callable[[], Attacker], phase_s: float) -> dict:
+    """Baseline, attack, recovery; the client calls all along; RSS sampled every 0.1 s during the attack."""
+    client = LegitClient(host.endpoint, secret=host.secret)
+    client.run(1.0)  # warm up: connection, host id, first batches
+    before = summarize(client.run(phase_s))
+    rss_before = host.rss()
+    attacker = start_attack()
+    ready = attacker.wait_ready(60)
+    peak, sampling = [rss_before], threading.Event()
+
+    def sample() -> None:
+        while not sampling.wait(0.1):
+            peak.append(host.rss())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    during = summarize(client.run(2 * phase_s))
+    counts = attacker.stop()
+    sampling.set()
+    sampler.join()
+    time.sleep(1.0)
+    after = summarize(client.run(phase_s))
+    rss_after = host.rss()
+    return {"name": name, "before": before, "during": during, "after": after, "ready": ready, "attacker": counts,
+            "rss_before": rss_before, "rss_peak": max(peak), "rss_after": rss_after}
+
+
+def http_attacks(quick: bool, rate: int = RATE) -> list[dict]:
+    phase = 2.0 if quick else 4.0
+    conns = 2000 if quick else 10_000
+    sources = 10 if quick else 40  # 250 connections per address, under the default limit of 256 per address
+    results = []
+    with HostProcess() as host:
+        results.append(measure(f"{conns} idle connections", host,
+                               lambda: Attacker("idle", host.port, conns, sources, seconds=60), phase))
+    with HostProcess() as host:
+        results.append(measure(f"{conns} slowloris connections", host,
+                               lambda: Attacker("slowloris", host.port, conns, sources, seconds=60), phase))
+    with HostProcess() as host:
+        results.append(measure("header flood (200 KB each, 200 conns)", host,
+                               lambda: Attacker("headers", host.port, 200, 4, seconds=60, rate=rate), phase))
+    with HostProcess(secret=SECRET) as host:
+        results.append(measure("unsigned 60 MB bodies, private host (64 conns)", host,
+                               lambda: Attacker("bigbody", host.port, 64, 4, seconds=60, rate=rate), phase))
+    with HostProcess(secret=SECRET) as host:
+        results.append(measure("fake-signed 60 MB bodies, private host (16 conns)", host,
+                               lambda: Attacker("bigbody", host.port, 16, 4, seconds=60, fake_signature=True,
+                                                host_id=host.host_id, rate=rate), phase))
+    with HostProcess() as host:
+        results.append(measure("forward claiming 200,000 rows (64 conns)", host,
+                               lambda: Attacker("rows", host.port, 64, 4, seconds=60, rate=rate,
+                                                **huge_rows_request(200_000)), phase))
+    with HostProcess(secret=SECRET) as other:
+        capture = captured_request(SECRET, other.host_id)  # signed for `other`, replayed to `host`
+    with HostProcess(secret=SECRET) as host:
+        results.append(measure("cross-host replay (8 conns)", host,
+                               lambda: Attacker("replay", host.port, 8, 2, seconds=60, **capture), phase))
+    return results
+
+
+def report_http(results: list[dict]) -> None:
+    print(f"{'attack':50s} {'phase':7s} {'calls':>6s} {'success':>8s} {'p50 ms':>8s} {'p99 ms':>8s}")
+    for r in results:
+        for phase in ("before", "during", "after"):
+            s = r[phase]
+            print(f"{r['name'] if phase == 'before' else '':50s} {phase:7s} {s['calls']:6d} {s['success']:7.1f}% "
+                  f"{s['p50_ms']:8.1f} {s['p99_ms']:8.1f}")
+        mib = 1 << 20
+        print(f"{'':50s} RSS MiB before {r['rss_before'] / mib:.0f}, peak {r['rss_peak'] / mib:.0f}, after "
+              f"{r['rss_after'] / mib:.0f} ({100 * (r['rss_after'] / r['rss_before'] - 1):+.1f}%); "
+              f"p99 during/before {r['during']['p99_ms'] / r['before']['p99_ms']:.2f}x")
+        print(f"{'':50s} attacker: {r['attacker']}")
+    worst = min(r["during"]["success"] for r in results)
+    print(f"worst legitimate success during an attack: {worst:.1f}%")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer connections, shorter phases")
+    parser.add_argument("--rate", type=float, default=RATE / (1 << 20),
+                        help="MiB/s that each flooding attacker sends in all (0: as fast as loopback takes)")
+    args = parser.parse_args()
+    started = time.monotonic()
+    rate = int(args.rate * (1 << 20))
+    print(f"HTTP attacks on 127.0.0.1; flooding attackers send {'unthrottled' if not rate else f'{args.rate:g} MiB/s'}")
+    report_http(http_attacks(args.quick, rate))
+    # a DHT section goes here: results = dht_attacks(args.quick); report_dht(results) -> "DHT amplification: X"
+    print(f"(took {time.monotonic() - started:.0f} s)", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
