@@ -75,6 +75,12 @@ class HostConfig:
     port: int = _help("HTTP port (0: any free port); trainers need it reachable", default=0)
     announce_host: Optional[str] = _help("address trainers should use when it differs from host.host", default=None)
     update_period: float = _help("seconds between DHT declarations (records live two periods)", default=10.0)
+    max_connections: int = _help("open connections the host serves at once (an idle one costs no thread)", default=16384)
+    max_connections_per_address: int = _help("open connections from one client address", default=256)
+    idle_timeout: float = _help("seconds a connection may take for the next request's headers", default=10.0)
+    max_body_mb: float = _help("largest request body in MiB (413 before it is read)", default=64.0)
+    max_rows_factor: int = _help("rows per request at most max_batch_size times this (checked from the wire header)",
+                                 default=4)
     seed: Optional[int] = _help("seeds the experts' initial weights and the choice of free cells", default=None)
     compression: Optional[str] = _help("compression of the host's answers (none, float16, uint8); "
                                        "null: as each request came", default=None)
@@ -114,6 +120,10 @@ class HostConfig:
         _require(self.num_layers >= 1, f"{prefix}.num_layers", "must be positive", self.num_layers)
         _require(0 <= self.fault_rate <= 1, f"{prefix}.fault_rate", "must be in [0, 1]", self.fault_rate)
         _require(self.max_batch_size >= 1, f"{prefix}.max_batch_size", "must be positive", self.max_batch_size)
+        for key in ("max_connections", "max_connections_per_address", "max_rows_factor"):
+            _require(getattr(self, key) >= 1, f"{prefix}.{key}", "must be positive", getattr(self, key))
+        _require(self.idle_timeout > 0 and self.max_body_mb > 0, f"{prefix}.idle_timeout and {prefix}.max_body_mb",
+                 "must be positive", (self.idle_timeout, self.max_body_mb))
         _require(self.update_every >= 0, f"{prefix}.update_every", "must be 0 or positive", self.update_every)
         _require(0 <= self.port <= 65535, f"{prefix}.port", "must be a port number (0 to 65535)", self.port)
         from lightning_moe.dht.records import MAX_TTL

@@ -82,11 +82,8 @@ def fetch_stats(endpoint: str, secret: bytes | None, timeout: float) -> tuple[di
 def _load(stats: dict | None) -> str:
     if stats is None:
         return "-"
-    experts = stats.get("experts", {})
-    requests = sum(e.get("forward", {}).get("requests", 0) + e.get("backward", {}).get("requests", 0) for e in experts.values())
-    samples = sum(e.get("forward", {}).get("samples", 0) for e in experts.values())
-    queued = sum(e.get("forward", {}).get("queued_rows", 0) + e.get("backward", {}).get("queued_rows", 0) for e in experts.values())
-    return f"{requests} requests, {samples} samples, {queued} rows queued"
+    return (f"{stats.get('requests', 0)} requests, {stats.get('samples_per_second', 0.0):.1f} samples/s, "
+            f"{stats.get('queued_rows', 0)} rows queued, {stats.get('errors', 0)} errors, up {stats.get('uptime', 0.0):.0f} s")
 
 
 def format_survey(views: Sequence[LayerView], hosts: dict[str, HostView]) -> str:

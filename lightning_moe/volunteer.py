@@ -245,7 +245,9 @@ def start_volunteer(config: HostConfig, dht: DHTConfig | Any, device: str | torc
                 add_faults(backend, config.fault_rate, config.seed)
         host = ExpertHost(backends, host=config.host, port=config.port, device=device or config.device or "cpu",
                           announce_host=config.announce_host, dht=node, update_period=config.update_period, secret=secret,
-                          compression=config.compression)
+                          compression=config.compression, max_connections=config.max_connections,
+                          max_connections_per_address=config.max_connections_per_address, idle_timeout=config.idle_timeout,
+                          max_body_bytes=int(config.max_body_mb * 2**20), max_rows_factor=config.max_rows_factor)
         if state:
             host.load_state_dict(state)
         try:

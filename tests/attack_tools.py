@@ -295,7 +295,7 @@ class _Attack:
         return "held"
 
     async def _headers(self, i: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> str:
-        writer.write(f"GET /info HTTP/1.1\r\nHost: x\r\n".encode())
+        writer.write("GET /info HTTP/1.1\r\nHost: x\r\n".encode())
         line = b"X-Flood: " + b"a" * 1000 + b"\r\n"
         for _ in range(self.config.get("lines", 200)):  # up to 200 KB of headers per connection
             await self.throttle(len(line))
