@@ -9,8 +9,8 @@ Threads and who touches what:
   exchanges this trainer initiates with peers picked at random;
 - the *server thread* (:class:`~.server.AveragingServer`) answers peers' exchanges and joiners.
 
-One exchange at a time: from its start until its result is applied at a step boundary the averager
-is busy, and peers that ask meanwhile get 503 (they try someone else). Averaging is symmetric and
+One exchange at a time: while one is in flight, peers that ask get 503 (they try someone else); an
+answer waits for the trainer's next step boundary, which applies the last result before it snapshots. Averaging is symmetric and
 pairwise: both sides add half of (peer - own snapshot), so both land at the pair's mean plus the
 steps they took while the exchange ran.
 """
@@ -84,7 +84,7 @@ class Averager:
         self._cond = threading.Condition()
         self._snapshot: list[torch.Tensor] | None = None
         self._snapshot_step, self._version, self._wanted = 0, 0, False
-        self._busy = False
+        self._exchanging = False  # an exchange is in flight (initiated or answered)
         self._pending: list[torch.Tensor] | None = None  # delta to add at the next step boundary
         self._rounds: queue.Queue = queue.Queue(maxsize=1)
         self._stop = threading.Event()
@@ -103,14 +103,11 @@ class Averager:
         Returns True if parameters changed. Call between optimizer steps, on the training thread."""
         with self._cond:
             delta, self._pending = self._pending, None
-            if delta is not None:
-                self._busy = False
+            wanted = self._wanted or delta is not None
         if delta is not None:
             state.apply_delta(self.module, self.layout, delta)
-        with self._cond:
-            wanted = self._wanted
         if wanted or start_round:
-            self.publish(step)
+            self.publish(step)  # after the delta: a later exchange starts from the averaged parameters
         if start_round and self.dht is not None:
             try:
                 self._rounds.put_nowait(step)
@@ -182,8 +179,8 @@ class Averager:
         """Exchange with one random peer (a second one if the first is busy or gone)."""
         peers = self._peers()
         for endpoint in peers[:2]:
-            if not self._begin():
-                return  # answering a peer: that is this round
+            if not self._begin(wait=self.snapshot_wait):
+                return  # answering a peer (that is this round's exchange), or the trainer stopped stepping
             with self._cond:
                 ours, step = self._snapshot, self._snapshot_step
             started = time.perf_counter()
@@ -264,12 +261,16 @@ class Averager:
     def _answer_average(self, body: bytes) -> bytes:
         started = time.perf_counter()
         theirs, _ = state.decode(body, self.layout, self.max_body)  # raises RefusedState
-        if not self._begin():
+        if not self._begin(wait=0.0, answering=True):
             with self._cond:
                 self.stats["busy"] += 1
             raise Unavailable("busy with another exchange")
         try:
-            ours, step = self._fresh_snapshot()
+            ours, step = self._fresh_snapshot()  # the next step boundary applies any pending result first
+            with self._cond:
+                if self._pending is not None:
+                    self.stats["busy"] += 1
+                    raise Unavailable("busy: the last exchange's result is not applied yet")
             self._check_distance(theirs, ours)
             answer = state.encode(self.layout, ours, step, self.compression)
         except BaseException:
@@ -284,20 +285,28 @@ class Averager:
         return state.encode(self.layout, ours, step, self.compression)
 
     # ---- bookkeeping ---------------------------------------------------------------------------
-    def _begin(self) -> bool:
+    def _begin(self, wait: float, answering: bool = False) -> bool:
+        """Start an exchange: none in flight, and (for an initiator) no result waiting to be applied,
+        so that our snapshot holds every result applied so far."""
+        def ready() -> bool:
+            return not self._exchanging and (answering or self._pending is None)
+
         with self._cond:
-            if self._busy or self._snapshot is None:
+            if not self._cond.wait_for(lambda: ready() or self._stop.is_set(), timeout=wait) or self._stop.is_set():
                 return False
-            self._busy = True
+            if self._snapshot is None:
+                return False
+            self._exchanging = True
             return True
 
     def _end(self, delta: list[torch.Tensor] | None, nbytes: int = 0, seconds: float = 0.0, initiated: bool = False,
              distance: float = 0.0) -> None:
         with self._cond:
+            self._exchanging = False
+            self._cond.notify_all()
             if delta is None:
-                self._busy = False
                 return
-            self._pending = delta  # stays busy until the training thread applies it
+            self._pending = delta  # the training thread adds it at its next step boundary
             self.stats["rounds"] += 1
             self.stats["initiated" if initiated else "answered"] += 1
             self.stats["bytes_total"] += nbytes
