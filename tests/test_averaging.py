@@ -199,6 +199,10 @@ def test_a_far_away_peer_is_refused_and_left_out():
         hostile = Averager(theirs, "far-run", dht, max_distance=1e9, timeout=5)
         try:
             hostile.publish(0)
+            for _ in range(100):  # bounded: until the hostile peer's declaration is visible
+                if honest._peers():
+                    break
+                time.sleep(0.1)
             before = _flat(ours).clone()
             honest.step_boundary(1, start_round=True)
             for _ in range(400):  # bounded: the round ends in refusal

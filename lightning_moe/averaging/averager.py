@@ -84,6 +84,7 @@ class Averager:
         self._cond = threading.Condition()
         self._snapshot: list[torch.Tensor] | None = None
         self._snapshot_step, self._version, self._wanted = 0, 0, False
+        self._boundary = -1  # the step of the last step boundary
         self._exchanging = False  # an exchange is in flight (initiated or answered)
         self._pending: list[torch.Tensor] | None = None  # delta to add at the next step boundary
         self._rounds: queue.Queue = queue.Queue(maxsize=1)
@@ -104,6 +105,7 @@ class Averager:
         with self._cond:
             delta, self._pending = self._pending, None
             wanted = self._wanted or delta is not None
+            self._boundary = int(step)
         if delta is not None:
             state.apply_delta(self.module, self.layout, delta)
         if wanted or start_round:
@@ -142,11 +144,13 @@ class Averager:
     def _gossip_loop(self) -> None:
         next_declare = 0.0
         while not self._stop.is_set():
-            if self.endpoint is not None and self.dht is not None and time.monotonic() >= next_declare:
+            if (self.endpoint is not None and self.dht is not None and self._snapshot is not None
+                    and time.monotonic() >= next_declare):
                 next_declare = time.monotonic() + self.declare_ttl / 3
                 self._declare()
             try:
-                self._rounds.get(timeout=max(0.05, min(1.0, next_declare - time.monotonic())))
+                wait = 0.1 if next_declare == 0.0 else max(0.05, min(1.0, next_declare - time.monotonic()))
+                self._rounds.get(timeout=wait)  # until declared once, look often: declare right after the first snapshot
             except queue.Empty:
                 continue
             if not self._stop.is_set():
@@ -249,8 +253,11 @@ class Averager:
 
     # ---- the server thread ---------------------------------------------------------------------
     def _fresh_snapshot(self) -> tuple[list[torch.Tensor], int]:
-        """Ask the training thread for a snapshot at its next step boundary; the latest one if none comes in time."""
+        """The snapshot of the last step boundary if one was taken there, else ask the training thread for one at
+        its next boundary (the latest snapshot if none comes in time)."""
         with self._cond:
+            if self._snapshot is not None and self._snapshot_step == self._boundary and self._pending is None:
+                return self._snapshot, self._snapshot_step
             version = self._version
             self._wanted = True
             self._cond.wait_for(lambda: self._version != version or self._stop.is_set(), timeout=self.snapshot_wait)
@@ -329,6 +336,10 @@ class Averager:
         self._stop.set()
         with self._cond:
             self._cond.notify_all()
+        try:
+            self._rounds.put_nowait(-1)  # wake the gossip thread
+        except queue.Full:
+            pass
         self._thread.join(self.timeout + 5)
         if self.server is not None:
             self.server.stop()
