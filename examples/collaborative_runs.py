@@ -157,7 +157,7 @@ def print_table(results: dict[str, dict[int, dict]], dist: dict[str, dict[int, f
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=200, help="training steps per trainer")
-    parser.add_argument("--every", type=int, default=2, help="averaging every N steps (each trainer initiates)")
+    parser.add_argument("--every", type=int, default=1, help="averaging every N steps (each trainer initiates)")
     parser.add_argument("--probe", type=int, default=10, help="compare the trainers' parameters every N steps")
     parser.add_argument("--val-batches", type=int, default=40, help="validation batches at the end")
     parser.add_argument("--timeout", type=float, default=1200, help="seconds a mode may take")

@@ -60,7 +60,7 @@ def _trainer(index: int, peers: list[str], seed: int, max_steps: int, joiner: bo
             return torch.nn.functional.mse_loss(self.net(x), y)
 
         def configure_optimizers(self):
-            return torch.optim.Adam(self.parameters(), lr=1e-2)
+            return torch.optim.Adam(self.parameters(), lr=3e-3)
 
     val_x, val_y = regression_data(None)
 
@@ -74,15 +74,27 @@ def _trainer(index: int, peers: list[str], seed: int, max_steps: int, joiner: bo
 
         def on_train_end(self, trainer, pl_module):  # after SwarmAveraging published its final parameters
             print(f"trainer {index}: {averaging.averager.metrics()}", flush=True)
+            results.put(("keys", index, 0.0, 0, sorted(keys_logger.keys)))
             results.put(("end", index, val_loss(pl_module), trainer.global_step, _flat(pl_module)))
             hold.wait(120)  # keep answering (joiners) until the test is done
 
+    class KeysLogger(pl.loggers.logger.Logger):
+        """Remembers the metric names it was given (SwarmAveraging logs to every logger of the trainer)."""
+        name, version, keys = "keys", 0, set()
+
+        def log_metrics(self, metrics, step=None):
+            self.keys.update(metrics)
+
+        def log_hyperparams(self, params, *args, **kwargs):
+            pass
+
+    keys_logger = KeysLogger()
     model = Regressor()
     x, y = regression_data(index % 3)
     data = DataLoader(TensorDataset(x, y), batch_size=20, shuffle=True)
     averaging = SwarmAveraging(run_id="test-run", every_n_steps=2, dht={"initial_peers": peers}, max_distance=10.0,
                                timeout=5.0, declare_ttl=10.0, load_state_from_peers=joiner, adopt_step=joiner)
-    trainer = pl.Trainer(max_steps=max_steps, callbacks=[averaging, Report()], logger=False, enable_checkpointing=False,
+    trainer = pl.Trainer(max_steps=max_steps, callbacks=[averaging, Report()], logger=[keys_logger], enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", max_epochs=-1)
     results.put(("fresh", index, val_loss(model), 0, _flat(model)))
     go.wait(120)
@@ -116,13 +128,18 @@ def test_three_trainers_converge_and_a_joiner_starts_from_the_swarm():
                 _, index, _, _, params = results.get(timeout=120)
                 fresh[index] = params
             go.set()
-            ends = {}
+            ends, keys = {}, {}
             while len(ends) < 3:
                 kind, index, loss, step, params = results.get(timeout=120)
                 if kind == "end":
                     ends[index] = (loss, step, params)
+                elif kind == "keys":
+                    keys[index] = params
+            for index in range(3):  # every logger of the trainer got the averaging metrics
+                assert {"averaging/bytes", "averaging/seconds", "averaging/rounds", "averaging/refused"} <= set(keys[index])
             before = max(_relative(fresh[i], fresh[j]) for i in range(3) for j in range(3) if i != j)
             after = max(_relative(ends[i][2], ends[j][2]) for i in range(3) for j in range(3) if i != j)
+            print(f"relative distance between trainers: {before:.3f} at the start, {after:.4f} at the end")
             assert before > 0.5  # different seeds: three different models
             assert after < 0.05 * before, (before, after)
 
@@ -295,6 +312,7 @@ def test_a_peer_killed_mid_exchange_costs_one_exchange_not_the_step():
                 time.sleep(0.01)
             assert initiator.stats["failed"] == 1 and initiator.stats["rounds"] == 0
             assert torch.equal(_flat(module), before)
+            assert dead_endpoint in initiator.banned  # left out until its DHT entry expires
             # the next round reaches a live peer (the dead one's entry may still be in the DHT)
             healthy = Averager(tiny_module(2), "kill-run", dht, max_distance=10)
             healthy.publish(0)
@@ -315,3 +333,28 @@ def test_a_peer_killed_mid_exchange_costs_one_exchange_not_the_step():
             initiator.shutdown()
             if healthy is not None:
                 healthy.shutdown()
+
+
+# ---- configuration ----------------------------------------------------------------------------------
+def test_volunteers_joining_a_swarm_average_by_default_and_bad_values_name_their_key():
+    from hydra import compose, initialize_config_module
+
+    from lightning_moe.averaging import SwarmAveraging
+    from lightning_moe.config import ConfigError
+    from lightning_moe.lightning.train import averaging_callback
+
+    with initialize_config_module("lightning_moe.conf", version_base="1.3"):
+        cfg = compose("config", overrides=["+volunteer=true", "dht.initial_peers=[127.0.0.1:31337]", "+run_id=my-run"])
+        preset = compose("config", overrides=["callbacks=swarm_averaging", "dht.initial_peers=[127.0.0.1:31337]",
+                                              "callbacks.swarm_averaging.every_n_steps=3"])
+    callback = averaging_callback(cfg)
+    assert isinstance(callback, SwarmAveraging) and callback.run_id == "my-run"
+    assert callback.dht_config.initial_peers == ["127.0.0.1:31337"]
+    import hydra
+
+    from_preset = hydra.utils.instantiate(preset.callbacks.swarm_averaging)
+    assert from_preset.every_n_steps == 3 and from_preset.run_id == "default"
+    with pytest.raises(ConfigError, match="swarm_averaging.every_n_steps"):
+        SwarmAveraging(every_n_steps=0)
+    with pytest.raises(ConfigError, match="swarm_averaging.max_distance"):
+        SwarmAveraging(max_distance=-1)

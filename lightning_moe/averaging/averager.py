@@ -49,6 +49,10 @@ def run_key(run_id: str) -> str:
 class PeerError(RuntimeError):
     """One exchange with one peer failed (no answer, an error status, a bad answer)."""
 
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
 
 class Averager:
     """Averages ``module``'s parameters with the trainers declared under ``averaging:{run_id}`` in ``dht``.
@@ -199,8 +203,11 @@ class Averager:
                 return
             except PeerError as e:
                 self._end(None)
+                busy = e.status == 503
                 with self._cond:
-                    self.stats["busy" if "503" in str(e) else "failed"] += 1
+                    self.stats["busy" if busy else "failed"] += 1
+                if not busy:  # gone or broken: its DHT entry outlives it until it expires
+                    self.banned[endpoint] = time.monotonic() + min(self.ban_seconds, self.declare_ttl)
                 logger.info("averaging with %s failed: %s", endpoint, e)
                 continue
             except Exception:  # noqa: BLE001
@@ -230,7 +237,7 @@ class Averager:
         except OSError as e:
             raise PeerError(f"{type(e).__name__}: {e}") from e
         if response.status_code != 200:
-            raise PeerError(f"HTTP {response.status_code}: {content[:300]!r}")
+            raise PeerError(f"HTTP {response.status_code}: {content[:300]!r}", response.status_code)
         if self.secret is not None:
             timestamp = response.headers.get("X-Timestamp", "")
             nonce = headers.get("X-Nonce", "")
