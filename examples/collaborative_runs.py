@@ -2,6 +2,7 @@
 
     python examples/collaborative_runs.py                      # 3 trainers x 2 modes, default length
     python examples/collaborative_runs.py --steps 100 --every 2 model.lr=1e-3
+    python examples/collaborative_runs.py --compare-every 20    # + plain vs DiLoCo-style, every 20 steps
 
 Each mode starts a fresh local swarm (a DHT node and two host processes serving the 16 experts),
 then three trainer processes that train the example char-LM on disjoint thirds of the training text
@@ -50,12 +51,16 @@ def _trainer(mode: str, index: int, peers: list[str], args: argparse.Namespace, 
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.WARNING)
     overrides = ["trainer.enable_checkpointing=false", "~logger", "trainer.enable_progress_bar=false",
-                 f"paths.output_dir={out_dir}/hydra/{mode}{index}", f"data.shard={index}", f"data.num_shards={NUM_TRAINERS}",
+                 f"paths.output_dir={out_dir}/hydra/{mode.replace('@', '_')}{index}", f"data.shard={index}", f"data.num_shards={NUM_TRAINERS}",
                  f"dht.initial_peers=[{','.join(peers)}]", f"trainer.max_steps={args.steps}",
                  f"trainer.val_check_interval={args.steps}", "+trainer.check_val_every_n_epoch=null", f"trainer.limit_val_batches={args.val_batches}",
                  "+run_id=collaborative_runs"]
-    if mode == "averaged":
-        overrides += ["callbacks=swarm_averaging", f"callbacks.swarm_averaging.every_n_steps={args.every}"]
+    if mode != "alone":
+        kind, _, every = mode.partition("@")
+        overrides += ["callbacks=swarm_averaging", f"callbacks.swarm_averaging.every_n_steps={every or args.every}"]
+        if kind == "diloco":
+            overrides += [f"callbacks.swarm_averaging.outer_lr={args.outer_lr}",
+                          f"callbacks.swarm_averaging.outer_momentum={args.outer_momentum}"]
     else:
         overrides += ["callbacks=none"]
     cfg = _compose(overrides + list(args.overrides))
@@ -146,9 +151,18 @@ def print_table(results: dict[str, dict[int, dict]], dist: dict[str, dict[int, f
               f"{alone['seconds']:7.0f}/{averaged['seconds']:<7.0f}")
     total = sum(results["averaged"][i].get("averaging", {}).get("averaging/bytes_total", 0) for i in range(NUM_TRAINERS)) / 2
     print(f"bytes exchanged in all (each exchange counted once): {total:,.0f}\n")
-    print(f"{'step':>6} {'max rel. distance alone':>24} {'averaged':>10}")
+    extra = [mode for mode in results if mode not in MODES]
+    if extra:  # plain averaging vs a DiLoCo-style outer step at the same (lower) frequency
+        print(f"{'mode':<12} " + " ".join(f"{'trainer ' + str(i):>9}" for i in range(NUM_TRAINERS)) + f" {'mean':>7} {'bytes':>13}")
+        for mode in ["alone", "averaged", *extra]:
+            bpc = [results[mode][i]["val_bpc"] for i in range(NUM_TRAINERS)]
+            nbytes = sum(results[mode][i].get("averaging", {}).get("averaging/bytes_total", 0) for i in range(NUM_TRAINERS)) / 2
+            name = f"plain@{args.every}" if mode == "averaged" else mode
+            print(f"{name:<12} " + " ".join(f"{b:9.3f}" for b in bpc) + f" {sum(bpc) / len(bpc):7.3f} {nbytes:13,.0f}")
+        print()
+    print(f"{'step':>6} {'max rel. distance alone':>24} " + " ".join(f"{mode:>10}" for mode in ["averaged", *extra]))
     for step in dist["alone"]:
-        print(f"{step:6d} {dist['alone'][step]:24.4f} {dist['averaged'][step]:10.4f}")
+        print(f"{step:6d} {dist['alone'][step]:24.4f} " + " ".join(f"{dist[mode][step]:10.4f}" for mode in ["averaged", *extra]))
     after = [d for step, d in dist["averaged"].items() if step >= 2 * args.every]
     print(f"max relative distance after averaging: {max(after) if after else float('nan'):.4f}")
     print(f"trainers better with averaging: {better} of {NUM_TRAINERS}")
@@ -161,13 +175,20 @@ def main() -> None:
     parser.add_argument("--probe", type=int, default=10, help="compare the trainers' parameters every N steps")
     parser.add_argument("--val-batches", type=int, default=40, help="validation batches at the end")
     parser.add_argument("--timeout", type=float, default=1200, help="seconds a mode may take")
+    parser.add_argument("--compare-every", type=int, default=0,
+                        help="also run plain averaging and a DiLoCo-style outer step every N steps (modes plain@N, diloco@N)")
+    parser.add_argument("--outer-lr", type=float, default=0.7, help="DiLoCo-style outer learning rate")
+    parser.add_argument("--outer-momentum", type=float, default=0.9, help="DiLoCo-style outer Nesterov momentum")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every trainer, e.g. model.lr=1e-3")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     out_dir = tempfile.mkdtemp(prefix="collaborative_runs_")
     try:
         results, dist = {}, {}
-        for mode in MODES:
+        modes = list(MODES)
+        if args.compare_every:
+            modes += [f"plain@{args.compare_every}", f"diloco@{args.compare_every}"]
+        for mode in modes:
             started = time.perf_counter()
             print(f"=== {mode}: 3 trainers ===", flush=True)
             results[mode] = run_mode(mode, args, out_dir)

@@ -358,3 +358,24 @@ def test_volunteers_joining_a_swarm_average_by_default_and_bad_values_name_their
         SwarmAveraging(every_n_steps=0)
     with pytest.raises(ConfigError, match="swarm_averaging.max_distance"):
         SwarmAveraging(max_distance=-1)
+
+
+def test_outer_step_plain_is_the_pair_mean_and_diloco_style_follows_nesterov():
+    module = tiny_module(0)
+    plain = Averager(module, "outer-run", dht=None, client_mode=True)
+    outer = Averager(tiny_module(0), "outer-run", dht=None, client_mode=True, outer_lr=0.5, outer_momentum=0.9)
+    try:
+        ours = [torch.zeros(3)]
+        mean = [torch.ones(3)]
+        assert torch.equal(plain._outer_step(mean, ours)[0], torch.ones(3))
+        outer._anchor = [torch.zeros(3)]
+        # gradient g = anchor - mean = -1; buffer b = g; step = g + 0.9 b = -1.9; new = anchor - 0.5 * step = 0.95
+        assert torch.allclose(outer._outer_step(mean, ours)[0], torch.full((3,), 0.95))
+        assert torch.allclose(outer._anchor[0], torch.full((3,), 0.95))
+        # local progress since the snapshot is kept: the delta is relative to the snapshot ours
+        delta = outer._outer_step([torch.full((3,), 0.95)], [torch.full((3,), 0.95)])[0]
+        # g = 0; b = 0.9 * -1 = -0.9; step = 0 + 0.9 * -0.9 = -0.81; new = 0.95 + 0.405 = 1.355
+        assert torch.allclose(delta, torch.full((3,), 1.355 - 0.95))
+    finally:
+        plain.shutdown()
+        outer.shutdown()

@@ -70,12 +70,15 @@ class Averager:
         compression: wire compression of the parameters (none or float16).
         declare_ttl: lifetime of this trainer's DHT entry (re-declared every third of it).
         snapshot_wait: how long an answer waits for the trainer's next step boundary (fresh parameters).
+        outer_lr / outer_momentum: 1 and 0: plain averaging (move to the pair's mean). Otherwise a
+            DiLoCo-style outer step: the pseudo-gradient ``anchor - mean`` (anchor: our parameters after
+            the previous outer step) goes through Nesterov momentum with this learning rate.
     """
 
     def __init__(self, module: nn.Module, run_id: str, dht: Any, client_mode: bool = False, host: str = "127.0.0.1",
                  port: int = 0, announce_host: str | None = None, secret: bytes | None = None, max_distance: float = 0.5,
                  ban_seconds: float = 60.0, timeout: float = 10.0, compression: str = "none", declare_ttl: float = 30.0,
-                 snapshot_wait: float = 2.0):
+                 snapshot_wait: float = 2.0, outer_lr: float = 1.0, outer_momentum: float = 0.0):
         self.module, self.run_id, self.key, self.dht = module, run_id, run_key(run_id), dht
         self.layout = state.Layout.of(module)
         self.client_mode, self.secret, self.compression = client_mode, secret, compression
@@ -90,7 +93,11 @@ class Averager:
         self._snapshot_step, self._version, self._wanted = 0, 0, False
         self._boundary = -1  # the step of the last step boundary
         self._exchanging = False  # an exchange is in flight (initiated or answered)
-        self._pending: list[torch.Tensor] | None = None  # delta to add at the next step boundary
+        # (the pair's mean, the snapshot it was computed from), applied at the next step boundary
+        self._pending: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+        self.outer_lr, self.outer_momentum = float(outer_lr), float(outer_momentum)
+        self._anchor: list[torch.Tensor] | None = None  # DiLoCo-style: parameters after the last outer step
+        self._momentum_buffer: list[torch.Tensor] | None = None
         self._rounds: queue.Queue = queue.Queue(maxsize=1)
         self._stop = threading.Event()
         self.server: AveragingServer | None = None
@@ -107,9 +114,10 @@ class Averager:
         """Apply a finished exchange's result; publish a snapshot if a peer or a new round needs one.
         Returns True if parameters changed. Call between optimizer steps, on the training thread."""
         with self._cond:
-            delta, self._pending = self._pending, None
-            wanted = self._wanted or delta is not None
+            pending, self._pending = self._pending, None
+            wanted = self._wanted or pending is not None
             self._boundary = int(step)
+        delta = None if pending is None else self._outer_step(*pending)
         if delta is not None:
             state.apply_delta(self.module, self.layout, delta)
         if wanted or start_round:
@@ -121,9 +129,29 @@ class Averager:
                 pass  # the previous round has not started yet
         return delta is not None
 
+    @property
+    def plain(self) -> bool:
+        """True for plain averaging (no outer optimizer)."""
+        return self.outer_lr == 1.0 and self.outer_momentum == 0.0
+
+    def _outer_step(self, mean: list[torch.Tensor], ours: list[torch.Tensor]) -> list[torch.Tensor]:
+        """What to add to the parameters: ``mean - ours`` (plain), or a Nesterov outer step from the anchor."""
+        if self.plain or self._anchor is None:
+            return [m - o for m, o in zip(mean, ours)]
+        gradient = [a - m for a, m in zip(self._anchor, mean)]
+        mu = self.outer_momentum
+        if self._momentum_buffer is None:
+            self._momentum_buffer = [torch.zeros_like(g) for g in gradient]
+        self._momentum_buffer = [mu * b + g for b, g in zip(self._momentum_buffer, gradient)]
+        new = [a - self.outer_lr * (g + mu * b) for a, g, b in zip(self._anchor, gradient, self._momentum_buffer)]
+        self._anchor = new
+        return [n - o for n, o in zip(new, ours)]
+
     def publish(self, step: int) -> None:
         """Snapshot the parameters (CPU copy) for answers and exchanges."""
         flats = state.snapshot(self.module, self.layout)
+        if not self.plain and self._anchor is None:
+            self._anchor = [f.clone() for f in flats]
         with self._cond:
             self._snapshot, self._snapshot_step = flats, int(step)
             self._version += 1
@@ -214,7 +242,7 @@ class Averager:
                 self._end(None)
                 logger.exception("averaging with %s failed", endpoint)
                 return
-            self._end([(t - o) / 2 for t, o in zip(theirs, ours)], len(body) + received, time.perf_counter() - started,
+            self._end(([(t + o) / 2 for t, o in zip(theirs, ours)], ours), len(body) + received, time.perf_counter() - started,
                       initiated=True, distance=state.relative_distance(theirs, ours))
             return
 
@@ -290,7 +318,7 @@ class Averager:
         except BaseException:
             self._end(None)
             raise
-        self._end([(t - o) / 2 for t, o in zip(theirs, ours)], len(body) + len(answer), time.perf_counter() - started,
+        self._end(([(t + o) / 2 for t, o in zip(theirs, ours)], ours), len(body) + len(answer), time.perf_counter() - started,
                   initiated=False, distance=state.relative_distance(theirs, ours))
         return answer
 
@@ -313,7 +341,7 @@ class Averager:
             self._exchanging = True
             return True
 
-    def _end(self, delta: list[torch.Tensor] | None, nbytes: int = 0, seconds: float = 0.0, initiated: bool = False,
+    def _end(self, delta: tuple[list[torch.Tensor], list[torch.Tensor]] | None, nbytes: int = 0, seconds: float = 0.0, initiated: bool = False,
              distance: float = 0.0) -> None:
         with self._cond:
             self._exchanging = False
