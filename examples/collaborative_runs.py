@@ -80,6 +80,9 @@ def _trainer(mode: str, index: int, peers: list[str], args: argparse.Namespace, 
                 torch.save(flat, os.path.join(out_dir, f"{mode}-{index}-{step}.pt"))
 
         def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            # after SwarmAveraging's on_train_end, which applies the last exchange: the final model
+            flat = torch.cat([p.detach().reshape(-1).cpu() for p in pl_module.parameters()])
+            torch.save(flat, os.path.join(out_dir, f"{mode}-{index}-{trainer.global_step}.pt"))
             summary["seconds"] = time.perf_counter() - self.started
             for callback in trainer.callbacks:
                 if isinstance(callback, SwarmAveraging) and callback.averager is not None:
@@ -147,7 +150,7 @@ def print_table(results: dict[str, dict[int, dict]], dist: dict[str, dict[int, f
         better += is_better
         print(f"{i:<8} {alone['val_bpc']:13.3f} {averaged['val_bpc']:16.3f} {'yes' if is_better else 'no':>6} "
               f"{avg.get('averaging/rounds', 0):6.0f} {avg.get('averaging/refused', 0):7.0f} {avg.get('averaging/failed', 0):6.0f} "
-              f"{avg.get('averaging/bytes_total', 0):11,.0f} {avg.get('averaging/seconds', 0):10.3f} "
+              f"{avg.get('averaging/bytes_total', 0):11,.0f} {avg.get('averaging/seconds_total', 0) / max(avg.get('averaging/rounds', 0), 1):10.3f} "
               f"{alone['seconds']:7.0f}/{averaged['seconds']:<7.0f}")
     total = sum(results["averaged"][i].get("averaging", {}).get("averaging/bytes_total", 0) for i in range(NUM_TRAINERS)) / 2
     print(f"bytes exchanged in all (each exchange counted once): {total:,.0f}\n")

@@ -154,6 +154,7 @@ class Averager:
             self._anchor = [f.clone() for f in flats]
         with self._cond:
             self._snapshot, self._snapshot_step = flats, int(step)
+            self._boundary = int(step)  # publishing happens at a step boundary (or before the first step)
             self._version += 1
             self._wanted = False
             self._cond.notify_all()
@@ -352,6 +353,7 @@ class Averager:
             self.stats["rounds"] += 1
             self.stats["initiated" if initiated else "answered"] += 1
             self.stats["bytes_total"] += nbytes
+            self.stats["seconds_total"] += seconds
             self.last = {"bytes": float(nbytes), "seconds": seconds, "distance": distance}
 
     def _count_refused(self, reason: str) -> None:
@@ -360,9 +362,10 @@ class Averager:
         logger.info("averaging: refused: %s", reason)
 
     def metrics(self) -> dict[str, float]:
-        """``averaging/*``: rounds, refused, failed (cumulative) and the last exchange's bytes, seconds, distance."""
+        """``averaging/*``: rounds, refused, failed, busy, bytes_total, seconds_total (cumulative) and the last
+        exchange's bytes, seconds and distance (between the pair's parameters before they averaged)."""
         with self._cond:
-            metrics = {f"averaging/{name}": float(self.stats[name]) for name in ("rounds", "refused", "failed", "busy", "bytes_total")}
+            metrics = {f"averaging/{name}": float(self.stats[name]) for name in ("rounds", "refused", "failed", "busy", "bytes_total", "seconds_total")}
             metrics.update({f"averaging/{name}": value for name, value in self.last.items()})
         return metrics
 

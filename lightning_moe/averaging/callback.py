@@ -43,7 +43,8 @@ class SwarmAveraging(Callback):
         timeout: seconds one exchange or download may take (a dead peer costs one exchange).
         compression: none or float16 on the wire.
         load_state_from_peers: a joiner downloads the swarm's parameters before its first step.
-        adopt_step: the joiner also takes the peer's global step (its ``max_steps`` counts from there).
+        adopt_step: the joiner also takes the peer's global step, the run's step (``trainer.global_step``, the
+            step its logs report; ``max_steps`` then counts the run's steps, not this trainer's).
         declare_ttl: seconds a DHT declaration lives (renewed every third of it).
         log_every_n_steps: how often ``averaging/*`` metrics go to every logger of the trainer.
         outer_lr / outer_momentum: 1 and 0 (the default): plain averaging. Otherwise a DiLoCo-style outer
@@ -54,7 +55,7 @@ class SwarmAveraging(Callback):
     def __init__(self, run_id: str = "default", every_n_steps: int = 10, dht: DHTConfig | Mapping[str, Any] | None = None,
                  client_mode: bool = False, host: str = "127.0.0.1", port: int = 0, announce_host: str | None = None,
                  max_distance: float = 0.5, ban_seconds: float = 60.0, timeout: float = 10.0, compression: str = "none",
-                 load_state_from_peers: bool = True, adopt_step: bool = False, declare_ttl: float = 30.0,
+                 load_state_from_peers: bool = True, adopt_step: bool = True, declare_ttl: float = 30.0,
                  log_every_n_steps: int = 10, outer_lr: float = 1.0, outer_momentum: float = 0.0):
         super().__init__()
         if every_n_steps < 1:
