@@ -235,6 +235,29 @@ def test_a_far_away_peer_is_refused_and_left_out():
             hostile.shutdown()
 
 
+def test_garbage_and_dead_entries_under_the_run_key_cost_one_exchange_each():
+    with DHT(**FAST_DHT) as dht:
+        expiry = time.time() + 30
+        for subkey, value in [("not an endpoint", 1), ("127.0.0.1:1", "x"), ("999.1.1.1:80", 5)]:
+            dht.store("averaging:garbage-run", subkey, value, expiry)
+        module = tiny_module(0)
+        initiator = Averager(module, "garbage-run", dht, client_mode=True, timeout=5)
+        try:
+            assert initiator._peers() == ["127.0.0.1:1"]  # only a well-formed endpoint survives
+            assert initiator.load_from_peers() is None  # nobody to load from: a joiner keeps its own model
+            before = _flat(module).clone()
+            initiator.step_boundary(1, start_round=True)
+            for _ in range(200):  # bounded: the exchange with the closed port fails
+                if initiator.stats["failed"]:
+                    break
+                time.sleep(0.05)
+            assert initiator.stats["failed"] == 1 and "127.0.0.1:1" in initiator.banned
+            assert initiator._peers() == []
+            initiator.step_boundary(2)
+            assert torch.equal(_flat(module), before)
+        finally:
+            initiator.shutdown()
+
 def test_private_swarm_refuses_unsigned_wrong_and_replayed_requests_and_unsigned_answers():
     secret = b"the swarm's secret"
     module = tiny_module(0)
