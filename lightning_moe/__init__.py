@@ -18,6 +18,7 @@ _EXPORTS = {
     "ExpertHost": "lightning_moe.server",
     "ExpertHostCallback": "lightning_moe.lightning.callback",
     "LocalSwarm": "lightning_moe.swarm",
+    "SwarmAveraging": "lightning_moe.averaging",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -55,11 +55,16 @@ class StdlibCharData(pl.LightningDataModule):
         seq_len: characters per sequence.
         batch_size: sequences per batch.
         num_workers: DataLoader workers.
+        shard / num_shards: train on the ``shard``-th of ``num_shards`` contiguous, disjoint parts of the
+            training text (one per trainer of a collaborative run); validation is the same for all.
     """
 
     def __init__(self, train_bytes: int = 1_000_000, val_bytes: int = 100_000, seq_len: int = 64, batch_size: int = 32,
-                 num_workers: int = 0):
+                 num_workers: int = 0, shard: int = 0, num_shards: int = 1):
         super().__init__()
+        if num_shards < 1 or not 0 <= shard < num_shards:
+            raise ValueError(f"data.shard must be in 0..data.num_shards-1 and data.num_shards at least 1, got {shard} of {num_shards}")
+        self.shard, self.num_shards = shard, num_shards
         self.train_bytes, self.val_bytes, self.seq_len = train_bytes, val_bytes, seq_len
         self.batch_size, self.num_workers = batch_size, num_workers
         self.train_set: ByteWindows | None = None
@@ -70,7 +75,8 @@ class StdlibCharData(pl.LightningDataModule):
         if len(text) < self.train_bytes + self.val_bytes:
             raise ValueError(f"the standard library holds only {len(text)} bytes of top-level source")
         data = torch.frombuffer(bytearray(text), dtype=torch.uint8)
-        self.train_set = ByteWindows(data[: self.train_bytes], self.seq_len, stride=self.seq_len // 2)
+        size = self.train_bytes // self.num_shards
+        self.train_set = ByteWindows(data[self.shard * size : (self.shard + 1) * size], self.seq_len, stride=self.seq_len // 2)
         self.val_set = ByteWindows(data[self.train_bytes :], self.seq_len, stride=self.seq_len)
 
     def train_dataloader(self) -> DataLoader:

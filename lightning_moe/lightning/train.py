@@ -61,6 +61,16 @@ def instantiate_group(cfg: DictConfig, group: str) -> list[Any]:
     return objects
 
 
+def averaging_callback(cfg: DictConfig) -> pl.Callback:
+    """The `callbacks/swarm_averaging` preset for this run (what a `+volunteer=true` trainer joining a swarm gets)."""
+    from importlib.resources import files
+
+    preset = OmegaConf.load(str(files("lightning_moe.conf") / "callbacks" / "swarm_averaging.yaml"))
+    root = OmegaConf.create({"dht": OmegaConf.to_container(cfg.dht, resolve=True), "run_id": cfg.get("run_id", "default"),
+                             "averaging": preset.swarm_averaging})
+    return hydra.utils.instantiate(root.averaging)
+
+
 def local_swarm(cfg: DictConfig, host: HostConfig, swarm: LocalSwarmConfig) -> LocalSwarm:
     """The swarm of this machine: hosts with the `host` group's settings, except the local_swarm group's."""
     config = dataclasses.replace(host, num_threads=swarm.num_threads, update_period=swarm.update_period)
@@ -76,6 +86,7 @@ def train(cfg: DictConfig, extra_callbacks: Callable[[LocalSwarm | None], list[p
     host, _, swarm_config = check_config(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     swarm = None
+    joins_swarm = bool(cfg.dht.initial_peers)
     if uses_swarm(cfg) and not cfg.dht.initial_peers:
         swarm = local_swarm(cfg, host, swarm_config).start_dht()
         cfg.dht.initial_peers = swarm.initial_peers
@@ -85,6 +96,10 @@ def train(cfg: DictConfig, extra_callbacks: Callable[[LocalSwarm | None], list[p
         callbacks = instantiate_group(cfg, "callbacks")
         if is_volunteer(cfg):
             callbacks.append(hydra.utils.instantiate(cfg.volunteer_callback))
+            from lightning_moe.averaging import SwarmAveraging
+
+            if joins_swarm and not any(isinstance(callback, SwarmAveraging) for callback in callbacks):
+                callbacks.append(averaging_callback(cfg))  # many volunteers, one model
         if extra_callbacks is not None:
             callbacks += extra_callbacks(swarm)
         loggers = instantiate_group(cfg, "logger")

@@ -1,0 +1,152 @@
+"""The averaging endpoints of a trainer that answers: a small aiohttp server on its own thread and loop.
+
+- ``POST /average``: the body is the initiator's parameters (``state.encode``); the answer is ours,
+  and both sides then move halfway towards each other (symmetric pairwise averaging).
+- ``GET /state``: our parameters and global step, for a joiner.
+
+In a private swarm every request carries ``X-Timestamp``, ``X-Nonce`` and ``X-Signature`` (HMAC over
+method, path, timestamp, nonce, compression and body, as for expert calls; replays are refused) and
+every answer ``X-Timestamp`` and ``X-Signature`` over (``response``, path, the request's nonce,
+timestamp, body), so an initiator knows that the parameters come from a member of the swarm.
+Bodies larger than the model's message are refused by aiohttp before they are read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from aiohttp import web
+
+from lightning_moe import auth
+
+from .state import RefusedState
+
+logger = logging.getLogger(__name__)
+
+MAX_CLOCK_SKEW = 300.0
+
+
+class Unavailable(RuntimeError):
+    """No parameters to answer with yet (the trainer has not published any)."""
+
+
+def response_signature(secret: bytes, path: str, nonce: str, timestamp: str, body: bytes) -> str:
+    """What an answer's ``X-Signature`` must be."""
+    return auth.sign(secret, b"response", path.encode(), nonce.encode(), timestamp.encode(), body)
+
+
+def check_request(secret: bytes | None, replays: auth.ReplayGuard, method: str, path: str, headers, body: bytes) -> str | None:
+    """None when the request is authentic (or the swarm is public), else why not."""
+    if secret is None:
+        return None
+    timestamp, nonce = headers.get("X-Timestamp", ""), headers.get("X-Nonce", "")
+    signature, compression = headers.get("X-Signature", ""), headers.get("X-Compression", "none")
+    if not timestamp or not signature:
+        return "this peer averages in a private swarm: sign requests (X-Timestamp, X-Nonce, X-Signature)"
+    try:
+        when = float(timestamp)
+    except ValueError:
+        return f"invalid X-Timestamp {timestamp[:40]!r}"
+    if not abs(when - time.time()) <= MAX_CLOCK_SKEW:
+        return f"X-Timestamp is more than {MAX_CLOCK_SKEW:.0f} s away from this peer's clock"
+    parts = (method.encode(), path.encode(), timestamp.encode(), nonce.encode(), compression.encode(), body)
+    if not auth.verify(secret, signature, *parts):
+        return "bad X-Signature: not signed with this swarm's secret"
+    if not replays.first_use(signature, when):
+        return "replayed request"
+    return None
+
+
+class AveragingServer:
+    """Serves ``/average`` and ``/state`` on ``host:port`` (0: a free port) until :meth:`stop`.
+
+    Args:
+        on_average: ``body -> our message``; raises RefusedState (answered 400) or Unavailable (503).
+            Runs on a worker thread: it may wait a little for the trainer's next step boundary.
+        on_state: ``() -> our message`` for joiners; raises Unavailable (503).
+        max_body: the largest request body accepted (413 above it).
+        secret: a private swarm's secret (None: public).
+        on_refused: called with ``(reason,)`` after each refused request (for counters).
+    """
+
+    def __init__(self, on_average: Callable[[bytes], bytes], on_state: Callable[[], bytes], max_body: int,
+                 host: str = "127.0.0.1", port: int = 0, secret: bytes | None = None,
+                 on_refused: Callable[[str], None] | None = None, start_timeout: float = 10.0):
+        self.on_average, self.on_state, self.secret = on_average, on_state, secret
+        self.on_refused = on_refused or (lambda reason: None)
+        self.host, self.port, self.max_body = host, port, int(max_body)
+        self.replays = auth.ReplayGuard(MAX_CLOCK_SKEW)
+        self._loop = asyncio.new_event_loop()
+        self._runner: web.AppRunner | None = None
+        self._thread = threading.Thread(target=self._loop.run_forever, name="lightning_moe.averaging.server", daemon=True)
+        self._thread.start()
+        try:
+            self.port = asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(start_timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    async def _start(self) -> int:
+        app = web.Application(client_max_size=self.max_body)
+        app.router.add_post("/average", self._average)
+        app.router.add_get("/state", self._state)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+        return site._server.sockets[0].getsockname()[1]
+
+    async def _answer(self, request: web.Request, work: Callable[[], bytes], body: bytes) -> web.Response:
+        reason = check_request(self.secret, self.replays, request.method, request.path, request.headers, body)
+        if reason is not None:
+            self.on_refused(reason)
+            return web.json_response({"error": reason}, status=401)
+        try:
+            answer = await asyncio.get_running_loop().run_in_executor(None, work)
+        except RefusedState as e:
+            self.on_refused(str(e))
+            return web.json_response({"error": f"refused: {e}"}, status=400)
+        except Unavailable as e:
+            return web.json_response({"error": str(e)}, status=503)
+        except Exception as e:  # noqa: BLE001 - a peer's request must never take the trainer down
+            logger.exception("averaging request failed")
+            return web.json_response({"error": f"{type(e).__name__}: {e}"}, status=500)
+        headers = {"Content-Type": "application/octet-stream"}
+        if self.secret is not None:
+            timestamp = f"{time.time():.3f}"
+            headers.update({"X-Timestamp": timestamp, "X-Signature": response_signature(
+                self.secret, request.path, request.headers.get("X-Nonce", ""), timestamp, answer)})
+        return web.Response(body=answer, headers=headers)
+
+    async def _average(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            self.on_refused("body too large")
+            raise
+        return await self._answer(request, lambda: self.on_average(body), body)
+
+    async def _state(self, request: web.Request) -> web.Response:
+        return await self._answer(request, self.on_state, b"")
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Close the server and join its thread."""
+        if not self._thread.is_alive():
+            return
+        if self._runner is not None:
+            try:
+                asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(timeout)
+            except Exception:  # noqa: BLE001
+                logger.debug("averaging server cleanup failed", exc_info=True)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout)
+        if not self._thread.is_alive():
+            self._loop.close()
