@@ -14,6 +14,7 @@ Bodies larger than the model's message are refused by aiohttp before they are re
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import threading
 import time
@@ -53,8 +54,8 @@ def check_request(secret: bytes | None, replays: auth.ReplayGuard, method: str, 
         return f"invalid X-Timestamp {timestamp[:40]!r}"
     if not abs(when - time.time()) <= MAX_CLOCK_SKEW:
         return f"X-Timestamp is more than {MAX_CLOCK_SKEW:.0f} s away from this peer's clock"
-    parts = (method.encode(), path.encode(), timestamp.encode(), nonce.encode(), compression.encode(), body)
-    if not auth.verify(secret, signature, *parts):
+    expected = auth.request_signature(secret, method, path, timestamp, nonce, compression, headers.get("X-Host-Id", ""), body)
+    if not hmac.compare_digest(str(signature), expected):
         return "bad X-Signature: not signed with this swarm's secret"
     if not replays.first_use(signature, when):
         return "replayed request"
