@@ -72,6 +72,8 @@ def record_outcome(health: HealthRegistry, uid: str, endpoint: str, result: Any)
         health.expert_failure(uid, endpoint, str(result))
     else:
         cause = result.__cause__
+        while isinstance(cause, RemoteExpertError):  # re-raised with the expert's uid
+            cause = cause.__cause__
         refused = isinstance(cause, requests.ConnectionError) and not isinstance(cause, requests.Timeout)
         health.host_failure(endpoint, str(result), refused=refused)
 
