@@ -4,7 +4,7 @@ with one host 0.3 s late per batch.
 
     python examples/fault_runs.py                       # the 1-layer runs at the default length
     python examples/fault_runs.py trainer.max_steps=200 --runs local healthy churn
-    python examples/fault_runs.py --runs layers4 layers4_flaky layers4_slow trainer.max_steps=300
+    python examples/fault_runs.py trainer.max_steps=300 --runs layers4 layers4_flaky layers4_slow
 
 Prints a table: validation bits per character, training steps/s, failed and timed-out expert
 calls, and for churn the forward samples that the late joiner served. Extra arguments are Hydra

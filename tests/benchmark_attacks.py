@@ -1,12 +1,13 @@
-"""Attacks on a real host over 127.0.0.1, and what a legitimate client sees before, during and after each.
+"""Attacks on a real host and real DHT nodes over 127.0.0.1, and what a legitimate client sees.
 
-    PYTHONPATH=. python tests/benchmark_attacks.py [--quick]
+    python tests/benchmark_attacks.py [--quick]
 
 For each attack: the legitimate client's success rate and p50/p99 latency before, during and after,
 and the host's RSS before, at its peak during, and after. Goals: success >= 99 % during every attack,
 p99 during <= 3x before, RSS after within 10 % of before. The host runs in its own process, each
-attacker in another, the client here. Sections run in order; each returns its results, and a section
-may add final lines (the HTTP section prints the worst success during an attack).
+attacker in another, the client here. Then the DHT attacks of tests/dht_attacks.py (amplification,
+eclipse, store flood). The last two lines are the worst success during an HTTP attack and the DHT
+amplification factor (bytes sent per byte received from unverified addresses; goal <= 2).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import dht_attacks  # noqa: E402
 from attack_tools import Attacker, HostProcess, LegitClient, captured_request, huge_rows_request, summarize  # noqa: E402
 
 SECRET = "benchmark secret"
@@ -86,7 +88,8 @@ def http_attacks(quick: bool, rate: int = RATE) -> list[dict]:
     return results
 
 
-def report_http(results: list[dict]) -> None:
+def report_http(results: list[dict]) -> float:
+    """Print the table; returns the worst legitimate success rate during an attack."""
     print(f"{'attack':50s} {'phase':7s} {'calls':>6s} {'success':>8s} {'p50 ms':>8s} {'p99 ms':>8s}")
     for r in results:
         for phase in ("before", "during", "after"):
@@ -98,8 +101,7 @@ def report_http(results: list[dict]) -> None:
               f"{r['rss_after'] / mib:.0f} ({100 * (r['rss_after'] / r['rss_before'] - 1):+.1f}%); "
               f"p99 during/before {r['during']['p99_ms'] / r['before']['p99_ms']:.2f}x")
         print(f"{'':50s} attacker: {r['attacker']}")
-    worst = min(r["during"]["success"] for r in results)
-    print(f"worst legitimate success during an attack: {worst:.1f}%")
+    return min(r["during"]["success"] for r in results)
 
 
 def main() -> None:
@@ -111,9 +113,12 @@ def main() -> None:
     started = time.monotonic()
     rate = int(args.rate * (1 << 20))
     print(f"HTTP attacks on 127.0.0.1; flooding attackers send {'unthrottled' if not rate else f'{args.rate:g} MiB/s'}")
-    report_http(http_attacks(args.quick, rate))
-    # a DHT section goes here: results = dht_attacks(args.quick); report_dht(results) -> "DHT amplification: X"
+    worst = report_http(http_attacks(args.quick, rate))
+    print("\nDHT attacks on 127.0.0.1")
+    amplification = dht_attacks.report()
     print(f"(took {time.monotonic() - started:.0f} s)", file=sys.stderr)
+    print(f"worst legitimate success during an attack: {worst:.1f}%")
+    print(f"DHT amplification: {amplification:.3f}")
 
 
 if __name__ == "__main__":

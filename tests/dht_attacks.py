@@ -272,7 +272,8 @@ async def _storage_summary(dht: DHT) -> dict:
     return {"keys": len(storage), "bytes_used": storage.bytes_used}
 
 
-def main() -> None:
+def report() -> float:
+    """Run the three DHT attacks, print a line for each; returns the amplification factor."""
     amp = measure_amplification()
     print(f"DHT amplification: {amp['ratio']:.3f} bytes sent per byte received from an unverified address "
           f"({amp['requests']} requests, {amp['bytes_received_by_target']} B in, {amp['bytes_sent_to_victim']} B out; "
@@ -286,7 +287,8 @@ def main() -> None:
           f"({flood['bytes_sent'] / 2**20:.1f} MiB) -> {flood['keys_held']} keys, {flood['bytes_held'] / 2**20:.2f} MiB "
           f"accounted (cap {flood['max_bytes'] / 2**20:.0f} MiB), RSS +{flood['rss_growth'] / 2**20:.1f} MiB, "
           f"honest experts found {flood['honest_found']}/2, {flood['seconds']:.1f} s")
+    return amp["ratio"]
 
 
 if __name__ == "__main__":
-    main()
+    report()
