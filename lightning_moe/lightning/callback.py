@@ -156,6 +156,7 @@ class ExpertHostCallback(Callback):
         if self.volunteer is not None:
             self.final_metrics = self.host_metrics()
             volunteer, self.volunteer = self.volunteer, None
+            self._restored_state = volunteer.host.state_dict()  # a later stage (trainer.test) serves the same experts
             volunteer.stop()
 
     def __repr__(self) -> str:
