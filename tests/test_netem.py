@@ -278,7 +278,7 @@ def test_udp_relay_loss_drops_about_half(udp_echo):
     # by checking the counters: a round trip survives with probability (1 - p)^2.
     p = 1 - 0.5**0.5  # so that about half of the round trips survive
     with UDPRelay(udp_echo, Link(loss=p), seed=1) as relay:
-        answered, _ = _udp_round_trips(relay.address, 200, timeout=2)
+        answered, _ = _udp_round_trips(relay.address, 200, timeout=1)
         assert 60 <= answered <= 140, answered
         assert relay.dropped == 200 - answered
 
@@ -295,3 +295,32 @@ def test_udp_relay_bandwidth_paces_datagrams(udp_echo):
         elapsed = time.monotonic() - start
         assert relay.dropped == 0
     assert 1.3 <= elapsed <= 4.0, elapsed
+
+
+def test_a_dht_node_behind_the_relay_answers_with_the_delay():
+    """A real lightning_moe DHT node behind the relay: a peer bootstraps from the relay's
+    address and reads a record that node stored, in one round trip (>= 2 * delay)."""
+    from lightning_moe.dht import DHT
+
+    delay = 0.05
+    a = DHT(rpc_timeout=2.0, wait_timeout=10.0)
+    try:
+        host, port = a.address.rsplit(":", 1)
+        with UDPRelay((host, int(port)), Link(delay=delay)) as relay:
+            b = DHT(initial_peers=[relay.endpoint], rpc_timeout=2.0, wait_timeout=10.0)
+            try:
+                assert a.store("key", "sub", "value", time.time() + 60)
+                start = time.monotonic()
+                found = b.get("key")
+                elapsed = time.monotonic() - start
+                assert found is not None and found["sub"][0] == "value", found
+                assert 2 * delay <= elapsed < 2 * delay + 5.0, elapsed
+                assert relay.sessions == 1 and relay.datagrams_up > 0 and relay.datagrams_down > 0
+                # b knows a at the relay; a knows b at the relay's upstream socket for b, an
+                # address that leads back to b only through this relay (see UDPRelay)
+                assert b.routing_table() == [relay.endpoint]
+                assert len(a.routing_table()) == 1 and a.routing_table() != [b.address]
+            finally:
+                b.shutdown()
+    finally:
+        a.shutdown()
