@@ -4,8 +4,9 @@ Kernel netem is not available on every machine, so this puts user-space relays b
 parts of a swarm (trainers, hosts, DHT nodes) and adds delay, jitter, a bandwidth limit and,
 for datagrams, loss:
 
-- :class:`Link` holds the settings of one direction of a link; both relays apply the same
-  Link to each direction, so a round trip costs ``2 * delay``.
+- :class:`Link` holds the settings of one direction of a link. A relay applies ``link`` from
+  client to target and ``reverse`` (default: the same Link) back, so a round trip costs
+  ``2 * delay`` with one symmetric Link.
 - :class:`DelayProxy` (TCP) listens on ``127.0.0.1:0`` and forwards every accepted
   connection to one target ``(host, port)``, e.g. an ExpertHost's HTTP port.
 - :class:`UDPRelay` stands in front of ONE datagram endpoint, e.g. a DHT node.
@@ -14,12 +15,16 @@ Each relay runs its own event loop in a daemon thread: ``start()`` returns the r
 ``.port`` / ``.address`` set, ``close()`` closes every socket and joins the thread; both are
 context managers. Only loopback addresses are accepted, as listen and target addresses.
 
-How the timing works (one direction of one connection or client): bytes that arrive at time
-``now`` are first serialized at ``bandwidth_bps`` (a rate limiter: a transmitter that is busy
-until ``tx_free``; equivalent to a token bucket whose depth is one chunk), then travel for
-``delay + uniform(-jitter, +jitter)`` seconds. TCP keeps the bytes of a connection in order,
-so a chunk is released at ``max(previous release, arrival)``; datagrams are independent and
-may be reordered by jitter, as on a real network.
+How the timing works (one direction): bytes that arrive at time ``now`` are first serialized
+at ``bandwidth_bps`` (a rate limiter: a transmitter that is busy until ``tx_free``; equivalent
+to a token bucket whose depth is one chunk), then travel for ``delay + uniform(-jitter,
++jitter)`` seconds. The transmitter of a direction is shared by all connections (clients) of a
+relay, as the access link of the target's machine is, unless ``per_connection_bandwidth``
+(``per_client_bandwidth``) gives each its own; a shared one is a FIFO queue, so a bulk transfer
+delays the small messages behind it by up to ``max_buffer_bytes`` of serialization time.
+TCP keeps the bytes of a connection in order, so a chunk is released at
+``max(previous release, arrival)``; datagrams are independent and may be reordered by jitter,
+as on a real network.
 
 TCP loss is not emulated: TCP retransmits lost segments, so from the application's side a
 loss is only extra delay (plus a smaller congestion window); a Link's ``loss`` is ignored by
@@ -41,11 +46,12 @@ import random
 import socket
 import threading
 import time
-from typing import Any, Callable, Coroutine
+from collections.abc import Coroutine
+from typing import Any
 
 Address = tuple[str, int]
 
-__all__ = ["Link", "DelayProxy", "UDPRelay"]
+__all__ = ["DelayProxy", "Link", "UDPRelay"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,19 +77,27 @@ class Link:
             raise ValueError(f"loss must be in [0, 1], got {self.loss}")
 
 
+class _Transmitter:
+    """The emulated transmitter of one direction: busy until ``tx_free``. Shared by every
+    connection (or client) of a relay unless bandwidth is per connection."""
+
+    def __init__(self) -> None:
+        self.tx_free = 0.0
+
+
 class _Shaper:
     """Release times for one direction: serialization at the link's rate, then the delay."""
 
-    def __init__(self, link: Link, rng: random.Random, in_order: bool):
+    def __init__(self, link: Link, rng: random.Random, in_order: bool, tx: _Transmitter | None = None):
         self.link, self.rng, self.in_order = link, rng, in_order
-        self.tx_free = 0.0  # when the emulated transmitter is idle again
+        self.tx = tx or _Transmitter()
         self.last_release = 0.0
 
     def release_time(self, nbytes: int, now: float) -> float:
         sent = now
         if self.link.bandwidth_bps is not None:
-            sent = max(now, self.tx_free) + nbytes * 8.0 / self.link.bandwidth_bps
-            self.tx_free = sent
+            sent = max(now, self.tx.tx_free) + nbytes * 8.0 / self.link.bandwidth_bps
+            self.tx.tx_free = sent
         jitter = self.rng.uniform(-self.link.jitter, self.link.jitter) if self.link.jitter else 0.0
         release = sent + max(0.0, self.link.delay + jitter)
         if self.in_order:
@@ -173,7 +187,8 @@ class _LoopThread:
 
 
 class DelayProxy(_LoopThread):
-    """TCP proxy from ``127.0.0.1:port`` to ``target`` with a Link applied in each direction.
+    """TCP proxy from ``127.0.0.1:port`` to ``target``: ``link`` client -> target, ``reverse``
+    (default ``link``) back. ``target`` is ``(host, port)`` or ``"host:port"`` (an endpoint).
 
     Counters: ``bytes_up`` (client -> target), ``bytes_down`` (target -> client), both counted
     when written; ``connections`` accepted so far.
@@ -186,6 +201,8 @@ class DelayProxy(_LoopThread):
         target: Address | str,
         link: Link | None = None,
         *,
+        reverse: Link | None = None,
+        per_connection_bandwidth: bool = False,
         port: int = 0,
         max_buffer_bytes: int = 256 * 1024,
         chunk_bytes: int = 16 * 1024,
@@ -199,6 +216,9 @@ class DelayProxy(_LoopThread):
         _check_loopback(target[0])
         self.target = (target[0], int(target[1]))
         self.link = link or Link()
+        self.reverse = reverse or self.link
+        self.per_connection_bandwidth = per_connection_bandwidth
+        self._tx_up, self._tx_down = _Transmitter(), _Transmitter()
         self._listen_port = port
         self.max_buffer_bytes, self.chunk_bytes = max_buffer_bytes, chunk_bytes
         self.connect_timeout = connect_timeout
@@ -222,11 +242,14 @@ class DelayProxy(_LoopThread):
         try:
             try:
                 target_r, target_w = await asyncio.wait_for(asyncio.open_connection(*self.target), self.connect_timeout)
-            except (OSError, asyncio.TimeoutError):
+            except (OSError, TimeoutError):
                 return  # the client sees the connection closed, as with a refused target
             self._writers.add(target_w)
-            up = asyncio.ensure_future(self._pipe(client_r, target_w, "bytes_up"))
-            down = asyncio.ensure_future(self._pipe(target_r, client_w, "bytes_down"))
+            shared = not self.per_connection_bandwidth
+            up_shaper = _Shaper(self.link, self._rng, True, self._tx_up if shared else None)
+            down_shaper = _Shaper(self.reverse, self._rng, True, self._tx_down if shared else None)
+            up = asyncio.ensure_future(self._pipe(client_r, target_w, up_shaper, "bytes_up"))
+            down = asyncio.ensure_future(self._pipe(target_r, client_w, down_shaper, "bytes_down"))
             try:
                 await asyncio.gather(up, down)
             finally:
@@ -241,10 +264,9 @@ class DelayProxy(_LoopThread):
                     w.close()
             self._tasks.discard(task)
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, counter: str) -> None:
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, shaper: _Shaper, counter: str) -> None:
         """Read from ``reader``, hold each chunk until its release time, write it in order."""
         loop = asyncio.get_running_loop()
-        shaper = _Shaper(self.link, self._rng, in_order=True)
         queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
         queued = 0
         room = asyncio.Event()
@@ -322,8 +344,9 @@ class _ClientSession(asyncio.DatagramProtocol):
     def __init__(self, relay: "UDPRelay", client: Address):
         self.relay, self.client = relay, client
         self.transport: asyncio.DatagramTransport | None = None
-        self.up = _Shaper(relay.link, relay._rng, in_order=False)
-        self.down = _Shaper(relay.link, relay._rng, in_order=False)
+        shared = not relay.per_client_bandwidth
+        self.up = _Shaper(relay.link, relay._rng, False, relay._tx_up if shared else None)
+        self.down = _Shaper(relay.reverse, relay._rng, False, relay._tx_down if shared else None)
         self.queued_up = self.queued_down = 0
         self.last_seen = time.monotonic()
 
@@ -351,8 +374,9 @@ class UDPRelay(_LoopThread):
     distinct peer (at the upstream socket's address) and its replies come back on that socket;
     the relay sends them to the client from the listening socket, so the client sees the reply
     come from the address it sent to (as request/reply protocols check). Each client session
-    gets its own Link state per direction (each pair of machines has its own path); loss drops
-    a datagram with probability ``link.loss``, independently per datagram and direction.
+    has its own delay/jitter per direction; bandwidth is shared by all clients per direction
+    unless ``per_client_bandwidth``. Loss drops a datagram with probability ``link.loss``
+    (upstream) or ``reverse.loss`` (back), independently per datagram.
 
     Limitation: addresses the target learns are the relay's upstream sockets, which only lead
     back to their own client through this relay; a third node that the target tells about a
@@ -371,6 +395,8 @@ class UDPRelay(_LoopThread):
         target: Address,
         link: Link | None = None,
         *,
+        reverse: Link | None = None,
+        per_client_bandwidth: bool = False,
         port: int = 0,
         max_buffer_bytes: int = 1024 * 1024,
         seed: int | None = None,
@@ -381,6 +407,9 @@ class UDPRelay(_LoopThread):
         _check_loopback(target[0])
         self.target = (target[0], int(target[1]))
         self.link = link or Link()
+        self.reverse = reverse or self.link
+        self.per_client_bandwidth = per_client_bandwidth
+        self._tx_up, self._tx_down = _Transmitter(), _Transmitter()
         self._listen_port = port
         self.max_buffer_bytes, self.idle_timeout, self.max_sessions = max_buffer_bytes, idle_timeout, max_sessions
         self._rng = random.Random(seed)
@@ -422,7 +451,6 @@ class UDPRelay(_LoopThread):
             self.dropped += 1
             return
         # The upstream socket opens asynchronously; datagrams that arrive meanwhile wait for it.
-        loop = asyncio.get_running_loop()
         opening = self._opening.get(client)
         if opening is None:
             opening = self._opening[client] = asyncio.ensure_future(self._new_session(client))
@@ -443,7 +471,8 @@ class UDPRelay(_LoopThread):
     def _relay(self, session: _ClientSession, data: bytes, upstream: bool) -> None:
         """Drop (loss or full queue) or schedule one datagram of one session."""
         queued = session.queued_up if upstream else session.queued_down
-        if (self.link.loss and self._rng.random() < self.link.loss) or queued + len(data) > self.max_buffer_bytes:
+        loss = (self.link if upstream else self.reverse).loss
+        if (loss and self._rng.random() < loss) or queued + len(data) > self.max_buffer_bytes:
             self.dropped += 1
             return
         loop = asyncio.get_running_loop()

@@ -132,6 +132,8 @@ def test_a_ping_through_the_proxy_costs_twice_the_one_way_delay(tcp_server):
         assert proxy.bytes_up == proxy.bytes_down == 12 and proxy.connections == 3
     for rtt in rtts:
         assert 0.1 <= rtt < 0.1 + 0.5
+    with DelayProxy(echo, Link(delay=0.05), reverse=Link(delay=0.01)) as proxy:  # asymmetric
+        assert 0.06 <= _ping(proxy.address) < 0.06 + 0.5
 
 
 def test_bandwidth_limit_paces_a_bulk_transfer(tcp_server):
@@ -151,6 +153,35 @@ def test_bandwidth_limit_paces_a_bulk_transfer(tcp_server):
         assert struct.unpack("!Q", reply)[0] == size
         assert proxy.bytes_up == size
     assert 1.3 <= elapsed <= 4.0, elapsed
+
+
+def _upload(address, size: int) -> float:
+    with socket.create_connection(address, timeout=10) as sock:
+        start = time.monotonic()
+        sock.sendall(b"x" * size)
+        sock.shutdown(socket.SHUT_WR)
+        reply = b""
+        while len(reply) < 8:
+            chunk = sock.recv(8)
+            assert chunk
+            reply += chunk
+        assert struct.unpack("!Q", reply)[0] == size
+        return time.monotonic() - start
+
+
+@pytest.mark.parametrize("per_connection", [False, True])
+def test_connections_share_the_bandwidth_unless_per_connection(tcp_server, per_connection):
+    sink = tcp_server(_Sink)
+    with DelayProxy(sink, Link(bandwidth_bps=8e6), per_connection_bandwidth=per_connection) as proxy:
+        times = []
+        threads = [threading.Thread(target=lambda: times.append(_upload(proxy.address, 1_000_000))) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+    assert len(times) == 2
+    expected = 1.0 if per_connection else 2.0  # 8 Mbit each, on their own or a shared 8 Mbit/s
+    assert 0.5 * expected <= max(times) <= 1.5 * expected + 0.3, times
 
 
 def test_jitter_keeps_the_bytes_of_a_connection_in_order(tcp_server):
@@ -274,13 +305,13 @@ def test_udp_relay_adds_the_round_trip_and_keeps_one_session_per_client(udp_echo
 
 
 def test_udp_relay_loss_drops_about_half(udp_echo):
-    # loss 0.5 per direction would leave a quarter of the round trips; apply it one way only
-    # by checking the counters: a round trip survives with probability (1 - p)^2.
-    p = 1 - 0.5**0.5  # so that about half of the round trips survive
-    with UDPRelay(udp_echo, Link(loss=p), seed=1) as relay:
+    with UDPRelay(udp_echo, Link(loss=0.5), reverse=Link(), seed=1) as relay:  # lossy one way only
         answered, _ = _udp_round_trips(relay.address, 200, timeout=1)
         assert 60 <= answered <= 140, answered
-        assert relay.dropped == 200 - answered
+        assert relay.dropped == 200 - answered == 200 - relay.datagrams_up
+    with UDPRelay(udp_echo, Link(loss=0.5), seed=2) as relay:  # both ways: about a quarter
+        answered, _ = _udp_round_trips(relay.address, 200, timeout=1)
+        assert 20 <= answered <= 80, answered
 
 
 def test_udp_relay_bandwidth_paces_datagrams(udp_echo):
