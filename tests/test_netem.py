@@ -229,17 +229,28 @@ def test_a_refused_target_closes_the_client_connection():
 
 
 def test_remote_expert_through_the_proxy_pays_the_round_trip():
+    """A real ExpertHost behind the proxy; the proxy's endpoint is what the DHT hands out (the
+    host declares nothing itself here: ExpertHost announces its own port)."""
+    from lightning_moe.dht import DHT
+
     torch.manual_seed(0)
     backends = make_backends(["ffn.0"], lambda: make_expert("ffn", HID), None, HID)
     delay = 0.05
-    with ExpertHost(backends) as host, DelayProxy(host.endpoint, Link(delay=delay)) as proxy:
-        x = torch.randn(3, HID)
-        direct = RemoteExpert("ffn.0", host.endpoint)(x)
-        start = time.monotonic()
-        through = RemoteExpert("ffn.0", proxy.endpoint)(x)
-        elapsed = time.monotonic() - start
-        torch.testing.assert_close(through, direct)
-        assert proxy.bytes_up > 0 and proxy.bytes_down > 0
+    dht = DHT(rpc_timeout=1.0, wait_timeout=5.0)
+    try:
+        with ExpertHost(backends) as host, DelayProxy(host.endpoint, Link(delay=delay)) as proxy:
+            dht.declare_experts(["ffn.0"], proxy.endpoint, expiration_time=time.time() + 60)
+            (endpoint,) = dht.get_experts(["ffn.0"])
+            assert endpoint == proxy.endpoint
+            x = torch.randn(3, HID)
+            direct = RemoteExpert("ffn.0", host.endpoint)(x)
+            start = time.monotonic()
+            through = RemoteExpert("ffn.0", endpoint)(x)
+            elapsed = time.monotonic() - start
+            torch.testing.assert_close(through, direct)
+            assert proxy.bytes_up > 0 and proxy.bytes_down > 0
+    finally:
+        dht.shutdown()
     assert 2 * delay <= elapsed < 2 * delay + 2.0, elapsed
 
 
