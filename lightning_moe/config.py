@@ -74,6 +74,8 @@ class HostConfig:
     host: str = _help("interface the HTTP server binds (0.0.0.0: all)", default="127.0.0.1")
     port: int = _help("HTTP port (0: any free port); trainers need it reachable", default=0)
     announce_host: Optional[str] = _help("address trainers should use when it differs from host.host", default=None)
+    announce_port: Optional[int] = _help("port trainers should use when it differs from host.port (a port forward, "
+                                         "a proxy)", default=None)
     update_period: float = _help("seconds between DHT declarations (records live two periods)", default=10.0)
     max_connections: int = _help("open connections the host serves at once (an idle one costs no thread)", default=16384)
     max_connections_per_address: int = _help("open connections from one client address", default=256)

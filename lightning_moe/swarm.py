@@ -125,7 +125,7 @@ class LocalSwarm:
     def add_host(self, uids: Sequence[str], seed: int | None = None, delay: float = 0.0, wait: bool = True) -> int:
         """Start one more host process serving ``uids``; returns its index."""
         config = dataclasses.replace(self.config, cells=list(uids), seed=seed, delay=delay, host=self.bind, port=0,
-                                     announce_host=None, checkpoint_dir=None)
+                                     announce_host=None, announce_port=None, checkpoint_dir=None)
         dht = DHTConfig(initial_peers=self.initial_peers, host=self.bind, secret=self.secret)
         index = len(self.processes)
         process = self._ctx.Process(target=_host_process, args=(index, config, dht, self._ready, self._results, os.getpid()),

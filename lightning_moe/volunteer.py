@@ -247,7 +247,8 @@ def start_volunteer(config: HostConfig, dht: DHTConfig | Any, device: str | torc
                           announce_host=config.announce_host, dht=node, update_period=config.update_period, secret=secret,
                           compression=config.compression, max_connections=config.max_connections,
                           max_connections_per_address=config.max_connections_per_address, idle_timeout=config.idle_timeout,
-                          max_body_bytes=int(config.max_body_mb * 2**20), max_rows_factor=config.max_rows_factor)
+                          max_body_bytes=int(config.max_body_mb * 2**20), max_rows_factor=config.max_rows_factor,
+                          announce_port=config.announce_port)
         if state:
             host.load_state_dict(state)
         try:

@@ -266,3 +266,20 @@ def test_wheel_installs_hosts_and_trains_outside_the_checkout(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "final metrics:" in result.stdout and "val/bpc=" in result.stdout
     assert (work / "train_run" / "checkpoints" / "last.ckpt").exists()
+
+
+def test_host_behind_a_proxy_announces_the_proxy_port():
+    """host.announce_port: trainers find the proxy (a port forward, a WAN emulator) in the DHT, not the bound port."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from netem import DelayProxy, Link
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with DelayProxy(f"127.0.0.1:{port}", Link(delay=0.02)) as proxy, \
+            start_volunteer(host_config(port=port, announce_port=proxy.port, cells=["ffn.0.0"]), DHTConfig()) as volunteer:
+        assert volunteer.endpoint == f"127.0.0.1:{proxy.port}"
+        assert volunteer.dht.get_experts(["ffn.0.0"]) == [f"127.0.0.1:{proxy.port}"]
+        begin = time.monotonic()
+        assert RemoteExpert("ffn.0.0", volunteer.endpoint)(torch.randn(2, HID)).shape == (2, HID)
+        assert time.monotonic() - begin >= 0.04  # went through the proxy: at least one round trip of 2 x 20 ms

@@ -30,6 +30,7 @@ class ExpertHost:
         host, port: where the HTTP server listens (port 0: any free port).
         device: where the experts live and compute.
         announce_host: the host name that peers should use, if not ``host`` (e.g. behind NAT).
+        announce_port: the port that peers should use, if not the bound one (a port forward, a proxy).
         max_body_bytes: larger request bodies are refused with 413 before they are read.
         dht: anything with ``declare_experts(uids, endpoint, expiration_time=...)``; called every
             ``update_period`` seconds while the host runs.
@@ -73,6 +74,7 @@ class ExpertHost:
         max_header_bytes: int = 8192,
         max_inflight_bytes: int | None = None,
         max_rows_factor: int = 4,
+        announce_port: int | None = None,
     ):
         if isinstance(backends, Mapping):
             self.backends = dict(backends)
@@ -88,7 +90,7 @@ class ExpertHost:
             raise ValueError(f"compression must be None or one of {list(wire.COMPRESSIONS)}, got {compression!r}")
         if update_period <= 0:
             raise ValueError(f"update_period must be positive, got {update_period}")
-        self.host, self.port, self.announce_host = host, int(port), announce_host
+        self.host, self.port, self.announce_host, self.announce_port = host, int(port), announce_host, announce_port
         self.device = torch.device(device)
         self.max_body_bytes = int(max_body_bytes)
         self.dht, self.update_period = dht, float(update_period)
@@ -179,11 +181,11 @@ class ExpertHost:
 
     @property
     def endpoint(self) -> str:
-        """``"host:port"`` that peers connect to (the announced host if one was given)."""
+        """``"host:port"`` that peers connect to (the announced host and port where given)."""
         if self.server is None:
             raise RuntimeError("the host is not started: no port yet")
-        host = self.announce_host or self.host
-        return f"[{host}]:{self.port}" if ":" in host and not host.startswith("[") else f"{host}:{self.port}"
+        host, port = self.announce_host or self.host, self.announce_port or self.port
+        return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
     # ---- DHT -------------------------------------------------------------------------------
     def _declare(self) -> None:
