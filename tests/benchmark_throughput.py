@@ -2,12 +2,14 @@
 
 The scenario of hivemind's benchmarks/benchmark_throughput.py, so the figures compare: one host
 with 16 ``ffn`` experts (hid_dim 1024, Adam), 8 client processes each sending 16 batches of 128
-rows to random experts, forward + backward. Prints remote samples/s, the local ceiling measured
-in the same run (the same experts, forward + backward + optimizer step in one process), and
-their ratio.
+rows to random experts, forward + backward. The ceiling is the same experts run locally, forward +
+backward + optimizer step in one process, over enough batches to be steady. Ceiling and remote run
+are interleaved (ceiling, remote, ceiling, remote, ...) because a shared machine drifts; each
+round's ratio divides the remote figure by the ceilings measured just before and after it. Prints
+every round, the median and spread of each figure, and last the ratio's median and range.
 
-    python tests/benchmark_throughput.py
-    python tests/benchmark_throughput.py --num-clients 4 --compression uint8
+    python tests/benchmark_throughput.py                     # 3 rounds
+    python tests/benchmark_throughput.py --rounds 5 --num-clients 4 --compression uint8
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import argparse
 import logging
 import multiprocessing as mp
 import random
+import statistics
 import time
 
 import torch
@@ -127,19 +130,27 @@ def main() -> None:
     parser.add_argument("--max-batch-size", type=int, default=2048, help="rows per batch the host forms")
     parser.add_argument("--compression", default="none", choices=["none", "float16", "uint8"])
     parser.add_argument("--no-backprop", dest="backprop", action="store_false", help="forward only")
-    parser.add_argument("--local-batches", type=int, default=48, help="batches for the local ceiling")
+    parser.add_argument("--local-batches", type=int, default=160, help="batches per ceiling measurement (steady: >= 128)")
+    parser.add_argument("--rounds", type=int, default=3, help="remote runs, each between two ceiling measurements")
     parser.add_argument("--timeout", type=float, default=600.0)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
     print(f"experts={args.num_experts} x {args.expert_cls}(hid={args.hid_dim}), clients={args.num_clients}, "
           f"batch={args.batch_size} x {args.batches_per_client} per client, backprop={args.backprop}, "
-          f"compression={args.compression}, torch threads={torch.get_num_threads()}")
-    local = measure_local(args)
-    print(f"local ceiling (one process, no network): {local:8.1f} samples/s")
-    remote = measure_remote(args)
-    print(f"remote through one ExpertHost:           {remote:8.1f} samples/s")
-    print(f"ratio remote/local: {remote / local:.2f}")
+          f"compression={args.compression}, torch threads={torch.get_num_threads()}, rounds={args.rounds}")
+    ceilings, remotes, ratios = [measure_local(args)], [], []
+    print(f"ceiling 0 (one process, no network): {ceilings[-1]:8.1f} samples/s", flush=True)
+    for i in range(args.rounds):
+        remotes.append(measure_remote(args))
+        print(f"remote {i} (through one ExpertHost):  {remotes[-1]:8.1f} samples/s", flush=True)
+        ceilings.append(measure_local(args))
+        print(f"ceiling {i + 1} (one process, no network): {ceilings[-1]:8.1f} samples/s", flush=True)
+        ratios.append(remotes[-1] / statistics.mean(ceilings[-2:]))
+        print(f"round {i}: ratio {ratios[-1]:.2f}", flush=True)
+    for name, values in (("ceiling", ceilings), ("remote", remotes)):
+        print(f"{name}: median {statistics.median(values):.1f} samples/s (min {min(values):.1f}, max {max(values):.1f})")
+    print(f"ratio median {statistics.median(ratios):.2f} (min {min(ratios):.2f}, max {max(ratios):.2f})")
 
 
 if __name__ == "__main__":
