@@ -25,7 +25,7 @@ from lightning_moe.lightning.train import CONFIG_PATH, train
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    return train(cfg).get(cfg.objective)
+    return train(cfg, report=print).get(cfg.objective)  # the summary goes to the terminal
 
 
 if __name__ == "__main__":

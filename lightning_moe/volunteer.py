@@ -74,17 +74,22 @@ def make_backends(
     return backends
 
 
-def add_delay(backend: ExpertBackend, seconds: float) -> None:
-    """Make every batch of ``backend`` take ``seconds`` longer (a slow volunteer, for tests and demos)."""
+def _before_each_batch(backend: ExpertBackend, hook: Callable[[], None]) -> None:
+    """Run ``hook`` before every batch ``backend`` computes, forward and backward (its start-up check is exempt)."""
     for pool in (backend.forward_pool, backend.backward_pool):
         process = pool.process_fn
 
         @functools.wraps(process)
-        def slow(*args: Any, _process: Callable = process) -> Any:
-            time.sleep(seconds)
+        def hooked(*args: Any, _process: Callable = process) -> Any:
+            hook()
             return _process(*args)
 
-        pool.process_fn = slow
+        pool.process_fn = hooked
+
+
+def add_delay(backend: ExpertBackend, seconds: float) -> None:
+    """Make every batch of ``backend`` take ``seconds`` longer (a slow volunteer, for tests and demos)."""
+    _before_each_batch(backend, lambda: time.sleep(seconds))
 
 
 class InjectedFault(RuntimeError):
@@ -94,16 +99,12 @@ class InjectedFault(RuntimeError):
 def add_faults(backend: ExpertBackend, rate: float, seed: int | None = None) -> None:
     """Make each batch of ``backend`` fail with probability ``rate`` (requests then get HTTP 500)."""
     rng = random.Random(None if seed is None else f"{seed}:{backend.name}")
-    for pool in (backend.forward_pool, backend.backward_pool):
-        process = pool.process_fn
 
-        @functools.wraps(process)
-        def flaky(*args: Any, _process: Callable = process) -> Any:
-            if rng.random() < rate:
-                raise InjectedFault(f"injected fault (host.fault_rate={rate})")
-            return _process(*args)
+    def maybe_fail() -> None:
+        if rng.random() < rate:
+            raise InjectedFault(f"injected fault (host.fault_rate={rate})")
 
-        pool.process_fn = flaky
+    _before_each_batch(backend, maybe_fail)
 
 
 def _address_in_use(error: OSError) -> bool:

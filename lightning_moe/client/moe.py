@@ -146,9 +146,9 @@ class DecentralizedMoE(nn.Module):
 
     @property
     def lookup(self) -> CachedExpertLookup:
-        dht = self.dht
-        if self._lookup is None or self._lookup.dht is not dht:
-            self._lookup = CachedExpertLookup(dht, len(self.grid_size), self.health, ttl=self.cache_ttl)
+        dht, health = self.dht, self.health
+        if self._lookup is None or self._lookup.dht is not dht or self._lookup.health is not health:
+            self._lookup = CachedExpertLookup(dht, len(self.grid_size), health, ttl=self.cache_ttl)
             self._log_swarm()
         return self._lookup
 

@@ -78,10 +78,13 @@ def local_swarm(cfg: DictConfig, host: HostConfig, swarm: LocalSwarmConfig) -> L
                       host_delays=swarm.host_delays, bind=cfg.dht.host)
 
 
-def train(cfg: DictConfig, extra_callbacks: Callable[[LocalSwarm | None], list[pl.Callback]] | None = None) -> dict[str, float]:
+def train(cfg: DictConfig, extra_callbacks: Callable[[LocalSwarm | None], list[pl.Callback]] | None = None,
+          report: Callable[[str], None] = logger.info) -> dict[str, float]:
     """Build everything from ``cfg``, fit, and return the final metrics.
 
     ``extra_callbacks(swarm)`` adds callbacks that may act on the local swarm (see examples/fault_runs.py).
+    ``report`` gets the summary lines (final metrics, the swarm, what a volunteer served); the command
+    line entry points pass ``print``.
     """
     host, _, swarm_config = check_config(cfg)
     pl.seed_everything(cfg.seed, workers=True)
@@ -108,13 +111,13 @@ def train(cfg: DictConfig, extra_callbacks: Callable[[LocalSwarm | None], list[p
             swarm.start()
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
         metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
-        print("final metrics: " + ", ".join(f"{name}={value:.4f}" for name, value in sorted(metrics.items())))
+        report("final metrics: " + ", ".join(f"{name}={value:.4f}" for name, value in sorted(metrics.items())))
         if swarm is not None:
-            print(f"swarm: DHT {swarm.initial_peers[0]}, hosts {', '.join(e for e in swarm.endpoints if e)}")
+            report(f"swarm: DHT {swarm.initial_peers[0]}, hosts {', '.join(e for e in swarm.endpoints if e)}")
         for callback in callbacks:
             served = getattr(callback, "final_metrics", {}).get("volunteer/forward/samples")
             if served is not None:
-                print(f"volunteer served {served:.0f} forward samples")
+                report(f"volunteer served {served:.0f} forward samples")
         return metrics
     finally:
         from lightning_moe.shared import shutdown_process_dht
@@ -128,4 +131,4 @@ def train(cfg: DictConfig, extra_callbacks: Callable[[LocalSwarm | None], list[p
 def main(cfg: DictConfig) -> float | None:
     """`lightning-moe train [overrides]`: returns the objective (for sweeps)."""
     logger.info("config:\n%s", OmegaConf.to_yaml(cfg))
-    return train(cfg).get(cfg.objective)
+    return train(cfg, report=print).get(cfg.objective)
