@@ -83,6 +83,8 @@ class HostConfig:
     max_body_mb: float = _help("largest request body in MiB (413 before it is read)", default=64.0)
     max_rows_factor: int = _help("rows per request at most max_batch_size times this (checked from the wire header)",
                                  default=4)
+    kept_forwards_mb: float = _help("MiB of forward graphs kept for their backward, so a backward needs no second "
+                                    "forward and no inputs resent (0: recompute every forward)", default=512.0)
     seed: Optional[int] = _help("seeds the experts' initial weights and the choice of free cells", default=None)
     compression: Optional[str] = _help("compression of the host's answers (none, float16, uint8); "
                                        "null: as each request came", default=None)
@@ -127,6 +129,7 @@ class HostConfig:
         _require(self.idle_timeout > 0 and self.max_body_mb > 0, f"{prefix}.idle_timeout and {prefix}.max_body_mb",
                  "must be positive", (self.idle_timeout, self.max_body_mb))
         _require(self.update_every >= 0, f"{prefix}.update_every", "must be 0 or positive", self.update_every)
+        _require(self.kept_forwards_mb >= 0, f"{prefix}.kept_forwards_mb", "must be 0 or positive", self.kept_forwards_mb)
         _require(0 <= self.port <= 65535, f"{prefix}.port", "must be a port number (0 to 65535)", self.port)
         from lightning_moe.dht.records import MAX_TTL
 

@@ -76,15 +76,14 @@ def make_backends(
 
 def _before_each_batch(backend: ExpertBackend, hook: Callable[[], None]) -> None:
     """Run ``hook`` before every batch ``backend`` computes, forward and backward (its start-up check is exempt)."""
+
+    def hooked(*args: Any, _process: Callable, **kwargs: Any) -> Any:
+        hook()
+        return _process(*args, **kwargs)
+
     for pool in (backend.forward_pool, backend.backward_pool):
-        process = pool.process_fn
-
-        @functools.wraps(process)
-        def hooked(*args: Any, _process: Callable = process) -> Any:
-            hook()
-            return _process(*args)
-
-        pool.process_fn = hooked
+        pool.process_fn = functools.wraps(pool.process_fn)(functools.partial(hooked, _process=pool.process_fn))
+    backend.graph_backward = functools.wraps(backend.graph_backward)(functools.partial(hooked, _process=backend.graph_backward))
 
 
 def add_delay(backend: ExpertBackend, seconds: float) -> None:
@@ -249,7 +248,7 @@ def start_volunteer(config: HostConfig, dht: DHTConfig | Any, device: str | torc
                           compression=config.compression, max_connections=config.max_connections,
                           max_connections_per_address=config.max_connections_per_address, idle_timeout=config.idle_timeout,
                           max_body_bytes=int(config.max_body_mb * 2**20), max_rows_factor=config.max_rows_factor,
-                          announce_port=config.announce_port)
+                          announce_port=config.announce_port, kept_forwards_bytes=int(config.kept_forwards_mb * 2**20))
         if state:
             host.load_state_dict(state)
         try:

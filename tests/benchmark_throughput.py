@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from lightning_moe.client.remote_expert import call_expert
+from lightning_moe.client.remote_expert import call_backward, call_expert, new_keep_id
 from lightning_moe.server import ExpertBackend, ExpertHost
 from lightning_moe.server.experts import make_expert
 
@@ -56,9 +56,10 @@ def client_process(endpoint: str, uids: list[str], args: argparse.Namespace, see
     begin = time.perf_counter()
     for _ in range(args.batches_per_client):
         uid = rng.choice(uids)
-        call_expert(uid, endpoint, "forward", [x], args.compression, timeout=120)
+        keep = new_keep_id() if args.backprop and args.keep else None
+        call_expert(uid, endpoint, "forward", [x], args.compression, timeout=120, keep=keep)
         if args.backprop:
-            call_expert(uid, endpoint, "backward", [x, grad], args.compression, timeout=120)
+            call_backward(uid, endpoint, keep, [x], [grad], args.compression, timeout=120)
     results.put(time.perf_counter() - begin)
 
 
@@ -85,13 +86,15 @@ def measure_remote(args: argparse.Namespace) -> float:
         for client in clients:
             client.join(timeout=30)
         stats = host.stats()
+        kept = host.kept.stats()
     total = args.num_clients * args.batches_per_client * args.batch_size
     batches = sum(e[d]["batches"] for e in stats.values() for d in ("forward", "backward"))
     rows = sum(e[d]["samples"] for e in stats.values() for d in ("forward", "backward"))
     waits = [e[d]["mean_queue_wait"] for e in stats.values() for d in ("forward", "backward") if e[d]["batches"]]
     errors = sum(e["errors"] for e in stats.values())
     print(f"host: {batches} batches, mean {rows / max(batches, 1):.0f} rows per batch, "
-          f"mean queue wait {sum(waits) / max(len(waits), 1) * 1000:.0f} ms, {errors} errors")
+          f"mean queue wait {sum(waits) / max(len(waits), 1) * 1000:.0f} ms, {errors} errors; kept forwards: "
+          f"{kept['graph_backwards']} backwards through their graph, {kept['recomputed']} recomputed, {kept['misses']} resent")
     return total / elapsed
 
 
@@ -129,6 +132,8 @@ def main() -> None:
     parser.add_argument("--batches-per-client", type=int, default=16)
     parser.add_argument("--max-batch-size", type=int, default=2048, help="rows per batch the host forms")
     parser.add_argument("--compression", default="none", choices=["none", "float16", "uint8"])
+    parser.add_argument("--no-keep", dest="keep", action="store_false",
+                        help="the host recomputes each forward in backward (the trainer resends the inputs)")
     parser.add_argument("--no-backprop", dest="backprop", action="store_false", help="forward only")
     parser.add_argument("--local-batches", type=int, default=160, help="batches per ceiling measurement (steady: >= 128)")
     parser.add_argument("--rounds", type=int, default=3, help="remote runs, each between two ceiling measurements")

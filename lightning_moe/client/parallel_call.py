@@ -11,14 +11,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import requests
 import torch
 from torch.autograd.function import once_differentiable
 
 from lightning_moe.client.health import HealthRegistry
-from lightning_moe.client.remote_expert import RemoteExpertError, call_expert
+from lightning_moe.client.remote_expert import RemoteExpertError, call_backward, call_expert, new_keep_id
+from lightning_moe.client.transport import CallHandle, TransportError
 
 logger = logging.getLogger(__name__)
+# Calls of one forward go out at once; a large grid may ask hundreds of experts, and at 200 ms a call holds its
+# worker for the whole round trip. Given-up calls free their workers at once (see call_in_parallel).
+MAX_CALLS_IN_FLIGHT = 128
 _executors: dict[int, ThreadPoolExecutor] = {}
 _executors_lock = threading.Lock()
 
@@ -28,7 +31,7 @@ def get_executor() -> ThreadPoolExecutor:
     pid = os.getpid()
     with _executors_lock:
         if pid not in _executors:
-            _executors[pid] = ThreadPoolExecutor(max_workers=32, thread_name_prefix="lightning_moe-call")
+            _executors[pid] = ThreadPoolExecutor(max_workers=MAX_CALLS_IN_FLIGHT, thread_name_prefix="lightning_moe-call")
         return _executors[pid]
 
 
@@ -44,6 +47,7 @@ class ExpertCall:
     endpoint: str
     rows: torch.Tensor
     slots: torch.Tensor
+    keep: str | None = None  # the request id under which the host keeps this forward for its backward
 
 
 @dataclass
@@ -74,7 +78,7 @@ def record_outcome(health: HealthRegistry, uid: str, endpoint: str, result: Any)
         cause = result.__cause__
         while isinstance(cause, RemoteExpertError):  # re-raised with the expert's uid
             cause = cause.__cause__
-        refused = isinstance(cause, requests.ConnectionError) and not isinstance(cause, requests.Timeout)
+        refused = isinstance(cause, TransportError) and cause.refused
         health.host_failure(endpoint, str(result), refused=refused)
 
 
@@ -97,11 +101,14 @@ class CallStats:
 def call_in_parallel(
     calls: list[ExpertCall],
     method: str,
-    payloads: list[list[torch.Tensor]],
+    payloads: list[list[torch.Tensor]] | list[tuple[list[torch.Tensor], list[torch.Tensor]]],
     settings: CallSettings,
     deadline: float | None = None,
 ) -> list[list[torch.Tensor] | BaseException]:
     """Send every call at once; return each call's answer or the exception it failed with.
+
+    A forward payload is the call's inputs (the host keeps the forward if ``call.keep`` is set); a
+    backward payload is ``(inputs, grad_outputs)``, sent as :func:`call_backward` does.
 
     Waits until all calls answered, or ``timeout_after_k_min`` seconds after the first answer
     (stragglers are then given up: a sample they leave short of ``k_min`` is the caller's to
@@ -118,10 +125,16 @@ def call_in_parallel(
     hard_end = min(ends) if ends else None
     request_timeout = None if hard_end is None else max(hard_end - start, 1e-3)
     executor = get_executor()
-    futures: dict[Future, int] = {
-        executor.submit(call_expert, c.uid, c.endpoint, method, p, settings.compression, request_timeout, settings.secret): i
-        for i, (c, p) in enumerate(zip(calls, payloads))
-    }
+    futures: dict[Future, int] = {}
+    handles = [CallHandle() for _ in calls]
+    for i, (c, p, handle) in enumerate(zip(calls, payloads, handles)):
+        if method == "backward":
+            future = executor.submit(call_backward, c.uid, c.endpoint, c.keep, *p, settings.compression, request_timeout,
+                                     settings.secret, handle)
+        else:
+            future = executor.submit(call_expert, c.uid, c.endpoint, method, p, settings.compression, request_timeout,
+                                     settings.secret, c.keep, handle)
+        futures[future] = i
     results: list[Any] = [None] * len(calls)
     pending = set(futures)
     soft_end = None
@@ -140,9 +153,10 @@ def call_in_parallel(
                 continue
             if soft_end is None and settings.timeout_after_k_min is not None:
                 soft_end = time.monotonic() + settings.timeout_after_k_min
-    for future in pending:
+    for future in pending:  # given up: their sockets are shut down, so no worker waits for them any longer
         future.cancel()
         index = futures[future]
+        handles[index].cancel()
         call = calls[index]
         results[index] = TimeoutError(f"expert {call.uid!r} at {call.endpoint}: no {method} answer in time")
     return results
@@ -199,7 +213,11 @@ class MixtureForward:
         ]
 
     def call(self, calls: list[ExpertCall], x: torch.Tensor, settings: CallSettings, deadline: float | None) -> None:
-        """Run every call's forward at once and write the answers into their rows' slots."""
+        """Run every call's forward at once and write the answers into their rows' slots; with grad enabled the
+        hosts keep the forwards for the backward."""
+        if torch.is_grad_enabled():
+            for call in calls:
+                call.keep = new_keep_id()
         payloads = [[x[call.rows]] for call in calls]
         begin = time.monotonic()
         results = call_in_parallel(calls, "forward", payloads, settings, deadline)
@@ -278,7 +296,7 @@ class RemoteMixtureCall(torch.autograd.Function):
         calls: list[ExpertCall] = ctx.calls
         stats: CallStats = ctx.stats
         grad_outputs = grad_outputs.to(ctx.out_dtype)
-        payloads = [[x[call.rows], grad_outputs[call.rows, call.slots]] for call in calls]
+        payloads = [([x[call.rows]], [grad_outputs[call.rows, call.slots]]) for call in calls]
         results = call_in_parallel(calls, "backward", payloads, ctx.backward_settings)
         grad_x = torch.zeros_like(x)
         answers = torch.zeros(x.shape[0], dtype=torch.long)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import threading
 from typing import Any, Sequence
 
@@ -12,8 +13,10 @@ import torch
 from torch import nn
 
 from lightning_moe import auth, wire
+from lightning_moe.client import transport
 
 DEFAULT_TIMEOUT = 30.0
+WARM_CONNECTIONS = 4  # connections opened to a host after its /info, ahead of the calls
 _sessions: dict[tuple[int, int], requests.Session] = {}
 _sessions_lock = threading.Lock()
 _host_ids: dict[str, str] = {}  # endpoint -> the host_id its /info gave (private swarms sign requests for it)
@@ -53,21 +56,25 @@ def auth_headers(
 
 
 def fetch_info(endpoint: str, secret: bytes | None, timeout: float | None = DEFAULT_TIMEOUT) -> dict:
-    """The host's ``/info`` (raises RemoteExpertError with uid ``"*"``); remembers its host_id for signing."""
+    """The host's ``/info`` (raises RemoteExpertError with uid ``"*"``); remembers its host_id for signing.
+
+    Opens a few connections to the host ahead of the expert calls that follow.
+    """
     try:
-        response = get_session().get(f"http://{endpoint}/info", timeout=timeout, headers=auth_headers(secret, "GET", "/info", b""))
-    except requests.RequestException as e:
-        raise RemoteExpertError("*", endpoint, f"info: {type(e).__name__}: {e}") from e
-    if response.status_code != 200:
-        raise RemoteExpertError("*", endpoint, f"info: {_error_message(response)}", response.status_code)
+        response = transport.request(endpoint, "GET", "/info", headers=auth_headers(secret, "GET", "/info", b""), timeout=timeout)
+    except transport.TransportError as e:
+        raise RemoteExpertError("*", endpoint, f"info: {e}") from e
+    if response.status != 200:
+        raise RemoteExpertError("*", endpoint, f"info: {_error_message(response)}", response.status)
     try:
-        info = response.json()
+        info = json.loads(response.body)
     except ValueError as e:
-        raise RemoteExpertError("*", endpoint, f"info: not JSON: {e}", response.status_code) from e
+        raise RemoteExpertError("*", endpoint, f"info: not JSON: {e}", response.status) from e
     if not isinstance(info, dict):
-        raise RemoteExpertError("*", endpoint, "info: not a JSON object", response.status_code)
+        raise RemoteExpertError("*", endpoint, "info: not a JSON object", response.status)
     if isinstance(info.get("host_id"), str):
         _host_ids[endpoint] = info["host_id"]
+    transport.warm_up(endpoint, WARM_CONNECTIONS, timeout)
     return info
 
 
@@ -88,47 +95,81 @@ def call_expert(
     compression: str = "none",
     timeout: float | None = DEFAULT_TIMEOUT,
     secret: bytes | None = None,
+    keep: str | None = None,
+    handle: transport.CallHandle | None = None,
 ) -> list[torch.Tensor]:
     """POST tensors to ``/{method}/{uid}`` and return the decoded answer (CPU tensors).
+
+    ``handle`` lets another thread give the call up (:meth:`transport.CallHandle.cancel`).
+
+    ``keep`` (a request id, see :func:`new_keep_id`) asks the host to keep a forward for its backward,
+    and names the kept forward in a backward that sends only the output gradients.
 
     ``secret`` signs the request for a private swarm's hosts, bound to the host instance (its
     host_id from /info, fetched once per endpoint; fetched again, and the call retried once, if the
     host refuses the signature: it restarted). Raises RemoteExpertError for any failure: no
     connection, timeout, HTTP error, bad answer.
     """
-    path = f"/{method}/{uid}"
+    path = f"/{method}/{uid}" if keep is None else f"/{method}/{uid}?keep={keep}"
     try:
         body = wire.serialize(tensors, compression)
         target = host_id(endpoint, secret, timeout)
         for attempt in range(2):
             headers = {"Content-Type": "application/octet-stream", "X-Compression": compression}
             headers.update(auth_headers(secret, "POST", path, body, compression, target))
-            response = get_session().post(f"http://{endpoint}{path}", data=body, headers=headers, timeout=timeout)
-            if response.status_code != 401 or secret is None or attempt == 1:
+            response = transport.request(endpoint, "POST", path, body, headers, timeout, handle)
+            if response.status != 401 or secret is None or attempt == 1:
                 break
             renewed = host_id(endpoint, secret, timeout, refresh=True)
             if renewed == target:
                 break
             target = renewed
-    except requests.RequestException as e:
-        raise RemoteExpertError(uid, endpoint, f"{method}: {type(e).__name__}: {e}") from e
+    except transport.TransportError as e:
+        raise RemoteExpertError(uid, endpoint, f"{method}: {e}") from e
     except RemoteExpertError as e:
         raise RemoteExpertError(uid, endpoint, f"{method}: {e.message}", e.status) from e
-    if response.status_code != 200:
+    if response.status != 200:
         message = _error_message(response)  # the host's message usually names the direction already
         raise RemoteExpertError(uid, endpoint, message if message.startswith(f"{method}:") else f"{method}: {message}",
-                                response.status_code)
+                                response.status)
     try:
-        return wire.deserialize(bytearray(response.content))
+        return wire.deserialize(response.body)
     except wire.WireError as e:
-        raise RemoteExpertError(uid, endpoint, f"{method}: malformed answer: {e}", response.status_code) from e
+        raise RemoteExpertError(uid, endpoint, f"{method}: malformed answer: {e}", response.status) from e
 
 
-def _error_message(response: requests.Response) -> str:
+def new_keep_id() -> str:
+    """A fresh request id under which a host keeps a forward for its backward (unguessable by other peers)."""
+    return secrets.token_hex(16)
+
+
+def call_backward(
+    uid: str,
+    endpoint: str,
+    keep: str | None,
+    inputs: Sequence[torch.Tensor],
+    grad_outputs: Sequence[torch.Tensor],
+    compression: str = "none",
+    timeout: float | None = DEFAULT_TIMEOUT,
+    secret: bytes | None = None,
+    handle: transport.CallHandle | None = None,
+) -> list[torch.Tensor]:
+    """The input gradients of a forward: sent with only ``grad_outputs`` if the host kept the forward under ``keep``;
+    with the inputs as well if it was not kept or the host no longer keeps it (it answers 409)."""
+    if keep is not None:
+        try:
+            return call_expert(uid, endpoint, "backward", list(grad_outputs), compression, timeout, secret, keep, handle)
+        except RemoteExpertError as e:
+            if e.status != 409:
+                raise
+    return call_expert(uid, endpoint, "backward", [*inputs, *grad_outputs], compression, timeout, secret, handle=handle)
+
+
+def _error_message(response: transport.Answer) -> str:
     try:
-        return str(json.loads(response.content)["error"])
+        return str(json.loads(response.body)["error"])
     except (ValueError, KeyError, TypeError):
-        return response.text[:500] or response.reason or "empty answer"
+        return response.body[:500].decode("utf-8", "replace") or response.reason or "empty answer"
 
 
 class _RemoteCall(torch.autograd.Function):
@@ -137,9 +178,10 @@ class _RemoteCall(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, expert: "RemoteExpert", *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         ctx.expert = expert
+        ctx.keep = new_keep_id() if any(ctx.needs_input_grad) else None  # no backward will come otherwise
         ctx.save_for_backward(*inputs)
         outputs = call_expert(expert.uid, expert.endpoint, "forward", expert.as_host_dtypes(inputs, "args_schema"),
-                              expert.compression, expert.forward_timeout, expert.secret)
+                              expert.compression, expert.forward_timeout, expert.secret, keep=ctx.keep)
         like = inputs[0]
         return tuple(out.to(device=like.device, dtype=like.dtype if out.is_floating_point() else out.dtype) for out in outputs)
 
@@ -147,9 +189,9 @@ class _RemoteCall(torch.autograd.Function):
     def backward(ctx: Any, *grad_outputs: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         expert: RemoteExpert = ctx.expert
         inputs = ctx.saved_tensors
-        tensors = [*expert.as_host_dtypes(inputs, "args_schema"), *expert.as_host_dtypes(grad_outputs, "outputs_schema")]
-        grads = call_expert(expert.uid, expert.endpoint, "backward", tensors, expert.compression, expert.backward_timeout,
-                            expert.secret)
+        grads = call_backward(expert.uid, expert.endpoint, ctx.keep, expert.as_host_dtypes(inputs, "args_schema"),
+                              expert.as_host_dtypes(grad_outputs, "outputs_schema"), expert.compression,
+                              expert.backward_timeout, expert.secret)
         if len(grads) != len(inputs):
             raise RemoteExpertError(expert.uid, expert.endpoint, f"backward: {len(grads)} gradients for {len(inputs)} inputs")
         return (None, *(g.to(device=x.device, dtype=x.dtype) for g, x in zip(grads, inputs)))

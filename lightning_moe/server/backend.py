@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from lightning_moe import wire
+from lightning_moe.server.kept_forwards import KeptForwards
 from lightning_moe.server.task_pool import TaskPool
 
 logger = logging.getLogger(__name__)
@@ -96,7 +97,8 @@ class ExpertBackend:
         self.samples_since_update = 0
         self.expert.train()
         self.outputs_schema = self._infer_outputs_schema()
-        self.forward_pool = TaskPool(f"{name}.forward", self.forward, self.max_batch_size)
+        self.kept: KeptForwards | None = None  # the host's, set by ExpertHost: forwards kept for their backward
+        self.forward_pool = TaskPool(f"{name}.forward", self.forward, self.max_batch_size, pass_keys=True)
         self.backward_pool = TaskPool(f"{name}.backward", self.backward, self.max_batch_size)
 
     @property
@@ -177,16 +179,35 @@ class ExpertBackend:
             self._check_finite(tensors[num_args:], "grad_output")
         return tuple(tensors)
 
+    def validate_grads(self, tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """Check the output gradients of a backward whose forward was kept; raises ValueError with the reason."""
+        if len(tensors) != len(self.outputs_schema):
+            raise ValueError(f"a backward of a kept forward takes {len(self.outputs_schema)} output gradients, got {len(tensors)}")
+        self._check(tensors, self.outputs_schema, "grad_output", None)
+        if self.reject_nonfinite:
+            self._check_finite(tensors, "grad_output")
+        return tuple(tensors)
+
     def empty_outputs(self, direction: str) -> list[torch.Tensor]:
         """The answer to a request with zero rows, without running the expert."""
         schema = self.outputs_schema if direction == "forward" else self.args_schema
         return [torch.empty(0, *shape, dtype=dtype) for shape, dtype in schema]
 
     # ---- compute (in the runtime thread) ---------------------------------------------------
-    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Outputs of the expert (train mode, no autograd graph)."""
-        with self._lock, torch.no_grad():
-            outputs = _as_tuple(self.expert(*inputs))
+    def forward(self, *inputs: torch.Tensor, keys: dict[str, tuple[int, int]] | None = None) -> tuple[torch.Tensor, ...]:
+        """Outputs of the expert (train mode); with ``keys`` (request id -> rows) the graph is kept for their backward."""
+        kept = self.kept if keys and self.kept is not None and self.kept.enabled else None
+        if kept is None:
+            with self._lock, torch.no_grad():
+                outputs = _as_tuple(self.expert(*inputs))
+        else:
+            leaves = [x.detach().requires_grad_(x.is_floating_point()) for x in inputs]
+            saved = _SavedTensors()
+            with self._lock, torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
+                outputs = _as_tuple(self.expert(*leaves))
+            if any(o.requires_grad for o in outputs):
+                kept.keep(self, keys, leaves, outputs, saved.nbytes)
+            outputs = tuple(o.detach() for o in outputs)
         self.forward_batches += 1
         self.forward_samples += inputs[0].shape[0]
         return outputs
@@ -195,32 +216,41 @@ class ExpertBackend:
         """Gradients of the inputs; recomputes forward, accumulates parameter gradients, steps the optimizer."""
         num_args = len(self.args_schema)
         inputs = [x.detach().requires_grad_(x.is_floating_point()) for x in tensors[:num_args]]
-        grad_outputs = tensors[num_args:]
-        batch = inputs[0].shape[0]
         with self._lock:
             with torch.enable_grad():
                 outputs = _as_tuple(self.expert(*inputs))
-                pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if o.requires_grad]
-                if pairs:
-                    if self.optimizer is None:
-                        wanted = [x for x in inputs if x.requires_grad]
-                        grads = torch.autograd.grad(
-                            [o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True
-                        )
-                        for x, g in zip(wanted, grads):
-                            x.grad = g
-                    else:
-                        torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
-            grad_inputs = tuple(x.grad if x.grad is not None else torch.zeros_like(x) for x in inputs)
-            self.backward_batches += 1
-            self.backward_samples += batch
-            if self.optimizer is not None:
-                self.samples_since_update += batch
-                if self.samples_since_update >= self.update_every:
-                    self.optimizer.step()
-                    self.expert.zero_grad(set_to_none=True)
-                    self.update_count += 1
-                    self.samples_since_update = 0
+            return self._backward_through(inputs, outputs, tensors[num_args:])
+
+    def graph_backward(self, inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor],
+                       grad_outputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """Gradients of the inputs through a kept forward's graph; accumulates parameter gradients, steps the optimizer."""
+        with self._lock:
+            return self._backward_through(inputs, outputs, grad_outputs)
+
+    def _backward_through(self, inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor],
+                          grad_outputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """Backward from ``outputs`` to the leaves ``inputs`` (lock held), then count and maybe step."""
+        batch = inputs[0].shape[0]
+        with torch.enable_grad():
+            pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if o.requires_grad]
+            if pairs:
+                if self.optimizer is None:
+                    wanted = [x for x in inputs if x.requires_grad]
+                    grads = torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True)
+                    for x, g in zip(wanted, grads):
+                        x.grad = g
+                else:
+                    torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        grad_inputs = tuple(x.grad if x.grad is not None else torch.zeros_like(x) for x in inputs)
+        self.backward_batches += 1
+        self.backward_samples += batch
+        if self.optimizer is not None:
+            self.samples_since_update += batch
+            if self.samples_since_update >= self.update_every:
+                self.optimizer.step()
+                self.expert.zero_grad(set_to_none=True)
+                self.update_count += 1
+                self.samples_since_update = 0
         return grad_inputs
 
     # ---- description and state -------------------------------------------------------------
@@ -267,6 +297,36 @@ class ExpertBackend:
 
     def __repr__(self) -> str:
         return f"ExpertBackend({self.name!r}, {type(self.expert).__name__}, max_batch_size={self.max_batch_size})"
+
+
+class _SavedTensors:
+    """Saved-tensor hooks of a kept forward: count the bytes the graph holds, and let the optimizer step the
+    parameters in place before the graph's backward runs (autograd would refuse a parameter modified since the
+    forward; the backward then uses the current weights, as a recomputed forward would). Every other saved
+    tensor keeps autograd's check against in-place changes."""
+
+    def __init__(self) -> None:
+        self.nbytes = 0
+        self._seen: set[int] = set()
+
+    def pack(self, tensor: torch.Tensor) -> Any:
+        if isinstance(tensor, nn.Parameter) or isinstance(tensor._base, nn.Parameter):  # a weight or a view of one
+            return tensor
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in self._seen:
+            self._seen.add(storage.data_ptr())
+            self.nbytes += storage.nbytes()
+        return tensor, tensor._version
+
+    @staticmethod
+    def unpack(packed: Any) -> torch.Tensor:
+        if isinstance(packed, torch.Tensor):
+            return packed
+        tensor, version = packed
+        if tensor._version != version:
+            raise RuntimeError("a tensor saved for backward was modified in place after the forward (the expert's "
+                               "forward must not change its intermediate tensors in place)")
+        return tensor
 
 
 def _clone(value: Any) -> Any:

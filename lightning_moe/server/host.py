@@ -15,6 +15,7 @@ import torch
 from lightning_moe import auth, wire
 from lightning_moe.server.backend import ExpertBackend
 from lightning_moe.server.http import DIRECTIONS, ExpertHTTPServer
+from lightning_moe.server.kept_forwards import KeptForwards
 from lightning_moe.server.runtime import Runtime
 
 logger = logging.getLogger(__name__)
@@ -52,6 +53,9 @@ class ExpertHost:
             on a slow uplink; None answers each request in the compression it came in.
         secret: a private swarm's shared secret (default: the ``LIGHTNING_MOE_SECRET`` environment
             variable); with one, unsigned or wrongly signed requests get 401.
+        kept_forwards_bytes: memory for the graphs of forwards that trainers asked to keep, so that their
+            backward needs neither a second forward nor the inputs again (0: always recompute; see
+            :class:`~lightning_moe.server.kept_forwards.KeptForwards`).
     """
 
     def __init__(
@@ -75,6 +79,7 @@ class ExpertHost:
         max_inflight_bytes: int | None = None,
         max_rows_factor: int = 4,
         announce_port: int | None = None,
+        kept_forwards_bytes: int = 512 * 2**20,
     ):
         if isinstance(backends, Mapping):
             self.backends = dict(backends)
@@ -105,8 +110,13 @@ class ExpertHost:
             raise ValueError(f"connection, header, budget and row limits must be positive: {self._limits}")
         for backend in self.backends.values():
             backend.to(self.device)
+        if kept_forwards_bytes < 0:
+            raise ValueError(f"kept_forwards_bytes must be non-negative, got {kept_forwards_bytes}")
+        self.kept = KeptForwards(kept_forwards_bytes)
+        for backend in self.backends.values():
+            backend.kept = self.kept
         pools = [pool for b in self.backends.values() for pool in (b.forward_pool, b.backward_pool)]
-        self.runtime = Runtime(pools, self.device, name="lightning_moe-runtime")
+        self.runtime = Runtime([*pools, self.kept], self.device, name="lightning_moe-runtime")
         self.server: ExpertHTTPServer | None = None
         self._started_at = 0.0
         self._samples_history: collections.deque[tuple[float, int]] = collections.deque(maxlen=13)
@@ -260,6 +270,8 @@ class ExpertHost:
               "open_connections": int, "connections_accepted": int, "connections_refused": int,
               "client_addresses": int, "inflight_bytes": int, "budget_refused": int,
               "errors_by_status": {"401": int, ...},            # every error answer, by HTTP status
+              "kept_forwards": {"kept", "hits", "misses", "graph_backwards", "recomputed", "evicted",
+                                "used_bytes", "budget_bytes", ...},   # forwards kept for their backward
               "experts": {
                 uid: {
                   "updates": int,             # optimizer steps
@@ -291,7 +303,7 @@ class ExpertHost:
             "version": _version(), "endpoint": self.endpoint if self.server is not None else None,
             "device": str(self.device), "uptime": now - self._started_at if self._started_at else 0.0,
             "samples_per_second": (totals["samples"] - samples_then) / (now - then) if now > then else 0.0,
-            "interval": now - then, **totals, **http, "experts": per_expert,
+            "interval": now - then, **totals, **http, "kept_forwards": self.kept.stats(), "experts": per_expert,
         }
 
     # ---- checkpoints -----------------------------------------------------------------------

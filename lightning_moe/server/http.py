@@ -20,6 +20,7 @@ import gc
 import hmac
 import json
 import logging
+import re
 import secrets
 import socket
 import threading
@@ -38,6 +39,8 @@ from lightning_moe.server.task_pool import PoolClosedError
 logger = logging.getLogger(__name__)
 
 DIRECTIONS = ("forward", "backward")
+KEEP_ID = re.compile(r"[0-9a-f]{16,64}")  # a request id whose forward the trainer asks the host to keep
+KEEP_MISSED = "backward: this host does not keep the forward of this request (evicted, expired or never kept); send the inputs"
 DRAIN_LIMIT = 1 << 20  # an unwanted body up to this size is read and dropped to keep the connection; larger: close
 MAX_CLOCK_SKEW = 300.0  # seconds a signed request's X-Timestamp may differ from the host's clock
 RETRY_AFTER = "1"
@@ -320,6 +323,9 @@ class ExpertHTTPServer:
             raise _RequestError(400, f"unknown X-Compression {compression[:40]!r}; choose one of {list(wire.COMPRESSIONS)}", uid)
         length = self._content_length(request, uid)
         self._check_headers(request, post=True, uid=uid)
+        keep = request.query.get("keep")
+        if keep is not None and not KEEP_ID.fullmatch(keep):
+            raise _RequestError(400, f"{direction}: keep must be 16 to 64 lowercase hex digits, got {keep[:80]!r}", uid)
         if not self.budget.reserve(length):
             raise _RequestError(503, f"the host is reading too many request bodies ({self.budget.used} bytes in flight); "
                                      f"retry in {RETRY_AFTER} s", uid, close=True, headers={"Retry-After": RETRY_AFTER})
@@ -334,11 +340,13 @@ class ExpertHTTPServer:
             self._verify(request, body, uid)
             try:
                 tensors = wire.deserialize(body, self.max_body_bytes)
-                validate = backend.validate_forward if direction == "forward" else backend.validate_backward
-                tensors = validate(tensors)
+                if direction == "forward":
+                    tensors = backend.validate_forward(tensors)
+                else:
+                    tensors = backend.validate_grads(tensors) if keep else backend.validate_backward(tensors)
             except ValueError as e:  # WireError is a ValueError
                 raise _RequestError(400, f"{direction}: {e}", uid) from None
-            outputs = await self._compute(direction, uid, backend, tensors)
+            outputs = await self._compute(direction, uid, backend, tensors, keep)
             try:
                 return wire.serialize(outputs, self.compression or compression)
             except ValueError as e:
@@ -393,11 +401,20 @@ class ExpertHTTPServer:
             raise _RequestError(413, f"{rows} rows exceed the limit of {self.max_rows[uid]} rows per request; "
                                      "split the batch", uid, close=close)
 
-    async def _compute(self, direction: str, uid: str, backend: ExpertBackend, tensors: list) -> Any:
+    async def _compute(self, direction: str, uid: str, backend: ExpertBackend, tensors: list, keep: str | None) -> Any:
         if tensors[0].shape[0] == 0:
             return backend.empty_outputs(direction)
-        pool = backend.forward_pool if direction == "forward" else backend.backward_pool
-        future = pool.submit(*tensors)
+        if direction == "forward":
+            future = backend.forward_pool.submit(*tensors, key=keep)
+        elif keep is None:
+            future = backend.backward_pool.submit(*tensors)
+        else:
+            try:
+                future = backend.kept.backward(backend, keep, tensors) if backend.kept is not None else None
+            except ValueError as e:
+                raise _RequestError(400, f"backward: {e}", uid) from None
+            if future is None:
+                raise _RequestError(409, KEEP_MISSED, uid)
         try:
             return await asyncio.wait_for(asyncio.wrap_future(future), self.request_timeout)
         except asyncio.TimeoutError:

@@ -51,12 +51,16 @@ class Runtime:
         return self
 
     def _pick(self) -> TaskPool | None:
-        best, best_time = None, None
-        for pool in self.pools:
-            submitted = pool.oldest_submit_time
-            if submitted is not None and (best_time is None or submitted < best_time):
-                best, best_time = pool, submitted
-        return best
+        """The pool whose oldest task waited longest; if none waits, one with deferred work (``deferred_submit_time``)."""
+        for attribute in ("oldest_submit_time", "deferred_submit_time"):
+            best, best_time = None, None
+            for pool in self.pools:
+                submitted = getattr(pool, attribute, None)
+                if submitted is not None and (best_time is None or submitted < best_time):
+                    best, best_time = pool, submitted
+            if best is not None:
+                return best
+        return None
 
     def _run(self) -> None:
         logger.debug("runtime %s started on %s with %d pools", self.name, self.device, len(self.pools))

@@ -40,10 +40,10 @@ def _settle(future: Future, result: object = None, error: BaseException | None =
 
 
 class _Task:
-    __slots__ = ("inputs", "future", "size", "offset", "parts", "submitted")
+    __slots__ = ("inputs", "future", "size", "offset", "parts", "submitted", "key")
 
-    def __init__(self, inputs: tuple[torch.Tensor, ...], future: Future, size: int):
-        self.inputs, self.future, self.size = inputs, future, size
+    def __init__(self, inputs: tuple[torch.Tensor, ...], future: Future, size: int, key: str | None = None):
+        self.inputs, self.future, self.size, self.key = inputs, future, size, key
         self.offset = 0  # rows already put into batches
         self.parts: list[Sequence[torch.Tensor]] = []  # outputs of the parts processed so far
         self.submitted = time.monotonic()
@@ -62,13 +62,16 @@ class TaskPool:
     """Collects tasks and forms batches of at most ``max_batch_size`` rows for ``process_fn``.
 
     ``process_fn(*batch_inputs)`` returns a tuple of outputs whose first dimension is the batch.
+    With ``pass_keys`` it also gets ``keys=`` if a task of the batch has a key: the ``key`` each
+    task was submitted with -> its rows in the batch (tasks split over several batches are left out).
     Thread-safe: any thread may :meth:`submit`; one thread (the Runtime) calls :meth:`run_batch`.
     """
 
-    def __init__(self, name: str, process_fn: ProcessFn, max_batch_size: int, history: int = 1024):
+    def __init__(self, name: str, process_fn: ProcessFn, max_batch_size: int, history: int = 1024, pass_keys: bool = False):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
         self.name, self.process_fn, self.max_batch_size = name, process_fn, int(max_batch_size)
+        self.pass_keys = pass_keys
         self._queue: collections.deque[_Task] = collections.deque()
         self._lock = threading.Lock()
         self._rows = 0
@@ -85,8 +88,9 @@ class TaskPool:
         self._busy_time = 0.0
 
     # ---- producers -------------------------------------------------------------------------
-    def submit(self, *inputs: torch.Tensor) -> Future:
-        """Queue one task; returns a Future of its outputs (a tuple of tensors)."""
+    def submit(self, *inputs: torch.Tensor, key: str | None = None) -> Future:
+        """Queue one task (``key``: what ``process_fn`` is told the task's rows belong to); returns a Future of its
+        outputs (a tuple of tensors)."""
         if not inputs:
             raise ValueError("a task needs at least one tensor")
         size = inputs[0].shape[0] if inputs[0].dim() > 0 else -1
@@ -95,7 +99,7 @@ class TaskPool:
         if size == 0:
             raise ValueError("a task needs at least one row")
         future: Future = Future()
-        task = _Task(inputs, future, size)
+        task = _Task(inputs, future, size, key)
         with self._lock:
             if self._closed is not None:
                 future.set_exception(self._closed)
@@ -189,6 +193,16 @@ class TaskPool:
             raise ValueError(f"pool {self.name}: tasks in one batch have different numbers of tensors")
         return [torch.cat([task.inputs[i][start:stop] for task, start, stop in parts]) for i in range(num_args)]
 
+    @staticmethod
+    def _keys(batch: Batch) -> dict[str, tuple[int, int]]:
+        """Each whole task's key -> its rows in the batch."""
+        keys, offset = {}, 0
+        for task, start, stop in batch.parts:
+            if task.key is not None and start == 0 and stop == task.size:
+                keys[task.key] = (offset, offset + stop - start)
+            offset += stop - start
+        return keys
+
     def _drop_head(self, task: _Task) -> None:
         self._queue.popleft()
         self._rows -= task.size - task.offset
@@ -254,7 +268,8 @@ class TaskPool:
             inputs = batch.inputs = self._gather(batch)
             if device is not None:
                 inputs = [x.to(device, non_blocking=True) for x in inputs]
-            outputs = self.process_fn(*inputs)
+            keys = self._keys(batch) if self.pass_keys else None
+            outputs = self.process_fn(*inputs, keys=keys) if keys else self.process_fn(*inputs)
             if isinstance(outputs, torch.Tensor):
                 outputs = (outputs,)
             outputs = [out.detach().to("cpu") for out in outputs]

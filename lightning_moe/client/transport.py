@@ -1,0 +1,215 @@
+"""HTTP/1.1 keep-alive connections to hosts, with calls that can be given up at once.
+
+A call blocks a worker thread until the host answers. When the caller stops waiting (enough
+experts answered, or its deadline passed) :meth:`CallHandle.cancel` shuts the call's socket
+down, so the worker returns now instead of at the end of the request timeout, and a hung host
+cannot fill the caller's thread pool. Answers are read into one preallocated buffer (no copy).
+Idle connections are kept per endpoint and process and reused; :func:`warm_up` opens some ahead.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import select
+import socket
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+MAX_IDLE_PER_ENDPOINT = 64
+MAX_ANSWER_BYTES = 1 << 31
+
+
+class TransportError(OSError):
+    """No answer from the host: ``refused`` (nobody listens), ``timed_out``, ``cancelled``, or another failure."""
+
+    def __init__(self, message: str, refused: bool = False, timed_out: bool = False, cancelled: bool = False):
+        super().__init__(message)
+        self.refused, self.timed_out, self.cancelled = refused, timed_out, cancelled
+
+
+@dataclass
+class Answer:
+    status: int
+    reason: str
+    headers: Mapping[str, str]
+    body: bytearray
+
+
+class CallHandle:
+    """Lets another thread give up a call in flight: its socket is shut down and the call raises TransportError."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+        self.cancelled = False
+
+    def _attach(self, sock: socket.socket | None) -> None:
+        with self._lock:
+            self._sock = sock
+            if self.cancelled and sock is not None:
+                _shutdown(sock)
+
+    def cancel(self) -> None:
+        """Give the call up (idempotent; a call that has not started fails as soon as it starts)."""
+        with self._lock:
+            self.cancelled = True
+            if self._sock is not None:
+                _shutdown(self._sock)
+
+
+def _shutdown(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+class _Pool:
+    """Idle keep-alive connections of this process, per endpoint."""
+
+    def __init__(self) -> None:
+        self.idle: dict[str, list[http.client.HTTPConnection]] = {}
+        self.lock = threading.Lock()
+
+    def take(self, endpoint: str) -> http.client.HTTPConnection | None:
+        with self.lock:
+            idle = self.idle.get(endpoint)
+            while idle:
+                conn = idle.pop()
+                if _still_open(conn):
+                    return conn
+                conn.close()
+        return None
+
+    def give_back(self, endpoint: str, conn: http.client.HTTPConnection) -> None:
+        with self.lock:
+            idle = self.idle.setdefault(endpoint, [])
+            if len(idle) < MAX_IDLE_PER_ENDPOINT:
+                idle.append(conn)
+                return
+        conn.close()
+
+    def count(self, endpoint: str) -> int:
+        with self.lock:
+            return len(self.idle.get(endpoint, ()))
+
+
+_pools: dict[int, _Pool] = {}
+_pools_lock = threading.Lock()
+
+
+def _pool() -> _Pool:
+    """This process's pool (a forked child starts with none of its parent's sockets)."""
+    pid = os.getpid()
+    with _pools_lock:
+        if pid not in _pools:
+            _pools.clear()
+            _pools[pid] = _Pool()
+        return _pools[pid]
+
+
+def _still_open(conn: http.client.HTTPConnection) -> bool:
+    """An idle connection the host has not closed (a readable idle socket is at EOF or holds garbage)."""
+    sock = conn.sock
+    if sock is None:
+        return False
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return False
+    return not readable
+
+
+def _split(endpoint: str) -> tuple[str, int]:
+    host, _, port = endpoint.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def request(endpoint: str, method: str, path: str, body: bytes | bytearray | memoryview | None = None,
+            headers: Mapping[str, str] | None = None, timeout: float | None = None,
+            handle: CallHandle | None = None) -> Answer:
+    """One HTTP request on a kept-alive connection to ``endpoint``; raises TransportError when no answer came.
+
+    A reused connection that the host closed in the meantime is retried once on a new one.
+    """
+    pool = _pool()
+    for attempt in range(2):
+        conn = pool.take(endpoint) if attempt == 0 else None
+        reused = conn is not None
+        if conn is None:
+            host, port = _split(endpoint)
+            conn = http.client.HTTPConnection(host, port, timeout=timeout)
+        try:
+            answer = _exchange(conn, method, path, body, headers or {}, timeout, handle)
+        except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as e:
+            conn.close()
+            if reused and not (handle is not None and handle.cancelled):
+                continue  # the host closed an idle connection as we reused it
+            raise _error(e, handle, endpoint) from e
+        except (OSError, http.client.HTTPException) as e:
+            conn.close()
+            raise _error(e, handle, endpoint) from e
+        finally:
+            if handle is not None:
+                handle._attach(None)
+        if answer.headers.get("connection", "").lower() == "close":
+            conn.close()
+        else:
+            pool.give_back(endpoint, conn)
+        return answer
+    raise AssertionError("unreachable")
+
+
+def _exchange(conn: http.client.HTTPConnection, method: str, path: str, body: bytes | bytearray | memoryview | None,
+              headers: Mapping[str, str], timeout: float | None, handle: CallHandle | None) -> Answer:
+    if conn.sock is None:
+        conn.timeout = timeout
+        conn.connect()
+    else:
+        conn.sock.settimeout(timeout)
+    if handle is not None:
+        handle._attach(conn.sock)
+    conn.request(method, path, body=body, headers=dict(headers))
+    response = conn.getresponse()
+    length = response.getheader("Content-Length")
+    if length is None or not length.isdigit() or int(length) > MAX_ANSWER_BYTES:
+        data = bytearray(response.read())
+    else:
+        data = bytearray(int(length))
+        view, got = memoryview(data), 0
+        while got < len(data):
+            n = response.readinto(view[got:])
+            if not n:
+                raise http.client.IncompleteRead(bytes(data[:got]), len(data) - got)
+            got += n
+    headers_out = {k.lower(): v for k, v in response.getheaders()}
+    if response.will_close:
+        headers_out["connection"] = "close"
+    return Answer(response.status, response.reason, headers_out, data)
+
+
+def _error(e: BaseException, handle: CallHandle | None, endpoint: str) -> TransportError:
+    if handle is not None and handle.cancelled:
+        return TransportError(f"given up by the caller ({type(e).__name__})", cancelled=True)
+    if isinstance(e, TimeoutError):  # socket.timeout
+        return TransportError(f"TimeoutError: no answer from {endpoint} in time", timed_out=True)
+    if isinstance(e, ConnectionRefusedError):
+        return TransportError(f"connection to {endpoint} refused: nobody listens there", refused=True)
+    return TransportError(f"{type(e).__name__}: {e}")
+
+
+def warm_up(endpoint: str, connections: int, timeout: float | None = 5.0) -> int:
+    """Open up to ``connections`` idle connections to ``endpoint`` ahead of calls; returns how many are idle now."""
+    pool = _pool()
+    host, port = _split(endpoint)
+    for _ in range(max(0, connections - pool.count(endpoint))):
+        conn = http.client.HTTPConnection(host, port, timeout=timeout)
+        try:
+            conn.connect()
+        except OSError:
+            conn.close()
+            break
+        pool.give_back(endpoint, conn)
+    return pool.count(endpoint)

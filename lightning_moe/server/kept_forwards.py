@@ -1,0 +1,269 @@
+"""KeptForwards: the autograd graphs of recent forward batches, kept within a memory budget.
+
+Without them a host's backward runs the forward again from inputs that the trainer sends back
+(one forward more per sample than local training, and the inputs cross the network twice). A
+trainer that will call backward asks the host to keep its forward (``?keep=<request id>``);
+its backward then sends only the output gradients under the same id.
+
+A batch's graph spans every request in it, and one backward through it costs the whole batch,
+so a kept batch runs its backward once, when every kept request of it has its gradients. The
+Runtime runs a batch that is still missing some of them only when it has nothing else to do, or
+once it has waited ``max_wait`` seconds: then the graph is used if most rows are there (missing
+rows get zero gradients, which add nothing), else the rows that arrived are recomputed from
+their kept inputs. Requests that arrive after their batch's graph was used are recomputed from
+their kept inputs too. A request whose batch was evicted (budget, ``ttl``) is answered None:
+the HTTP layer asks the trainer to send its inputs (409), as without keeping.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+
+from lightning_moe.server.task_pool import PoolClosedError, _settle
+
+if TYPE_CHECKING:
+    from lightning_moe.server.backend import ExpertBackend
+
+logger = logging.getLogger(__name__)
+
+GRAPH_WORTH = 2 / 3  # use the graph when this share of its rows arrived: backward ~2 forwards, recompute ~3 per row
+
+
+class KeptBatch:
+    """One forward batch of one expert: its input leaves, its outputs (with the graph) and who waits."""
+
+    __slots__ = ("backend", "inputs", "outputs", "spans", "arrived", "created", "first_arrival", "nbytes", "inputs_nbytes")
+
+    def __init__(self, backend: "ExpertBackend", inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor],
+                 spans: dict[str, tuple[int, int]], graph_nbytes: int):
+        self.backend, self.inputs, self.outputs, self.spans = backend, list(inputs), tuple(outputs), spans
+        self.arrived: dict[str, tuple[tuple[torch.Tensor, ...], Future]] = {}
+        self.created, self.first_arrival = time.monotonic(), None
+        self.inputs_nbytes = sum(x.numel() * x.element_size() for x in self.inputs)
+        self.nbytes = graph_nbytes + self.inputs_nbytes
+
+    @property
+    def rows(self) -> int:
+        return self.inputs[0].shape[0]
+
+    @property
+    def complete(self) -> bool:
+        return self.outputs is not None and len(self.arrived) == len(self.spans)
+
+    def inputs_of(self, key: str) -> list[torch.Tensor]:
+        start, stop = self.spans[key]
+        return [x.detach()[start:stop] for x in self.inputs]
+
+
+class KeptForwards:
+    """Kept forward batches of every expert of a host, at most ``budget_bytes`` of saved tensors.
+
+    Also the Runtime's pool of graph backwards: ``oldest_submit_time`` is the oldest batch that is
+    complete (or waited ``max_wait``), ``deferred_submit_time`` one that merely has arrivals.
+
+    Args:
+        budget_bytes: saved activations and inputs kept at most; the oldest batches go first.
+        ttl: seconds a batch is kept for backwards that have not come.
+        max_wait: seconds a batch with some of its gradients waits for the others while the host is busy.
+    """
+
+    def __init__(self, budget_bytes: int, ttl: float = 60.0, max_wait: float = 0.5, name: str = "kept-forwards"):
+        self.budget_bytes, self.ttl, self.max_wait, self.name = int(budget_bytes), float(ttl), float(max_wait), name
+        self._batches: collections.OrderedDict[int, KeptBatch] = collections.OrderedDict()  # oldest first
+        self._by_key: dict[tuple[str, str], int] = {}  # (uid, request id) -> batch id
+        self._next_id = 0
+        self._used = 0
+        self._lock = threading.Lock()
+        self._closed: BaseException | None = None
+        self.wakeup: threading.Event | None = None  # set by the Runtime
+        self.counters = dict.fromkeys(("kept", "not_kept", "hits", "misses", "graph_backwards", "recomputed",
+                                       "evicted", "expired"), 0)
+
+    @property
+    def enabled(self) -> bool:
+        return self.budget_bytes > 0
+
+    @property
+    def used_bytes(self) -> int:
+        return self._used
+
+    # ---- the forward side (runtime thread) ------------------------------------------------
+    def keep(self, backend: "ExpertBackend", spans: dict[str, tuple[int, int]], inputs: Sequence[torch.Tensor],
+             outputs: Sequence[torch.Tensor], graph_nbytes: int) -> bool:
+        """Keep a forward batch whose requests ``spans`` (request id -> rows) asked for it; False if it cannot fit."""
+        batch = KeptBatch(backend, inputs, outputs, spans, graph_nbytes)
+        with self._lock:
+            self._expire(time.monotonic())
+            if self._closed is not None or batch.nbytes > self.budget_bytes:
+                self.counters["not_kept"] += 1
+                return False
+            while self._used + batch.nbytes > self.budget_bytes and self._evict_one():
+                pass
+            batch_id, self._next_id = self._next_id, self._next_id + 1
+            self._batches[batch_id] = batch
+            for key in spans:
+                self._by_key[(backend.name, key)] = batch_id
+            self._used += batch.nbytes
+            self.counters["kept"] += 1
+        return True
+
+    # ---- the backward side (HTTP threads) --------------------------------------------------
+    def backward(self, backend: "ExpertBackend", key: str, grads: Sequence[torch.Tensor]) -> Future | None:
+        """A Future of the input gradients of the kept request ``key``; None if it is not kept (any more).
+
+        Raises ValueError if ``grads`` do not have the request's rows.
+        """
+        with self._lock:
+            if self._closed is not None:
+                future: Future = Future()
+                future.set_exception(self._closed)
+                return future
+            batch_id = self._by_key.get((backend.name, key))
+            batch = self._batches.get(batch_id) if batch_id is not None else None
+            if batch is None or key in batch.arrived:
+                self.counters["misses"] += 1
+                return None
+            start, stop = batch.spans[key]
+            if any(g.shape[0] != stop - start for g in grads):
+                raise ValueError(f"grad_output: {[g.shape[0] for g in grads]} rows, the kept forward had {stop - start}")
+            self.counters["hits"] += 1
+            if batch.outputs is None:  # its graph was used: recompute this request from its kept inputs
+                del self._by_key[(backend.name, key)]
+                inputs = batch.inputs_of(key)
+                self._forget_if_done(batch_id, batch)
+                self.counters["recomputed"] += 1
+                return backend.backward_pool.submit(*inputs, *grads)
+            future = Future()
+            batch.arrived[key] = (tuple(grads), future)
+            if batch.first_arrival is None:
+                batch.first_arrival = time.monotonic()
+        if self.wakeup is not None:
+            self.wakeup.set()
+        return future
+
+    # ---- the Runtime's view ----------------------------------------------------------------
+    @property
+    def oldest_submit_time(self) -> float | None:
+        """When the oldest batch that should run now got its first gradients (complete, or waited max_wait)."""
+        now = time.monotonic()
+        with self._lock:
+            times = [b.first_arrival for b in self._batches.values() if b.first_arrival is not None and b.outputs is not None
+                     and (b.complete or now - b.first_arrival >= self.max_wait)]
+        return min(times, default=None)
+
+    @property
+    def deferred_submit_time(self) -> float | None:
+        """When the oldest batch with some (not all) of its gradients got its first: run it if nothing else waits."""
+        with self._lock:
+            times = [b.first_arrival for b in self._batches.values() if b.first_arrival is not None and b.outputs is not None]
+        return min(times, default=None)
+
+    def run_batch(self, device: torch.device | str | None = None) -> int:
+        """Run the backward of the oldest batch with gradients; returns its rows (0 if none)."""
+        with self._lock:
+            candidates = [(b.first_arrival, i) for i, b in self._batches.items()
+                          if b.first_arrival is not None and b.outputs is not None]
+            if not candidates:
+                return 0
+            batch_id = min(candidates)[1]
+            batch = self._batches[batch_id]
+            arrived, batch.arrived = batch.arrived, {}
+            outputs, batch.outputs = batch.outputs, None  # a graph runs backward once
+            for key in arrived:
+                del self._by_key[(batch.backend.name, key)]
+            arrived_rows = sum(stop - start for start, stop in (batch.spans[k] for k in arrived))
+            use_graph = arrived_rows >= GRAPH_WORTH * batch.rows
+            self._used -= batch.nbytes - batch.inputs_nbytes
+            batch.nbytes = batch.inputs_nbytes
+            self._forget_if_done(batch_id, batch)
+            self.counters["graph_backwards" if use_graph else "recomputed"] += 1 if use_graph else len(arrived)
+        if use_graph:
+            self._run_graph(batch, outputs, arrived)
+        else:
+            for key, (grads, future) in arrived.items():
+                _chain(batch.backend.backward_pool.submit(*batch.inputs_of(key), *grads), future)
+        return arrived_rows
+
+    def _run_graph(self, batch: KeptBatch, outputs: tuple[torch.Tensor, ...], arrived: dict) -> None:
+        try:
+            grad_outputs = [torch.zeros_like(o) for o in outputs]
+            for key, (grads, _) in arrived.items():
+                start, stop = batch.spans[key]
+                for full, g in zip(grad_outputs, grads):
+                    full[start:stop] = g.to(full.device)
+            grad_inputs = batch.backend.graph_backward(batch.inputs, outputs, grad_outputs)
+        except Exception as e:  # noqa: BLE001 - the error belongs to the requests, not to the runtime
+            for _, future in arrived.values():
+                _settle(future, error=e)
+            return
+        for key, (_, future) in arrived.items():
+            start, stop = batch.spans[key]
+            _settle(future, tuple(g[start:stop].detach().to("cpu") for g in grad_inputs))
+
+    # ---- bookkeeping (lock held) -----------------------------------------------------------
+    def _forget_if_done(self, batch_id: int, batch: KeptBatch) -> None:
+        """Drop a batch whose graph was used once none of its requests can come any more."""
+        if batch.outputs is None and not any((batch.backend.name, k) in self._by_key for k in batch.spans):
+            self._drop(batch_id)
+
+    def _drop(self, batch_id: int) -> None:
+        """Forget a batch that has no gradients waiting."""
+        batch = self._batches.pop(batch_id)
+        self._used -= batch.nbytes
+        for key in batch.spans:
+            if self._by_key.get((batch.backend.name, key)) == batch_id:
+                del self._by_key[(batch.backend.name, key)]
+        return batch
+
+    def _evict_one(self) -> bool:
+        """Evict the oldest batch without waiting gradients (those still run); False if none can go."""
+        for batch_id, batch in self._batches.items():
+            if not batch.arrived:
+                self._drop(batch_id)
+                self.counters["evicted"] += 1
+                return True
+        return False
+
+    def _expire(self, now: float) -> None:
+        for batch_id in [i for i, b in self._batches.items() if now - b.created > self.ttl and not b.arrived]:
+            self._drop(batch_id)
+            self.counters["expired"] += 1
+
+    # ---- lifecycle and stats ---------------------------------------------------------------
+    def close(self, error: BaseException | None = None) -> None:
+        """Refuse new batches and fail every waiting backward."""
+        error = error if error is not None else PoolClosedError(f"{self.name} is closed")
+        with self._lock:
+            self._closed = error
+            waiting = [future for b in self._batches.values() for _, future in b.arrived.values()]
+            self._batches.clear()
+            self._by_key.clear()
+            self._used = 0
+        for future in waiting:
+            _settle(future, error=error)
+
+    def reopen(self) -> None:
+        with self._lock:
+            self._closed = None
+
+    def stats(self) -> dict:
+        """Counters, batches kept and bytes used."""
+        with self._lock:
+            return {**self.counters, "batches": len(self._batches), "used_bytes": self._used, "budget_bytes": self.budget_bytes}
+
+
+def _chain(source: Future, target: Future) -> None:
+    """Settle ``target`` with ``source``'s outcome when it has one."""
+
+    def copy(done: Future) -> None:
+        error = done.exception() if not done.cancelled() else PoolClosedError("cancelled")
+        _settle(target, None if error is not None else done.result(), error)
+
+    source.add_done_callback(copy)
