@@ -18,7 +18,6 @@ import argparse
 import logging
 import multiprocessing as mp
 import random
-import statistics
 import time
 
 import torch
@@ -26,6 +25,8 @@ import torch
 from lightning_moe.client.remote_expert import call_backward, call_expert, new_keep_id
 from lightning_moe.server import ExpertBackend, ExpertHost
 from lightning_moe.server.experts import make_expert
+
+from bench_util import interleave, spread
 
 logger = logging.getLogger("benchmark_throughput")
 
@@ -144,18 +145,14 @@ def main() -> None:
     print(f"experts={args.num_experts} x {args.expert_cls}(hid={args.hid_dim}), clients={args.num_clients}, "
           f"batch={args.batch_size} x {args.batches_per_client} per client, backprop={args.backprop}, "
           f"compression={args.compression}, torch threads={torch.get_num_threads()}, rounds={args.rounds}")
-    ceilings, remotes, ratios = [measure_local(args)], [], []
-    print(f"ceiling 0 (one process, no network): {ceilings[-1]:8.1f} samples/s", flush=True)
-    for i in range(args.rounds):
-        remotes.append(measure_remote(args))
-        print(f"remote {i} (through one ExpertHost):  {remotes[-1]:8.1f} samples/s", flush=True)
-        ceilings.append(measure_local(args))
-        print(f"ceiling {i + 1} (one process, no network): {ceilings[-1]:8.1f} samples/s", flush=True)
-        ratios.append(remotes[-1] / statistics.mean(ceilings[-2:]))
-        print(f"round {i}: ratio {ratios[-1]:.2f}", flush=True)
-    for name, values in (("ceiling", ceilings), ("remote", remotes)):
-        print(f"{name}: median {statistics.median(values):.1f} samples/s (min {min(values):.1f}, max {max(values):.1f})")
-    print(f"ratio median {statistics.median(ratios):.2f} (min {min(ratios):.2f}, max {max(ratios):.2f})")
+    figures = interleave(
+        lambda: measure_local(args), lambda: measure_remote(args), args.rounds,
+        baseline_label="ceiling {i} (one process, no network)", measured_label="remote {i} (through one ExpertHost)",
+        show=lambda value: f"{value:8.1f} samples/s",
+    )
+    for name, values in (("ceiling", figures.baselines), ("remote", figures.measured)):
+        print(f"{name}: {spread(values, 1, ' samples/s')}")
+    print(f"ratio {spread(figures.ratios)}")
 
 
 if __name__ == "__main__":

@@ -129,3 +129,84 @@ def test_random_bytes_never_crash():
 def test_serialize_rejects_unknown_compression():
     with pytest.raises(ValueError, match="compression"):
         wire.serialize([torch.zeros(1)], "gzip")
+
+
+def _tensors():
+    return [torch.randn(300, 128), torch.arange(5), torch.randn(3, 4).half(), torch.randn(200, 100)]
+
+
+@pytest.mark.parametrize("compression", wire.COMPRESSIONS)
+def test_parts_join_to_the_message(compression):
+    tensors = _tensors()
+    parts = wire.serialize_parts(tensors, compression)
+    message = wire.serialize(tensors, compression)
+    assert isinstance(message, bytearray)
+    assert b"".join(parts) == message
+    assert all(len(part) > 0 for part in parts)
+    assert all(isinstance(part, bytes) or (part.format == "B" and part.ndim == 1) for part in parts)
+
+
+def test_parts_share_memory_with_uncompressed_tensors():
+    x = torch.randn(256, 256)  # 256 KiB: large enough to be sent from its own memory
+    parts = wire.serialize_parts([x])
+    assert len(parts) == 2 and isinstance(parts[1], memoryview)
+    x[0, 0] = 123.0
+    assert torch.frombuffer(bytearray(parts[1][:4]), dtype=torch.float32).item() == 123.0
+    del x  # the part keeps the memory alive
+    assert len(bytes(parts[1])) == 256 * 256 * 4
+
+
+def _buffers(message: bytearray):
+    return {
+        "bytes": bytes(message),
+        "bytearray": bytearray(message),
+        "memoryview of bytearray": memoryview(bytearray(message)),
+        "memoryview of bytes": memoryview(bytes(message)),
+        "memoryview cast to float32": memoryview(bytearray(message)).cast("f"),
+        "memoryview slice": memoryview(bytearray(b"x" * 8 + message))[8:],
+    }
+
+
+@pytest.mark.parametrize("compression", wire.COMPRESSIONS)
+@pytest.mark.parametrize("kind", list(_buffers(bytearray(8))))
+def test_deserialize_accepts_every_buffer_without_warnings(kind, compression, recwarn):
+    tensors = _tensors()
+    data = _buffers(wire.serialize(tensors, compression))[kind]
+    decoded = wire.deserialize(data)
+    assert not [w for w in recwarn if "writable" in str(w.message)]
+    for a, b in zip(tensors, decoded):
+        assert b.dtype == a.dtype and b.shape == a.shape and torch.allclose(a.float(), b.float(), atol=0.05)
+    for b in decoded:  # every decoded tensor is writable memory of its own or of a writable buffer
+        b.add_(1)
+
+
+def test_writable_buffers_decode_without_a_copy_and_bytes_are_never_aliased():
+    x = torch.randn(16, 8)
+    message = wire.serialize([x])
+    (y,) = wire.deserialize(message)
+    message[-4:] = struct.pack("<f", 7.0)
+    assert y[-1, -1].item() == 7.0  # a view of the bytearray
+    view = memoryview(bytearray(message))
+    (z,) = wire.deserialize(view)
+    view[-4:] = struct.pack("<f", 9.0)
+    assert z[-1, -1].item() == 9.0  # a view of the memoryview's buffer
+    frozen = bytes(message)
+    (w,) = wire.deserialize(frozen)
+    w.zero_()
+    assert frozen == bytes(message)  # the immutable bytes were copied, not written
+
+
+def test_non_contiguous_buffer_is_refused():
+    message = wire.serialize([torch.randn(2, 2)])
+    doubled = memoryview(bytearray(b"".join(bytes([b, 0]) for b in message)))[::2]
+    with pytest.raises(wire.WireError, match="contiguous"):
+        wire.deserialize(doubled)
+
+
+@pytest.mark.parametrize("compression", wire.COMPRESSIONS)
+def test_without_numpy_views_the_same_message_comes_out(compression, monkeypatch):
+    tensors = _tensors()
+    expected = wire.serialize(tensors, compression)
+    monkeypatch.setattr(wire, "_shared", lambda buffer: None)  # as when torch runs without numpy
+    assert wire.serialize(tensors, compression) == expected
+    assert b"".join(wire.serialize_parts(tensors, compression)) == expected
