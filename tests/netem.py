@@ -10,6 +10,9 @@ for datagrams, loss:
 - :class:`DelayProxy` (TCP) listens on ``127.0.0.1:0`` and forwards every accepted
   connection to one target ``(host, port)``, e.g. an ExpertHost's HTTP port.
 - :class:`UDPRelay` stands in front of ONE datagram endpoint, e.g. a DHT node.
+- :class:`UDPNetwork` joins MANY datagram endpoints (a DHT of many nodes) as the internet does:
+  each endpoint has a public address, and what it sends arrives FROM that public address, so
+  the addresses peers learn from datagrams (and pass on in routing tables) work for everyone.
 
 Each relay runs its own event loop in a daemon thread: ``start()`` returns the relay with
 ``.port`` / ``.address`` set, ``close()`` closes every socket and joins the thread; both are
@@ -51,7 +54,7 @@ from typing import Any
 
 Address = tuple[str, int]
 
-__all__ = ["DelayProxy", "Link", "UDPRelay"]
+__all__ = ["DelayProxy", "Link", "UDPNetwork", "UDPRelay"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -517,3 +520,146 @@ class UDPRelay(_LoopThread):
         if self._listener is not None:
             self._listener.close()
         await asyncio.sleep(0)  # let the transports finish closing their sockets
+
+
+class _Endpoint:
+    """One endpoint of a UDPNetwork: its real address, its public socket, its access link."""
+
+    __slots__ = ("real", "sock", "public", "up", "down", "queued_up", "queued_down", "added")
+
+    def __init__(self, real: Address, sock: socket.socket, up: _Shaper, down: _Shaper, added: bool):
+        self.real, self.sock, self.public = real, sock, sock.getsockname()[:2]
+        self.up, self.down, self.added = up, down, added
+        self.queued_up = self.queued_down = 0
+
+
+class UDPNetwork(_LoopThread):
+    """A datagram network between many endpoints on 127.0.0.1, each behind its own access link.
+
+    Why not one UDPRelay per node: a relay's target sees every client at one of the relay's
+    upstream sockets, which leads back to that client only from the target; a third node that
+    learns it from a routing table cannot use it, so a DHT of relayed nodes degenerates into a
+    star around the bootstrap node. Here, as on the internet (or behind a full-cone NAT), a
+    datagram that endpoint A sends to B's public address arrives at B FROM A's public address.
+
+    ``add(target)`` gives an endpoint (e.g. a DHT node bound at ``target``) a public address;
+    peers send there. A source that was never added (a client node) gets a public address on its
+    first datagram (``auto_added``), as a NAT maps it. A datagram from A to B is shaped by A's
+    uplink (``link``) and then B's downlink (``reverse``, default ``link``): with ``Link(delay=d)``
+    on every endpoint the one-way delay is ``2 d`` and the round trip between any two is ``4 d``.
+    Bandwidth is per endpoint and direction (its access link); loss applies on both links.
+
+    Counters: ``datagrams`` / ``bytes`` delivered, ``dropped`` (loss, full queue, send error),
+    ``auto_added``; ``endpoints`` maps each public address to the real one.
+    """
+
+    _name = "netem-udpnet"
+
+    def __init__(self, link: Link | None = None, *, reverse: Link | None = None, max_buffer_bytes: int = 1024 * 1024,
+                 seed: int | None = None, max_endpoints: int = 1024):
+        super().__init__()
+        self.link = link or Link()
+        self.reverse = reverse or self.link
+        self.max_buffer_bytes, self.max_endpoints = max_buffer_bytes, max_endpoints
+        self._rng = random.Random(seed)
+        self.datagrams = self.bytes = self.dropped = self.auto_added = 0
+        self._by_real: dict[Address, _Endpoint] = {}
+        self._by_public: dict[Address, _Endpoint] = {}
+        self._pending: set[asyncio.TimerHandle] = set()
+
+    @property
+    def endpoints(self) -> dict[Address, Address]:
+        return {ep.public: ep.real for ep in list(self._by_public.values())}
+
+    async def _open(self) -> int:
+        return 0  # no socket of its own: one per endpoint
+
+    def add(self, target: Address | str, link: Link | None = None, *, reverse: Link | None = None) -> Address:
+        """Give the endpoint at ``target`` a public address (returned); ``link`` / ``reverse``
+        override the network's access link for it."""
+        if isinstance(target, str):
+            host, _, p = target.rpartition(":")
+            target = (host, int(p))
+        _check_loopback(target[0])
+
+        async def add() -> Address:
+            return self._add((target[0], int(target[1])), link, reverse, added=True).public
+        return self._call(add())
+
+    def public_address(self, target: Address) -> Address | None:
+        """The public address of the endpoint at ``target`` (None if it has none yet)."""
+        ep = self._by_real.get((target[0], int(target[1])))
+        return None if ep is None else ep.public
+
+    def _add(self, real: Address, link: Link | None, reverse: Link | None, added: bool) -> _Endpoint:
+        if real in self._by_real:
+            raise ValueError(f"{real} already has a public address")
+        if len(self._by_real) >= self.max_endpoints:
+            raise RuntimeError("too many endpoints")
+        sock = _udp_socket()
+        sock.bind(("127.0.0.1", 0))
+        up_link = link or self.link
+        down_link = reverse or (link if link is not None else self.reverse)
+        ep = _Endpoint(real, sock, _Shaper(up_link, self._rng, False), _Shaper(down_link, self._rng, False), added)
+        self._by_real[real], self._by_public[ep.public] = ep, ep
+        assert self._loop is not None
+        self._loop.add_reader(sock.fileno(), self._readable, ep)
+        return ep
+
+    def _readable(self, dest: _Endpoint) -> None:
+        for _ in range(64):  # bounded: other sockets get their turn
+            try:
+                data, source = dest.sock.recvfrom(65536)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            self._route(data, (source[0], source[1]), dest)
+
+    def _route(self, data: bytes, source: Address, dest: _Endpoint) -> None:
+        if source in self._by_public:  # a public socket never sends to another by itself
+            self.dropped += 1
+            return
+        sender = self._by_real.get(source)
+        if sender is None:
+            if len(self._by_real) >= self.max_endpoints:
+                self.dropped += 1
+                return
+            sender = self._add(source, None, None, added=False)
+            self.auto_added += 1
+        up, down = sender.up.link, dest.down.link
+        lost = (up.loss and self._rng.random() < up.loss) or (down.loss and self._rng.random() < down.loss)
+        if lost or sender.queued_up + len(data) > self.max_buffer_bytes or dest.queued_down + len(data) > self.max_buffer_bytes:
+            self.dropped += 1
+            return
+        loop = asyncio.get_running_loop()
+        release = dest.down.release_time(len(data), sender.up.release_time(len(data), loop.time()))
+        sender.queued_up += len(data)
+        dest.queued_down += len(data)
+        handle: asyncio.TimerHandle
+
+        def deliver() -> None:
+            self._pending.discard(handle)
+            sender.queued_up -= len(data)
+            dest.queued_down -= len(data)
+            try:
+                sender.sock.sendto(data, dest.real)  # from the sender's public address
+            except OSError:
+                self.dropped += 1
+                return
+            self.datagrams += 1
+            self.bytes += len(data)
+
+        handle = loop.call_at(release, deliver)
+        self._pending.add(handle)
+
+    async def _shutdown(self) -> None:
+        for handle in list(self._pending):
+            handle.cancel()
+        self._pending.clear()
+        loop = asyncio.get_running_loop()
+        for ep in list(self._by_real.values()):
+            loop.remove_reader(ep.sock.fileno())
+            ep.sock.close()
+        self._by_real.clear()
+        self._by_public.clear()

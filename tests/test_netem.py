@@ -366,3 +366,37 @@ def test_a_dht_node_behind_the_relay_answers_with_the_delay():
                 b.shutdown()
     finally:
         a.shutdown()
+
+
+def test_udp_network_keeps_a_dht_whole_and_every_datagram_inside():
+    """16 DHT nodes on a UDPNetwork: routing tables fill with public (emulated) addresses only, a
+    get pays one round trip, and the nodes received nothing that did not come through the network.
+    (With one UDPRelay per node, nodes learn each other at relay-internal addresses that only lead
+    back through one relay: the DHT degenerates into a star around the bootstrap node.)"""
+    from lightning_moe.dht import DHT
+    from netem import UDPNetwork
+
+    delay = 0.01  # per access link and direction: 20 ms one way, 40 ms round trip
+    nodes = []
+    with UDPNetwork(Link(delay=delay)) as net:
+        try:
+            nodes.append(DHT(rpc_timeout=2.0, wait_timeout=10.0))
+            boot = "%s:%d" % net.add(("127.0.0.1", nodes[0].port))
+            for _ in range(15):
+                nodes.append(DHT(initial_peers=[boot], rpc_timeout=2.0, wait_timeout=10.0))
+            publics = {f"{h}:{p}" for h, p in net.endpoints}
+            assert len(publics) == 16 and net.auto_added == 15
+            for node in nodes:
+                table = node.routing_table()
+                assert set(table) <= publics, table
+                assert len(table) >= 8, table  # not a star around the bootstrap node
+            assert nodes[3].store("key", "sub", "value", time.time() + 60)
+            start = time.monotonic()
+            found = nodes[9].get("key")
+            elapsed = time.monotonic() - start
+            assert found["sub"][0] == "value"
+            assert 4 * delay <= elapsed < 4 * delay + 5.0, elapsed
+            assert sum(n.stats["bytes_received"] for n in nodes) == net.bytes and net.dropped == 0
+        finally:
+            for node in nodes:
+                node.shutdown()
