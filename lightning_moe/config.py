@@ -205,6 +205,7 @@ class DecentralizedMoEConfig(MoEConfig):
     backward_timeout_after_k_min: Optional[float] = 1.0
     max_retries: int = 2
     allow_zero_outputs: bool = False
+    max_call_bytes: int = 256 * 1024
     health: HealthConfig = field(default_factory=HealthConfig)
 
 
@@ -229,6 +230,7 @@ def check_moe(moe: Any) -> None:
             _require(moe[key] is None or moe[key] > 0, f"moe.{key}", "must be null or positive", moe[key])
         _require(moe.cache_ttl >= 0, "moe.cache_ttl", "must be 0 or positive", moe.cache_ttl)
         _require(moe.max_retries >= 0, "moe.max_retries", "must be 0 or positive", moe.max_retries)
+        _require(moe.max_call_bytes >= 1, "moe.max_call_bytes", "must be positive", moe.max_call_bytes)
         try:
             HealthConfig(**moe.health)
         except ValueError as e:

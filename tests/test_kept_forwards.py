@@ -248,3 +248,28 @@ def test_a_decentralized_moe_training_step_uses_kept_forwards_and_eval_keeps_non
             moe(torch.randn(6, HID))
         assert volunteer.host.kept.stats()["kept"] == kept_before
         moe.close()
+
+
+def test_large_calls_are_split_into_parallel_requests_with_the_same_result():
+    import functools
+
+    from lightning_moe import DecentralizedMoE
+    from lightning_moe.config import DHTConfig, HostConfig
+    from lightning_moe.volunteer import start_volunteer
+
+    config = HostConfig(expert=functools.partial(make_expert, "ffn", HID), optimizer=functools.partial(torch.optim.SGD, lr=0.01),
+                        in_features=HID, grid_size=[2, 2], cells=4, stats_every=0, num_threads=1)
+    with start_volunteer(config, DHTConfig()) as volunteer:
+        moe = DecentralizedMoE(HID, [2, 2], "ffn", k_best=2, initial_peers=[volunteer.dht.address])
+        x = torch.randn(24, HID)
+        with torch.no_grad():
+            whole = moe(x)
+            asked_whole = moe.last_stats.asked
+            moe.max_call_bytes = 3 * HID * 4  # 3 rows per request
+            split = moe(x)
+        torch.testing.assert_close(split, whole)
+        assert moe.last_stats.asked > asked_whole and moe.last_stats.asked >= 24 * 2 // 3
+        y = moe(x.requires_grad_())
+        y.pow(2).sum().backward()
+        assert volunteer.host.kept.stats()["hits"] == moe.last_stats.backward_answered == moe.last_stats.backward_asked
+        moe.close()

@@ -46,7 +46,8 @@ class DecentralizedMoE(nn.Module):
         k_best: experts asked per sample.
         k_min: answers a sample needs; fewer raises :class:`NotEnoughExpertsError`.
         forward_timeout: seconds for the whole forward, DHT lookups and beam search included.
-        timeout_after_k_min: once the first expert answered, wait at most this long for the others;
+        timeout_after_k_min: once the first expert answered, wait at most this long for the others (or as long
+            again as the first answer took, if that is longer: a slow link is not cut off);
             samples they leave short of ``k_min`` are re-routed to the next-best experts not tried
             yet, and stragglers count against their hosts' health (so a slow host cannot stall steps).
         backward_k_min: expert gradients a sample should get; fewer is logged as a warning and counted.
@@ -65,6 +66,8 @@ class DecentralizedMoE(nn.Module):
         max_retries: rounds of re-routing for samples left short of ``k_min`` after failures.
         allow_zero_outputs: a sample that no expert answered contributes zeros instead of raising
             :class:`NotEnoughExpertsError` (hivemind's option of the same name); off by default.
+        max_call_bytes: a call to one expert larger than this goes out as several requests in parallel (each on
+            its own kept-alive connection: over a long link one large message costs a round trip per TCP window).
         health: how failing experts and hosts are excluded: a :class:`HealthConfig` (or its mapping) for
             the process's registry, shared by every layer (:func:`lightning_moe.shared.process_health`),
             or a :class:`HealthRegistry` of this layer's own; default: the process's as it is.
@@ -92,6 +95,7 @@ class DecentralizedMoE(nn.Module):
         max_retries: int = 2,
         allow_zero_outputs: bool = False,
         health: HealthRegistry | HealthConfig | Mapping[str, Any] | None = None,
+        max_call_bytes: int = 256 * 1024,
     ):
         super().__init__()
         if compression not in wire.COMPRESSIONS:
@@ -109,6 +113,9 @@ class DecentralizedMoE(nn.Module):
         self.initial_peers = list(initial_peers) if initial_peers else _peers_of(dht)
         self.backward_timeout_after_k_min, self.max_retries = backward_timeout_after_k_min, max_retries
         self.allow_zero_outputs = allow_zero_outputs
+        if max_call_bytes < 1:
+            raise ValueError(f"max_call_bytes must be positive, got {max_call_bytes}")
+        self.max_call_bytes = int(max_call_bytes)
         self.proj = nn.Linear(in_features, sum(self.grid_size))
         if isinstance(health, Mapping):
             health = HealthConfig(**health)
@@ -197,7 +204,7 @@ class DecentralizedMoE(nn.Module):
             state.check_k_min(self.k_min, lambda: self.lookup.excluded_experts(self.uid_prefix))
 
         backward_settings = CallSettings(self.backward_k_min, self.backward_timeout, self.backward_timeout_after_k_min,
-                                         self.compression, self.secret, self.health)
+                                         self.compression, self.secret, self.health, self.max_call_bytes)
         dummy = torch.empty(0, requires_grad=torch.is_grad_enabled())
         expert_outputs = RemoteMixtureCall.apply(state.answered, backward_settings, state.stats, [state.outputs], dummy, x_cpu)
         device = logits[0].device
@@ -212,7 +219,7 @@ class DecentralizedMoE(nn.Module):
                   x: torch.Tensor, deadline: float | None) -> None:
         """Call the chosen experts; re-route samples left short of k_min to the next-best experts not tried yet."""
         settings = CallSettings(self.k_min, self.forward_timeout, self.timeout_after_k_min, self.compression, self.secret,
-                                self.health)
+                                self.health, self.max_call_bytes)
         candidates = dict(enumerate(chosen))
         for attempt in range(self.max_retries + 1):
             calls = state.plan(candidates)

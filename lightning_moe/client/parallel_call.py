@@ -60,6 +60,7 @@ class CallSettings:
     compression: str = "none"
     secret: bytes | None = None
     health: HealthRegistry | None = None
+    max_call_bytes: int | None = None  # larger calls go out as several requests in parallel
 
     def report(self, call: ExpertCall, result: Any) -> None:
         """Tell the health registry how ``call`` went."""
@@ -110,8 +111,8 @@ def call_in_parallel(
     A forward payload is the call's inputs (the host keeps the forward if ``call.keep`` is set); a
     backward payload is ``(inputs, grad_outputs)``, sent as :func:`call_backward` does.
 
-    Waits until all calls answered, or ``timeout_after_k_min`` seconds after the first answer
-    (stragglers are then given up: a sample they leave short of ``k_min`` is the caller's to
+    Waits until all calls answered, or ``timeout_after_k_min`` seconds after the first answer, or as long
+    again as the first answer took if that is longer (so a slow link is not cut off; stragglers are then given up: a sample they leave short of ``k_min`` is the caller's to
     re-route), or until ``settings.timeout`` (or the earlier ``deadline``, a ``time.monotonic()``
     value) ran out. Calls still out then get TimeoutError.
 
@@ -152,7 +153,8 @@ def call_in_parallel(
                 results[index] = e
                 continue
             if soft_end is None and settings.timeout_after_k_min is not None:
-                soft_end = time.monotonic() + settings.timeout_after_k_min
+                now = time.monotonic()
+                soft_end = now + max(settings.timeout_after_k_min, now - start)
     for future in pending:  # given up: their sockets are shut down, so no worker waits for them any longer
         future.cancel()
         index = futures[future]
@@ -215,6 +217,9 @@ class MixtureForward:
     def call(self, calls: list[ExpertCall], x: torch.Tensor, settings: CallSettings, deadline: float | None) -> None:
         """Run every call's forward at once and write the answers into their rows' slots; with grad enabled the
         hosts keep the forwards for the backward."""
+        if settings.max_call_bytes is not None and calls:
+            row_bytes = max(x[0].numel() * x.element_size(), 1)
+            calls = split_calls(calls, max(settings.max_call_bytes // row_bytes, 1))
         if torch.is_grad_enabled():
             for call in calls:
                 call.keep = new_keep_id()
@@ -315,6 +320,19 @@ class RemoteMixtureCall(torch.autograd.Function):
             logger.warning("backward: %d samples got fewer than backward_k_min=%d expert gradients; %d of %d calls failed",
                            short, ctx.backward_settings.k_min, stats.backward_failed, len(calls))
         return None, None, None, None, None, grad_x if ctx.needs_input_grad[5] else None
+
+
+def split_calls(calls: list[ExpertCall], max_rows: int) -> list[ExpertCall]:
+    """Calls of more than ``max_rows`` rows as several calls to the same expert (sent in parallel, each on its own
+    connection: a large message on one connection costs a round trip per TCP window; the host batches them again)."""
+    out = []
+    for call in calls:
+        if len(call.rows) <= max_rows:
+            out.append(call)
+            continue
+        for rows, slots in zip(call.rows.split(max_rows), call.slots.split(max_rows)):
+            out.append(ExpertCall(call.uid, call.endpoint, rows, slots))
+    return out
 
 
 def tried_by(tried: list[tuple[ExpertCall, BaseException | None]], sample: int) -> list[tuple[ExpertCall, BaseException | None]]:
