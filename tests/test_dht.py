@@ -99,7 +99,9 @@ def test_storage_merges_subkeys_with_per_entry_expiry():
     key = digest("k")
     now = time.time()
     storage.merge(key, {"a": ("old", now + 10), "b": ("b", now + 0.2)})
-    storage.merge(key, {"a": ("stale", now + 5), "c": ("c", now + 10)})  # older "a" loses
+    assert set(decode_record(storage.get(key))) == {"a", "b"}  # encoded and cached
+    storage.merge(key, {"a": ("stale", now + 5), "c": ("c", now + 10)})  # older "a" loses; a new sub-key reaches peers
+    assert set(decode_record(storage.get(key))) == {"a", "b", "c"}
     storage.merge(key, {"a": ("new", now + 20)})
     assert storage.get_record(key) == {"a": ("new", now + 20), "b": ("b", now + 0.2), "c": ("c", now + 10)}
     assert decode_record(storage.get(key)) == storage.get_record(key)

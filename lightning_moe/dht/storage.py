@@ -87,6 +87,7 @@ class SubkeyStorage:
             self._remove(key, subkey, drop_empty=False)
         size = entry_size(subkey, entry[0], entry[1], entry[2] if len(entry) > 2 else None)
         record[subkey] = entry
+        self._blobs.pop(key, None)  # the cached encoding lacks the new entry
         meta[subkey] = _Meta(source, size)
         self.bytes_used += size + ENTRY_OVERHEAD
         self._source_bytes[source] += size + ENTRY_OVERHEAD
