@@ -58,7 +58,9 @@ class DecentralizedMoE(nn.Module):
             layer), looked up in the process that first runs forward (safe for DDP and pickling).
         initial_peers: ``"host:port"`` of DHT nodes, used when ``dht`` is None.
         compression: wire compression of activations and gradients: none, float16 or uint8.
-        cache_ttl: seconds that DHT answers are reused, so a step rarely waits on the DHT.
+        cache_ttl: seconds that a DHT answer is fresh; it is refreshed in the background before then, and an
+            older one is still used while its refresh runs (up to ``dht_cache.DEFAULT_MAX_STALE``), so a step
+            waits on the DHT only for prefixes it never looked up (``stats["dht_blocking"]``). 0: no caching.
         jitter: multiplicative noise ``U(1 - jitter, 1 + jitter)`` on the gating input during training.
         expert_info_timeout: seconds to wait for a host's ``/info`` (schemas), fetched once.
         secret: a private swarm's shared secret for requests and DHT records (default: the
@@ -125,6 +127,7 @@ class DecentralizedMoE(nn.Module):
         self._owns_dht_ref = False
         self._lock = threading.Lock()
         self.last_stats = CallStats()
+        self.last_lookup_stats: dict[str, int] = {}
         self.aux_loss: torch.Tensor | None = None
 
     def __getstate__(self) -> dict:
@@ -153,8 +156,11 @@ class DecentralizedMoE(nn.Module):
 
     @property
     def lookup(self) -> CachedExpertLookup:
+        """This layer's cache of DHT answers (refreshed in the background; see :class:`CachedExpertLookup`)."""
         dht, health = self.dht, self.health
         if self._lookup is None or self._lookup.dht is not dht or self._lookup.health is not health:
+            if self._lookup is not None:
+                self._lookup.close()
             self._lookup = CachedExpertLookup(dht, len(self.grid_size), health, ttl=self.cache_ttl)
             self._log_swarm()
         return self._lookup
@@ -162,8 +168,10 @@ class DecentralizedMoE(nn.Module):
     def close(self) -> None:
         """Let go of the DHT node (the process's client node shuts down when its last layer closes)."""
         with self._lock:
-            dht, owned = self._dht, self._owns_dht_ref
+            dht, owned, lookup = self._dht, self._owns_dht_ref, self._lookup
             self._dht, self._lookup, self._owns_dht_ref = None, None, False
+        if lookup is not None:
+            lookup.close()
         if dht is not None and owned:
             release_process_dht(dht)
 
@@ -183,6 +191,8 @@ class DecentralizedMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Mix the experts' outputs for each row of ``x`` (shape ``(..., in_features)``)."""
         start = time.monotonic()
+        lookup = self.lookup
+        lookup_before = lookup.stats
         deadline = None if self.forward_timeout is None else start + self.forward_timeout
         leading, flat = x.shape[:-1], x.reshape(-1, x.shape[-1])
         gate_input = flat
@@ -213,6 +223,7 @@ class DecentralizedMoE(nn.Module):
         weights = torch.softmax(scores.masked_fill(~mask, torch.finfo(scores.dtype).min), dim=1) * mask  # no answer: weight 0
         mixed = torch.einsum("bk,bk...->b...", weights, expert_outputs.to(device=device, dtype=compute_dtype))
         self.aux_loss = load_balancing_loss(logits, state.coords, state.mask)
+        self.last_lookup_stats = {k: v - lookup_before.get(k, 0) for k, v in lookup.stats.items() if k != "in_flight"}
         return mixed.to(dtype=x.dtype).reshape(*leading, *mixed.shape[1:])
 
     def _dispatch(self, state: MixtureForward, chosen: list[list[tuple[str, str]]], scores: list[torch.Tensor],
@@ -283,7 +294,12 @@ class DecentralizedMoE(nn.Module):
     @property
     def stats(self) -> dict[str, float]:
         """Figures of the last forward (and its backward) for ``LightningModule.log_dict``."""
-        return {k: float(v) for k, v in asdict(self.last_stats).items() if isinstance(v, (int, float))}
+        figures = {k: float(v) for k, v in asdict(self.last_stats).items() if isinstance(v, (int, float))}
+        looked_up = self.last_lookup_stats
+        if looked_up:  # the last forward's DHT reads: 0 dht_blocking in steady state
+            figures.update(dht_blocking=float(looked_up["blocking_lookups"]), dht_refreshes=float(looked_up["refreshes"]),
+                           dht_cached=float(looked_up["fresh_hits"] + looked_up["stale_hits"]))
+        return figures
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, grid_size={self.grid_size}, uid_prefix={self.uid_prefix!r}, k_best={self.k_best}"
