@@ -205,7 +205,7 @@ class DecentralizedMoEConfig(MoEConfig):
     backward_timeout_after_k_min: Optional[float] = 1.0
     max_retries: int = 2
     allow_zero_outputs: bool = False
-    max_call_bytes: int = 256 * 1024
+    max_call_bytes: int = 128 * 1024
     health: HealthConfig = field(default_factory=HealthConfig)
 
 

@@ -97,7 +97,7 @@ class DecentralizedMoE(nn.Module):
         max_retries: int = 2,
         allow_zero_outputs: bool = False,
         health: HealthRegistry | HealthConfig | Mapping[str, Any] | None = None,
-        max_call_bytes: int = 256 * 1024,
+        max_call_bytes: int = 128 * 1024,
     ):
         super().__init__()
         if compression not in wire.COMPRESSIONS:
