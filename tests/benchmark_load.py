@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from lightning_moe.client.remote_expert import RemoteExpertError, call_expert
+from lightning_moe.client.remote_expert import RemoteExpertError, call_backward, call_expert, new_keep_id
 from lightning_moe.server import ExpertHost
 from lightning_moe.server.experts import make_expert
 from lightning_moe.volunteer import make_backends
@@ -46,8 +46,9 @@ def client_process(endpoint: str, uids: list[str], args: argparse.Namespace, see
             uid = rng.choice(uids)
             begin = time.perf_counter()
             try:
-                call_expert(uid, endpoint, "forward", [x], timeout=60)
-                call_expert(uid, endpoint, "backward", [x, grad], timeout=60)
+                keep = new_keep_id() if args.keep else None  # the host keeps the forward's graph for the backward
+                call_expert(uid, endpoint, "forward", [x], timeout=60, keep=keep)
+                call_backward(uid, endpoint, keep, [x], [grad], timeout=60)
             except RemoteExpertError as e:
                 with lock:
                     failures.append(str(e))
@@ -91,6 +92,8 @@ def main() -> None:
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--hid-dim", type=int, default=256)
     parser.add_argument("--rows", type=int, default=16)
+    parser.add_argument("--no-keep", dest="keep", action="store_false",
+                        help="the host recomputes each forward in backward (the trainer resends the inputs)")
     args = parser.parse_args()
     args.threads = max(1, args.clients // args.processes)
     clients = args.threads * args.processes
@@ -132,11 +135,14 @@ def main() -> None:
         elapsed = time.time() - begin
         for process in processes:
             process.join(timeout=30)
+        kept = host.kept.stats()
     print(f"requests (forward+backward pairs): {len(latencies)} ok, {failed} failed; {len(latencies) / elapsed:.1f} pairs/s")
     print("latency per pair: " + ", ".join(f"p{q}={percentile(latencies, q) * 1000:.1f} ms" for q in (50, 90, 99))
           + f", max={max(latencies, default=float('nan')) * 1000:.1f} ms")
     print(f"host: largest queue {max_queue} rows (of at most {clients * args.rows} in flight), "
           f"memory growth {(max_rss - rss_before) / 2**20:.1f} MiB")
+    print(f"kept forwards: {kept['graph_backwards']} backwards through their graph, {kept['recomputed']} recomputed, "
+          f"{kept['misses']} resent; {kept['used_bytes'] / 2**20:.1f} MiB kept at the end (budget {kept['budget_bytes'] / 2**20:.0f} MiB)")
     for failure in failures[:5]:
         print(f"failure: {failure}")
 

@@ -226,15 +226,14 @@ class WanSwarm:
 
 
 # ---- a trainer ----------------------------------------------------------------------------------
-def build_trainer(initial_peers: list[str], seed: int, timeout_after_k_min: float) -> tuple[Any, Any, torch.Tensor]:
+def build_trainer(initial_peers: list[str], seed: int, layer_kwargs: dict) -> tuple[Any, Any, torch.Tensor]:
     """The example model (CharLM with one DecentralizedMoE layer), its optimizer and its text."""
     from lightning_moe.client.moe import DecentralizedMoE
     from lightning_moe.lightning.char_lm import CharLM, stdlib_text
 
     torch.manual_seed(seed)
     moe = functools.partial(DecentralizedMoE, in_features=HID, grid_size=GRID, k_best=K_BEST, initial_peers=initial_peers,
-                            forward_timeout=60.0, backward_timeout=60.0, timeout_after_k_min=timeout_after_k_min,
-                            backward_timeout_after_k_min=timeout_after_k_min)
+                            forward_timeout=60.0, backward_timeout=60.0, **layer_kwargs)
     model = CharLM(moe, hid_dim=HID, seq_len=64)
     optimizer = model.configure_optimizers()
     text = torch.frombuffer(bytearray(stdlib_text(200_000, skip_bytes=seed * 200_000 % 400_000)), dtype=torch.uint8).long()
@@ -297,9 +296,9 @@ class StepTimer:
 
 # ---- part 1: one trainer ------------------------------------------------------------------------
 def run_single(swarm: WanSwarm, cells: list[tuple[float, float | None]], steps: int, batch_size: int,
-               timeout_after_k_min: float) -> list[dict]:
+               layer_kwargs: dict) -> list[dict]:
     """Per (rtt, bandwidth): step times and their split, bytes per step."""
-    model, optimizer, text = build_trainer(swarm.initial_peers, seed=100, timeout_after_k_min=timeout_after_k_min)
+    model, optimizer, text = build_trainer(swarm.initial_peers, seed=100, layer_kwargs=layer_kwargs)
     layer = model.moes[0]
     rng = random.Random(0)
     timer = StepTimer().install()
@@ -334,9 +333,9 @@ def run_single(swarm: WanSwarm, cells: list[tuple[float, float | None]], steps: 
     return rows
 
 
-def print_single(rows: list[dict], batch_size: int) -> None:
+def print_single(rows: list[dict], batch_size: int, compression: str = "none") -> None:
     print(f"\n== 1. one trainer: CharLM (hid {HID}, batch {batch_size}x64), one DecentralizedMoE {GRID[0]}x{GRID[1]} "
-          f"k_best {K_BEST}, 2 hosts; median (min-max) over steps, seconds ==")
+          f"k_best {K_BEST}, compression {compression}, 2 hosts; median (min-max) over steps, seconds ==")
     print(f"{'RTT ms':>6} {'bw':>5} {'steps/s':>8} {'step':>18} {'compute':>18} {'fwd calls':>18} {'bwd calls':>18} "
           f"{'DHT':>18} {'+RTTs':>6} {'KB up/st':>9} {'KB dn/st':>9} {'DHT B/st':>8} {'fail':>4}")
     base = {r["bw"]: statistics.median(r["step"]) for r in rows if r["rtt"] == 0}
@@ -353,7 +352,7 @@ def print_single(rows: list[dict], batch_size: int) -> None:
 
 
 # ---- part 2: a swarm of trainer processes -------------------------------------------------------
-def _trainer_main(index: int, initial_peers: list[str], batch_size: int, timeout_after_k_min: float,
+def _trainer_main(index: int, initial_peers: list[str], batch_size: int, layer_kwargs: dict,
                   commands: Any, results: Any) -> None:
     """A trainer process: on ("warm", cell) one step, then "warm"; on ("run", cell, start_at, until)
     steps from ``start_at`` (time.time()) to ``until`` and report every step's end time."""
@@ -361,7 +360,7 @@ def _trainer_main(index: int, initial_peers: list[str], batch_size: int, timeout
     torch.set_num_threads(1)
     model = None
     try:
-        model, optimizer, text = build_trainer(initial_peers, seed=index, timeout_after_k_min=timeout_after_k_min)
+        model, optimizer, text = build_trainer(initial_peers, seed=index, layer_kwargs=layer_kwargs)
         rng = random.Random(index)
         for _ in range(1000):  # bounded: one command per row and phase
             try:
@@ -405,12 +404,12 @@ def _trainer_main(index: int, initial_peers: list[str], batch_size: int, timeout
 
 
 def run_swarm(swarm: WanSwarm, cells: list[tuple[float, float | None]], num_trainers: int, seconds: float, repeats: int,
-              batch_size: int, timeout_after_k_min: float) -> list[dict]:
+              batch_size: int, layer_kwargs: dict) -> list[dict]:
     """Per (rtt, bandwidth): the swarm's samples/s in each of ``repeats`` windows of ``seconds``."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     commands = [ctx.Queue() for _ in range(num_trainers)]
-    processes = [ctx.Process(target=_trainer_main, args=(i, swarm.initial_peers, batch_size, timeout_after_k_min, commands[i],
+    processes = [ctx.Process(target=_trainer_main, args=(i, swarm.initial_peers, batch_size, layer_kwargs, commands[i],
                                                          results), daemon=True, name=f"wan-trainer-{i}")
                  for i in range(num_trainers)]
     rows = []
@@ -591,6 +590,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--timeout-after-k-min", type=float, default=1.0,
                         help="the layer's timeout_after_k_min and backward_timeout_after_k_min (the example's 1.0)")
+    parser.add_argument("--compression", default="none", choices=["none", "float16", "uint8"],
+                        help="the layer's wire compression (hosts answer in kind)")
     parser.add_argument("--dht-nodes", type=int, default=16)
     parser.add_argument("--dht-rounds", type=int, default=None, help="default 20; quick 8")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -610,13 +611,15 @@ def run(args: argparse.Namespace) -> dict[str, list[dict]]:
     torch.set_num_threads(1)
     cells = [(rtt, bw) for bw in args.bandwidths for rtt in args.rtts]
     out: dict[str, list[dict]] = {}
+    layer_kwargs = dict(timeout_after_k_min=args.timeout_after_k_min, backward_timeout_after_k_min=args.timeout_after_k_min,
+                        compression=args.compression)
     if args.parts & {"single", "swarm"}:
         with WanSwarm(num_hosts=2) as swarm:
             if "single" in args.parts:
-                out["single"] = run_single(swarm, cells, args.steps, args.batch_size, args.timeout_after_k_min)
+                out["single"] = run_single(swarm, cells, args.steps, args.batch_size, layer_kwargs)
             if "swarm" in args.parts:
                 out["swarm"] = run_swarm(swarm, cells, args.trainers, args.swarm_seconds, args.repeats, args.batch_size,
-                                         args.timeout_after_k_min)
+                                         layer_kwargs)
     if "dht" in args.parts:
         out["dht"] = run_dht(args.rtts, args.dht_nodes, args.dht_rounds)
     return out
@@ -631,7 +634,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"\nbenchmark_wan: rtts {[round(r * 1000) for r in args.rtts]} ms, bandwidths "
           f"{[bw_name(b) for b in args.bandwidths]}, {os.cpu_count()} CPUs, {time.monotonic() - began:.0f} s")
     if "single" in out:
-        print_single(out["single"], args.batch_size)
+        print_single(out["single"], args.batch_size, args.compression)
     if "swarm" in out:
         print_swarm(out["swarm"], args.trainers, args.batch_size, args.swarm_seconds)
     if "dht" in out:
