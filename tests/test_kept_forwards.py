@@ -143,6 +143,18 @@ def test_memory_stays_within_the_budget_and_old_batches_go_first():
     assert kept.backward(backend, keys[-1], [torch.randn(32, HID)]) is not None
 
 
+def test_the_number_of_kept_batches_is_bounded_too(monkeypatch):
+    from lightning_moe.server import kept_forwards
+
+    monkeypatch.setattr(kept_forwards, "MAX_KEPT_BATCHES", 5)
+    backend = make_backend()
+    kept = with_store(backend)
+    for _ in range(12):  # tiny batches, far under the byte budget
+        backend.forward_pool.submit(torch.randn(1, HID), key=new_keep_id())
+        backend.forward_pool.run_batch()
+    assert kept.stats()["batches"] == 5 and kept.stats()["evicted"] == 7
+
+
 def test_a_batch_larger_than_the_budget_is_not_kept_and_expired_batches_go():
     backend = make_backend()
     kept = with_store(backend, budget=1)

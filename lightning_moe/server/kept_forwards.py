@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+MAX_KEPT_BATCHES = 4096  # a bound on bookkeeping too, whatever the bytes (a stranger may send 1-row forwards)
 GRAPH_WORTH = 2 / 3  # use the graph when this share of its rows arrived: backward ~2 forwards, recompute ~3 per row
 
 
@@ -77,6 +78,7 @@ class KeptForwards:
     def __init__(self, budget_bytes: int, ttl: float = 60.0, max_wait: float = 0.5, name: str = "kept-forwards"):
         self.budget_bytes, self.ttl, self.max_wait, self.name = int(budget_bytes), float(ttl), float(max_wait), name
         self._batches: collections.OrderedDict[int, KeptBatch] = collections.OrderedDict()  # oldest first
+        self._ready: dict[int, KeptBatch] = {}  # batches with gradients waiting and their graph unused: the Runtime's work
         self._by_key: dict[tuple[str, str], int] = {}  # (uid, request id) -> batch id
         self._next_id = 0
         self._used = 0
@@ -104,7 +106,8 @@ class KeptForwards:
             if self._closed is not None or batch.nbytes > self.budget_bytes:
                 self.counters["not_kept"] += 1
                 return False
-            while self._used + batch.nbytes > self.budget_bytes and self._evict_one():
+            while (self._used + batch.nbytes > self.budget_bytes or len(self._batches) >= MAX_KEPT_BATCHES) \
+                    and self._evict_one():
                 pass
             batch_id, self._next_id = self._next_id, self._next_id + 1
             self._batches[batch_id] = batch
@@ -144,6 +147,7 @@ class KeptForwards:
             batch.arrived[key] = (tuple(grads), future)
             if batch.first_arrival is None:
                 batch.first_arrival = time.monotonic()
+                self._ready[batch_id] = batch
         if self.wakeup is not None:
             self.wakeup.set()
         return future
@@ -154,26 +158,23 @@ class KeptForwards:
         """When the oldest batch that should run now got its first gradients (complete, or waited max_wait)."""
         now = time.monotonic()
         with self._lock:
-            times = [b.first_arrival for b in self._batches.values() if b.first_arrival is not None and b.outputs is not None
-                     and (b.complete or now - b.first_arrival >= self.max_wait)]
+            times = [b.first_arrival for b in self._ready.values() if b.complete or now - b.first_arrival >= self.max_wait]
         return min(times, default=None)
 
     @property
     def deferred_submit_time(self) -> float | None:
         """When the oldest batch with some (not all) of its gradients got its first: run it if nothing else waits."""
         with self._lock:
-            times = [b.first_arrival for b in self._batches.values() if b.first_arrival is not None and b.outputs is not None]
+            times = [b.first_arrival for b in self._ready.values()]
         return min(times, default=None)
 
     def run_batch(self, device: torch.device | str | None = None) -> int:
         """Run the backward of the oldest batch with gradients; returns its rows (0 if none)."""
         with self._lock:
-            candidates = [(b.first_arrival, i) for i, b in self._batches.items()
-                          if b.first_arrival is not None and b.outputs is not None]
-            if not candidates:
+            if not self._ready:
                 return 0
-            batch_id = min(candidates)[1]
-            batch = self._batches[batch_id]
+            batch_id = min(self._ready, key=lambda i: self._ready[i].first_arrival)
+            batch = self._ready.pop(batch_id)
             arrived, batch.arrived = batch.arrived, {}
             outputs, batch.outputs = batch.outputs, None  # a graph runs backward once
             for key in arrived:
@@ -220,7 +221,6 @@ class KeptForwards:
         for key in batch.spans:
             if self._by_key.get((batch.backend.name, key)) == batch_id:
                 del self._by_key[(batch.backend.name, key)]
-        return batch
 
     def _evict_one(self) -> bool:
         """Evict the oldest batch without waiting gradients (those still run); False if none can go."""
@@ -232,7 +232,13 @@ class KeptForwards:
         return False
 
     def _expire(self, now: float) -> None:
-        for batch_id in [i for i, b in self._batches.items() if now - b.created > self.ttl and not b.arrived]:
+        expired = []
+        for batch_id, batch in self._batches.items():  # oldest first: stop at the first one still young
+            if now - batch.created <= self.ttl:
+                break
+            if not batch.arrived:
+                expired.append(batch_id)
+        for batch_id in expired:
             self._drop(batch_id)
             self.counters["expired"] += 1
 
@@ -244,6 +250,7 @@ class KeptForwards:
             self._closed = error
             waiting = [future for b in self._batches.values() for _, future in b.arrived.values()]
             self._batches.clear()
+            self._ready.clear()
             self._by_key.clear()
             self._used = 0
         for future in waiting:
