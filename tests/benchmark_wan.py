@@ -204,13 +204,7 @@ class WanSwarm:
     def shutdown(self) -> None:
         self._stop.set()
         for p in self.processes:
-            p.join(timeout=15)
-            if p.is_alive():
-                p.terminate()
-                p.join(timeout=5)
-            if p.is_alive():
-                p.kill()
-                p.join(timeout=5)
+            _end_process(p, timeout=15)
         for proxy in self.proxies:
             proxy.close()
         if self.bootstrap is not None:
@@ -223,6 +217,15 @@ class WanSwarm:
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
+
+
+def _end_process(process: Any, timeout: float) -> None:
+    """Wait ``timeout`` s for a process told to stop, then SIGTERM it, then SIGKILL it."""
+    process.join(timeout=timeout)
+    for end in (process.terminate, process.kill):
+        if process.is_alive():
+            end()
+            process.join(timeout=5)
 
 
 # ---- a trainer ----------------------------------------------------------------------------------
@@ -462,13 +465,7 @@ def run_swarm(swarm: WanSwarm, cells: list[tuple[float, float | None]], num_trai
         for q in commands:
             q.put(None)
         for p in processes:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.terminate()
-                p.join(timeout=5)
-            if p.is_alive():
-                p.kill()
-                p.join(timeout=5)
+            _end_process(p, timeout=30)
     return rows
 
 

@@ -84,6 +84,22 @@ def test_a_partial_batch_recomputes_what_arrived_and_stragglers_use_the_kept_inp
     assert kept.backward(backend, keys[1], [grad1]) is None  # used once: a replay is not kept
 
 
+def test_a_complete_batch_runs_before_an_older_partial_one():
+    backend = make_backend()
+    kept = with_store(backend)
+    keys = [[new_keep_id(), new_keep_id()] for _ in range(2)]
+    for batch_keys in keys:  # two batches of two requests each
+        for k in batch_keys:
+            backend.forward_pool.submit(torch.randn(2, HID), key=k)
+        backend.forward_pool.run_batch()
+    partial = kept.backward(backend, keys[0][0], [torch.randn(2, HID)])  # older, half of its batch
+    complete = [kept.backward(backend, k, [torch.randn(2, HID)]) for k in keys[1]]
+    assert kept.run_batch() == 4  # the complete batch, through its graph
+    assert all(f.result(0)[0].shape == (2, HID) for f in complete) and not partial.done()
+    assert kept.stats()["graph_backwards"] == 1 and kept.oldest_submit_time is None  # the partial one still waits
+    assert kept.deferred_submit_time is not None
+
+
 def test_the_optimizer_may_step_between_a_kept_forward_and_its_backward():
     backend = make_backend(optimizer=True)
     kept = with_store(backend)

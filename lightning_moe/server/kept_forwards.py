@@ -153,13 +153,16 @@ class KeptForwards:
         return future
 
     # ---- the Runtime's view ----------------------------------------------------------------
+    def _due(self) -> list[int]:
+        """Batches that should run now (lock held): complete, or waited ``max_wait`` for the rest."""
+        now = time.monotonic()
+        return [i for i, b in self._ready.items() if b.complete or now - b.first_arrival >= self.max_wait]
+
     @property
     def oldest_submit_time(self) -> float | None:
-        """When the oldest batch that should run now got its first gradients (complete, or waited max_wait)."""
-        now = time.monotonic()
+        """When the oldest batch that should run now got its first gradients."""
         with self._lock:
-            times = [b.first_arrival for b in self._ready.values() if b.complete or now - b.first_arrival >= self.max_wait]
-        return min(times, default=None)
+            return min((self._ready[i].first_arrival for i in self._due()), default=None)
 
     @property
     def deferred_submit_time(self) -> float | None:
@@ -169,11 +172,12 @@ class KeptForwards:
         return min(times, default=None)
 
     def run_batch(self, device: torch.device | str | None = None) -> int:
-        """Run the backward of the oldest batch with gradients; returns its rows (0 if none)."""
+        """Run the backward of the oldest batch that should run now, else (the host is idle) of the oldest batch with
+        gradients; returns its rows (0 if none)."""
         with self._lock:
             if not self._ready:
                 return 0
-            batch_id = min(self._ready, key=lambda i: self._ready[i].first_arrival)
+            batch_id = min(self._due() or self._ready, key=lambda i: self._ready[i].first_arrival)
             batch = self._ready.pop(batch_id)
             arrived, batch.arrived = batch.arrived, {}
             outputs, batch.outputs = batch.outputs, None  # a graph runs backward once
