@@ -17,6 +17,7 @@ import json
 import os
 import resource
 import select
+import socket
 import statistics
 import subprocess
 import sys
@@ -29,6 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 HID = 64
 UID = "ffn.0"
 MAX_BATCH = 32
+SLOWLORIS_HEAD = f"POST /forward/{UID} HTTP/1.1\r\nHost: x\r\nX-Slow: ".encode()  # then a byte a second
 
 
 def raise_open_files_limit() -> None:
@@ -43,6 +45,13 @@ def rss_bytes(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     raise RuntimeError("no VmRSS")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU seconds that process ``pid`` has used (all its threads)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _spawn(mode: str, config: dict) -> subprocess.Popen:
@@ -232,6 +241,7 @@ class _Attack:
         self.open = 0
         self.rate = float(config.get("rate", 0)) or None  # bytes/s over all connections (None: as fast as the kernel takes)
         self._next_send = 0.0
+        self.held: dict[int, tuple[socket.socket, asyncio.Future]] = {}  # idle and slowloris: open sockets by worker
 
     async def throttle(self, nbytes: int) -> None:
         """Wait so that all connections together send at most ``rate`` bytes per second."""
@@ -279,20 +289,63 @@ class _Attack:
         task.cancel()
         return None
 
-    async def _idle(self, i: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> str:
-        data = await self._until_stop(reader.read(1), self.config["seconds"])
-        return "closed_by_host" if data == b"" else "held"
+    async def held_worker(self, i: int) -> None:
+        """idle and slowloris: one raw socket held open, opened again whenever the host closes it.
 
-    async def _slowloris(self, i: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> str:
-        writer.write(f"POST /forward/{UID} HTTP/1.1\r\nHost: x\r\nX-Slow: ".encode())
-        for _ in range(int(self.config["seconds"]) + 1):
-            data = await self._until_stop(reader.read(200), 1.0)
+        These attacks run on raw sockets, without a task or stream per connection: on this shared
+        machine the attacker's own CPU is taken from the host, and on the internet it would not be.
+        """
+        loop = asyncio.get_running_loop()
+        while not self.stop.is_set():
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            try:
+                sock.bind((self.sources[i % len(self.sources)], 0))
+                async with self.connect_slots:
+                    await asyncio.wait_for(loop.sock_connect(sock, ("127.0.0.1", self.port)), 10)
+                self.counts["connections"] += 1
+                ended: asyncio.Future = loop.create_future()
+                loop.add_reader(sock.fileno(), self._host_spoke, sock, ended)
+                if self.kind == "slowloris":
+                    sock.send(SLOWLORIS_HEAD)
+                self.held[i] = (sock, ended)
+                self.open += 1
+                try:
+                    self.counts[await ended] += 1
+                finally:
+                    self.open -= 1
+                    self.held.pop(i, None)
+                    loop.remove_reader(sock.fileno())
+            except (OSError, asyncio.TimeoutError) as e:
+                self.counts[type(e).__name__] += 1
+                await asyncio.sleep(0.2)
+            finally:
+                sock.close()
+            await asyncio.sleep(0.05)
+
+    @staticmethod
+    def _host_spoke(sock: socket.socket, ended: asyncio.Future) -> None:
+        try:
+            data = sock.recv(200)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not ended.done():
+            ended.set_result("answered" if data else "closed_by_host")
+
+    async def trickle(self) -> None:
+        """slowloris: every held socket sends one more header byte per second, a tenth of them every 0.1 s."""
+        for tick in range(int(10 * (self.config["seconds"] + 60))):
             if self.stop.is_set():
-                return "held"
-            if data is not None:
-                return "answered" if data else "closed_by_host"
-            writer.write(b"a")
-        return "held"
+                return
+            await asyncio.sleep(0.1)
+            for i, (sock, _) in list(self.held.items()):
+                if i % 10 == tick % 10:
+                    try:
+                        sock.send(b"a")
+                    except OSError:
+                        pass  # the reader callback reports the closed connection
 
     async def _headers(self, i: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> str:
         writer.write("GET /info HTTP/1.1\r\nHost: x\r\n".encode())
@@ -355,7 +408,10 @@ class _Attack:
         loop = asyncio.get_running_loop()
         loop.add_reader(sys.stdin.fileno(), self.stop.set)  # the parent closing our stdin stops the attack
         count = self.config["count"]
-        workers = [asyncio.create_task(self.worker(i)) for i in range(count)]
+        held = self.kind in ("idle", "slowloris")
+        workers = [asyncio.create_task(self.held_worker(i) if held else self.worker(i)) for i in range(count)]
+        if self.kind == "slowloris":
+            workers.append(asyncio.create_task(self.trickle()))
         started = time.monotonic()
         while self.open < 0.95 * count and time.monotonic() - started < 30 and not self.stop.is_set():
             if self.kind not in ("idle", "slowloris") and self.counts["connections"] >= count:
@@ -364,6 +420,9 @@ class _Attack:
         print(json.dumps({"ready": True, "open": self.open, "after_s": round(time.monotonic() - started, 2)}), flush=True)
         await self._until_stop(asyncio.sleep(self.config["seconds"]), self.config["seconds"] + 1)
         self.stop.set()
+        for _, ended in list(self.held.values()):
+            if not ended.done():
+                ended.set_result("held")
         await asyncio.wait(workers, timeout=3)
         for worker in workers:
             worker.cancel()

@@ -22,17 +22,27 @@ from typing import Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import dht_attacks  # noqa: E402
-from attack_tools import Attacker, HostProcess, LegitClient, captured_request, huge_rows_request, summarize  # noqa: E402
+from attack_tools import Attacker, HostProcess, LegitClient, captured_request, cpu_seconds, huge_rows_request, summarize  # noqa: E402
 
 SECRET = "benchmark secret"
+IDLE_TIMEOUT = 10.0  # the host's default: how long an idle connection or an unfinished head is held
 RATE = 50 << 20  # bytes/s an attacker sends in all (400 Mbit/s: several volunteers' uplinks); 0: unthrottled
 
 
-def measure(name: str, host: HostProcess, start_attack: Callable[[], Attacker], phase_s: float) -> dict:
-    """Baseline, attack, recovery; the client calls all along; RSS sampled every 0.1 s during the attack."""
+def measure(name: str, host: HostProcess, start_attack: Callable[[], Attacker], phase_s: float,
+            during_s: float | None = None) -> dict:
+    """Baseline, attack, recovery; the client calls all along.
+
+    The baseline lasts as long as the attack (``during_s``, default twice ``phase_s``), so that both p99
+    come from as many calls; the recovery lasts ``phase_s``.
+
+    RSS is sampled every 0.1 s during the attack, and the CPU seconds per second of the host and the
+    attacker are measured (on this machine they share the same cores).
+    """
     client = LegitClient(host.endpoint, secret=host.secret)
+    during_s = during_s or 2 * phase_s
     client.run(1.0)  # warm up: connection, host id, first batches
-    before = summarize(client.run(phase_s))
+    before = summarize(client.run(during_s))
     rss_before = host.rss()
     attacker = start_attack()
     ready = attacker.wait_ready(60)
@@ -44,7 +54,10 @@ def measure(name: str, host: HostProcess, start_attack: Callable[[], Attacker], 
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    during = summarize(client.run(2 * phase_s))
+    cpu_start, started = (cpu_seconds(host.pid), cpu_seconds(attacker.proc.pid)), time.monotonic()
+    during = summarize(client.run(during_s))
+    elapsed = time.monotonic() - started
+    cpu = [(cpu_seconds(pid) - start) / elapsed for pid, start in zip((host.pid, attacker.proc.pid), cpu_start)]
     counts = attacker.stop()
     sampling.set()
     sampler.join()
@@ -52,20 +65,21 @@ def measure(name: str, host: HostProcess, start_attack: Callable[[], Attacker], 
     after = summarize(client.run(phase_s))
     rss_after = host.rss()
     return {"name": name, "before": before, "during": during, "after": after, "ready": ready, "attacker": counts,
-            "rss_before": rss_before, "rss_peak": max(peak), "rss_after": rss_after}
+            "rss_before": rss_before, "rss_peak": max(peak), "rss_after": rss_after, "cpu": cpu}
 
 
 def http_attacks(quick: bool, rate: int = RATE) -> list[dict]:
     phase = 2.0 if quick else 4.0
     conns = 2000 if quick else 10_000
     sources = 10 if quick else 40  # 250 connections per address, under the default limit of 256 per address
+    held = None if quick else IDLE_TIMEOUT + 2  # the host closes them and they come back, within the window
     results = []
-    with HostProcess() as host:
+    with HostProcess(idle_timeout=IDLE_TIMEOUT) as host:
         results.append(measure(f"{conns} idle connections", host,
-                               lambda: Attacker("idle", host.port, conns, sources, seconds=60), phase))
-    with HostProcess() as host:
+                               lambda: Attacker("idle", host.port, conns, sources, seconds=60), phase, held))
+    with HostProcess(idle_timeout=IDLE_TIMEOUT) as host:
         results.append(measure(f"{conns} slowloris connections", host,
-                               lambda: Attacker("slowloris", host.port, conns, sources, seconds=60), phase))
+                               lambda: Attacker("slowloris", host.port, conns, sources, seconds=60), phase, held))
     with HostProcess() as host:
         results.append(measure("header flood (200 KB each, 200 conns)", host,
                                lambda: Attacker("headers", host.port, 200, 4, seconds=60, rate=rate), phase))
@@ -100,6 +114,7 @@ def report_http(results: list[dict]) -> float:
         print(f"{'':50s} RSS MiB before {r['rss_before'] / mib:.0f}, peak {r['rss_peak'] / mib:.0f}, after "
               f"{r['rss_after'] / mib:.0f} ({100 * (r['rss_after'] / r['rss_before'] - 1):+.1f}%); "
               f"p99 during/before {r['during']['p99_ms'] / r['before']['p99_ms']:.2f}x")
+        print(f"{'':50s} CPU during (cores): host {r['cpu'][0]:.2f}, attacker {r['cpu'][1]:.2f}")
         print(f"{'':50s} attacker: {r['attacker']}")
     return min(r["during"]["success"] for r in results)
 

@@ -6,6 +6,7 @@ up; the legitimate client calls from 127.0.0.1. Counts, statuses and memory boun
 
 from __future__ import annotations
 
+import gc
 import http.client
 import json
 import socket
@@ -109,6 +110,42 @@ def test_headers_are_capped_in_total_with_431():
         assert status == 431 and headers["connection"] == "close" and "4096" in body["error"]
         assert host.http_stats()["errors_by_status"][431] == 1
         assert served(host)
+
+
+def test_a_head_in_two_pieces_is_served_and_a_trickled_one_is_read_no_further():
+    with in_process_host(idle_timeout=1.5, max_header_bytes=4096) as host:
+        with socket.create_connection(("127.0.0.1", host.port), timeout=10) as sock:
+            sock.sendall(b"GET /info HTTP/1.1\r\n")
+            time.sleep(0.1)
+            sock.sendall(b"Host: x\r\n\r\n")
+            assert answer_of(sock)[0] == 200  # a head split in two still passes
+        with socket.create_connection(("127.0.0.1", host.port), timeout=10) as sock:
+            sock.sendall(b"GET /info HTTP/1.1\r\nX-Slow: ")
+            time.sleep(0.1)
+            sock.sendall(b"a")  # the second tiny piece of an unfinished head: the host stops reading
+            time.sleep(0.1)
+            sock.sendall(b"b" * 6000 + b"\r\n\r\n")  # read, this would get 431 (over 4096 bytes); unread, nothing
+            started = time.monotonic()
+            try:
+                assert sock.recv(100) == b""  # closed at its deadline, unanswered
+            except ConnectionResetError:
+                pass  # closed with unread bytes: a reset
+            assert 0.5 < time.monotonic() - started < 8
+        assert host.http_stats()["errors_by_status"].get(431, 0) == 0
+        assert host.http_stats()["open_connections"] <= 1
+        assert served(host)
+
+
+def test_the_heap_is_frozen_while_a_host_serves():
+    gc.unfreeze()
+    with in_process_host() as host:
+        frozen = gc.get_freeze_count()
+        with in_process_host() as second:
+            assert gc.get_freeze_count() >= frozen > 0
+            assert served(second)
+        assert gc.get_freeze_count() >= frozen  # one host still serves
+        assert served(host)
+    assert gc.get_freeze_count() == 0
 
 
 @pytest.mark.slow

@@ -33,7 +33,9 @@ from aiohttp import web
 import lightning_moe
 from lightning_moe import auth, wire
 from lightning_moe.server.backend import ExpertBackend
-from lightning_moe.server.http_protocol import ConnectionSlots, InflightBudget, LimitedServer, json_error_body, malloc_trim
+from lightning_moe.server.http_protocol import (
+    ConnectionSlots, FrozenHeap, InflightBudget, LimitedServer, json_error_body, malloc_trim,
+)
 from lightning_moe.server.task_pool import PoolClosedError
 
 logger = logging.getLogger(__name__)
@@ -44,6 +46,8 @@ KEEP_MISSED = "backward: this host does not keep the forward of this request (ev
 DRAIN_LIMIT = 1 << 20  # an unwanted body up to this size is read and dropped to keep the connection; larger: close
 MAX_CLOCK_SKEW = 300.0  # seconds a signed request's X-Timestamp may differ from the host's clock
 RETRY_AFTER = "1"
+ACCEPTS_PER_TICK = 16
+LISTEN_BACKLOG = 4096
 TRIM_PERIOD = 2.0
 GC_AFTER_CLOSES = 1000  # connections closed since the last collection that make the host collect
 GC_PERIOD = 20.0
@@ -108,7 +112,8 @@ class ExpertHTTPServer:
         self._thread: threading.Thread | None = None
         self._runner: web.ServerRunner | None = None
         self._site: web.SockSite | None = None
-        self._housekeeping: asyncio.Task | None = None
+        self._housekeeping: list[asyncio.Task] = []
+        self._frozen = False  # holds FrozenHeap
         self.server_port = 0
 
     # ---- lifecycle (called from the host's thread) ---------------------------------------------
@@ -128,6 +133,8 @@ class ExpertHTTPServer:
         self._thread = threading.Thread(target=self._loop.run_forever, name=f"lightning_moe-http-{self.server_port}", daemon=True)
         self._thread.start()
         asyncio.run_coroutine_threadsafe(self._start_site(sock), self._loop).result()
+        FrozenHeap.acquire()
+        self._frozen = True
 
     async def _start_site(self, sock: socket.socket) -> None:
         server = LimitedServer(
@@ -137,9 +144,13 @@ class ExpertHTTPServer:
         )
         self._runner = web.ServerRunner(server, handle_signals=False, access_log=None, shutdown_timeout=0.5)
         await self._runner.setup()
-        self._site = web.SockSite(self._runner, sock, backlog=4096)
+        # asyncio accepts up to `backlog` connections in one loop tick, each set up before any other
+        # event runs: a reconnecting flood would stall the loop, so accept in small batches...
+        self._site = web.SockSite(self._runner, sock, backlog=ACCEPTS_PER_TICK)
         await self._site.start()
-        self._housekeeping = asyncio.get_running_loop().create_task(self._trim_memory())
+        sock.listen(LISTEN_BACKLOG)  # ...while the kernel queues many more (listen again only resizes the queue)
+        loop = asyncio.get_running_loop()
+        self._housekeeping = [loop.create_task(self._trim_memory()), loop.create_task(server.sweep())]
 
     async def _trim_memory(self) -> None:
         """Every few seconds after a burst of connections or bodies, give their memory back to the OS.
@@ -173,11 +184,14 @@ class ExpertHTTPServer:
     def close(self, timeout: float = 10.0) -> None:
         """End every connection (waiting at most ``timeout`` for handlers), stop the loop and join its thread."""
         self.slots.closing = True
+        if self._frozen:
+            self._frozen = False
+            FrozenHeap.release()
         loop, thread = self._loop, self._thread
         if loop is None or thread is None:
             return
-        if self._housekeeping is not None:
-            loop.call_soon_threadsafe(self._housekeeping.cancel)
+        for task in self._housekeeping:
+            loop.call_soon_threadsafe(task.cancel)
         if self._runner is not None:
             try:
                 asyncio.run_coroutine_threadsafe(self._runner.cleanup(), loop).result(timeout + 5)

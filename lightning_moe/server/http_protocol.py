@@ -5,22 +5,33 @@ thread). This subclass adds what a host facing strangers needs before any handle
 
 - connection slots: at most ``max_connections`` open, and at most ``max_per_address`` from one
   client address; a connection over either limit is closed on arrival, unanswered;
+- a lobby (:class:`Lobby`): a new connection waits there, with no task, timer or parser, until its
+  first request head is complete, and is then handed to aiohttp's handler. An idle or trickling
+  connection stays a few small objects (which the cyclic GC must walk, and the loop must set up and
+  tear down when a flood reconnects), and is closed at its deadline by a sweeper that closes at
+  most ``CLOSES_PER_SWEEP`` at a time, so a flood that opened at once does not close at once;
 - header memory: a request whose line and headers exceed ``max_header_bytes`` in total gets 431
   and the connection is closed (aiohttp itself bounds each line and the number of headers);
+- trickled heads: a request head still unfinished after ``MAX_HEAD_READS`` reads of tiny pieces is
+  read no further (the socket leaves the event loop's selector) until its deadline closes it, so a
+  slowloris costs the loop no more than an idle connection;
 - a peer that half-closes (sends FIN) mid-body still gets its answer (400, truncated body);
 - a host-wide budget of request bytes in flight (:class:`InflightBudget`), used by the handlers;
 - every error aiohttp answers itself (unparsable request line, bad headers) is JSON
   ``{"error": ..., "uid": null}`` like the host's own errors.
 
-A header deadline comes from aiohttp's keep-alive timer: it is armed when a connection opens and
-after each response, and is not pushed back by bytes of an unfinished request, so a connection
-must complete its next request's headers within ``keepalive_timeout`` (a slowloris cannot hold it).
+A header deadline: a new connection must complete its first head within ``keepalive_timeout`` of
+opening (the lobby's deadline). After a response, aiohttp's keep-alive timer does the same for the
+next request: it is not pushed back by bytes of an unfinished request (a slowloris cannot hold it).
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import ctypes
+import gc
+import itertools
 import json
 import logging
 import threading
@@ -73,6 +84,18 @@ def json_error_body(message: str, uid: str | None) -> bytes:
     return json.dumps({"error": message, "uid": uid}).encode()
 
 
+def head_too_large(max_header_bytes: int) -> bytes:
+    """The whole 431 answer to a request whose line and headers exceed ``max_header_bytes``."""
+    body = json_error_body(f"request line and headers exceed {max_header_bytes} bytes", None)
+    head = (f"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+    return head + body
+
+
+MAX_HEAD_READS = 2  # a client sends its head in one piece, rarely two; this many or more of ...
+TRICKLE_BYTES = 256  # ... under this many bytes on average is a trickle
+SWEEP_PERIOD = 0.01  # seconds between the lobby sweeper's rounds
+CLOSES_PER_SWEEP = 40  # connections past their deadline closed per round (4,000 per second)
 SMALL_REQUEST = 1 << 20  # requests up to this size may use the last quarter of the in-flight budget; larger ones may not
 
 
@@ -95,6 +118,33 @@ class InflightBudget:
         self.used -= nbytes
 
 
+class FrozenHeap:
+    """``gc.freeze()`` while any host of this process serves; ``gc.unfreeze()`` when the last one stops.
+
+    A full collection walks every tracked object and holds the GIL meanwhile: with torch, Lightning
+    and a model loaded that is some 10^5-10^6 objects and 0.1-0.5 s during which neither the loop nor
+    the Runtime runs. Connection churn (a flood reconnecting) triggers such collections. Frozen, the
+    heap that existed when the host started is skipped; cyclic garbage among those objects waits for
+    the unfreeze.
+    """
+
+    _lock = threading.Lock()
+    _holders = 0
+
+    @classmethod
+    def acquire(cls) -> None:
+        with cls._lock:
+            cls._holders += 1
+            gc.freeze()  # also takes what came since an earlier host froze
+
+    @classmethod
+    def release(cls) -> None:
+        with cls._lock:
+            cls._holders -= 1
+            if cls._holders == 0:
+                gc.unfreeze()
+
+
 def malloc_trim() -> Callable[[int], int] | None:
     """glibc's malloc_trim (gives free heap pages back to the OS), or None elsewhere."""
     try:
@@ -110,6 +160,7 @@ class LimitedRequestHandler(web_protocol.RequestHandler):
         self,
         manager: web_server.Server,
         *,
+        address: str,
         slots: ConnectionSlots,
         max_header_bytes: int,
         count_error: Callable[[int], None],
@@ -117,22 +168,14 @@ class LimitedRequestHandler(web_protocol.RequestHandler):
     ):
         super().__init__(manager, **kwargs)
         self._lm_slots, self._lm_max_header_bytes, self._lm_count_error = slots, int(max_header_bytes), count_error
-        self._lm_address: str | None = None  # set once the connection holds a slot
+        self._lm_address: str | None = address  # the slot this connection holds (taken in the lobby)
         self._lm_header_bytes = 0  # bytes of the request line and headers received so far
+        self._lm_head_reads = 0  # reads that brought bytes of the current request's head
         self._lm_payload: Any = None  # the body stream of the latest parsed request
-
-    def connection_made(self, transport: Any) -> None:
-        peer = transport.get_extra_info("peername")
-        address = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
-        if not self._lm_slots.admit(address):
-            transport.abort()  # closed on arrival: costs no buffers, no task
-            return
-        self._lm_address = address
-        super().connection_made(transport)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._lm_address is None:
-            return  # refused in connection_made: nothing was set up
+            return
         self._lm_slots.release(self._lm_address)
         self._lm_address = None
         payload = self._lm_payload
@@ -151,10 +194,11 @@ class LimitedRequestHandler(web_protocol.RequestHandler):
         in_body = self._lm_payload is not None and not self._lm_payload.is_eof()
         if not in_body:
             self._lm_header_bytes += len(data)
+            self._lm_head_reads += 1
         parsed_before = self._request_count
         super().data_received(data)
         if self._request_count != parsed_before:  # a request's headers are complete: the rest is its body
-            self._lm_header_bytes = 0
+            self._lm_header_bytes = self._lm_head_reads = 0
             self._lm_payload = self._messages[-1][1] if self._messages else None
             for message, _ in self._messages:
                 error = getattr(message, "exc", None)  # a parse error: its traceback holds this read's bytes
@@ -162,14 +206,14 @@ class LimitedRequestHandler(web_protocol.RequestHandler):
                     error.__traceback__ = None
         elif not in_body and self._lm_header_bytes > self._lm_max_header_bytes:
             self._refuse_headers()
+        elif (not in_body and self._lm_head_reads >= MAX_HEAD_READS and self.transport is not None
+              and self._lm_header_bytes < TRICKLE_BYTES * self._lm_head_reads):
+            self.transport.pause_reading()  # the keep-alive timer (the header deadline) closes it
 
     def _refuse_headers(self) -> None:
         transport = self.transport
         if transport is not None and not self._request_in_progress:
-            body = json_error_body(f"request line and headers exceed {self._lm_max_header_bytes} bytes", None)
-            head = (f"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: application/json\r\n"
-                    f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
-            transport.write(head + body)
+            transport.write(head_too_large(self._lm_max_header_bytes))
         self._lm_count_error(431)
         self.force_close()
 
@@ -204,13 +248,95 @@ class LimitedRequestHandler(web_protocol.RequestHandler):
         return response
 
 
+class Lobby(asyncio.Protocol):
+    """A connection until its first request head is complete: a slot, the bytes so far, a deadline."""
+
+    __slots__ = ("server", "transport", "address", "head", "reads", "deadline")
+
+    def __init__(self, server: "LimitedServer"):
+        self.server, self.transport, self.address = server, None, ""
+        self.head, self.reads, self.deadline = bytearray(), 0, 0.0
+
+    def connection_made(self, transport: Any) -> None:
+        peer = transport.get_extra_info("peername")
+        address = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
+        if not self.server.slots.admit(address):
+            transport.abort()  # closed on arrival: costs no buffers
+            return
+        self.transport, self.address = transport, address
+        self.server.enter_lobby(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.head += data
+        self.reads += 1
+        if b"\n\r\n" in self.head or b"\n\n" in self.head:
+            self.server.promote(self)
+        elif len(self.head) > self.server.max_header_bytes:
+            self.transport.write(head_too_large(self.server.max_header_bytes))
+            self.server.count_error(431)
+            self.transport.close()
+        elif self.reads >= MAX_HEAD_READS and len(self.head) < TRICKLE_BYTES * self.reads:
+            self.transport.pause_reading()  # a trickle: read no more, the deadline closes it
+
+    def eof_received(self) -> bool:
+        return False  # the peer sent FIN before a whole head: close (as aiohttp does with no request)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self.transport is not None:  # still here: neither refused nor handed on
+            self.transport = None
+            self.server.leave_lobby(self)
+
+
 class LimitedServer(web_server.Server):
-    """aiohttp's low-level server, creating a :class:`LimitedRequestHandler` per connection."""
+    """aiohttp's low-level server; a connection starts in a :class:`Lobby`, then gets a :class:`LimitedRequestHandler`."""
 
     def __init__(self, handler: Any, *, slots: ConnectionSlots, max_header_bytes: int,
                  count_error: Callable[[int], None], **kwargs: Any):
         super().__init__(handler, **kwargs)
-        self._lm_options = {"slots": slots, "max_header_bytes": max_header_bytes, "count_error": count_error}
+        self.slots, self.max_header_bytes, self.count_error = slots, int(max_header_bytes), count_error
+        self.head_timeout = float(kwargs.get("keepalive_timeout", 75.0))
+        self.lobby: dict[Lobby, None] = {}  # in order of arrival, so of deadline
 
-    def __call__(self) -> LimitedRequestHandler:
-        return LimitedRequestHandler(self, loop=self._loop, **self._lm_options, **self._kwargs)
+    def __call__(self) -> Lobby:
+        return Lobby(self)
+
+    def enter_lobby(self, lobby: Lobby) -> None:
+        lobby.deadline = self._loop.time() + self.head_timeout
+        self.lobby[lobby] = None
+
+    def leave_lobby(self, lobby: Lobby) -> None:
+        self.lobby.pop(lobby, None)
+        self.slots.release(lobby.address)
+
+    def promote(self, lobby: Lobby) -> LimitedRequestHandler:
+        """Hand a lobby's connection, with the bytes it sent, to aiohttp's handler; its slot goes along."""
+        transport, lobby.transport = lobby.transport, None
+        self.lobby.pop(lobby, None)
+        handler = LimitedRequestHandler(self, loop=self._loop, address=lobby.address, slots=self.slots,
+                                        max_header_bytes=self.max_header_bytes, count_error=self.count_error,
+                                        **self._kwargs)
+        transport.set_protocol(handler)
+        handler.connection_made(transport)
+        handler.data_received(bytes(lobby.head))
+        return handler
+
+    async def sweep(self) -> None:
+        """Close lobby connections past their deadline, at most ``CLOSES_PER_SWEEP`` per round."""
+        while True:
+            await asyncio.sleep(SWEEP_PERIOD)
+            now = self._loop.time()
+            for lobby in list(itertools.islice(self.lobby, CLOSES_PER_SWEEP)):
+                if lobby.deadline > now:
+                    break
+                self.close_lobby(lobby)
+
+    def close_lobby(self, lobby: Lobby) -> None:
+        transport = lobby.transport
+        self.lobby.pop(lobby, None)
+        if transport is not None:
+            transport.close()  # connection_lost releases the slot
+
+    async def shutdown(self, timeout: float | None = None) -> None:
+        for lobby in list(self.lobby):
+            self.close_lobby(lobby)
+        await super().shutdown(timeout)
