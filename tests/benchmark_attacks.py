@@ -3,7 +3,8 @@
     python tests/benchmark_attacks.py [--quick]
 
 For each attack: the legitimate client's success rate and p50/p99 latency before, during and after,
-and the host's RSS before, at its peak during, and after. Goals: success >= 99 % during every attack,
+the host's RSS before, at its peak during, and after, and the CPU used by the host and the attacker
+(which share this machine's cores). Goals: success >= 99 % during every attack,
 p99 during <= 3x before, RSS after within 10 % of before. The host runs in its own process, each
 attacker in another, the client here. Then the DHT attacks of tests/dht_attacks.py (amplification,
 eclipse, store flood). The last two lines are the worst success during an HTTP attack and the DHT
