@@ -308,7 +308,7 @@ class LimitedServer(web_server.Server):
         self.lobby.pop(lobby, None)
         self.slots.release(lobby.address)
 
-    def promote(self, lobby: Lobby) -> LimitedRequestHandler:
+    def promote(self, lobby: Lobby) -> None:
         """Hand a lobby's connection, with the bytes it sent, to aiohttp's handler; its slot goes along."""
         transport, lobby.transport = lobby.transport, None
         self.lobby.pop(lobby, None)
@@ -318,17 +318,21 @@ class LimitedServer(web_server.Server):
         transport.set_protocol(handler)
         handler.connection_made(transport)
         handler.data_received(bytes(lobby.head))
-        return handler
 
     async def sweep(self) -> None:
-        """Close lobby connections past their deadline, at most ``CLOSES_PER_SWEEP`` per round."""
+        """Close lobby connections past their deadline, at most ``CLOSES_PER_SWEEP`` per round.
+
+        Between rounds it sleeps until the first deadline (a newcomer's comes later), or
+        ``SWEEP_PERIOD`` while more connections are past theirs.
+        """
         while True:
-            await asyncio.sleep(SWEEP_PERIOD)
             now = self._loop.time()
             for lobby in list(itertools.islice(self.lobby, CLOSES_PER_SWEEP)):
                 if lobby.deadline > now:
                     break
                 self.close_lobby(lobby)
+            first = next(iter(self.lobby), None)
+            await asyncio.sleep(self.head_timeout if first is None else max(SWEEP_PERIOD, first.deadline - now))
 
     def close_lobby(self, lobby: Lobby) -> None:
         transport = lobby.transport
