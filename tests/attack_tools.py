@@ -348,9 +348,9 @@ class _Attack:
                         pass  # the reader callback reports the closed connection
 
     async def _headers(self, i: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> str:
-        writer.write("GET /info HTTP/1.1\r\nHost: x\r\n".encode())
         line = b"X-Flood: " + b"a" * 1000 + b"\r\n"
-        for _ in range(self.config.get("lines", 200)):  # up to 200 KB of headers per connection
+        writer.write(b"GET /info HTTP/1.1\r\nHost: x\r\n" + line)  # (a smaller first piece is a trickle: unread)
+        for _ in range(self.config.get("lines", 200) - 1):  # up to 200 KB of headers per connection
             await self.throttle(len(line))
             writer.write(line)
             await writer.drain()

@@ -102,9 +102,8 @@ def test_headers_are_capped_in_total_with_431():
             sock.sendall(b"GET /info HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-H%d: %s\r\n" % (i, b"a" * 1000) for i in range(3)) + b"\r\n")
             assert answer_of(sock)[0] == 200  # 3 KB of headers: fine
         with socket.create_connection(("127.0.0.1", host.port), timeout=10) as sock:
-            sock.sendall(b"GET /info HTTP/1.1\r\nHost: x\r\n")
-            for i in range(5):  # 5 KB in small lines, none of them too long by itself
-                sock.sendall(b"X-H%d: %s\r\n" % (i, b"a" * 1000))
+            for i in range(5):  # 5 KB in lines of 1 KB, none of them too long by itself
+                sock.sendall((b"GET /info HTTP/1.1\r\nHost: x\r\n" if i == 0 else b"") + b"X-H%d: %s\r\n" % (i, b"a" * 1000))
                 time.sleep(0.01)
             status, headers, body = answer_of(sock)
         assert status == 431 and headers["connection"] == "close" and "4096" in body["error"]
@@ -115,14 +114,14 @@ def test_headers_are_capped_in_total_with_431():
 def test_a_head_in_two_pieces_is_served_and_a_trickled_one_is_read_no_further():
     with in_process_host(idle_timeout=1.5, max_header_bytes=4096) as host:
         with socket.create_connection(("127.0.0.1", host.port), timeout=10) as sock:
-            sock.sendall(b"GET /info HTTP/1.1\r\n")
+            sock.sendall(b"GET /info HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"p" * 300 + b"\r\n")
             time.sleep(0.1)
-            sock.sendall(b"Host: x\r\n\r\n")
-            assert answer_of(sock)[0] == 200  # a head split in two still passes
+            sock.sendall(b"\r\n")  # a head in two pieces, the first of 256 bytes or more, passes
+            assert answer_of(sock)[0] == 200
+            sock.sendall(b"GET /info HTTP/1.1\r\nHost: x\r\n\r\n")  # and so does a short head in one piece
+            assert answer_of(sock)[0] == 200
         with socket.create_connection(("127.0.0.1", host.port), timeout=10) as sock:
-            sock.sendall(b"GET /info HTTP/1.1\r\nX-Slow: ")
-            time.sleep(0.1)
-            sock.sendall(b"a")  # the second tiny piece of an unfinished head: the host stops reading
+            sock.sendall(b"GET /info HTTP/1.1\r\nX-Slow: ")  # a small piece of an unfinished head: read no further
             time.sleep(0.1)
             sock.sendall(b"b" * 6000 + b"\r\n\r\n")  # read, this would get 431 (over 4096 bytes); unread, nothing
             started = time.monotonic()
@@ -132,8 +131,47 @@ def test_a_head_in_two_pieces_is_served_and_a_trickled_one_is_read_no_further():
                 pass  # closed with unread bytes: a reset
             assert 0.5 < time.monotonic() - started < 8
         assert host.http_stats()["errors_by_status"].get(431, 0) == 0
-        assert host.http_stats()["open_connections"] <= 1
+        assert host.http_stats()["trickles_stopped"] == 1 and host.http_stats()["open_connections"] <= 1
         assert served(host)
+
+
+def host_receive_queues(port: int) -> list[int]:
+    """Bytes waiting unread in the kernel for each of the host's connections on ``port`` (from /proc/net/tcp)."""
+    queues = []
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            local, state, queue = fields[1], fields[3], fields[4]
+            if int(local.split(":")[1], 16) == port and state == "01":  # established, on the host's side
+                queues.append(int(queue.split(":")[1], 16))
+    return queues
+
+
+def test_a_trickled_connection_that_the_host_stopped_reading_holds_little_kernel_memory():
+    with in_process_host(idle_timeout=20.0) as host:
+        socks = []
+        try:
+            for _ in range(50):
+                sock = socket.create_connection(("127.0.0.1", host.port), timeout=10, source_address=("127.0.0.5", 0))
+                sock.sendall(b"GET /info HTTP/1.1\r\nX-Slow: a")  # a small piece: the host stops reading
+                socks.append(sock)
+            time.sleep(0.5)
+            for sock in socks:  # then push as much as the kernel takes
+                sock.setblocking(False)
+                for _ in range(16):
+                    try:
+                        sock.send(b"a" * 65536)
+                    except BlockingIOError:
+                        break
+            time.sleep(0.5)
+            queues = host_receive_queues(host.port)
+            assert len(queues) >= 50, queues
+            assert max(queues) <= 48 * 1024, sorted(queues)[-5:]  # a shrunk receive buffer; not the default ~128 KiB
+            assert host.http_stats()["errors_by_status"].get(431, 0) == 0  # unread: no 8 KiB header cap hit
+            assert served(host)
+        finally:
+            for sock in socks:
+                sock.close()
 
 
 def test_the_heap_is_frozen_while_a_host_serves():
@@ -283,3 +321,15 @@ def test_expect_100_continue_is_answered_only_when_the_headers_pass():
             sock.sendall((head + "\r\n").encode())  # unsigned: refused without asking for the body
             status, _, error = answer_of(sock)
         assert status == 401 and "private swarm" in error["error"]
+
+
+def test_many_requests_with_bodies_on_one_kept_alive_connection_are_all_served():
+    from lightning_moe.client import transport
+
+    with in_process_host(max_batch_size=64) as host:
+        body = wire.serialize([torch.randn(64, HID)])
+        statuses = [transport.request(host.endpoint, "POST", "/forward/ffn.0", body, timeout=10).status
+                    for _ in range(300)]
+        assert statuses == [200] * 300
+        stats = host.http_stats()
+        assert stats["trickles_stopped"] == 0 and stats["connections_accepted"] <= 2, stats

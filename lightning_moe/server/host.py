@@ -240,17 +240,19 @@ class ExpertHost:
         return out
 
     def http_stats(self) -> dict:
-        """Connections accepted, refused (over a connection limit) and open; request bytes in flight and
-        requests refused for lack of that budget; error responses by HTTP status."""
+        """Connections accepted, refused (over a connection limit), open, and no longer read (their head
+        trickled in); request bytes in flight and requests refused for lack of that budget; error
+        responses by HTTP status."""
         server = self.server
         if server is None:
             return {"connections_accepted": 0, "connections_refused": 0, "open_connections": 0, "client_addresses": 0,
-                    "inflight_bytes": 0, "budget_refused": 0, "errors_by_status": {}}
+                    "trickles_stopped": 0, "inflight_bytes": 0, "budget_refused": 0, "errors_by_status": {}}
         return {
             "connections_accepted": server.slots.accepted,
             "connections_refused": server.slots.refused,
             "open_connections": server.slots.open,
             "client_addresses": server.slots.addresses(),
+            "trickles_stopped": server.slots.trickles,
             "inflight_bytes": server.budget.used,
             "budget_refused": server.budget.refused,
             "errors_by_status": dict(server.status_errors),
@@ -268,7 +270,7 @@ class ExpertHost:
               "requests": int, "samples": int, "errors": int,   # totals over all experts and directions
               "queued_rows": int,             # rows waiting in every pool now
               "open_connections": int, "connections_accepted": int, "connections_refused": int,
-              "client_addresses": int, "inflight_bytes": int, "budget_refused": int,
+              "client_addresses": int, "trickles_stopped": int, "inflight_bytes": int, "budget_refused": int,
               "errors_by_status": {"401": int, ...},            # every error answer, by HTTP status
               "kept_forwards": {"kept", "hits", "misses", "graph_backwards", "recomputed", "evicted",
                                 "used_bytes", "budget_bytes", ...},   # forwards kept for their backward

@@ -12,9 +12,10 @@ thread). This subclass adds what a host facing strangers needs before any handle
   most ``CLOSES_PER_SWEEP`` at a time, so a flood that opened at once does not close at once;
 - header memory: a request whose line and headers exceed ``max_header_bytes`` in total gets 431
   and the connection is closed (aiohttp itself bounds each line and the number of headers);
-- trickled heads: a request head still unfinished after ``MAX_HEAD_READS`` reads of tiny pieces is
-  read no further (the socket leaves the event loop's selector) until its deadline closes it, so a
-  slowloris costs the loop no more than an idle connection;
+- trickled heads: clients write a request's head at once, so a head still unfinished after reads
+  of under ``TRICKLE_BYTES`` on average is read no further (the socket leaves the event loop's
+  selector) until its deadline closes it: a slowloris costs the loop one read, then no more than
+  an idle connection;
 - a peer that half-closes (sends FIN) mid-body still gets its answer (400, truncated body);
 - a host-wide budget of request bytes in flight (:class:`InflightBudget`), used by the handlers;
 - every error aiohttp answers itself (unparsable request line, bad headers) is JSON
@@ -34,6 +35,7 @@ import gc
 import itertools
 import json
 import logging
+import socket
 import threading
 from http import HTTPStatus
 from typing import Any, Callable
@@ -52,6 +54,7 @@ class ConnectionSlots:
         self._per_address: collections.Counter[str] = collections.Counter()
         self._lock = threading.Lock()
         self.open = self.accepted = self.refused = 0
+        self.trickles = 0  # connections the host stopped reading: their head came in tiny pieces
         self.closing = False
 
     def admit(self, address: str) -> bool:
@@ -84,6 +87,18 @@ def json_error_body(message: str, uid: str | None) -> bytes:
     return json.dumps({"error": message, "uid": uid}).encode()
 
 
+def stop_reading(transport: Any, slots: ConnectionSlots) -> None:
+    """Read no more from a trickling connection, and let the kernel hold only a few KiB of what it sends."""
+    slots.trickles += 1
+    transport.pause_reading()
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, PAUSED_RCVBUF)
+        except OSError:
+            pass
+
+
 def head_too_large(max_header_bytes: int) -> bytes:
     """The whole 431 answer to a request whose line and headers exceed ``max_header_bytes``."""
     body = json_error_body(f"request line and headers exceed {max_header_bytes} bytes", None)
@@ -92,8 +107,8 @@ def head_too_large(max_header_bytes: int) -> bytes:
     return head + body
 
 
-MAX_HEAD_READS = 2  # a client sends its head in one piece, rarely two; this many or more of ...
-TRICKLE_BYTES = 256  # ... under this many bytes on average is a trickle
+PAUSED_RCVBUF = 4096  # bytes of receive buffer left to a connection the host stopped reading (else ~128 KiB each)
+TRICKLE_BYTES = 256  # an unfinished head that came in pieces of under this many bytes on average is a trickle
 SWEEP_PERIOD = 0.01  # seconds between the lobby sweeper's rounds
 CLOSES_PER_SWEEP = 40  # connections past their deadline closed per round (4,000 per second)
 SMALL_REQUEST = 1 << 20  # requests up to this size may use the last quarter of the in-flight budget; larger ones may not
@@ -191,7 +206,8 @@ class LimitedRequestHandler(web_protocol.RequestHandler):
     def data_received(self, data: bytes) -> None:
         if self._force_close or self._close:
             return
-        in_body = self._lm_payload is not None and not self._lm_payload.is_eof()
+        # aiohttp itself calls this with b"" (its buffered tail, once a handler finished): not a read
+        in_body = not data or (self._lm_payload is not None and not self._lm_payload.is_eof())
         if not in_body:
             self._lm_header_bytes += len(data)
             self._lm_head_reads += 1
@@ -206,9 +222,8 @@ class LimitedRequestHandler(web_protocol.RequestHandler):
                     error.__traceback__ = None
         elif not in_body and self._lm_header_bytes > self._lm_max_header_bytes:
             self._refuse_headers()
-        elif (not in_body and self._lm_head_reads >= MAX_HEAD_READS and self.transport is not None
-              and self._lm_header_bytes < TRICKLE_BYTES * self._lm_head_reads):
-            self.transport.pause_reading()  # the keep-alive timer (the header deadline) closes it
+        elif not in_body and self.transport is not None and self._lm_header_bytes < TRICKLE_BYTES * self._lm_head_reads:
+            stop_reading(self.transport, self._lm_slots)  # the keep-alive timer (the header deadline) closes it
 
     def _refuse_headers(self) -> None:
         transport = self.transport
@@ -275,8 +290,8 @@ class Lobby(asyncio.Protocol):
             self.transport.write(head_too_large(self.server.max_header_bytes))
             self.server.count_error(431)
             self.transport.close()
-        elif self.reads >= MAX_HEAD_READS and len(self.head) < TRICKLE_BYTES * self.reads:
-            self.transport.pause_reading()  # a trickle: read no more, the deadline closes it
+        elif len(self.head) < TRICKLE_BYTES * self.reads:
+            stop_reading(self.transport, self.server.slots)  # a trickle: the deadline closes it
 
     def eof_received(self) -> bool:
         return False  # the peer sent FIN before a whole head: close (as aiohttp does with no request)
