@@ -87,8 +87,11 @@ def json_error_body(message: str, uid: str | None) -> bytes:
     return json.dumps({"error": message, "uid": uid}).encode()
 
 
-def stop_reading(transport: Any, slots: ConnectionSlots) -> None:
-    """Read no more from a trickling connection, and let the kernel hold only a few KiB of what it sends."""
+def stop_if_trickle(transport: Any, slots: ConnectionSlots, head_bytes: int, reads: int) -> None:
+    """An unfinished head of ``head_bytes`` in ``reads`` pieces averaging under ``TRICKLE_BYTES`` is a trickle:
+    read no more from it (its deadline closes it), and let the kernel hold only a few KiB of what it sends."""
+    if transport is None or head_bytes >= TRICKLE_BYTES * reads:
+        return
     slots.trickles += 1
     transport.pause_reading()
     sock = transport.get_extra_info("socket")
@@ -222,8 +225,8 @@ class LimitedRequestHandler(web_protocol.RequestHandler):
                     error.__traceback__ = None
         elif not in_body and self._lm_header_bytes > self._lm_max_header_bytes:
             self._refuse_headers()
-        elif not in_body and self.transport is not None and self._lm_header_bytes < TRICKLE_BYTES * self._lm_head_reads:
-            stop_reading(self.transport, self._lm_slots)  # the keep-alive timer (the header deadline) closes it
+        elif not in_body:  # the keep-alive timer (the header deadline) closes a trickle
+            stop_if_trickle(self.transport, self._lm_slots, self._lm_header_bytes, self._lm_head_reads)
 
     def _refuse_headers(self) -> None:
         transport = self.transport
@@ -290,8 +293,8 @@ class Lobby(asyncio.Protocol):
             self.transport.write(head_too_large(self.server.max_header_bytes))
             self.server.count_error(431)
             self.transport.close()
-        elif len(self.head) < TRICKLE_BYTES * self.reads:
-            stop_reading(self.transport, self.server.slots)  # a trickle: the deadline closes it
+        else:
+            stop_if_trickle(self.transport, self.server.slots, len(self.head), self.reads)
 
     def eof_received(self) -> bool:
         return False  # the peer sent FIN before a whole head: close (as aiohttp does with no request)
