@@ -76,7 +76,7 @@ def run_swarm(cfg: DictConfig) -> None:
     if not dht.initial_peers:
         raise ConfigError("dht.initial_peers is empty: name a DHT node of the swarm, e.g. dht.initial_peers=[HOST:PORT]")
     try:
-        node = process_dht(dht.initial_peers, dht.secret)
+        node = process_dht(dht)
         layers = [(prefix, list(cfg.moe.grid_size)) for prefix in layer_prefixes(cfg.moe.uid_prefix, cfg.model.moe_layers)]
         views, hosts = survey(node, layers, auth.resolve_secret(dht.secret))
         print(format_survey(views, hosts), flush=True)

@@ -12,8 +12,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Optional
 
-from lightning_moe.client.health import HealthConfig
-
 WIRE_COMPRESSIONS = ("none", "float16", "uint8")  # lightning_moe.wire.COMPRESSIONS, without importing torch
 
 
@@ -32,14 +30,34 @@ def _require(ok: bool, key: str, message: str, value: Any) -> None:
 
 
 @dataclass
+class HealthConfig:
+    """How quickly experts and hosts are excluded after errors, and for how long."""
+
+    window: float = 30.0
+    min_failures: int = 3
+    failure_rate: float = 0.5
+    ban_time: float = 2.0
+    max_ban_time: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.window <= 0 or self.min_failures < 1 or not 0 < self.failure_rate <= 1:
+            raise ValueError(f"need window > 0, min_failures >= 1 and 0 < failure_rate <= 1, got {self}")
+        if not 0 < self.ban_time <= self.max_ban_time:
+            raise ValueError(f"need 0 < ban_time <= max_ban_time, got {self.ban_time}, {self.max_ban_time}")
+
+
+@dataclass
 class DHTConfig:
     """Where this process joins the swarm's DHT."""
 
     initial_peers: list[str] = _help("`host:port` of DHT nodes of the swarm; empty: train starts a local swarm, "
                                      "a host starts a new DHT", default_factory=list)
-    host: str = _help("interface the DHT node binds (UDP)", default="127.0.0.1")
+    host: Optional[str] = _help("interface the DHT node binds (UDP); null: loopback while every initial peer is on "
+                                "loopback, else all interfaces (0.0.0.0)", default=None)
     port: int = _help("UDP port of the DHT node (0: any free port); others need it reachable", default=0)
-    announce_host: Optional[str] = _help("address peers should use when it differs from dht.host (NAT, 0.0.0.0)", default=None)
+    announce_host: Optional[str] = _help("address peers should use when it differs from dht.host (NAT, 0.0.0.0); "
+                                         "null: dht.host, or when bound to all interfaces the local address that "
+                                         "routes to the initial peers", default=None)
     secret: Optional[str] = _help("a private swarm's shared secret; null reads LIGHTNING_MOE_SECRET, unset there "
                                   "too: a public swarm", default=None)
 
@@ -71,9 +89,12 @@ class HostConfig:
                        "or a list of uids", default=4)
     max_batch_size: int = _help("rows per batch the host forms from all trainers' requests", default=4096)
     update_every: int = _help("0: step each expert's optimizer after every backward batch; N: after N samples", default=0)
-    host: str = _help("interface the HTTP server binds (0.0.0.0: all)", default="127.0.0.1")
+    host: Optional[str] = _help("interface the HTTP server binds (0.0.0.0: all); null: as dht.host would (loopback "
+                                "while every DHT peer is on loopback, else all)", default=None)
     port: int = _help("HTTP port (0: any free port); trainers need it reachable", default=0)
-    announce_host: Optional[str] = _help("address trainers should use when it differs from host.host", default=None)
+    announce_host: Optional[str] = _help("address trainers should use when it differs from host.host; null: host.host, "
+                                         "or when bound to all interfaces the local address that routes to the DHT "
+                                         "peers", default=None)
     announce_port: Optional[int] = _help("port trainers should use when it differs from host.port (a port forward, "
                                          "a proxy)", default=None)
     update_period: float = _help("seconds between DHT declarations (records live two periods)", default=10.0)
@@ -197,8 +218,7 @@ class DecentralizedMoEConfig(MoEConfig):
     timeout_after_k_min: Optional[float] = 1.0
     backward_k_min: int = 1
     backward_timeout: Optional[float] = 30.0
-    initial_peers: list[str] = field(default_factory=list)
-    secret: Optional[str] = None
+    dht: Any = "${dht}"  # the run's `dht` group, checked there (a typed node cannot hold an interpolation)
     compression: str = "none"
     cache_ttl: float = 5.0
     jitter: float = 0.0

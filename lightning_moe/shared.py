@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Sequence
 from typing import Any
 
 from lightning_moe import auth
+from lightning_moe.config import DHTConfig
 
 logger = logging.getLogger(__name__)
 
@@ -24,19 +24,19 @@ def usable(dht: Any) -> bool:
     return getattr(dht, "_pid", os.getpid()) == os.getpid() and bool(alive() if callable(alive) else alive)
 
 
-def process_dht(initial_peers: Sequence[str], secret: str | bytes | None = None) -> Any:
-    """This process's DHT node for the swarm of ``secret``: a volunteer's node if one runs here, else a
-    client-mode node joined to ``initial_peers``, created on first use and reused by every layer."""
-    key = auth.resolve_secret(secret)
+def process_dht(config: DHTConfig) -> Any:
+    """This process's DHT node for the swarm of ``config.secret``: a volunteer's node if one runs here, else a
+    client-mode node made from ``config`` (the ``dht`` group), created on first use and reused by every layer."""
+    key = auth.resolve_secret(config.secret)
     with _lock:
         dht = _nodes.get(key)
         if dht is None or not usable(dht):
             from lightning_moe.dht import DHT
 
-            dht = DHT(initial_peers=list(initial_peers), client_mode=True, secret=key)
+            dht = DHT.from_config(config, client_mode=True)
             _nodes[key] = dht
             _owned.add(id(dht))
-            logger.debug("process DHT client %s joined %s", dht.address, list(initial_peers))
+            logger.debug("process DHT client %s joined %s", dht.address, list(config.initial_peers))
         _users[id(dht)] = _users.get(id(dht), 0) + 1
         return dht
 

@@ -58,26 +58,26 @@ class LocalSwarm:
         host: the host configuration (experts, optimizer, grid, batch sizes, ...); must be picklable
             (``_target_`` configs or importable factories).
         num_hosts: host processes to start (at least 1).
-        secret: a private swarm's shared secret (default: the ``LIGHTNING_MOE_SECRET`` environment variable).
         start_timeout: seconds to wait for the hosts to be ready.
         host_delays: extra seconds per batch for each of the first hosts (to test slow volunteers).
-        bind: the loopback address the DHT node and hosts bind.
+        dht: the ``dht`` group: its ``secret`` (a private swarm), ``host`` and ``announce_host`` (null: loopback)
+            apply to the swarm's DHT node and hosts; its peers and port do not (the swarm is a DHT of its own).
     """
 
     def __init__(
         self,
         host: HostConfig,
         num_hosts: int = 2,
-        secret: str | None = None,
+        dht: DHTConfig | None = None,
         start_timeout: float = 120.0,
         host_delays: Sequence[float] = (),
-        bind: str = "127.0.0.1",
     ):
         if num_hosts < 1:
             raise ConfigError(f"local_swarm.num_hosts must be at least 1 (a swarm needs a host), got {num_hosts}")
         host.check()
-        self.config, self.num_hosts, self.secret = host, num_hosts, secret
-        self.start_timeout, self.host_delays, self.bind = start_timeout, list(host_delays), bind
+        self.config, self.num_hosts = host, num_hosts
+        self.dht_config = dataclasses.replace(dht or DHTConfig(), initial_peers=[], port=0)
+        self.start_timeout, self.host_delays = start_timeout, list(host_delays)
         self._ctx = mp.get_context("spawn")
         self._ready, self._results = self._ctx.Queue(), self._ctx.Queue()
         self.final_stats: dict[int, dict] = {}
@@ -103,7 +103,7 @@ class LocalSwarm:
         from lightning_moe.dht import DHT
 
         if self.dht is None:
-            self.dht = DHT(host=self.bind, port=0, secret=self.secret)
+            self.dht = DHT.from_config(self.dht_config)
         return self
 
     def start(self) -> "LocalSwarm":
@@ -124,9 +124,9 @@ class LocalSwarm:
 
     def add_host(self, uids: Sequence[str], seed: int | None = None, delay: float = 0.0, wait: bool = True) -> int:
         """Start one more host process serving ``uids``; returns its index."""
-        config = dataclasses.replace(self.config, cells=list(uids), seed=seed, delay=delay, host=self.bind, port=0,
-                                     announce_host=None, announce_port=None, checkpoint_dir=None)
-        dht = DHTConfig(initial_peers=self.initial_peers, host=self.bind, secret=self.secret)
+        config = dataclasses.replace(self.config, cells=list(uids), seed=seed, delay=delay, host=self.dht.host, port=0,
+                                     announce_host=self.dht_config.announce_host, announce_port=None, checkpoint_dir=None)
+        dht = dataclasses.replace(self.dht_config, initial_peers=self.initial_peers, host=self.dht.host)
         index = len(self.processes)
         process = self._ctx.Process(target=_host_process, args=(index, config, dht, self._ready, self._results, os.getpid()),
                                     daemon=True, name=f"lightning_moe-host-{index}")

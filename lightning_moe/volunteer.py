@@ -22,6 +22,8 @@ from torch import nn
 
 from lightning_moe import shared
 from lightning_moe.config import ConfigError, DHTConfig, HostConfig, grid_uids
+from lightning_moe.dht import DHT
+from lightning_moe.net import resolve_binding
 from lightning_moe.server import ExpertBackend, ExpertHost
 
 logger = logging.getLogger(__name__)
@@ -108,20 +110,6 @@ def add_faults(backend: ExpertBackend, rate: float, seed: int | None = None) -> 
 
 def _address_in_use(error: OSError) -> bool:
     return error.errno in (errno.EADDRINUSE, errno.EACCES)
-
-
-def open_dht(config: DHTConfig) -> Any:
-    """A full DHT node as ``config`` says; a port in use is an error that names ``dht.port``."""
-    from lightning_moe.dht import DHT
-
-    try:
-        return DHT(initial_peers=config.initial_peers, host=config.host, port=config.port, announce_host=config.announce_host,
-                   secret=config.secret)
-    except OSError as e:
-        if _address_in_use(e):
-            raise ConfigError(f"dht.port={config.port}: cannot bind {config.host}:{config.port} ({e.strerror}); "
-                              "choose another port or 0 for any free one") from e
-        raise
 
 
 class Volunteer:
@@ -222,7 +210,9 @@ def start_volunteer(config: HostConfig, dht: DHTConfig | Any, device: str | torc
     config.check()
     owns_dht = isinstance(dht, DHTConfig)
     secret = dht.secret if owns_dht else getattr(dht, "_secret", None)
-    node = open_dht(dht) if owns_dht else dht
+    node = DHT.from_config(dht) if owns_dht else dht
+    peers = dht.initial_peers if owns_dht else [f"{host}:{port}" for host, port in node.initial_peers]
+    binding = resolve_binding(config.host, config.announce_host, peers)
     host = None
     try:
         checkpoint = Path(config.checkpoint_dir) / checkpoint_name if config.checkpoint_dir else None
@@ -243,8 +233,8 @@ def start_volunteer(config: HostConfig, dht: DHTConfig | Any, device: str | torc
                 add_delay(backend, config.delay)
             if config.fault_rate:
                 add_faults(backend, config.fault_rate, config.seed)
-        host = ExpertHost(backends, host=config.host, port=config.port, device=device or config.device or "cpu",
-                          announce_host=config.announce_host, dht=node, update_period=config.update_period, secret=secret,
+        host = ExpertHost(backends, host=binding.host, port=config.port, device=device or config.device or "cpu",
+                          announce_host=binding.announce, dht=node, update_period=config.update_period, secret=secret,
                           compression=config.compression, max_connections=config.max_connections,
                           max_connections_per_address=config.max_connections_per_address, idle_timeout=config.idle_timeout,
                           max_body_bytes=int(config.max_body_mb * 2**20), max_rows_factor=config.max_rows_factor,
@@ -255,7 +245,7 @@ def start_volunteer(config: HostConfig, dht: DHTConfig | Any, device: str | torc
             host.start()
         except OSError as e:
             if _address_in_use(e):
-                raise ConfigError(f"host.port={config.port}: cannot bind {config.host}:{config.port} ({e.strerror}); "
+                raise ConfigError(f"host.port={config.port}: cannot bind {binding.host}:{config.port} ({e.strerror}); "
                                   "choose another port or 0 for any free one") from e
             raise
         if checkpoint is not None:

@@ -182,7 +182,7 @@ class VolunteerModel(pl.LightningModule):
 
     def on_fit_start(self):
         volunteer = next(c for c in self.trainer.callbacks if isinstance(c, ExpertHostCallback))
-        self.moe.initial_peers = [volunteer.volunteer.dht.address]
+        self.moe.dht_config.initial_peers = [volunteer.volunteer.dht.address]
         assert self.moe.dht is volunteer.volunteer.dht  # the layer uses the volunteer's node, not one of its own
 
     def on_train_start(self):

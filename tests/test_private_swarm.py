@@ -14,7 +14,7 @@ from lightning_moe.client.moe import DecentralizedMoE
 from lightning_moe.client.parallel_call import NotEnoughExpertsError
 from lightning_moe.client.remote_expert import RemoteExpert, RemoteExpertError, auth_headers
 from lightning_moe.server import ExpertBackend, ExpertHost, make_expert
-from lightning_moe.config import HostConfig
+from lightning_moe.config import DHTConfig, HostConfig
 from lightning_moe.swarm import LocalSwarm
 
 HID = 16
@@ -144,7 +144,7 @@ def test_secret_comes_from_the_environment_variable(monkeypatch):
 def test_decentralized_moe_trains_in_a_private_swarm_and_strangers_are_refused():
     host = HostConfig(expert=functools.partial(make_expert, "ffn", HID), optimizer=functools.partial(torch.optim.SGD, lr=0.1),
                       in_features=HID, grid_size=[2, 2], update_period=2.0, num_threads=1, stats_every=0)
-    swarm = LocalSwarm(host, num_hosts=1, secret=SECRET).start()
+    swarm = LocalSwarm(host, num_hosts=1, dht=DHTConfig(secret=SECRET)).start()
     member = DecentralizedMoE(HID, (2, 2), "ffn", k_best=2, initial_peers=swarm.initial_peers, secret=SECRET, cache_ttl=1.0)
     stranger = DecentralizedMoE(HID, (2, 2), "ffn", k_best=2, initial_peers=swarm.initial_peers, forward_timeout=10.0)
     try:

@@ -11,6 +11,7 @@ from pytorch_lightning.callbacks import Callback
 
 from lightning_moe import auth
 from lightning_moe.config import ConfigError, DHTConfig, to_dataclass
+from lightning_moe.net import resolve_binding
 
 from .averager import Averager
 
@@ -37,7 +38,7 @@ class SwarmAveraging(Callback):
             averaging is off (a lone trainer).
         client_mode: behind NAT: initiate exchanges, answer none (no server; not declared in the DHT).
         host / port / announce_host: where the averaging server binds (port 0: a free one) and the
-            address peers are told.
+            address peers are told; None: as the DHT node would (``lightning_moe.net.resolve_binding``).
         max_distance: a peer's parameters farther than this from ours (relative norm of the
             difference) are refused and that peer is left out for ``ban_seconds``.
         timeout: seconds one exchange or download may take (a dead peer costs one exchange).
@@ -53,7 +54,7 @@ class SwarmAveraging(Callback):
     """
 
     def __init__(self, run_id: str = "default", every_n_steps: int = 10, dht: DHTConfig | Mapping[str, Any] | None = None,
-                 client_mode: bool = False, host: str = "127.0.0.1", port: int = 0, announce_host: str | None = None,
+                 client_mode: bool = False, host: str | None = None, port: int = 0, announce_host: str | None = None,
                  max_distance: float = 0.5, ban_seconds: float = 60.0, timeout: float = 10.0, compression: str = "none",
                  load_state_from_peers: bool = True, adopt_step: bool = True, declare_ttl: float = 30.0,
                  log_every_n_steps: int = 10, outer_lr: float = 1.0, outer_momentum: float = 0.0):
@@ -101,9 +102,10 @@ class SwarmAveraging(Callback):
             return
         from lightning_moe.shared import process_dht
 
-        dht = process_dht(self.dht_config.initial_peers, self.dht_config.secret)
-        self.averager = Averager(pl_module, self.run_id, dht, client_mode=self.client_mode, host=self.host, port=self.port,
-                                 announce_host=self.announce_host, secret=auth.resolve_secret(self.dht_config.secret),
+        dht = process_dht(self.dht_config)
+        binding = resolve_binding(self.host, self.announce_host, self.dht_config.initial_peers)
+        self.averager = Averager(pl_module, self.run_id, dht, client_mode=self.client_mode, host=binding.host, port=self.port,
+                                 announce_host=binding.announce, secret=auth.resolve_secret(self.dht_config.secret),
                                  max_distance=self.max_distance, ban_seconds=self.ban_seconds, timeout=self.timeout,
                                  compression=self.compression, declare_ttl=self.declare_ttl, outer_lr=self.outer_lr,
                                  outer_momentum=self.outer_momentum)

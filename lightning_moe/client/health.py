@@ -17,22 +17,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-
-@dataclass
-class HealthConfig:
-    """How quickly experts and hosts are excluded after errors, and for how long."""
-
-    window: float = 30.0
-    min_failures: int = 3
-    failure_rate: float = 0.5
-    ban_time: float = 2.0
-    max_ban_time: float = 60.0
-
-    def __post_init__(self) -> None:
-        if self.window <= 0 or self.min_failures < 1 or not 0 < self.failure_rate <= 1:
-            raise ValueError(f"need window > 0, min_failures >= 1 and 0 < failure_rate <= 1, got {self}")
-        if not 0 < self.ban_time <= self.max_ban_time:
-            raise ValueError(f"need 0 < ban_time <= max_ban_time, got {self.ban_time}, {self.max_ban_time}")
+from lightning_moe.config import HealthConfig
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -16,7 +17,8 @@ from lightning_moe import auth, wire
 from lightning_moe.client.beam_search import beam_search
 from lightning_moe.client.dht_cache import CachedExpertLookup
 from lightning_moe.client.gating import load_balancing_loss
-from lightning_moe.client.health import HealthConfig, HealthRegistry
+from lightning_moe.client.health import HealthRegistry
+from lightning_moe.config import DHTConfig, HealthConfig, to_dataclass
 from lightning_moe.client.parallel_call import (
     CallSettings,
     CallStats,
@@ -53,10 +55,13 @@ class DecentralizedMoE(nn.Module):
         backward_k_min: expert gradients a sample should get; fewer is logged as a warning and counted.
         backward_timeout: seconds for all backward calls; experts that do not answer are dropped and counted.
         backward_timeout_after_k_min: once the first backward answered, wait at most this long for the others.
-        dht: a :class:`lightning_moe.dht.DHT` to use; if None, the process's node is used (a volunteer's
-            in the same process, else a client-mode node joined to ``initial_peers`` and shared by every
-            layer), looked up in the process that first runs forward (safe for DDP and pickling).
-        initial_peers: ``"host:port"`` of DHT nodes, used when ``dht`` is None.
+        dht: a :class:`lightning_moe.dht.DHT` to use, or where to join the swarm: a
+            :class:`~lightning_moe.config.DHTConfig` (or the ``dht`` group's mapping). With a config or
+            ``initial_peers``, the process's node is used (a volunteer's in the same process, else a
+            client-mode node made from the config and shared by every layer), looked up in the process
+            that first runs forward (safe for DDP and pickling).
+        initial_peers: ``"host:port"`` of DHT nodes, used when ``dht`` is None (the other ``dht.*`` keys
+            keep their defaults: the node binds so that it reaches these peers).
         compression: wire compression of activations and gradients: none, float16 or uint8.
         cache_ttl: seconds that a DHT answer is fresh; it is refreshed in the background before then, and an
             older one is still used while its refresh runs (up to ``dht_cache.DEFAULT_MAX_STALE``), so a step
@@ -104,15 +109,26 @@ class DecentralizedMoE(nn.Module):
             raise ValueError(f"compression must be one of {wire.COMPRESSIONS}, got {compression!r}")
         if not 1 <= k_min <= k_best:
             raise ValueError(f"need 1 <= k_min <= k_best, got k_min={k_min}, k_best={k_best}")
-        if dht is None and not initial_peers:
-            raise ValueError("DecentralizedMoE needs a dht or initial_peers to find experts")
+        if isinstance(dht, Mapping):
+            dht = to_dataclass(dht, DHTConfig)
+        if dht is None:
+            if not initial_peers:
+                raise ValueError("DecentralizedMoE needs a dht or initial_peers to find experts")
+            dht = DHTConfig(initial_peers=list(initial_peers), secret=secret)
+        if isinstance(dht, DHTConfig):
+            if not dht.initial_peers:
+                raise ValueError("DecentralizedMoE needs dht.initial_peers to find experts")
+            if secret is not None and dht.secret is None:
+                dht = dataclasses.replace(dht, secret=secret)
+            self.dht_config, dht, secret = dht, None, dht.secret
+        else:
+            self.dht_config = DHTConfig(initial_peers=_peers_of(dht))
         self.in_features, self.grid_size, self.uid_prefix = in_features, tuple(int(g) for g in grid_size), uid_prefix
         self.k_best, self.k_min, self.backward_k_min = k_best, k_min, backward_k_min
         self.forward_timeout, self.timeout_after_k_min, self.backward_timeout = forward_timeout, timeout_after_k_min, backward_timeout
         self.compression, self.cache_ttl, self.jitter = compression, cache_ttl, jitter
         self.expert_info_timeout = expert_info_timeout
         self.secret = auth.resolve_secret(secret)
-        self.initial_peers = list(initial_peers) if initial_peers else _peers_of(dht)
         self.backward_timeout_after_k_min, self.max_retries = backward_timeout_after_k_min, max_retries
         self.allow_zero_outputs = allow_zero_outputs
         if max_call_bytes < 1:
@@ -130,6 +146,10 @@ class DecentralizedMoE(nn.Module):
         self.last_lookup_stats: dict[str, int] = {}
         self.aux_loss: torch.Tensor | None = None
 
+    @property
+    def initial_peers(self) -> list[str]:
+        return list(self.dht_config.initial_peers)
+
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_dht"], state["_lookup"], state["_lock"], state["_owns_dht_ref"] = None, None, None, False
@@ -146,7 +166,7 @@ class DecentralizedMoE(nn.Module):
         """The DHT node; created lazily (client mode) in the process that uses it."""
         with self._lock:
             if self._dht is None or not usable(self._dht):
-                self._dht, self._owns_dht_ref, self._lookup = process_dht(self.initial_peers, self.secret), True, None
+                self._dht, self._owns_dht_ref, self._lookup = process_dht(self.dht_config), True, None
             return self._dht
 
     @property

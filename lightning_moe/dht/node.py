@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import errno
 import logging
 import os
 import socket
@@ -13,6 +14,8 @@ from collections import Counter
 from typing import Any, Coroutine, Iterable, Optional, Sequence
 
 from .. import auth
+from ..config import ConfigError, DHTConfig
+from ..net import resolve_binding
 from .records import (
     MAX_KEY_LENGTH,
     MAX_TTL,
@@ -37,9 +40,11 @@ class DHT:
     :param initial_peers: ``"host:port"`` of nodes already in the DHT. When none of them
         answers, the node logs a warning (it would otherwise form a separate DHT silently)
         and keeps retrying while its routing table is empty.
-    :param host: interface to bind (default loopback); :param port: 0 picks a free port.
+    :param host: interface to bind; None (the default): loopback while every initial peer is on
+        loopback, else all interfaces (see ``lightning_moe.net.addresses``). :param port: 0 picks a free port.
     :param announce_host: / :param announce_port: what ``address`` reports when peers must
-        reach this node at another address than the bound one (NAT, 0.0.0.0). Nodes learn
+        reach this node at another address than the bound one (NAT, 0.0.0.0; None: the bound
+        address, or the local address that routes to the initial peers when bound to all). Nodes learn
         peers' addresses from the datagrams they send, once the address is verified (it answered
         a request or returned a cookie, see ``protocol``).
     :param client_mode: a trainer-only node: it reads and writes the DHT but answers no
@@ -71,7 +76,7 @@ class DHT:
     be pickled or inherited through ``fork``).
     """
 
-    def __init__(self, initial_peers: Sequence[str] = (), host: str = "127.0.0.1", port: int = 0,
+    def __init__(self, initial_peers: Sequence[str] = (), host: Optional[str] = None, port: int = 0,
                  announce_host: Optional[str] = None, announce_port: Optional[int] = None,
                  client_mode: bool = False, rpc_timeout: float = 1.0, wait_timeout: float = 5.0,
                  ksize: int = 20, num_replicas: int = 6, alpha: int = 6, secret: str | bytes | None = None,
@@ -79,9 +84,10 @@ class DHT:
         self._secret = auth.resolve_secret(secret)
         self.max_ttl = float(server_kwargs.get("max_ttl", MAX_TTL))
         self.initial_peers = [_parse_peer(p) for p in initial_peers]
-        self.host, self.client_mode = host, client_mode
+        binding = resolve_binding(host, announce_host, [f"{h}:{p}" for h, p in self.initial_peers])
+        self.host, self.client_mode = binding.host, client_mode
         self.rpc_timeout, self.wait_timeout = float(rpc_timeout), float(wait_timeout)
-        self._announce_host, self._announce_port = announce_host, announce_port
+        self._announce_host, self._announce_port = binding.announce, announce_port
         self._stats: Counter = Counter()
         self._pid = os.getpid()
         self._shutdown_lock = threading.Lock()
@@ -98,6 +104,20 @@ class DHT:
             self.shutdown()
             raise
         self._thread.name = f"lightning_moe.DHT:{self.port}"
+
+    @classmethod
+    def from_config(cls, config: DHTConfig, client_mode: bool = False, **kwargs: Any) -> "DHT":
+        """The node the ``dht`` config group describes (a client-mode node binds any free port: it answers
+        no one). A port in use is a :class:`ConfigError` that names ``dht.port``."""
+        port = 0 if client_mode else config.port
+        try:
+            return cls(initial_peers=config.initial_peers, host=config.host, port=port,
+                       announce_host=config.announce_host, client_mode=client_mode, secret=config.secret, **kwargs)
+        except OSError as e:
+            if e.errno in (errno.EADDRINUSE, errno.EACCES):
+                raise ConfigError(f"dht.port={port}: cannot bind {config.host or 'the auto address'}:{port} "
+                                  f"({e.strerror}); choose another port or 0 for any free one") from e
+            raise
 
     async def _start(self, port: int, server_kwargs: dict) -> int:
         loop = asyncio.get_running_loop()
@@ -127,7 +147,7 @@ class DHT:
     @property
     def address(self) -> str:
         """``"host:port"`` that other peers should use as an initial peer."""
-        return f"{self._announce_host or self.host}:{self._announce_port or self.port}"
+        return f"{self._announce_host}:{self._announce_port or self.port}"
 
     @property
     def is_private(self) -> bool:

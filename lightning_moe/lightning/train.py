@@ -28,7 +28,7 @@ CONFIG_PATH = "pkg://lightning_moe.conf"
 
 def uses_swarm(cfg: DictConfig) -> bool:
     """True when the `moe` group is a layer that finds its experts through the DHT."""
-    return "initial_peers" in cfg.moe
+    return "dht" in cfg.moe
 
 
 def is_volunteer(cfg: DictConfig) -> bool:
@@ -71,11 +71,11 @@ def averaging_callback(cfg: DictConfig) -> pl.Callback:
     return hydra.utils.instantiate(root.averaging)
 
 
-def local_swarm(cfg: DictConfig, host: HostConfig, swarm: LocalSwarmConfig) -> LocalSwarm:
+def local_swarm(host: HostConfig, dht: DHTConfig, swarm: LocalSwarmConfig) -> LocalSwarm:
     """The swarm of this machine: hosts with the `host` group's settings, except the local_swarm group's."""
     config = dataclasses.replace(host, num_threads=swarm.num_threads, update_period=swarm.update_period)
-    return LocalSwarm(config, num_hosts=swarm.num_hosts, secret=cfg.dht.secret, start_timeout=swarm.start_timeout,
-                      host_delays=swarm.host_delays, bind=cfg.dht.host)
+    return LocalSwarm(config, num_hosts=swarm.num_hosts, dht=dht, start_timeout=swarm.start_timeout,
+                      host_delays=swarm.host_delays)
 
 
 def train(cfg: DictConfig, extra_callbacks: Callable[[LocalSwarm | None], list[pl.Callback]] | None = None,
@@ -86,12 +86,12 @@ def train(cfg: DictConfig, extra_callbacks: Callable[[LocalSwarm | None], list[p
     ``report`` gets the summary lines (final metrics, the swarm, what a volunteer served); the command
     line entry points pass ``print``.
     """
-    host, _, swarm_config = check_config(cfg)
+    host, dht, swarm_config = check_config(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     swarm = None
     joins_swarm = bool(cfg.dht.initial_peers)
     if uses_swarm(cfg) and not cfg.dht.initial_peers:
-        swarm = local_swarm(cfg, host, swarm_config).start_dht()
+        swarm = local_swarm(host, dht, swarm_config).start_dht()
         cfg.dht.initial_peers = swarm.initial_peers
     try:
         datamodule = hydra.utils.instantiate(cfg.data)
