@@ -60,6 +60,10 @@ class DHTConfig:
                                          "routes to the initial peers", default=None)
     secret: Optional[str] = _help("a private swarm's shared secret; null reads LIGHTNING_MOE_SECRET, unset there "
                                   "too: a public swarm", default=None)
+    client_mode: Optional[bool] = _help("true: answer no DHT requests (behind NAT); false: answer them; null: a "
+                                        "volunteer's node joining remote peers asks them to dial its port back and "
+                                        "answers only if strangers reach it (a trainer's node is always a client)",
+                                        default=None)
 
     def __post_init__(self) -> None:
         self.check()

@@ -16,6 +16,9 @@ from typing import Any, Coroutine, Iterable, Optional, Sequence
 from .. import auth
 from ..config import ConfigError, DHTConfig
 from ..net import resolve_binding
+from ..net.addresses import ALL_INTERFACES
+from ..net.reachability import PROBES
+from .reachability import observe_address, request_dialbacks
 from .records import (
     MAX_KEY_LENGTH,
     MAX_TTL,
@@ -110,14 +113,57 @@ class DHT:
         """The node the ``dht`` config group describes (a client-mode node binds any free port: it answers
         no one). A port in use is a :class:`ConfigError` that names ``dht.port``."""
         port = 0 if client_mode else config.port
+        binding = resolve_binding(config.host, config.announce_host, config.initial_peers)
+        discover = not client_mode and config.client_mode is None and config.announce_host is None and \
+            binding.host in ALL_INTERFACES
         try:
-            return cls(initial_peers=config.initial_peers, host=config.host, port=port,
-                       announce_host=config.announce_host, client_mode=client_mode, secret=config.secret, **kwargs)
+            node = cls(initial_peers=config.initial_peers, host=config.host, port=port, announce_host=config.announce_host,
+                       client_mode=client_mode or bool(config.client_mode) or discover, secret=config.secret, **kwargs)
         except OSError as e:
             if e.errno in (errno.EADDRINUSE, errno.EACCES):
                 raise ConfigError(f"dht.port={port}: cannot bind {config.host or 'the auto address'}:{port} "
                                   f"({e.strerror}); choose another port or 0 for any free one") from e
             raise
+        if discover:
+            node.discover()
+        return node
+
+    # ------------------------------------------------------------------ reachability
+    def observed_address(self, timeout: Optional[float] = None) -> Optional[str]:
+        """The IP address that most of (up to 3) peers see this node's requests come from; None if none answers."""
+        return self._run(lambda deadline: observe_address(self._server), timeout, False)
+
+    def check_reachable(self, tcp_ports: Sequence[int] = (), udp: bool = True, timeout: float = 5.0) -> dict[str, bool]:
+        """Ask (up to 3) peers to dial back this node's UDP port and ``tcp_ports`` from addresses it has not
+        contacted (see ``dht.reachability``): ``{"udp": reached, "tcp:PORT": reached, ...}``. A home NAT
+        drops such traffic, so reached means strangers reach that port."""
+        nonce = PROBES.expect()
+        ports = [int(p) for p in tcp_ports]
+        expected = ({"udp"} if udp else set()) | {f"tcp:{port}" for port in ports}
+        try:
+            asked = self._run(lambda deadline: request_dialbacks(self._server, nonce, self.port if udp else 0, ports),
+                              min(timeout, self.wait_timeout), False)
+            seen = PROBES.wait(nonce, expected, timeout if asked else 0.0)
+        finally:
+            PROBES.forget(nonce)
+        return {label: label in seen for label in sorted(expected)}
+
+    def discover(self) -> Optional[str]:
+        """A client-mode node learns its public IP from its peers and, when strangers reach its UDP port, becomes
+        a full node announced at that IP; returns the public IP (None when no peer answered)."""
+        public = self.observed_address()
+        if public is None:
+            logger.warning("DHT node: no peer told us our public address; staying in client mode")
+            return None
+        if self.check_reachable(udp=True)["udp"]:
+            self._announce_host = public
+            self._call(self._server.become_full(), self.wait_timeout + 5)
+            self.client_mode = False
+            logger.info("DHT node reachable at %s: serving requests as a full node", self.address)
+        else:
+            logger.info("DHT node: strangers cannot reach UDP port %d at %s (NAT or firewall): client mode, it "
+                        "answers no one and enters no routing table", self.port, public)
+        return public
 
     async def _start(self, port: int, server_kwargs: dict) -> int:
         loop = asyncio.get_running_loop()

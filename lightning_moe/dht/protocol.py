@@ -6,6 +6,7 @@ Wire format (one datagram each)::
     request    0x00 | message id (8 B) | cookie (16 B, zeros if none) | msgpack [name, args]
     reply      0x01 | message id (8 B) | msgpack response
     challenge  0x02 | message id (8 B) | cookie (16 B)
+    probe      0x03 | nonce (16 B)        a dial-back: reported to ``net.reachability.PROBES``, never answered
 
 UDP source addresses can be forged, so an address is *verified* only once it has shown that it
 receives what we send there: it answered one of our requests (the reply echoes our random
@@ -36,6 +37,8 @@ from typing import Any, Callable, Container, Optional
 import umsgpack
 from kademlia.node import Node
 
+from ..net.reachability import NONCE_BYTES, PROBES
+
 logger = logging.getLogger(__name__)
 
 MAX_DATAGRAM = 8192 + 64  # no honest request or reply is larger (records are capped at 6000 B)
@@ -44,7 +47,7 @@ COOKIE_BYTES = 16
 COOKIE_PERIOD = 120.0  # a cookie is accepted during this period and the next
 MAX_REMEMBERED = 4096  # verified addresses / cookies received, each an LRU of this many
 VERIFIED_TTL = 600.0
-REQUEST, REPLY, CHALLENGE = b"\x00", b"\x01", b"\x02"
+REQUEST, REPLY, CHALLENGE, PROBE = b"\x00", b"\x01", b"\x02", b"\x03"
 _NO_COOKIE = bytes(COOKIE_BYTES)
 _NODE_BYTES = 26  # packed node: 20-byte id, IPv4, port
 
@@ -185,6 +188,9 @@ class RPCProtocol(asyncio.DatagramProtocol):
             self._on_reply(data, addr)
         elif kind == CHALLENGE and len(data) == 1 + ID_BYTES + COOKIE_BYTES:
             self._on_challenge(data, addr)
+        elif kind == PROBE and len(data) == 1 + NONCE_BYTES:
+            if not PROBES.arrived(data[1:], "udp"):
+                self.stats["unexpected_probes"] += 1
         else:
             self.stats["bad_datagrams"] += 1
 

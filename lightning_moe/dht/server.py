@@ -11,6 +11,11 @@ which no one adds to a routing table and which answers no requests, so it works 
   optionally stores ``value`` (None: don't), optionally returns the record (``want_value``); the
   one request our lookups send (lookup.py)
 * ``store(sender, key, value)`` -> stored: further chunks of an oversized record, replication
+* ``whoami(sender)`` -> ``[ip, port]`` the request came from: how a node behind NAT learns its public address
+* ``dialback(sender, nonce, udp_port, tcp_ports)`` -> accepted: have the requester's observed IP dialed
+  back, through another node of our table where we have one (``reachability.py``)
+* ``dial(sender, ip, nonce, udp_port, tcp_ports)`` -> accepted: from a full node of our table: send a
+  probe datagram and ``GET /reachability/<nonce>`` from fresh sockets (rate-limited per target IP)
 
 Requests reach these handlers only from verified addresses (protocol.py), so a node that enters
 the routing table has proved its address, and replication (handing our keys to a new node that
@@ -34,6 +39,7 @@ from kademlia.utils import digest
 
 from .lookup import iterative_lookup
 from .protocol import MAX_REMEMBERED, Address, RPCProtocol, nearest_nodes, pack_nodes
+from .reachability import Dialer
 from .records import MAX_TTL, Record, decode_record, encode_record, merge_records, sign_record, split_record
 from .storage import SubkeyStorage
 
@@ -78,6 +84,7 @@ class DHTServer:
         self._lookup_slots = asyncio.Semaphore(max_concurrent_lookups)
         self._last_bootstrap = 0.0
         self._foreign_seen, self._foreign_warned_at = 0, -WRONG_SECRET_WARNING_INTERVAL
+        self.dialer = Dialer(self)
 
     # ------------------------------------------------------------------ lifecycle
     def spawn(self, coro: Coroutine) -> asyncio.Future:
@@ -143,6 +150,15 @@ class DHTServer:
     def is_failed(self, node: Node) -> bool:
         until = self._failed.get(node.id)
         return until is not None and until > time.monotonic()
+
+    def knows(self, address: Address) -> bool:
+        """True when a node of the routing table has this address (it proved it receives there)."""
+        return address in self._addresses
+
+    async def become_full(self) -> int:
+        """A client-mode node found reachable starts answering and joins the peers' routing tables."""
+        self.client_mode = self.protocol.client_mode = False
+        return await self.bootstrap_to(self.initial_peers, time.monotonic() + 2 * self.rpc_timeout + 1)
 
     def routing_table_nodes(self) -> list[Node]:
         return [node for bucket in self.router.buckets for node in bucket.get_nodes()]
@@ -249,7 +265,8 @@ class DHTServer:
     # ------------------------------------------------------------------ requests we answer
     def handle_request(self, name: str, args: list, address: Address) -> Any:
         """Dispatch a verified request; raises on anything malformed (the protocol drops it)."""
-        handler = {"ping": self.rpc_ping, "lookup": self.rpc_lookup, "store": self.rpc_store}[name]
+        handler = {"ping": self.rpc_ping, "lookup": self.rpc_lookup, "store": self.rpc_store, "whoami": self.rpc_whoami,
+                   "dialback": self.dialer.rpc_dialback, "dial": self.dialer.rpc_dial}[name]
         if not args:
             raise ValueError("no sender")
         sender, *rest = args
@@ -261,6 +278,9 @@ class DHTServer:
 
     def rpc_ping(self, address: Address) -> bytes:
         return self.node.id
+
+    def rpc_whoami(self, address: Address) -> list:
+        return [address[0], address[1]]
 
     def rpc_store(self, address: Address, key: Any, value: Any) -> bool:
         return self._store_local(key, value, address)

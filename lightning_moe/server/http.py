@@ -32,6 +32,7 @@ from aiohttp import web
 
 import lightning_moe
 from lightning_moe import auth, wire
+from lightning_moe.net.reachability import NONCE_BYTES, PROBES
 from lightning_moe.server.backend import ExpertBackend
 from lightning_moe.server.http_protocol import (
     ConnectionSlots, FrozenHeap, InflightBudget, LimitedServer, json_error_body, malloc_trim,
@@ -266,6 +267,9 @@ class ExpertHTTPServer:
                 body = json.dumps(self.stats_fn() if self.stats_fn is not None else {}).encode()
             self.count_request(route, None)
             return web.Response(body=body, content_type="application/json")
+        if len(parts) == 3 and parts[1] == "reachability":  # a peer's dial-back (lightning_moe.net.reachability)
+            arrived = PROBES.arrived(parts[2][:2 * NONCE_BYTES], f"tcp:{self.server_port}")
+            return web.Response(status=204 if arrived else 404)
         if not (len(parts) == 3 and parts[0] == "" and parts[1] in DIRECTIONS and parts[2]):
             raise _RequestError(404, f"no such path: {raw_path[:200]}", None)
         direction, uid = parts[1], unquote(parts[2])[:200]
