@@ -102,6 +102,7 @@ class HostConfig:
     announce_port: Optional[int] = _help("port trainers should use when it differs from host.port (a port forward, "
                                          "a proxy)", default=None)
     update_period: float = _help("seconds between DHT declarations (records live two periods)", default=10.0)
+    relay: bool = _help("a host that strangers reach relays for hosts behind NAT (bounded; false: never)", default=True)
     max_connections: int = _help("open connections the host serves at once (an idle one costs no thread)", default=16384)
     max_connections_per_address: int = _help("open connections from one client address", default=256)
     idle_timeout: float = _help("seconds a connection may take for the next request's headers", default=10.0)

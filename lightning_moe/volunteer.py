@@ -24,6 +24,8 @@ from lightning_moe import shared
 from lightning_moe.config import ConfigError, DHTConfig, HostConfig, grid_uids
 from lightning_moe.dht import DHT
 from lightning_moe.net import resolve_binding
+from lightning_moe.net.addresses import ALL_INTERFACES
+from lightning_moe.net.presence import Presence
 from lightning_moe.server import ExpertBackend, ExpertHost
 
 logger = logging.getLogger(__name__)
@@ -119,8 +121,9 @@ class Volunteer:
     """
 
     def __init__(self, config: HostConfig, host: ExpertHost, dht: Any, owns_dht: bool, checkpoint: Path | None,
-                 restored: int):
+                 restored: int, presence: Presence):
         self.config, self.host, self.dht, self.checkpoint, self.restored = config, host, dht, checkpoint, restored
+        self.presence = presence
         self._owns_dht = owns_dht
         self._stop = threading.Event()
         self._last_report = (time.monotonic(), self._totals())
@@ -157,12 +160,16 @@ class Volunteer:
             logger.info("saved %d experts to %s", len(self.host.backends), self.checkpoint)
 
     def _run(self) -> None:
-        period = [p for p in (self.config.stats_every, self.config.checkpoint_every if self.checkpoint else 0) if p > 0]
+        relaying = self.presence.relay is not None
+        period = [p for p in (self.config.stats_every, self.config.checkpoint_every if self.checkpoint else 0,
+                              self.config.update_period if relaying else 0) if p > 0]
         if not period:
             return
         next_report = next_save = time.monotonic()
         while not self._stop.wait(min(period)):
             now = time.monotonic()
+            if relaying:
+                self.presence.declare()
             if self.config.stats_every > 0 and now - next_report >= self.config.stats_every:
                 next_report = now
                 logger.info(self.report())
@@ -181,6 +188,7 @@ class Volunteer:
             self.save_checkpoint()
         finally:
             stats = self.host.stats()
+            self.presence.stop()
             self.host.shutdown()
             if self._owns_dht:
                 shared.unregister_process_dht(self.dht)
@@ -211,6 +219,7 @@ def start_volunteer(config: HostConfig, dht: DHTConfig | Any, device: str | torc
     owns_dht = isinstance(dht, DHTConfig)
     secret = dht.secret if owns_dht else getattr(dht, "_secret", None)
     node = DHT.from_config(dht) if owns_dht else dht
+    presence = None
     peers = dht.initial_peers if owns_dht else [f"{host}:{port}" for host, port in node.initial_peers]
     binding = resolve_binding(config.host, config.announce_host, peers)
     host = None
@@ -241,6 +250,9 @@ def start_volunteer(config: HostConfig, dht: DHTConfig | Any, device: str | torc
                           announce_port=config.announce_port, kept_forwards_bytes=int(config.kept_forwards_mb * 2**20))
         if state:
             host.load_state_dict(state)
+        discover = config.announce_host is None and binding.host in ALL_INTERFACES
+        if discover:
+            host.announce_at(None)  # nothing to declare until peers tell how strangers reach it
         try:
             host.start()
         except OSError as e:
@@ -248,14 +260,22 @@ def start_volunteer(config: HostConfig, dht: DHTConfig | Any, device: str | torc
                 raise ConfigError(f"host.port={config.port}: cannot bind {binding.host}:{config.port} ({e.strerror}); "
                                   "choose another port or 0 for any free one") from e
             raise
+        presence = Presence(node, (binding.host, host.port), None if discover else host.endpoint, host.announce_at,
+                            secret=host.secret, relay=config.relay, update_period=config.update_period)
+        if discover:
+            host.announce_at(presence.start())
+        else:
+            presence.start()
         if checkpoint is not None:
             checkpoint.parent.mkdir(parents=True, exist_ok=True)
         if owns_dht:
             shared.register_process_dht(node)
         logger.info("hosting %d cells of %s%s at %s: %s%s", len(uids), ",".join(config.layer_prefixes()), list(config.grid_size),
                     host.endpoint, ", ".join(uids), f" (restored {len(state)} experts)" if state else "")
-        return Volunteer(config, host, node, owns_dht, checkpoint, len(state) if state else 0)
+        return Volunteer(config, host, node, owns_dht, checkpoint, len(state) if state else 0, presence)
     except BaseException:
+        if presence is not None:
+            presence.stop()
         if host is not None:
             host.shutdown()
         if owns_dht:

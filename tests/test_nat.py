@@ -41,3 +41,54 @@ def test_a_node_learns_its_public_address_and_answers_requests_only_when_strange
         assert f"client_mode False address {b.address}:" in out and f"observed {b.address}" in out, out
         out = home.python(DISCOVER.format(peer=f"{a.address}:31337"))
         assert "client_mode True" in out and f"observed {home.public_address}" in out, out
+
+
+TRAIN = """
+import torch
+from lightning_moe import DecentralizedMoE
+moe = DecentralizedMoE(16, (4, 4), "ffn", k_best=4, initial_peers=["{peer}"], cache_ttl=1.0)
+answered = failed = 0
+for _ in range({steps}):
+    x = torch.randn(32, 16, requires_grad=True)
+    moe(x).sum().backward()
+    answered += int(moe.stats["answered"]); failed += int(moe.stats["failed"])
+print("answered", answered, "failed", failed)
+moe.close()
+"""
+
+
+def home_volunteer(home, tmp_path, peer: str, *extra: str):
+    """`lightning-moe host` at home with no address flag at all."""
+    log = tmp_path / f"{home.name}-host.log"
+    process = home.popen(CLI + ["host", f"dht.initial_peers=[{peer}]", "model.hid_dim=16", "host.cells=16",
+                                "host.update_period=2", *extra], log, cwd=tmp_path)
+    wait_for_line(log, "others join with", process, timeout=120)
+    return process, log
+
+
+def served(process, log) -> int:
+    process.terminate()
+    assert process.wait(timeout=60) == 0, log.read_text()[-3000:]
+    line = wait_for_line(log, "stopped; served", process, timeout=5)
+    return int(line.split("served ")[1].split()[0])
+
+
+def test_a_home_volunteer_with_no_address_flags_serves_public_and_natted_trainers_through_a_relay(tmp_path):
+    with Internet() as internet:
+        a, b = internet.machine("A"), internet.machine("B")
+        home, other_home = internet.home("H"), internet.home("G")
+        public_host(a, tmp_path, "host.cells=1")  # the swarm's first node; it relays
+        volunteer, log = home_volunteer(home, tmp_path, f"{a.address}:31337")
+        text = log.read_text()
+        assert "serving through a relay" in text and f"reachable through relay {a.address}:" in text, text
+        assert "client mode" in text, text  # its DHT node: strangers cannot reach its UDP port
+        for trainer in (b, other_home):
+            out = trainer.python(TRAIN.format(peer=f"{a.address}:31337", steps=10), timeout=180)
+            answered, failed = int(out.split()[1]), int(out.split()[3])
+            assert answered > 0 and failed <= 0.01 * answered, out
+        listing = b.python("import sys; sys.argv = ['lightning-moe', 'swarm', "
+                           f"'dht.initial_peers=[{a.address}:31337]', 'model.hid_dim=16']\n"
+                           "from lightning_moe.cli import main; main()", timeout=120)
+        relayed_at = text.split("reachable through relay ")[1].split(" at ")[1].split()[0]
+        assert relayed_at in listing and "16 of 16 cells alive" in listing, listing
+        assert served(volunteer, log) > 0

@@ -124,6 +124,7 @@ class ExpertHost:
         self._stop = threading.Event()
         self._lifecycle = threading.Lock()
         self._started = self._stopped = False
+        self._announced: str | None = None  # set by announce_at; "" while withheld
 
     # ---- lifecycle -------------------------------------------------------------------------
     def start(self) -> "ExpertHost":
@@ -147,7 +148,7 @@ class ExpertHost:
             self.server, self.port = server, server.server_port
             self._started_at = time.monotonic()
             self._samples_history.append((self._started_at, 0))
-            if self.announce_host is None and self.host in ("0.0.0.0", "::", ""):
+            if self._announced is None and self.announce_host is None and self.host in ("0.0.0.0", "::", ""):
                 logger.warning("host listens on %s but announces it; set announce_host to an address peers can reach", self.host)
             if self.dht is not None:
                 self._declare()  # once now, so that the experts are findable when start() returns
@@ -189,17 +190,28 @@ class ExpertHost:
             raise RuntimeError("the host is not started: no host id yet")
         return self.server.host_id
 
+    def announce_at(self, endpoint: str | None) -> None:
+        """Declare the experts at ``endpoint`` from now on (a relay's allocation), at once; None: declare nothing
+        until the next endpoint (no relay serves this host)."""
+        self._announced = endpoint or ""
+        if endpoint and self.dht is not None and self.server is not None:
+            threading.Thread(target=self._declare, name="lightning_moe-redeclare", daemon=True).start()
+
     @property
     def endpoint(self) -> str:
         """``"host:port"`` that peers connect to (the announced host and port where given)."""
         if self.server is None:
             raise RuntimeError("the host is not started: no port yet")
+        if self._announced:
+            return self._announced
         host, port = self.announce_host or self.host, self.announce_port or self.port
         return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
     # ---- DHT -------------------------------------------------------------------------------
     def _declare(self) -> None:
         uids = sorted(self.backends)
+        if self._announced == "":
+            return  # no endpoint that strangers reach (between relays)
         try:
             self.dht.declare_experts(uids, self.endpoint, expiration_time=time.time() + 2 * self.update_period)
             logger.debug("declared %d experts at %s", len(uids), self.endpoint)
