@@ -92,3 +92,95 @@ def test_a_home_volunteer_with_no_address_flags_serves_public_and_natted_trainer
         relayed_at = text.split("reachable through relay ")[1].split(" at ")[1].split()[0]
         assert relayed_at in listing and "16 of 16 cells alive" in listing, listing
         assert served(volunteer, log) > 0
+
+
+def test_when_its_relay_is_killed_a_home_volunteer_serves_again_through_another(tmp_path):
+    with Internet() as internet:
+        a, c, b, home = internet.machine("A"), internet.machine("C"), internet.machine("B"), internet.home("H")
+        first = public_host(a, tmp_path, "host.cells=1", "host.update_period=2")
+        second = public_host(c, tmp_path, "host.cells=1", "host.update_period=2", f"dht.initial_peers=[{a.address}:31337]")
+        volunteer, log = home_volunteer(home, tmp_path, f"{a.address}:31337")
+        relay = log.read_text().split("reachable through relay ")[1].split(":")[0]
+        killed, survivor = (first, c) if relay == a.address else (second, a)
+        out = b.python(TRAIN.format(peer=f"{survivor.address}:31337", steps=2), timeout=120)
+        assert int(out.split()[1]) > 0, out
+        killed[0].kill()
+        line = wait_for_line(log, f"reachable through relay {survivor.address}:", volunteer, timeout=30)
+        out = b.python(TRAIN.format(peer=f"{survivor.address}:31337", steps=10), timeout=180)
+        answered, failed = int(out.split()[1]), int(out.split()[3])
+        assert answered > 0 and failed <= 0.01 * answered, (out, line)
+        assert served(volunteer, log) > 0
+
+
+ATTACK = """
+import asyncio, json, time
+
+async def main():
+    stop = time.monotonic() + {seconds}
+    held, refused = [], 0
+    for _ in range(300):  # fake registrations, all from this address
+        try:
+            reader, writer = await asyncio.open_connection("{relay_host}", {relay_port})
+            writer.write(b'{{"op": "register"}}\\n')
+            answer = json.loads(await asyncio.wait_for(reader.readline(), 5))
+            if answer["op"] == "registered":
+                held.append(writer)
+            else:
+                refused += 1
+                writer.close()
+        except (OSError, ValueError, asyncio.TimeoutError):
+            refused += 1
+    flood = []
+    for _ in range(1000):  # connections to the relayed host's port, held open
+        try:
+            flood.append((await asyncio.wait_for(asyncio.open_connection("{relay_host}", {host_port}), 2))[1])
+        except (OSError, asyncio.TimeoutError):
+            pass
+    async def pour():  # bytes: garbage through the relayed host's port until the window ends
+        sent = 0
+        while time.monotonic() < stop:
+            try:
+                _, writer = await asyncio.wait_for(asyncio.open_connection("{relay_host}", {host_port}), 2)
+                for _ in range(64):
+                    writer.write(b"x" * 65536)
+                    await asyncio.wait_for(writer.drain(), 2)
+                    sent += 65536
+                writer.close()
+            except (OSError, asyncio.TimeoutError):
+                await asyncio.sleep(0.1)
+        return sent
+    sent = sum(await asyncio.gather(*(pour() for _ in range(4))))
+    print("registered", len(held), "refused", refused, "flood", len(flood), "poured", sent)
+
+asyncio.run(main())
+"""
+
+
+def rss_mb(pid: int) -> float:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_a_relay_under_a_flood_of_registrations_connections_and_bytes_keeps_its_hosts_served(tmp_path):
+    with Internet() as internet:
+        a, b, attacker, home = internet.machine("A"), internet.machine("B"), internet.machine("X"), internet.home("H")
+        relay_process, _ = public_host(a, tmp_path, "host.cells=1")
+        volunteer, log = home_volunteer(home, tmp_path, f"{a.address}:31337")
+        relay_at = log.read_text().split("reachable through relay ")[1].split()
+        relay_port, host_port = relay_at[0].split(":")[1], relay_at[2].split(":")[1]
+        out = b.python(TRAIN.format(peer=f"{a.address}:31337", steps=3), timeout=120)
+        before = rss_mb(relay_process.pid)
+        attack = attacker.popen([sys.executable, "-c", ATTACK.format(seconds=20, relay_host=a.address, relay_port=relay_port,
+                                                                     host_port=host_port)], tmp_path / "attack.log")
+        out = b.python(TRAIN.format(peer=f"{a.address}:31337", steps=20), timeout=180)
+        assert attack.wait(timeout=120) == 0, (tmp_path / "attack.log").read_text()
+        report = (tmp_path / "attack.log").read_text()
+        registered, refused = int(report.split()[1]), int(report.split()[3])
+        assert registered <= 2 and refused >= 298, report  # RelayLimits.max_hosts_per_address
+        answered, failed = int(out.split()[1]), int(out.split()[3])
+        assert answered > 0 and failed <= 0.01 * answered, (out, report)
+        after = rss_mb(relay_process.pid)
+        assert after - before < 64, (before, after, report)
+        assert served(volunteer, log) > 0

@@ -18,7 +18,8 @@ carries raw bytes::
     both ways       {"op": "ping"} every PING_PERIOD s; a control connection silent for 3 periods is dead
 
 Everything a stranger can make a relay spend is bounded (:class:`RelayLimits`): relayed hosts in
-all and per address, connections and connections waiting for their attach per relayed host, bytes
+all and per address, connections to a relayed host in all and per stranger's address, connections
+waiting for their attach per relayed host, bytes
 per second per relayed host (a token bucket over both directions), and bytes in flight (each
 splice reads one chunk and writes it out before it reads the next). A refusal is a clear message.
 """
@@ -51,6 +52,7 @@ class RelayLimits:
     max_hosts: int = 16
     max_hosts_per_address: int = 2
     max_connections_per_host: int = 64
+    max_connections_per_address: int = 16  # from one stranger's address to one relayed host
     max_pending_per_host: int = 16
     bytes_per_second_per_host: float = 12.5e6  # 100 Mbit/s
     attach_timeout: float = 5.0
@@ -129,6 +131,7 @@ class _Relayed:
         self.server: asyncio.AbstractServer | None = None
         self.pending: dict[str, asyncio.Future] = {}
         self.connections = 0
+        self.by_address: Counter = Counter()
         self.bucket = TokenBucket(rate)
 
 
@@ -248,17 +251,23 @@ class Relay:
         """A connection to a relayed host's port: announce it, wait for the host's attach, splice."""
         self._track(asyncio.current_task())
         limits = self.limits
-        if relayed.connections >= limits.max_connections_per_host or len(relayed.pending) >= limits.max_pending_per_host:
+        address = (writer.get_extra_info("peername") or ("?",))[0]
+        if relayed.connections >= limits.max_connections_per_host or len(relayed.pending) >= limits.max_pending_per_host \
+                or relayed.by_address[address] >= limits.max_connections_per_address:
             self.stats["connections_refused"] += 1
             writer.close()
             return
         relayed.connections += 1
+        relayed.by_address[address] += 1
         try:
             await self._relay_stranger(relayed, reader, writer)
         except (ConnectionError, OSError, asyncio.CancelledError):
             writer.close()
         finally:
             relayed.connections -= 1
+            relayed.by_address[address] -= 1
+            if relayed.by_address[address] <= 0:
+                del relayed.by_address[address]
 
     async def _relay_stranger(self, relayed: _Relayed, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         connection_id = secrets.token_hex(8)
