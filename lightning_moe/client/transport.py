@@ -167,6 +167,9 @@ def _exchange(conn: http.client.HTTPConnection, method: str, path: str, body: by
     if conn.sock is None:
         conn.timeout = timeout
         conn.connect()
+        # http.client writes a bytearray body after the head, in a second send: without this, Nagle holds it until
+        # the host's delayed ACK of the head (40 ms per request on a real link)
+        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     else:
         conn.sock.settimeout(timeout)
     if handle is not None:

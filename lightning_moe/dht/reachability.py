@@ -17,7 +17,7 @@ import ipaddress
 import logging
 import random
 import time
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from typing import Any, Optional
 
 from ..net.reachability import NONCE_BYTES
@@ -25,7 +25,7 @@ from .protocol import PROBE, Address
 
 logger = logging.getLogger(__name__)
 
-DIAL_INTERVAL = 5.0  # seconds between two dial-backs asked for, or made to, one IP
+DIAL_WINDOW, DIALS_PER_WINDOW = 60.0, 4  # dial-backs asked for by, or made to, one IP (a node checks UDP, then TCP)
 MAX_DIALS_PER_SECOND = 20.0
 MAX_TCP_PORTS = 4
 DIAL_TIMEOUT = 3.0
@@ -72,18 +72,21 @@ class Dialer:
 
     def __init__(self, server: Any):
         self.server = server
-        self._recent: "OrderedDict[str, float]" = OrderedDict()  # "kind:ip" -> last time
+        self._recent: "OrderedDict[str, deque[float]]" = OrderedDict()  # "kind:ip" -> times of its last dials
         self._tokens, self._stamp = MAX_DIALS_PER_SECOND, time.monotonic()
 
     def _allow(self, key: str) -> bool:
         now = time.monotonic()
         self._tokens = min(MAX_DIALS_PER_SECOND, self._tokens + (now - self._stamp) * MAX_DIALS_PER_SECOND)
         self._stamp = now
-        if now - self._recent.get(key, -DIAL_INTERVAL) < DIAL_INTERVAL or self._tokens < 1:
+        times = self._recent.setdefault(key, deque())
+        while times and times[0] < now - DIAL_WINDOW:
+            times.popleft()
+        if len(times) >= DIALS_PER_WINDOW or self._tokens < 1:
             self.server.stats["dials_refused"] += 1
             return False
         self._tokens -= 1
-        self._recent[key] = now
+        times.append(now)
         self._recent.move_to_end(key)
         while len(self._recent) > 4096:
             self._recent.popitem(last=False)

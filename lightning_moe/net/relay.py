@@ -51,8 +51,8 @@ class RelayLimits:
 
     max_hosts: int = 16
     max_hosts_per_address: int = 2
-    max_connections_per_host: int = 64
-    max_connections_per_address: int = 16  # from one stranger's address to one relayed host
+    max_connections_per_host: int = 128
+    max_connections_per_address: int = 64  # from one stranger's address to one relayed host (a trainer opens dozens)
     max_pending_per_host: int = 16
     bytes_per_second_per_host: float = 12.5e6  # 100 Mbit/s
     attach_timeout: float = 5.0
