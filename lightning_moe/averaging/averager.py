@@ -31,9 +31,10 @@ from torch import nn
 
 from lightning_moe.client.remote_expert import auth_headers, get_session
 from lightning_moe.dht.records import is_valid_endpoint
+from lightning_moe.net.signing import MAX_CLOCK_SKEW
 
 from . import state
-from .server import MAX_CLOCK_SKEW, AveragingServer, Unavailable, response_signature
+from .server import AveragingServer, Unavailable, response_signature
 from .state import RefusedState
 
 logger = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""The averaging endpoints of a trainer that answers: a small aiohttp server on its own thread and loop.
+"""The averaging endpoints of a trainer that answers: a small aiohttp server on the process's network loop.
 
 - ``POST /average``: the body is the initiator's parameters (``state.encode``); the answer is ours,
   and both sides then move halfway towards each other (symmetric pairwise averaging).
@@ -14,21 +14,20 @@ Bodies larger than the model's message are refused by aiohttp before they are re
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
-import threading
 import time
 from collections.abc import Callable
 
 from aiohttp import web
 
 from lightning_moe import auth
+from lightning_moe.net import loop as net_loop
+from lightning_moe.net.signing import RequestVerifier, SignatureError
 
 from .state import RefusedState
 
 logger = logging.getLogger(__name__)
 
-MAX_CLOCK_SKEW = 300.0
 
 
 class Unavailable(RuntimeError):
@@ -38,28 +37,6 @@ class Unavailable(RuntimeError):
 def response_signature(secret: bytes, path: str, nonce: str, timestamp: str, body: bytes) -> str:
     """What an answer's ``X-Signature`` must be."""
     return auth.sign(secret, b"response", path.encode(), nonce.encode(), timestamp.encode(), body)
-
-
-def check_request(secret: bytes | None, replays: auth.ReplayGuard, method: str, path: str, headers, body: bytes) -> str | None:
-    """None when the request is authentic (or the swarm is public), else why not."""
-    if secret is None:
-        return None
-    timestamp, nonce = headers.get("X-Timestamp", ""), headers.get("X-Nonce", "")
-    signature, compression = headers.get("X-Signature", ""), headers.get("X-Compression", "none")
-    if not timestamp or not signature:
-        return "this peer averages in a private swarm: sign requests (X-Timestamp, X-Nonce, X-Signature)"
-    try:
-        when = float(timestamp)
-    except ValueError:
-        return f"invalid X-Timestamp {timestamp[:40]!r}"
-    if not abs(when - time.time()) <= MAX_CLOCK_SKEW:
-        return f"X-Timestamp is more than {MAX_CLOCK_SKEW:.0f} s away from this peer's clock"
-    expected = auth.request_signature(secret, method, path, timestamp, nonce, compression, headers.get("X-Host-Id", ""), body)
-    if not hmac.compare_digest(str(signature), expected):
-        return "bad X-Signature: not signed with this swarm's secret"
-    if not replays.first_use(signature, when):
-        return "replayed request"
-    return None
 
 
 class AveragingServer:
@@ -80,13 +57,10 @@ class AveragingServer:
         self.on_average, self.on_state, self.secret = on_average, on_state, secret
         self.on_refused = on_refused or (lambda reason: None)
         self.host, self.port, self.max_body = host, port, int(max_body)
-        self.replays = auth.ReplayGuard(MAX_CLOCK_SKEW)
-        self._loop = asyncio.new_event_loop()
+        self.verifier = RequestVerifier(secret)
         self._runner: web.AppRunner | None = None
-        self._thread = threading.Thread(target=self._loop.run_forever, name="lightning_moe.averaging.server", daemon=True)
-        self._thread.start()
         try:
-            self.port = asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(start_timeout)
+            self.port = net_loop.run(self._start(), start_timeout)
         except BaseException:
             self.stop()
             raise
@@ -102,10 +76,11 @@ class AveragingServer:
         return site._server.sockets[0].getsockname()[1]
 
     async def _answer(self, request: web.Request, work: Callable[[], bytes], body: bytes) -> web.Response:
-        reason = check_request(self.secret, self.replays, request.method, request.path, request.headers, body)
-        if reason is not None:
-            self.on_refused(reason)
-            return web.json_response({"error": reason}, status=401)
+        try:
+            self.verifier.verify(request.method, request.raw_path, request.headers, body)
+        except SignatureError as e:
+            self.on_refused(str(e))
+            return web.json_response({"error": str(e)}, status=401)
         try:
             answer = await asyncio.get_running_loop().run_in_executor(None, work)
         except RefusedState as e:
@@ -139,15 +114,10 @@ class AveragingServer:
         return f"{self.host}:{self.port}"
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Close the server and join its thread."""
-        if not self._thread.is_alive():
-            return
-        if self._runner is not None:
+        """Close the server (idempotent)."""
+        runner, self._runner = self._runner, None
+        if runner is not None:
             try:
-                asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(timeout)
+                net_loop.run(runner.cleanup(), timeout)
             except Exception:  # noqa: BLE001
                 logger.debug("averaging server cleanup failed", exc_info=True)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout)
-        if not self._thread.is_alive():
-            self._loop.close()
