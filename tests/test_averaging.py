@@ -1,5 +1,6 @@
 """Swarm averaging of dense parameters: real trainer processes converge, a joiner starts from the
-swarm's model, hostile peers are refused, and a peer killed mid-exchange costs one exchange."""
+swarm's model, a resumed trainer continues its outer step, DDP ranks average as one trainer,
+hostile peers are refused, and a peer killed mid-exchange costs one exchange."""
 
 from __future__ import annotations
 
@@ -158,7 +159,7 @@ def test_three_trainers_converge_and_a_joiner_starts_from_the_swarm():
             processes.append(joiner)
             joiner.start()
             got = {}
-            while "start" not in got:
+            while "end" not in got:
                 kind, index, loss, step, params = results.get(timeout=120)
                 if index == 3:
                     got[kind] = (loss, step, params)
@@ -166,6 +167,7 @@ def test_three_trainers_converge_and_a_joiner_starts_from_the_swarm():
             fresh_loss, start = got["fresh"][0], got["start"]
             assert abs(start[0] - swarm_loss) < 0.1 * abs(fresh_loss - swarm_loss), (fresh_loss, start[0], swarm_loss)
             assert start[1] == steps  # adopt_step: its run step continues from the swarm's global step
+            assert got["end"][1] == 2  # Lightning's own counters untouched: max_steps counted this trainer's steps
             assert min(_relative(start[2], end[2]) for end in ends.values()) < 1e-6  # exactly one trainer's parameters
         finally:
             hold.set()
