@@ -57,10 +57,10 @@ def _trainer(mode: str, index: int, peers: list[str], args: argparse.Namespace, 
                  "+run_id=collaborative_runs"]
     if mode != "alone":
         kind, _, every = mode.partition("@")
-        overrides += ["callbacks=swarm_averaging", f"callbacks.swarm_averaging.every_n_steps={every or args.every}"]
+        overrides += ["callbacks=swarm_averaging", f"callbacks.swarm_averaging.config.every_n_steps={every or args.every}"]
         if kind == "diloco":
-            overrides += [f"callbacks.swarm_averaging.outer_lr={args.outer_lr}",
-                          f"callbacks.swarm_averaging.outer_momentum={args.outer_momentum}"]
+            overrides += [f"callbacks.swarm_averaging.config.outer_lr={args.outer_lr}",
+                          f"callbacks.swarm_averaging.config.outer_momentum={args.outer_momentum}"]
     else:
         overrides += ["callbacks=none"]
     cfg = _compose(overrides + list(args.overrides))
@@ -99,8 +99,8 @@ def run_mode(mode: str, args: argparse.Namespace, out_dir: str) -> dict[int, dic
     from lightning_moe.lightning.train import check_config, local_swarm
 
     cfg = _compose(list(args.overrides))
-    host, _, swarm_config = check_config(cfg)
-    swarm = local_swarm(cfg, host, swarm_config).start()
+    host, dht, swarm_config = check_config(cfg)
+    swarm = local_swarm(host, dht, swarm_config).start()
     ctx = mp.get_context("spawn")
     barrier = ctx.Barrier(NUM_TRAINERS, timeout=600)
     processes = [ctx.Process(target=_trainer, args=(mode, i, swarm.initial_peers, args, out_dir, barrier))

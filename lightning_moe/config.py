@@ -1,4 +1,4 @@
-"""Structured configs: one host configuration, the DHT's, the local swarm's and the MoE layers'.
+"""Structured configs: one host configuration, the DHT's, the local swarm's, the MoE layers' and swarm averaging's.
 
 They are Hydra schemas (registered with :func:`register_configs`; the yaml files in
 ``lightning_moe/conf`` extend them), so a key that no code reads, or a value of the wrong type,
@@ -241,6 +241,66 @@ class LocalMoEConfig(MoEConfig):
     experts: Any = None
 
 
+@dataclass
+class AveragingConfig:
+    """How the trainers of a run average their dense parameters: :class:`lightning_moe.averaging.SwarmAveraging`."""
+
+    run_id: str = _help("trainers with the same run id average together", default="default")
+    every_n_steps: int = _help("optimizer steps of this trainer between the exchanges it initiates", default=10)
+    client_mode: bool = _help("behind NAT: initiate exchanges, answer none (no server; not declared in the DHT)",
+                              default=False)
+    host: Optional[str] = _help("interface the averaging server (TCP) binds; null: dht.host, and if that is null too "
+                                "as the DHT node would (loopback for loopback peers, else all interfaces)", default=None)
+    port: int = _help("TCP port of the averaging server (0: any free port)", default=0)
+    announce_host: Optional[str] = _help("address peers are told; null: dht.announce_host, else as the DHT node would",
+                                         default=None)
+    max_distance: float = _help("refuse a peer whose parameters are farther than this from ours (||peer - ours|| / "
+                                "||ours||) and leave it out for ban_seconds", default=0.5)
+    ban_seconds: float = _help("seconds a refused peer is left out", default=60.0)
+    timeout: float = _help("seconds one exchange or download may take (a dead peer costs one exchange)", default=10.0)
+    compression: str = _help("the parameters on the wire: none or float16", default="none")
+    load_state_from_peers: bool = _help("before its first step a trainer downloads the parameters of the most "
+                                        "advanced peer", default=True)
+    adopt_step: bool = _help("the downloaded step becomes this trainer's run step (logged as averaging/run_step, "
+                             "declared to peers); trainer.global_step and max_steps still count this trainer's steps",
+                             default=True)
+    declare_ttl: float = _help("seconds a DHT declaration lives (renewed every third of it)", default=30.0)
+    outer_lr: float = _help("1 with outer_momentum 0: plain averaging; otherwise a DiLoCo-style outer step "
+                            "(Nesterov on the pseudo-gradient anchor - pair mean), e.g. 0.7", default=1.0)
+    outer_momentum: float = _help("the outer step's momentum, in [0, 1), e.g. 0.9", default=0.0)
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self, prefix: str = "swarm_averaging") -> None:
+        """Ranges; raises :class:`ConfigError` naming the key."""
+        _require(isinstance(self.run_id, str) and 0 < len(self.run_id) <= 200, f"{prefix}.run_id",
+                 "must be a non-empty string of at most 200 characters", self.run_id)
+        _require(self.every_n_steps >= 1, f"{prefix}.every_n_steps", "must be at least 1", self.every_n_steps)
+        _require(0 <= self.port <= 65535, f"{prefix}.port", "must be a port number (0 to 65535)", self.port)
+        _require(self.max_distance > 0, f"{prefix}.max_distance", "must be positive", self.max_distance)
+        _require(self.ban_seconds >= 0, f"{prefix}.ban_seconds", "must be 0 or positive", self.ban_seconds)
+        _require(self.timeout > 0, f"{prefix}.timeout", "must be positive", self.timeout)
+        _require(self.compression in ("none", "float16"), f"{prefix}.compression", "must be none or float16",
+                 self.compression)
+        from lightning_moe.dht.records import MAX_TTL
+
+        _require(0 < self.declare_ttl <= MAX_TTL, f"{prefix}.declare_ttl",
+                 f"must be positive and at most {MAX_TTL:g} s (DHT nodes refuse longer expirations)", self.declare_ttl)
+        _require(self.outer_lr > 0, f"{prefix}.outer_lr", "must be positive", self.outer_lr)
+        _require(0 <= self.outer_momentum < 1, f"{prefix}.outer_momentum", "must be in [0, 1)", self.outer_momentum)
+
+
+@dataclass
+class SwarmAveragingCallbackConfig:
+    """Schema of the `callbacks/swarm_averaging` preset: the callback with its AveragingConfig and the run's dht."""
+
+    _target_: str = "lightning_moe.averaging.SwarmAveraging"
+    _recursive_: bool = False
+    config: AveragingConfig = field(default_factory=AveragingConfig)
+    dht: Any = "${dht}"  # the run's `dht` group, checked there
+
+
 def check_moe(moe: Any) -> None:
     """Ranges of the `moe` group (types are the schema's job); raises ConfigError naming the key."""
     k_best = int(moe.k_best)
@@ -324,3 +384,5 @@ def register_configs() -> None:
     store.store(group="local_swarm", name="local_swarm_schema", node=LocalSwarmConfig)
     store.store(group="moe", name="decentralized_schema", node=DecentralizedMoEConfig)
     store.store(group="moe", name="local_schema", node=LocalMoEConfig)
+    store.store(group="callbacks", name="swarm_averaging_schema", node=SwarmAveragingCallbackConfig,
+                package="callbacks.swarm_averaging")

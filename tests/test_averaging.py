@@ -1,16 +1,21 @@
 """Swarm averaging of dense parameters: real trainer processes converge, a joiner starts from the
-swarm's model, hostile peers are refused, and a peer killed mid-exchange costs one exchange."""
+swarm's model, a resumed trainer continues its outer step, DDP ranks average as one trainer,
+hostile peers are refused, and a peer killed mid-exchange costs one exchange."""
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import signal
+import threading
 import time
 
 import pytest
+import pytorch_lightning as pl
 import requests
 import torch
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_moe.averaging import Averager, Layout
 from lightning_moe.averaging import state
@@ -40,27 +45,27 @@ def _flat(module: torch.nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in module.parameters()])
 
 
+class Regressor(pl.LightningModule):
+    """``tiny_module(seed)`` fit to the regression task; each step sleeps like a real model's (exchanges overlap it)."""
+
+    def __init__(self, seed: int, sleep: float = 0.02):
+        super().__init__()
+        self.net, self.sleep = tiny_module(seed), sleep
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        time.sleep(self.sleep)
+        return torch.nn.functional.mse_loss(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=3e-3)
+
+
 def _trainer(index: int, peers: list[str], seed: int, max_steps: int, joiner: bool, go, results, hold) -> None:
     """One Lightning trainer with SwarmAveraging on a shard of the regression task."""
-    import pytorch_lightning as pl
-    from torch.utils.data import DataLoader, TensorDataset
-
     from lightning_moe.averaging import SwarmAveraging
 
     torch.set_num_threads(1)
-
-    class Regressor(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.net = tiny_module(seed)
-
-        def training_step(self, batch, batch_idx):
-            x, y = batch
-            time.sleep(0.02)  # a step of a real model: exchanges overlap training
-            return torch.nn.functional.mse_loss(self.net(x), y)
-
-        def configure_optimizers(self):
-            return torch.optim.Adam(self.parameters(), lr=3e-3)
 
     val_x, val_y = regression_data(None)
 
@@ -70,11 +75,12 @@ def _trainer(index: int, peers: list[str], seed: int, max_steps: int, joiner: bo
 
     class Report(pl.Callback):
         def on_train_start(self, trainer, pl_module):  # after SwarmAveraging's (callbacks run in order)
-            results.put(("start", index, val_loss(pl_module), trainer.global_step, _flat(pl_module)))
+            results.put(("start", index, val_loss(pl_module), averaging.run_step(trainer), _flat(pl_module)))
 
         def on_train_end(self, trainer, pl_module):  # after SwarmAveraging published its final parameters
             print(f"trainer {index}: {averaging.averager.metrics()}", flush=True)
             results.put(("keys", index, 0.0, 0, sorted(keys_logger.keys)))
+            results.put(("callback_metrics", index, 0.0, 0, sorted(trainer.callback_metrics)))
             results.put(("end", index, val_loss(pl_module), trainer.global_step, _flat(pl_module)))
             hold.wait(120)  # keep answering (joiners) until the test is done
 
@@ -89,13 +95,15 @@ def _trainer(index: int, peers: list[str], seed: int, max_steps: int, joiner: bo
             pass
 
     keys_logger = KeysLogger()
-    model = Regressor()
+    model = Regressor(seed)
     x, y = regression_data(index % 3)
     data = DataLoader(TensorDataset(x, y), batch_size=20, shuffle=True)
-    averaging = SwarmAveraging(run_id="test-run", every_n_steps=2, dht={"initial_peers": peers}, max_distance=10.0,
-                               timeout=5.0, declare_ttl=10.0, load_state_from_peers=joiner, adopt_step=joiner)
+    averaging = SwarmAveraging({"run_id": "test-run", "every_n_steps": 2, "max_distance": 10.0, "timeout": 5.0,
+                                "declare_ttl": 10.0, "load_state_from_peers": joiner, "adopt_step": joiner},
+                               dht={"initial_peers": peers})
     trainer = pl.Trainer(max_steps=max_steps, callbacks=[averaging, Report()], logger=[keys_logger], enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", max_epochs=-1)
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", max_epochs=-1,
+                         log_every_n_steps=10)
     results.put(("fresh", index, val_loss(model), 0, _flat(model)))
     go.wait(120)
     trainer.fit(model, data)
@@ -128,38 +136,158 @@ def test_three_trainers_converge_and_a_joiner_starts_from_the_swarm():
                 _, index, _, _, params = results.get(timeout=120)
                 fresh[index] = params
             go.set()
-            ends, keys = {}, {}
+            ends, keys, callback_metrics = {}, {}, {}
             while len(ends) < 3:
                 kind, index, loss, step, params = results.get(timeout=120)
                 if kind == "end":
                     ends[index] = (loss, step, params)
                 elif kind == "keys":
                     keys[index] = params
-            for index in range(3):  # every logger of the trainer got the averaging metrics
+                elif kind == "callback_metrics":
+                    callback_metrics[index] = params
+            for index in range(3):  # every logger of the trainer got the averaging metrics, and so did callback_metrics
                 assert {"averaging/bytes", "averaging/seconds", "averaging/rounds", "averaging/refused"} <= set(keys[index])
+                assert {"averaging/rounds", "averaging/run_step"} <= set(callback_metrics[index])
             before = max(_relative(fresh[i], fresh[j]) for i in range(3) for j in range(3) if i != j)
             after = max(_relative(ends[i][2], ends[j][2]) for i in range(3) for j in range(3) if i != j)
             print(f"relative distance between trainers: {before:.3f} at the start, {after:.4f} at the end")
             assert before > 0.5  # different seeds: three different models
             assert after < 0.05 * before, (before, after)
 
-            # a joiner with a fresh model of its own downloads the swarm's before its first step
-            joiner = ctx.Process(target=_trainer, args=(3, [dht.address], 99, steps + 2, True, go, results, hold), daemon=True)
+            # a joiner with a fresh model of its own downloads the swarm's before its first step (max_steps: its own)
+            joiner = ctx.Process(target=_trainer, args=(3, [dht.address], 99, 2, True, go, results, hold), daemon=True)
             processes.append(joiner)
             joiner.start()
             got = {}
-            while "start" not in got:
+            while "end" not in got:
                 kind, index, loss, step, params = results.get(timeout=120)
                 if index == 3:
                     got[kind] = (loss, step, params)
             swarm_loss = sum(end[0] for end in ends.values()) / 3
             fresh_loss, start = got["fresh"][0], got["start"]
             assert abs(start[0] - swarm_loss) < 0.1 * abs(fresh_loss - swarm_loss), (fresh_loss, start[0], swarm_loss)
-            assert start[1] == steps  # adopt_step: it continues from the swarm's global step
+            assert start[1] == steps  # adopt_step: its run step continues from the swarm's global step
+            assert got["end"][1] == 2  # Lightning's own counters untouched: max_steps counted this trainer's steps
             assert min(_relative(start[2], end[2]) for end in ends.values()) < 1e-6  # exactly one trainer's parameters
         finally:
             hold.set()
             _join(processes)
+
+
+# ---- resuming, and DDP ranks as one trainer ---------------------------------------------------------
+@contextlib.contextmanager
+def stepping_peer(dht: DHT, run_id: str, seed: int):
+    """A peer that answers exchanges: an Averager of a Regressor whose training thread reaches a step boundary every 20 ms."""
+    averager = Averager(Regressor(seed), run_id, dht, max_distance=10.0, timeout=5.0, declare_ttl=10.0)
+    averager.publish(0)
+    stop = threading.Event()
+
+    def boundaries() -> None:
+        for step in range(1, 6000):  # bounded: two minutes at most
+            if stop.wait(0.02):
+                return
+            averager.step_boundary(step)
+
+    thread = threading.Thread(target=boundaries, daemon=True)
+    thread.start()
+    try:
+        yield averager
+    finally:
+        stop.set()
+        thread.join(10)
+        averager.shutdown()
+
+
+class WaitForExchange(pl.Callback):
+    """Holds rank 0 at step ``step`` until its averager finished an exchange (bounded), so a later boundary applies one."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        from lightning_moe.averaging import SwarmAveraging
+
+        averager = next(c for c in trainer.callbacks if isinstance(c, SwarmAveraging)).averager
+        if trainer.global_step != self.step or averager is None:
+            return
+        for _ in range(1200):  # at most a minute
+            if averager.stats["rounds"]:
+                return
+            time.sleep(0.05)
+
+
+def _shard_loader() -> DataLoader:
+    return DataLoader(TensorDataset(*regression_data(0)), batch_size=20)
+
+
+def _quiet_trainer(**kwargs) -> pl.Trainer:
+    return pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False, **kwargs)
+
+
+def test_resume_restores_the_outer_steps_state(tmp_path):
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    from lightning_moe.averaging import SwarmAveraging
+
+    config = {"run_id": "resume-run", "every_n_steps": 2, "outer_lr": 0.7, "outer_momentum": 0.9, "max_distance": 10.0,
+              "timeout": 5.0, "declare_ttl": 10.0}
+    with DHT(**FAST_DHT) as dht, stepping_peer(dht, "resume-run", seed=1):
+        averaging = SwarmAveraging(config, dht={"initial_peers": [dht.address]})
+        checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=8, save_last=True)
+        trainer = _quiet_trainer(max_steps=8, default_root_dir=tmp_path, callbacks=[averaging, WaitForExchange(4), checkpoint])
+        trainer.fit(Regressor(0, sleep=0.0), _shard_loader())
+        saved = torch.load(checkpoint.last_model_path, weights_only=False)["callbacks"][averaging.state_key]  # our own file
+        assert saved["anchor"] is not None and saved["momentum_buffer"] is not None, "no outer step before the checkpoint"
+        assert saved["stats"]["rounds"] >= 1 and saved["step_offset"] == 0
+
+        # the resumed trainer keeps its own parameters (no download): its outer step continues where it stopped
+        resumed = SwarmAveraging({**config, "load_state_from_peers": False}, dht={"initial_peers": [dht.address]})
+        restored: dict = {}
+
+        class Probe(pl.Callback):
+            def on_train_start(self, trainer, pl_module):  # after SwarmAveraging's: its averager runs
+                restored.update(resumed.averager.state_dict())
+
+        trainer = _quiet_trainer(max_steps=10, default_root_dir=tmp_path, callbacks=[resumed, Probe()])
+        trainer.fit(Regressor(2, sleep=0.0), _shard_loader(), ckpt_path=checkpoint.last_model_path)
+    for key in ("anchor", "momentum_buffer"):
+        assert len(restored[key]) == len(saved[key]) and all(torch.equal(a, b) for a, b in zip(restored[key], saved[key]))
+    assert restored["stats"] == saved["stats"]
+    assert resumed.final_metrics["averaging/rounds"] >= saved["stats"]["rounds"]  # the counters went on
+
+
+class ParametersAtEnd(pl.Callback):
+    """Saves each rank's parameters (and its averaging counters, if it averages) after SwarmAveraging's on_train_end."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+
+    def on_train_end(self, trainer, pl_module):
+        from lightning_moe.averaging import SwarmAveraging
+
+        averaging = next(c for c in trainer.callbacks if isinstance(c, SwarmAveraging))
+        metrics = averaging.averager.metrics() if averaging.averager is not None else None
+        torch.save({"params": _flat(pl_module), "metrics": metrics, "world_size": trainer.world_size},
+                   os.path.join(self.directory, f"rank{trainer.global_rank}.pt"))
+
+
+@pytest.mark.slow
+def test_ddp_ranks_average_as_one_trainer(tmp_path):
+    from lightning_moe.averaging import SwarmAveraging
+
+    config = {"run_id": "ddp-run", "every_n_steps": 2, "max_distance": 10.0, "timeout": 5.0, "declare_ttl": 10.0}
+    with DHT(**FAST_DHT) as dht, stepping_peer(dht, "ddp-run", seed=1) as peer:
+        averaging = SwarmAveraging(config, dht={"initial_peers": [dht.address]})
+        trainer = _quiet_trainer(strategy="ddp_spawn", devices=2, max_steps=8, enable_checkpointing=False,
+                                 default_root_dir=tmp_path, callbacks=[averaging, WaitForExchange(4), ParametersAtEnd(str(tmp_path))])
+        trainer.fit(Regressor(0, sleep=0.0), _shard_loader())
+        peer_rounds = peer.stats["rounds"]
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in (0, 1)]  # our own files
+    assert ranks[0]["world_size"] == 2
+    assert ranks[0]["metrics"]["averaging/rounds"] >= 1 and peer_rounds >= 1  # rank 0 exchanged with the peer
+    assert ranks[1]["metrics"] is None  # rank 1 runs no averager of its own
+    # DDP all-reduces gradients but never parameters: only the broadcast makes rank 1 take rank 0's exchanges
+    assert torch.equal(ranks[0]["params"], ranks[1]["params"])
 
 
 # ---- hostile peers, against a real averaging server -------------------------------------------------
@@ -360,27 +488,37 @@ def test_a_peer_killed_mid_exchange_costs_one_exchange_not_the_step():
 
 # ---- configuration ----------------------------------------------------------------------------------
 def test_volunteers_joining_a_swarm_average_by_default_and_bad_values_name_their_key():
+    import hydra
     from hydra import compose, initialize_config_module
+    from hydra.errors import ConfigCompositionException
 
     from lightning_moe.averaging import SwarmAveraging
-    from lightning_moe.config import ConfigError
-    from lightning_moe.lightning.train import averaging_callback
+    from lightning_moe.config import AveragingConfig, ConfigError
+    from lightning_moe.lightning.train import averaging_callback, check_config
 
     with initialize_config_module("lightning_moe.conf", version_base="1.3"):
         cfg = compose("config", overrides=["+volunteer=true", "dht.initial_peers=[127.0.0.1:31337]", "+run_id=my-run"])
         preset = compose("config", overrides=["callbacks=swarm_averaging", "dht.initial_peers=[127.0.0.1:31337]",
-                                              "callbacks.swarm_averaging.every_n_steps=3"])
+                                              "callbacks.swarm_averaging.config.every_n_steps=3"])
+        with pytest.raises(ConfigCompositionException, match="every_n_stepz"):  # the preset extends the schema
+            compose("config", overrides=["callbacks=swarm_averaging", "callbacks.swarm_averaging.config.every_n_stepz=3"])
+        out_of_range = compose("config", overrides=["callbacks=[default,swarm_averaging]",
+                                                    "callbacks.swarm_averaging.config.outer_momentum=1.5"])
     callback = averaging_callback(cfg)
-    assert isinstance(callback, SwarmAveraging) and callback.run_id == "my-run"
+    assert isinstance(callback, SwarmAveraging) and callback.config.run_id == "my-run"
+    assert callback.config == AveragingConfig(run_id="my-run")  # the defaults live in the dataclass
     assert callback.dht_config.initial_peers == ["127.0.0.1:31337"]
-    import hydra
-
     from_preset = hydra.utils.instantiate(preset.callbacks.swarm_averaging)
-    assert from_preset.every_n_steps == 3 and from_preset.run_id == "default"
+    assert from_preset.config == AveragingConfig(every_n_steps=3)  # run_id: "default" without +run_id
+    assert from_preset.dht_config.initial_peers == ["127.0.0.1:31337"]
+    with pytest.raises(ConfigError, match="swarm_averaging.outer_momentum"):  # before anything starts
+        check_config(out_of_range)
     with pytest.raises(ConfigError, match="swarm_averaging.every_n_steps"):
-        SwarmAveraging(every_n_steps=0)
+        SwarmAveraging({"every_n_steps": 0})
     with pytest.raises(ConfigError, match="swarm_averaging.max_distance"):
-        SwarmAveraging(max_distance=-1)
+        SwarmAveraging({"max_distance": -1})
+    with pytest.raises(ConfigError, match="every_n_stepz"):
+        SwarmAveraging({"every_n_stepz": 3})
 
 
 def test_outer_step_plain_is_the_pair_mean_and_diloco_style_follows_nesterov():

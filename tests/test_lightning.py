@@ -234,6 +234,54 @@ def test_resume_from_checkpoint_restores_hosted_expert_weights(tmp_path):
     assert model.restored_ok is True
 
 
+class RecordingLogger(pl.loggers.Logger):
+    """Keeps every ``(step, metrics)`` it is given."""
+
+    name, version = "recording", 0
+
+    def __init__(self):
+        super().__init__()
+        self.rows: list[tuple[int, dict]] = []
+
+    def log_metrics(self, metrics, step=None):
+        self.rows.append((step, dict(metrics)))
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+
+class LossLoggingModel(VolunteerModel):
+    """Logs its loss the ordinary way, as the yardstick of Lightning's own logging rule."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.log("train/loss", loss)
+        return loss
+
+
+def test_host_metrics_follow_lightnings_logging_rule_under_gradient_accumulation(tmp_path):
+    recording = RecordingLogger()
+    # fails unless the host's metrics are in trainer.callback_metrics when it saves (every 2 optimizer steps)
+    checkpoint = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, monitor="volunteer/forward/samples", mode="max",
+                                              every_n_train_steps=2)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(96, 8)), batch_size=8)  # 12 batches
+    trainer = pl.Trainer(max_steps=6, accumulate_grad_batches=2, log_every_n_steps=2, default_root_dir=tmp_path,
+                         logger=[recording], enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[volunteer_callback(seed=0), checkpoint])
+    try:
+        trainer.fit(LossLoggingModel(), data)
+    finally:
+        shutdown_process_dht()
+    host_steps = [step for step, metrics in recording.rows if "volunteer/forward/samples" in metrics]
+    loss_steps = [step for step, metrics in recording.rows if "train/loss" in metrics]
+    # 6 optimizer steps of 2 batches each, logged every 2 optimizer steps: 3 times, at the steps Lightning logs its own
+    assert len(host_steps) == 3 and len(set(host_steps)) == 3 and host_steps == loss_steps, (host_steps, loss_steps)
+    served = [metrics["volunteer/forward/samples"] for _, metrics in recording.rows if "volunteer/forward/samples" in metrics]
+    assert served == sorted(served) and served[-1] > 0
+    assert float(trainer.callback_metrics["volunteer/forward/samples"]) == served[-1]
+    assert checkpoint.best_model_score is not None and float(checkpoint.best_model_score) == served[-1]
+
+
 @pytest.mark.slow
 def test_lightning_moe_host_starts_serves_and_stops_on_sigterm(tmp_path):
     process = subprocess.Popen(

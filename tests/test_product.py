@@ -167,11 +167,11 @@ class TinyModel(pl.LightningModule):
 
 def test_callback_logs_host_metrics_to_every_logger_and_shares_its_dht(tmp_path):
     loggers = [RecordingLogger(), RecordingLogger()]
-    callback = ExpertHostCallback(host_config(cells=4), log_every_n_steps=1)
+    callback = ExpertHostCallback(host_config(cells=4))
     assert callback.state_key == "ExpertHostCallback{'uid_prefix': 'ffn', 'grid_size': [2, 2]}"
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(16, HID)), batch_size=4)
     trainer = pl.Trainer(max_steps=3, default_root_dir=tmp_path, logger=loggers, enable_progress_bar=False,
-                         enable_model_summary=False, enable_checkpointing=False, callbacks=[callback])
+                         enable_model_summary=False, enable_checkpointing=False, callbacks=[callback], log_every_n_steps=1)
     try:
         trainer.fit(TinyModel(), data)
     finally:

@@ -170,9 +170,28 @@ class Averager:
                 logger.warning("could not load parameters from %s: %s", endpoint, e)
                 continue
             state.load(self.module, self.layout, flats)
+            self._anchor = None  # the outer step starts from the downloaded parameters (set by the next publish)
             logger.info("loaded parameters of run %r from %s (step %d)", self.run_id, endpoint, step)
             return step
         return None
+
+    def state_dict(self) -> dict[str, Any]:
+        """What an exact resume needs: the outer step's anchor and momentum buffer (None until they exist, and
+        always in plain averaging) and the cumulative counters. Call on the training thread."""
+        with self._cond:
+            stats = dict(self.stats)
+        return {"anchor": _clone(self._anchor), "momentum_buffer": _clone(self._momentum_buffer), "stats": stats}
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output (before the first step boundary); ValueError if it is another model's."""
+        want = [(sum(self.layout.numel(i) for i in indices),) for _, indices in self.layout.groups]
+        for key in ("anchor", "momentum_buffer"):
+            if saved.get(key) is not None and [tuple(f.shape) for f in saved[key]] != want:
+                raise ValueError(f"the checkpoint's averaging {key} has shapes {[tuple(f.shape) for f in saved[key]]}, "
+                                 f"this model's are {want}")
+        self._anchor, self._momentum_buffer = _clone(saved.get("anchor")), _clone(saved.get("momentum_buffer"))
+        with self._cond:
+            self.stats = Counter(saved.get("stats", {}))
 
     # ---- the gossip thread ---------------------------------------------------------------------
     def _gossip_loop(self) -> None:
@@ -382,3 +401,7 @@ class Averager:
         self._thread.join(self.timeout + 5)
         if self.server is not None:
             self.server.stop()
+
+
+def _clone(flats: list[torch.Tensor] | None) -> list[torch.Tensor] | None:
+    return None if flats is None else [f.detach().clone() for f in flats]

@@ -8,11 +8,14 @@ from typing import Any
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.strategies import DDPStrategy
 
 from lightning_moe import auth
-from lightning_moe.config import ConfigError, DHTConfig, to_dataclass
+from lightning_moe.config import AveragingConfig, ConfigError, DHTConfig, to_dataclass
+from lightning_moe.lightning.step_metrics import log_step_metrics, logs_step_metrics
 from lightning_moe.net import resolve_binding
 
+from . import state
 from .averager import Averager
 
 logger = logging.getLogger(__name__)
@@ -25,118 +28,151 @@ class SwarmAveraging(Callback):
     Trainers find each other in the DHT under ``averaging:{run_id}`` (one sub-key per trainer that
     answers, with an expiry, re-declared while it trains). Every ``every_n_steps`` optimizer steps a
     background thread exchanges parameters with one peer picked at random and both move to their mean
-    (gossip, not all-reduce); the result is added in place at the next step boundary
-    (``on_train_batch_end`` after an optimizer step), so the optimizer's state stays attached to the
+    (gossip, not all-reduce); the result is added in place at the next step boundary (the first
+    ``on_train_batch_end`` after an optimizer step), so the optimizer's state stays attached to the
     same parameters and no step waits for the network. In ``on_train_start`` (after a checkpoint is
     restored and the optimizer is built) a trainer that finds peers downloads the parameters of the
-    most advanced one, and with ``adopt_step`` continues from its global step.
+    most advanced one.
+
+    The run's step is this trainer's ``global_step`` plus ``step_offset``: with ``adopt_step`` a joiner's
+    offset makes it continue from the downloaded step. It is what peers are told and what
+    ``averaging/run_step`` logs; ``trainer.global_step`` and ``max_steps`` count this trainer's steps.
+
+    Under DDP the ranks average as one trainer: global rank 0 runs the exchanges, and at the step
+    boundary where it applies a result (and after a download) its parameters are broadcast to every
+    rank. Strategies that shard the model are refused.
+
+    Metrics ``averaging/*`` (see :meth:`Averager.metrics`, plus ``run_step`` and ``loaded_step``) are
+    logged by global rank 0 with ``LightningModule.log`` when Lightning logs its own step metrics
+    (every ``trainer.log_every_n_steps`` optimizer steps): every logger gets them, and
+    ``trainer.callback_metrics`` holds the latest.
+    The state (``state_key`` from the run id) carries the step offset, the loaded step, the exchange
+    counters and the outer step's anchor and momentum buffer.
 
     Args:
-        run_id: trainers with the same run id average together.
-        every_n_steps: optimizer steps between the exchanges this trainer initiates.
+        config: :class:`~lightning_moe.config.AveragingConfig` or its mapping (None: the defaults).
         dht: the swarm (:class:`~lightning_moe.config.DHTConfig` or its mapping); no ``initial_peers``:
             averaging is off (a lone trainer).
-        client_mode: behind NAT: initiate exchanges, answer none (no server; not declared in the DHT).
-        host / port / announce_host: where the averaging server binds (port 0: a free one) and the
-            address peers are told; None: as the DHT node would (``lightning_moe.net.resolve_binding``).
-        max_distance: a peer's parameters farther than this from ours (relative norm of the
-            difference) are refused and that peer is left out for ``ban_seconds``.
-        timeout: seconds one exchange or download may take (a dead peer costs one exchange).
-        compression: none or float16 on the wire.
-        load_state_from_peers: a joiner downloads the swarm's parameters before its first step.
-        adopt_step: the joiner also takes the peer's global step, the run's step (``trainer.global_step``, the
-            step its logs report; ``max_steps`` then counts the run's steps, not this trainer's).
-        declare_ttl: seconds a DHT declaration lives (renewed every third of it).
-        log_every_n_steps: how often ``averaging/*`` metrics go to every logger of the trainer.
-        outer_lr / outer_momentum: 1 and 0 (the default): plain averaging. Otherwise a DiLoCo-style outer
-            step (Nesterov momentum on the pseudo-gradient ``anchor - pair mean``), e.g. 0.7 and 0.9 with
-            ``every_n_steps`` in the tens or hundreds; see examples/collaborative_runs.py for a measurement.
     """
 
-    def __init__(self, run_id: str = "default", every_n_steps: int = 10, dht: DHTConfig | Mapping[str, Any] | None = None,
-                 client_mode: bool = False, host: str | None = None, port: int = 0, announce_host: str | None = None,
-                 max_distance: float = 0.5, ban_seconds: float = 60.0, timeout: float = 10.0, compression: str = "none",
-                 load_state_from_peers: bool = True, adopt_step: bool = True, declare_ttl: float = 30.0,
-                 log_every_n_steps: int = 10, outer_lr: float = 1.0, outer_momentum: float = 0.0):
+    def __init__(self, config: AveragingConfig | Mapping[str, Any] | None = None,
+                 dht: DHTConfig | Mapping[str, Any] | None = None):
         super().__init__()
-        if every_n_steps < 1:
-            raise ConfigError(f"swarm_averaging.every_n_steps must be at least 1, got {every_n_steps}")
-        if not max_distance > 0:
-            raise ConfigError(f"swarm_averaging.max_distance must be positive, got {max_distance}")
-        if compression not in ("none", "float16"):
-            raise ConfigError(f"swarm_averaging.compression must be none or float16, got {compression!r}")
-        if log_every_n_steps < 1:
-            raise ConfigError(f"swarm_averaging.log_every_n_steps must be at least 1, got {log_every_n_steps}")
-        if not run_id or len(run_id) > 200:
-            raise ConfigError(f"swarm_averaging.run_id must be a non-empty string of at most 200 characters, got {run_id!r}")
-        self.run_id, self.every_n_steps = str(run_id), int(every_n_steps)
+        self.config: AveragingConfig = to_dataclass(config if config is not None else AveragingConfig(), AveragingConfig)
         self.dht_config: DHTConfig = to_dataclass(dht if dht is not None else DHTConfig(), DHTConfig)
-        self.client_mode, self.host, self.port, self.announce_host = client_mode, host, port, announce_host
-        self.max_distance, self.ban_seconds, self.timeout = max_distance, ban_seconds, timeout
-        self.compression, self.load_state_from_peers, self.adopt_step = compression, load_state_from_peers, adopt_step
-        self.declare_ttl, self.log_every_n_steps = declare_ttl, log_every_n_steps
-        if not outer_lr > 0 or not 0 <= outer_momentum < 1:
-            raise ConfigError(f"swarm_averaging.outer_lr must be positive and outer_momentum in [0, 1), got {outer_lr}, {outer_momentum}")
-        self.outer_lr, self.outer_momentum = float(outer_lr), float(outer_momentum)
-        self.averager: Averager | None = None
-        self.loaded_step: int | None = None  # the step of the swarm's model this trainer started from
+        self.averager: Averager | None = None  # on global rank 0 while it trains
+        self.loaded_step: int | None = None  # the step of the swarm's model this trainer last started from
+        self.step_offset = 0  # the run's step minus trainer.global_step
         self.final_metrics: dict[str, float] = {}
+        self._active = False  # averaging runs in this fit (on every rank)
         self._last_step = -1
+        self._saved: dict[str, Any] = {}  # the averager's state, from a checkpoint or the last fit
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(run_id=self.run_id)
+        return self._generate_state_key(run_id=self.config.run_id)
 
     @property
     def endpoint(self) -> str | None:
         """``host:port`` of this trainer's averaging server (None in client mode or before it starts)."""
         return self.averager.endpoint if self.averager is not None else None
 
+    def run_step(self, trainer: pl.Trainer) -> int:
+        """The run's step: ``trainer.global_step + step_offset``."""
+        return trainer.global_step + self.step_offset
+
+    # ---- starting --------------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and trainer.world_size > 1 and not isinstance(trainer.strategy, DDPStrategy):
+            raise ConfigError(f"swarm_averaging averages whole models: every rank must hold one (a DDP strategy), "
+                              f"got {type(trainer.strategy).__name__}")
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.averager is not None or not self.dht_config.initial_peers:
-            if not self.dht_config.initial_peers:
-                logger.info("swarm averaging is off: no dht.initial_peers")
+        if not self.dht_config.initial_peers:
+            logger.info("swarm averaging is off: no dht.initial_peers")
             return
-        if trainer.world_size > 1:
-            logger.warning("SwarmAveraging under multi-process strategies is not supported; averaging is off")
-            return
+        self._active = True
+        loaded = None
+        if trainer.is_global_zero:
+            self.averager = self._start_averager(pl_module)
+            if self.config.load_state_from_peers:
+                loaded = self.averager.load_from_peers()
+        loaded = trainer.strategy.broadcast(loaded, src=0)
+        if loaded is not None:
+            if trainer.world_size > 1:
+                self._share_parameters(trainer, pl_module)
+            self.loaded_step = loaded
+            if self.config.adopt_step and loaded > self.run_step(trainer):
+                self.step_offset = loaded - trainer.global_step
+        self._last_step = trainer.global_step
+        if self.averager is not None:
+            self.averager.publish(self.run_step(trainer))
+
+    def _start_averager(self, pl_module: pl.LightningModule) -> Averager:
         from lightning_moe.shared import process_dht
 
-        dht = process_dht(self.dht_config)
-        binding = resolve_binding(self.host, self.announce_host, self.dht_config.initial_peers)
-        self.averager = Averager(pl_module, self.run_id, dht, client_mode=self.client_mode, host=binding.host, port=self.port,
-                                 announce_host=binding.announce, secret=auth.resolve_secret(self.dht_config.secret),
-                                 max_distance=self.max_distance, ban_seconds=self.ban_seconds, timeout=self.timeout,
-                                 compression=self.compression, declare_ttl=self.declare_ttl, outer_lr=self.outer_lr,
-                                 outer_momentum=self.outer_momentum)
-        if self.load_state_from_peers:
-            self.loaded_step = self.averager.load_from_peers()
-            if self.loaded_step is not None and self.adopt_step and self.loaded_step > trainer.global_step:
-                _set_global_step(trainer, self.loaded_step)
-        self._last_step = trainer.global_step
-        self.averager.publish(trainer.global_step)
-        if self.loaded_step is not None:
-            self._log(trainer, {"averaging/loaded_step": float(self.loaded_step)})
+        config, dht = self.config, self.dht_config
+        binding = resolve_binding(config.host if config.host is not None else dht.host,
+                                  config.announce_host if config.announce_host is not None else dht.announce_host,
+                                  dht.initial_peers)
+        averager = Averager(pl_module, config.run_id, process_dht(dht), client_mode=config.client_mode, host=binding.host,
+                            port=config.port, announce_host=binding.announce, secret=auth.resolve_secret(dht.secret),
+                            max_distance=config.max_distance, ban_seconds=config.ban_seconds, timeout=config.timeout,
+                            compression=config.compression, declare_ttl=config.declare_ttl, outer_lr=config.outer_lr,
+                            outer_momentum=config.outer_momentum)
+        if self._saved:
+            averager.load_state_dict(self._saved)
+        return averager
 
+    # ---- training --------------------------------------------------------------------------------
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         step = trainer.global_step
-        if self.averager is None or step == self._last_step:
-            return  # not started, or accumulating gradients: no optimizer step since the last boundary
+        if not self._active or step == self._last_step:
+            return  # off, or accumulating gradients: no optimizer step since the last boundary
         self._last_step = step
-        applied = self.averager.step_boundary(step, start_round=step % self.every_n_steps == 0)
-        if applied or step % self.log_every_n_steps == 0:
-            self._log(trainer, self.averager.metrics())
+        self._step_boundary(trainer, pl_module, start_round=step % self.config.every_n_steps == 0)
+        if trainer.is_global_zero and logs_step_metrics(trainer):
+            metrics = self.averager.metrics() | {"averaging/run_step": float(self.run_step(trainer))}
+            if self.loaded_step is not None:
+                metrics["averaging/loaded_step"] = float(self.loaded_step)
+            log_step_metrics(pl_module, metrics, rank_zero_only=True)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._active:
+            self._step_boundary(trainer, pl_module)
+            if self.averager is not None:
+                self.averager.publish(self.run_step(trainer))  # what joiners and late peers get
+
+    def _step_boundary(self, trainer: pl.Trainer, pl_module: pl.LightningModule, start_round: bool = False) -> None:
+        """Apply a finished exchange on rank 0 (and start a round); then every rank holds rank 0's parameters."""
+        applied = False
         if self.averager is not None:
-            self.averager.step_boundary(trainer.global_step)
-            self.averager.publish(trainer.global_step)  # what joiners and late peers get
+            applied = self.averager.step_boundary(self.run_step(trainer), start_round=start_round)
+        if trainer.world_size > 1 and trainer.strategy.reduce_boolean_decision(applied, all=False):
+            self._share_parameters(trainer, pl_module)
 
-    def _log(self, trainer: pl.Trainer, metrics: dict[str, float]) -> None:
-        for trainer_logger in trainer.loggers:
-            trainer_logger.log_metrics(metrics, step=trainer.global_step)
+    def _share_parameters(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Broadcast global rank 0's parameters to every rank (in place: the optimizers keep their state)."""
+        layout = state.Layout.of(pl_module)
+        flats = trainer.strategy.broadcast(state.snapshot(pl_module, layout) if trainer.is_global_zero else None, src=0)
+        if not trainer.is_global_zero:
+            state.load(pl_module, layout, flats)
 
+    # ---- checkpoints -----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        saved = self.averager.state_dict() if self.averager is not None else self._saved
+        return {"step_offset": self.step_offset, "loaded_step": self.loaded_step, **saved}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Keep the checkpoint's state for the averager (Lightning calls this before ``on_train_start``)."""
+        self.step_offset = int(state_dict.get("step_offset", 0))
+        self.loaded_step = state_dict.get("loaded_step")
+        self._saved = {key: state_dict[key] for key in ("anchor", "momentum_buffer", "stats") if key in state_dict}
+        if self.averager is not None:
+            self.averager.load_state_dict(self._saved)
+
+    # ---- stopping --------------------------------------------------------------------------------
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._stop()
 
@@ -145,20 +181,12 @@ class SwarmAveraging(Callback):
             self._stop()
 
     def _stop(self) -> None:
+        self._active = False
         if self.averager is not None:
             self.final_metrics = self.averager.metrics()
             averager, self.averager = self.averager, None
+            self._saved = averager.state_dict()  # a later fit (or a checkpoint after this one) continues from it
             averager.shutdown()
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(run_id={self.run_id!r}, every_n_steps={self.every_n_steps})"
-
-
-def _set_global_step(trainer: pl.Trainer, step: int) -> None:
-    """Make ``trainer.global_step`` read ``step`` (the optimizer-step counters of Lightning's fit loop)."""
-    loop = trainer.fit_loop.epoch_loop
-    if trainer.lightning_module.automatic_optimization:
-        progress = loop.automatic_optimization.optim_progress.optimizer.step
-    else:
-        progress = loop.manual_optimization.optim_step_progress
-    progress.total.ready = progress.total.completed = step
+        return f"{type(self).__name__}(run_id={self.config.run_id!r}, every_n_steps={self.config.every_n_steps})"

@@ -11,6 +11,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
 
 from lightning_moe.config import DHTConfig, HostConfig, to_dataclass
+from lightning_moe.lightning.step_metrics import log_step_metrics, logs_step_metrics
 from lightning_moe.volunteer import CHECKPOINT_FILE, Volunteer, start_volunteer
 
 logger = logging.getLogger(__name__)
@@ -23,7 +24,10 @@ class ExpertHostCallback(Callback):
     ``ckpt_path``, so a resumed volunteer serves the experts it had (and the cells it had); in the
     other stages it starts at the stage's start. It stops on ``teardown`` and on exceptions. Its DHT
     node is this process's: the DecentralizedMoE layers of the model use it instead of a node of
-    their own. Host counters (``volunteer/*``) go to every logger of the trainer.
+    their own. Host counters (``volunteer/*``, :meth:`host_metrics`) are logged with
+    ``LightningModule.log`` when Lightning logs its own step metrics (every ``trainer.log_every_n_steps``
+    optimizer steps, also under gradient accumulation): every logger gets them, and
+    ``trainer.callback_metrics`` holds the latest (ModelCheckpoint may monitor them).
 
     Args:
         host: what to host and how (:class:`~lightning_moe.config.HostConfig`, or its mapping, e.g.
@@ -33,18 +37,16 @@ class ExpertHostCallback(Callback):
         all_ranks: under DDP, host on every rank (rank ``r`` adds ``r`` to nonzero ports, its seed,
             and keeps its own ``host.checkpoint_dir`` file; only rank 0's experts go into Lightning
             checkpoints) instead of on global rank 0 only.
-        log_every_n_steps: how often the host's counters are logged.
     """
 
     def __init__(self, host: HostConfig | Mapping[str, Any], dht: DHTConfig | Mapping[str, Any] | None = None,
-                 all_ranks: bool = False, log_every_n_steps: int = 50):
+                 all_ranks: bool = False):
         super().__init__()
         self.config: HostConfig = to_dataclass(host, HostConfig)
         self.dht_config: DHTConfig = to_dataclass(dht if dht is not None else DHTConfig(), DHTConfig)
-        if log_every_n_steps < 1:
-            raise ValueError(f"log_every_n_steps must be positive, got {log_every_n_steps}")
-        self.all_ranks, self.log_every_n_steps = all_ranks, log_every_n_steps
+        self.all_ranks = all_ranks
         self.volunteer: Volunteer | None = None
+        self._last_step = -1
         self._restored_state: dict | None = None
         self._hosts_here = True
         self._rank = 0
@@ -102,12 +104,15 @@ class ExpertHostCallback(Callback):
             logger.info("restored %d experts from checkpoint", len(state))
 
     # ---- logging ------------------------------------------------------------------------------
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._last_step = trainer.global_step
+
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.volunteer is None or trainer.global_step % self.log_every_n_steps:
-            return
-        metrics = self.host_metrics()
-        for trainer_logger in trainer.loggers:
-            trainer_logger.log_metrics(metrics, step=trainer.global_step)
+        if self.volunteer is None or trainer.global_step == self._last_step:
+            return  # no host here, or accumulating gradients: no optimizer step since the last call
+        self._last_step = trainer.global_step
+        if logs_step_metrics(trainer):
+            log_step_metrics(pl_module, self.host_metrics(), rank_zero_only=not self.all_ranks)
 
     def host_metrics(self) -> dict[str, float]:
         """The host's counters over all its experts: requests, samples, batch sizes, queue wait, errors."""

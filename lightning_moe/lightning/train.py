@@ -18,7 +18,7 @@ from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
 import lightning_moe.conf  # noqa: F401  (registers the config schemas)
-from lightning_moe.config import ConfigError, DHTConfig, HostConfig, LocalSwarmConfig, check_moe, to_dataclass
+from lightning_moe.config import AveragingConfig, ConfigError, DHTConfig, HostConfig, LocalSwarmConfig, check_moe, to_dataclass
 from lightning_moe.swarm import LocalSwarm
 
 logger = logging.getLogger("lightning_moe.train")
@@ -45,6 +45,8 @@ def check_config(cfg: DictConfig) -> tuple[HostConfig, DHTConfig, LocalSwarmConf
     check_moe(cfg.moe)
     if cfg.get("objective_mode", "min") not in ("min", "max"):
         raise ConfigError(f"objective_mode must be min or max, got {cfg.objective_mode!r}")
+    if "swarm_averaging" in (cfg.get("callbacks") or {}):
+        to_dataclass(cfg.callbacks.swarm_averaging.config, AveragingConfig)
     return to_dataclass(cfg.host, HostConfig), to_dataclass(cfg.dht, DHTConfig), to_dataclass(cfg.local_swarm, LocalSwarmConfig)
 
 
@@ -62,13 +64,11 @@ def instantiate_group(cfg: DictConfig, group: str) -> list[Any]:
 
 
 def averaging_callback(cfg: DictConfig) -> pl.Callback:
-    """The `callbacks/swarm_averaging` preset for this run (what a `+volunteer=true` trainer joining a swarm gets)."""
-    from importlib.resources import files
+    """What a `+volunteer=true` trainer joining a swarm gets: the `callbacks/swarm_averaging` preset, i.e. the
+    AveragingConfig defaults with the run's id (`+run_id`) and the run's `dht` group."""
+    from lightning_moe.averaging import SwarmAveraging
 
-    preset = OmegaConf.load(str(files("lightning_moe.conf") / "callbacks" / "swarm_averaging.yaml"))
-    root = OmegaConf.create({"dht": OmegaConf.to_container(cfg.dht, resolve=True), "run_id": cfg.get("run_id", "default"),
-                             "averaging": preset.swarm_averaging})
-    return hydra.utils.instantiate(root.averaging)
+    return SwarmAveraging(AveragingConfig(run_id=str(cfg.get("run_id", "default"))), dht=cfg.dht)
 
 
 def local_swarm(host: HostConfig, dht: DHTConfig, swarm: LocalSwarmConfig) -> LocalSwarm:
