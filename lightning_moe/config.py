@@ -247,8 +247,9 @@ class AveragingConfig:
 
     run_id: str = _help("trainers with the same run id average together", default="default")
     every_n_steps: int = _help("optimizer steps of this trainer between the exchanges it initiates", default=10)
-    client_mode: bool = _help("behind NAT: initiate exchanges, answer none (no server; not declared in the DHT)",
-                              default=False)
+    client_mode: Optional[bool] = _help("true: initiate exchanges, answer none (no server; not declared in the DHT); "
+                                        "false: answer too; null: answer only if DHT peers can dial the server's port "
+                                        "back (behind a home NAT they cannot)", default=None)
     host: Optional[str] = _help("interface the averaging server (TCP) binds; null: dht.host, and if that is null too "
                                 "as the DHT node would (loopback for loopback peers, else all interfaces)", default=None)
     port: int = _help("TCP port of the averaging server (0: any free port)", default=0)

@@ -184,3 +184,28 @@ def test_a_relay_under_a_flood_of_registrations_connections_and_bytes_keeps_its_
         after = rss_mb(relay_process.pid)
         assert after - before < 64, (before, after, report)
         assert served(volunteer, log) > 0
+
+
+def test_a_volunteer_trainer_at_home_trains_through_its_relay_and_averages_with_a_public_one(tmp_path):
+    """`lightning-moe train +volunteer=true` with nothing but the swarm's address, at home and on a public machine:
+    both train through the swarm's experts; the home trainer's averaging initiates exchanges (peers cannot dial it)."""
+    from test_machines import FAST_TRAIN, final_metrics
+
+    with Internet() as internet:
+        a, b, home = internet.machine("A"), internet.machine("B"), internet.home("H")
+        public_host(a, tmp_path, "host.cells=16")
+        argv = CLI + ["train", "+volunteer=true", f"dht.initial_peers=[{a.address}:31337]", "model.hid_dim=16", "+run_id=r",
+                      *FAST_TRAIN, "trainer.max_steps=40"]
+        (tmp_path / "B").mkdir()
+        (tmp_path / "H").mkdir()
+        public = b.popen(argv + ["trainer.max_steps=400"], tmp_path / "B.log", cwd=tmp_path / "B")  # outlasts H's run
+        wait_for_line(tmp_path / "B.log", "averaging: peers reach this trainer at", public, timeout=180)
+        at_home = home.popen(argv, tmp_path / "H.log", cwd=tmp_path / "H")
+        assert at_home.wait(timeout=400) == 0, (tmp_path / "H.log").read_text()[-3000:]
+        assert public.wait(timeout=400) == 0, (tmp_path / "B.log").read_text()[-3000:]
+        text = (tmp_path / "H.log").read_text()
+        assert "serving through a relay" in text and "this trainer initiates exchanges and answers none" in text, text[-3000:]
+        for log in (tmp_path / "H.log", tmp_path / "B.log"):
+            metrics = final_metrics(log)
+            assert metrics["moe/answered"] > 0 and metrics["moe/failed"] <= 0.01 * metrics["moe/answered"], metrics
+        assert final_metrics(tmp_path / "H.log")["averaging/rounds"] > 0

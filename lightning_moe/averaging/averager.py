@@ -148,6 +148,22 @@ class Averager:
         self._anchor = new
         return [n - o for n, o in zip(new, ours)]
 
+    def find_reachability(self) -> None:
+        """Ask DHT peers to dial the server's port back: reached, declare the public address they see; not
+        reached (behind NAT), stop answering and only initiate exchanges."""
+        if self.server is None or self.dht is None:
+            return
+        port, public = self.server.port, self.dht.observed_address()
+        if public is not None and self.dht.check_reachable([port], udp=False)[f"tcp:{port}"]:
+            self.endpoint = f"{public}:{port}"
+            logger.info("averaging: peers reach this trainer at %s", self.endpoint)
+            return
+        logger.info("averaging: strangers cannot reach port %d (NAT or firewall): this trainer initiates "
+                    "exchanges and answers none", port)
+        self.client_mode, self.endpoint = True, None
+        server, self.server = self.server, None
+        server.stop()
+
     def publish(self, step: int) -> None:
         """Snapshot the parameters (CPU copy) for answers and exchanges."""
         flats = state.snapshot(self.module, self.layout)

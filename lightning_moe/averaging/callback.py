@@ -14,6 +14,7 @@ from lightning_moe import auth
 from lightning_moe.config import AveragingConfig, ConfigError, DHTConfig, to_dataclass
 from lightning_moe.lightning.step_metrics import log_step_metrics, logs_step_metrics
 from lightning_moe.net import resolve_binding
+from lightning_moe.net.addresses import ALL_INTERFACES
 
 from . import state
 from .averager import Averager
@@ -115,11 +116,14 @@ class SwarmAveraging(Callback):
         binding = resolve_binding(config.host if config.host is not None else dht.host,
                                   config.announce_host if config.announce_host is not None else dht.announce_host,
                                   dht.initial_peers)
-        averager = Averager(pl_module, config.run_id, process_dht(dht), client_mode=config.client_mode, host=binding.host,
+        averager = Averager(pl_module, config.run_id, process_dht(dht), client_mode=bool(config.client_mode), host=binding.host,
                             port=config.port, announce_host=binding.announce, secret=auth.resolve_secret(dht.secret),
                             max_distance=config.max_distance, ban_seconds=config.ban_seconds, timeout=config.timeout,
                             compression=config.compression, declare_ttl=config.declare_ttl, outer_lr=config.outer_lr,
                             outer_momentum=config.outer_momentum)
+        if config.client_mode is None and binding.host in ALL_INTERFACES and \
+                (config.announce_host if config.announce_host is not None else dht.announce_host) is None:
+            averager.find_reachability()
         if self._saved:
             averager.load_state_dict(self._saved)
         return averager

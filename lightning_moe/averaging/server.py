@@ -22,6 +22,7 @@ from aiohttp import web
 
 from lightning_moe import auth
 from lightning_moe.net import loop as net_loop
+from lightning_moe.net.reachability import NONCE_BYTES, PROBES
 from lightning_moe.net.signing import RequestVerifier, SignatureError
 
 from .state import RefusedState
@@ -69,6 +70,7 @@ class AveragingServer:
         app = web.Application(client_max_size=self.max_body)
         app.router.add_post("/average", self._average)
         app.router.add_get("/state", self._state)
+        app.router.add_get("/reachability/{nonce}", self._reachability)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
@@ -105,6 +107,11 @@ class AveragingServer:
             self.on_refused("body too large")
             raise
         return await self._answer(request, lambda: self.on_average(body), body)
+
+    async def _reachability(self, request: web.Request) -> web.Response:
+        """A peer's dial-back (:mod:`lightning_moe.net.reachability`): the nonce arrived at this port."""
+        arrived = PROBES.arrived(request.match_info["nonce"][:2 * NONCE_BYTES], f"tcp:{self.port}")
+        return web.Response(status=204 if arrived else 404)
 
     async def _state(self, request: web.Request) -> web.Response:
         return await self._answer(request, self.on_state, b"")
