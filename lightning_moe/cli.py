@@ -52,10 +52,6 @@ def run_host(cfg: DictConfig) -> None:
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    if host.num_threads:
-        import torch
-
-        torch.set_num_threads(host.num_threads)
     volunteer = start_volunteer(host, dht)
     print(f"serving {len(volunteer.hosted_uids)} experts ({', '.join(volunteer.hosted_uids)}) at {volunteer.endpoint}", flush=True)
     print(f"DHT node at {volunteer.dht.address}; others join with dht.initial_peers=[{volunteer.dht.address}]", flush=True)

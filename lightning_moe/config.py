@@ -9,7 +9,7 @@ and relations with errors that name the key, before anything starts.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from typing import Any, Optional
 
 WIRE_COMPRESSIONS = ("none", "float16", "uint8")  # lightning_moe.wire.COMPRESSIONS, without importing torch
@@ -77,11 +77,61 @@ class DHTConfig:
 
 
 @dataclass
-class HostConfig:
-    """What a volunteer hosts and how: used by `lightning-moe host`, the local swarm and ExpertHostCallback."""
+class HostLimits:
+    """What a stranger can make a host spend: connections, header and body bytes, rows and time (README, Hostile input)."""
 
-    expert: Any = _help("factory of one expert: a `_target_` config (`_partial_: true`) or, in Python, a callable",
-                        default=None)
+    max_connections: int = _help("open connections the host serves at once (an idle one costs no thread); more are "
+                                 "closed on arrival (at most the process's open-files limit, raised to its hard limit)",
+                                 default=16384)
+    max_connections_per_address: int = _help("open connections from one client IP address", default=256)
+    idle_timeout: float = _help("seconds a connection may take for the next request's line and headers, from its "
+                                "opening or its last answer (an idle keep-alive connection closes then)", default=10.0)
+    body_timeout: float = _help("seconds a client may take to send a request's body once its headers are in "
+                                "(slower: 408, connection closed)", default=60.0)
+    request_timeout: Optional[float] = _help("seconds a request waits for its experts' answer (queue and compute) "
+                                             "before it gets 504; null: no limit", default=300.0)
+    max_header_bytes: int = _help("request line plus headers in bytes (more: 431, connection closed)", default=8192)
+    max_body_mb: float = _help("largest request body in MiB (413 before it is read)", default=64.0)
+    max_inflight_mb: Optional[float] = _help("MiB of request bodies read or served at once, host-wide: a request "
+                                             "reserves its Content-Length before its body is read (none left: 503 "
+                                             "with Retry-After); null: 4 x max_body_mb", default=None)
+    max_rows_factor: int = _help("rows per request at most max_batch_size times this (checked from the wire header)",
+                                 default=4)
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self, prefix: str = "host.limits") -> None:
+        """Ranges; raises :class:`ConfigError` naming the key."""
+        for key in ("max_connections", "max_connections_per_address", "max_header_bytes", "max_rows_factor"):
+            _require(getattr(self, key) >= 1, f"{prefix}.{key}", "must be positive", getattr(self, key))
+        for key in ("idle_timeout", "body_timeout", "max_body_mb"):
+            _require(getattr(self, key) > 0, f"{prefix}.{key}", "must be positive", getattr(self, key))
+        for key in ("request_timeout", "max_inflight_mb"):
+            _require(getattr(self, key) is None or getattr(self, key) > 0, f"{prefix}.{key}", "must be null or positive",
+                     getattr(self, key))
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 2**20)
+
+    @property
+    def max_inflight_bytes(self) -> int:
+        """``max_inflight_mb`` in bytes (4 x the body limit when it is null)."""
+        return 4 * self.max_body_bytes if self.max_inflight_mb is None else int(self.max_inflight_mb * 2**20)
+
+
+@dataclass
+class HostConfig:
+    """What a volunteer hosts and how: used by `lightning-moe host`, the local swarm and ExpertHostCallback.
+
+    :func:`~lightning_moe.volunteer.start_volunteer` reads every key; an
+    :class:`~lightning_moe.server.ExpertHost` given ready backends reads the serving keys (where it listens and
+    announces, ``limits``, ``compression``, ``kept_forwards_mb``, ``device``, ``update_period``).
+    """
+
+    expert: Any = _help("factory of one expert: a `_target_` config (`_partial_: true`) or, in Python, a callable "
+                        "(a volunteer needs one; an ExpertHost given its backends does not)", default=None)
     optimizer: Any = _help("factory `params -> Optimizer` for each expert (`_partial_: true`); null keeps experts frozen",
                            default=None)
     in_features: int = _help("the experts' input size (the model's hid_dim)", default=64)
@@ -103,12 +153,8 @@ class HostConfig:
                                          "a proxy)", default=None)
     update_period: float = _help("seconds between DHT declarations (records live two periods)", default=10.0)
     relay: bool = _help("a host that strangers reach relays for hosts behind NAT (bounded; false: never)", default=True)
-    max_connections: int = _help("open connections the host serves at once (an idle one costs no thread)", default=16384)
-    max_connections_per_address: int = _help("open connections from one client address", default=256)
-    idle_timeout: float = _help("seconds a connection may take for the next request's headers", default=10.0)
-    max_body_mb: float = _help("largest request body in MiB (413 before it is read)", default=64.0)
-    max_rows_factor: int = _help("rows per request at most max_batch_size times this (checked from the wire header)",
-                                 default=4)
+    limits: HostLimits = _help("what a stranger can make the host spend (the host.limits.* keys)",
+                               default_factory=HostLimits)
     kept_forwards_mb: float = _help("MiB of forward graphs kept for their backward, so a backward needs no second "
                                     "forward and no inputs resent (0: recompute every forward)", default=512.0)
     seed: Optional[int] = _help("seeds the experts' initial weights and the choice of free cells", default=None)
@@ -117,7 +163,8 @@ class HostConfig:
     dtype: str = _help("the experts' dtype: float32, float64, bfloat16 or float16", default="float32")
     device: Optional[str] = _help("where the experts compute (cpu, cuda, cuda:1); null: cpu, or the trainer's "
                                   "device under ExpertHostCallback", default=None)
-    num_threads: Optional[int] = _help("torch threads of a host process (null: torch's default)", default=None)
+    num_threads: Optional[int] = _help("the process's torch threads while the volunteer runs (torch.set_num_threads; "
+                                       "under ExpertHostCallback the trainer's too); null: unchanged", default=None)
     checkpoint_dir: Optional[str] = _help("save the experts here every checkpoint_every seconds and at exit; "
                                           "reload them on start (null: no host checkpoints)", default=None)
     checkpoint_every: float = _help("seconds between host checkpoints", default=300.0)
@@ -127,10 +174,13 @@ class HostConfig:
                               "for tests and demos; the start-up check is exempt)", default=0.0)
 
     def __post_init__(self) -> None:
-        self.check()
+        if isinstance(self.limits, Mapping):  # from yaml, or a mapping in Python
+            self.limits = to_dataclass(self.limits, HostLimits)
+        self.check(volunteer=False)
 
-    def check(self, prefix: str = "host") -> None:
-        """Ranges and relations; raises :class:`ConfigError` naming the key."""
+    def check(self, prefix: str = "host", volunteer: bool = True) -> None:
+        """Ranges and relations, and with ``volunteer`` what a volunteer needs too (an expert factory); raises
+        :class:`ConfigError` naming the key."""
         _require(len(self.grid_size) >= 1 and all(int(g) >= 1 for g in self.grid_size), f"{prefix}.grid_size",
                  "must be a non-empty list of positive sizes", self.grid_size)
         num_cells = 1
@@ -150,10 +200,8 @@ class HostConfig:
         _require(self.num_layers >= 1, f"{prefix}.num_layers", "must be positive", self.num_layers)
         _require(0 <= self.fault_rate <= 1, f"{prefix}.fault_rate", "must be in [0, 1]", self.fault_rate)
         _require(self.max_batch_size >= 1, f"{prefix}.max_batch_size", "must be positive", self.max_batch_size)
-        for key in ("max_connections", "max_connections_per_address", "max_rows_factor"):
-            _require(getattr(self, key) >= 1, f"{prefix}.{key}", "must be positive", getattr(self, key))
-        _require(self.idle_timeout > 0 and self.max_body_mb > 0, f"{prefix}.idle_timeout and {prefix}.max_body_mb",
-                 "must be positive", (self.idle_timeout, self.max_body_mb))
+        _require(isinstance(self.limits, HostLimits), f"{prefix}.limits", "must be a HostLimits", self.limits)
+        self.limits.check(f"{prefix}.limits")
         _require(self.update_every >= 0, f"{prefix}.update_every", "must be 0 or positive", self.update_every)
         _require(self.kept_forwards_mb >= 0, f"{prefix}.kept_forwards_mb", "must be 0 or positive", self.kept_forwards_mb)
         _require(0 <= self.port <= 65535, f"{prefix}.port", "must be a port number (0 to 65535)", self.port)
@@ -171,7 +219,8 @@ class HostConfig:
         _require(self.checkpoint_every > 0, f"{prefix}.checkpoint_every", "must be positive", self.checkpoint_every)
         _require(self.stats_every >= 0, f"{prefix}.stats_every", "must be 0 or positive", self.stats_every)
         _require(self.delay >= 0, f"{prefix}.delay", "must be 0 or positive", self.delay)
-        _require(self.expert is not None, f"{prefix}.expert", "must be a factory of an expert", self.expert)
+        if volunteer:
+            _require(self.expert is not None, f"{prefix}.expert", "must be a factory of an expert", self.expert)
 
     def layer_prefixes(self) -> list[str]:
         """The uid prefix of each MoE layer it serves."""
@@ -363,6 +412,9 @@ def describe(schema: type, prefix: str, values: Mapping[str, Any] | None = None)
             value = values[f.name]
         else:
             value = f.default_factory() if f.default_factory is not MISSING else f.default
+        if is_dataclass(f.default_factory):  # a nested group: its own keys, under this one's name
+            lines.append(describe(f.default_factory, f"{prefix}.{f.name}", value if isinstance(value, Mapping) else None))
+            continue
         lines.append(f"  {prefix}.{f.name} = {value!r}\n      {f.metadata['help']}")
     return "\n".join(lines)
 

@@ -12,8 +12,6 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-import torch
-
 from lightning_moe.config import ConfigError, DHTConfig, HostConfig, grid_uids
 from lightning_moe.volunteer import start_volunteer
 
@@ -35,8 +33,6 @@ def _host_process(index: int, config: HostConfig, dht: DHTConfig, ready: Any, re
                 stop.set()
 
     threading.Thread(target=watch_parent, daemon=True).start()
-    if config.num_threads:
-        torch.set_num_threads(config.num_threads)
     try:
         volunteer = start_volunteer(config, dht)
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it

@@ -7,8 +7,8 @@ that saves checkpoints and logs a one-line stats report every ``host.stats_every
 
 from __future__ import annotations
 
+import dataclasses
 import errno
-import functools
 import logging
 import random
 import threading
@@ -78,36 +78,25 @@ def make_backends(
     return backends
 
 
-def _before_each_batch(backend: ExpertBackend, hook: Callable[[], None]) -> None:
-    """Run ``hook`` before every batch ``backend`` computes, forward and backward (its start-up check is exempt)."""
-
-    def hooked(*args: Any, _process: Callable, **kwargs: Any) -> Any:
-        hook()
-        return _process(*args, **kwargs)
-
-    for pool in (backend.forward_pool, backend.backward_pool):
-        pool.process_fn = functools.wraps(pool.process_fn)(functools.partial(hooked, _process=pool.process_fn))
-    backend.graph_backward = functools.wraps(backend.graph_backward)(functools.partial(hooked, _process=backend.graph_backward))
-
-
-def add_delay(backend: ExpertBackend, seconds: float) -> None:
-    """Make every batch of ``backend`` take ``seconds`` longer (a slow volunteer, for tests and demos)."""
-    _before_each_batch(backend, lambda: time.sleep(seconds))
-
-
 class InjectedFault(RuntimeError):
     """The error of ``host.fault_rate``: a volunteer that fails now and then."""
 
 
-def add_faults(backend: ExpertBackend, rate: float, seed: int | None = None) -> None:
-    """Make each batch of ``backend`` fail with probability ``rate`` (requests then get HTTP 500)."""
-    rng = random.Random(None if seed is None else f"{seed}:{backend.name}")
+def injected_trouble(config: HostConfig, uid: str) -> Callable[[], None] | None:
+    """``host.fault_rate`` and ``host.delay`` as the ``before_batch`` hook of expert ``uid`` (None when both are 0):
+    each batch fails with probability ``fault_rate`` (its requests get HTTP 500), else takes ``delay`` s longer."""
+    delay, rate = config.delay, config.fault_rate
+    if not delay and not rate:
+        return None
+    rng = random.Random(None if config.seed is None else f"{config.seed}:{uid}")
 
-    def maybe_fail() -> None:
-        if rng.random() < rate:
+    def before_batch() -> None:
+        if rate and rng.random() < rate:
             raise InjectedFault(f"injected fault (host.fault_rate={rate})")
+        if delay:
+            time.sleep(delay)
 
-    _before_each_batch(backend, maybe_fail)
+    return before_batch
 
 
 def _address_in_use(error: OSError) -> bool:
@@ -121,10 +110,10 @@ class Volunteer:
     """
 
     def __init__(self, config: HostConfig, host: ExpertHost, dht: Any, owns_dht: bool, checkpoint: Path | None,
-                 restored: int, presence: Presence):
+                 restored: int, presence: Presence, threads_before: int | None = None):
         self.config, self.host, self.dht, self.checkpoint, self.restored = config, host, dht, checkpoint, restored
         self.presence = presence
-        self._owns_dht = owns_dht
+        self._owns_dht, self._threads_before = owns_dht, threads_before
         self._stop = threading.Event()
         self._last_report = (time.monotonic(), self._totals())
         self._thread = threading.Thread(target=self._run, name="lightning_moe-volunteer", daemon=True)
@@ -181,7 +170,8 @@ class Volunteer:
                     logger.warning("saving host checkpoint %s failed", self.checkpoint, exc_info=True)
 
     def stop(self) -> dict[str, Any]:
-        """Save a last checkpoint, stop the host (and the DHT node if this volunteer made it); returns final stats."""
+        """Save a last checkpoint, stop the host (and the DHT node if this volunteer made it), give the process its
+        torch threads back; returns final stats."""
         self._stop.set()
         self._thread.join(timeout=10)
         try:
@@ -193,6 +183,8 @@ class Volunteer:
             if self._owns_dht:
                 shared.unregister_process_dht(self.dht)
                 self.dht.shutdown()
+            if self._threads_before is not None:
+                torch.set_num_threads(self._threads_before)
         return stats
 
     def __enter__(self) -> "Volunteer":
@@ -206,10 +198,14 @@ def start_volunteer(config: HostConfig, dht: DHTConfig | Any, device: str | torc
                     state: dict | None = None, checkpoint_name: str = CHECKPOINT_FILE) -> Volunteer:
     """Host ``config``'s experts: join the DHT, pick cells, restore, serve and declare them.
 
+    Every key of ``config`` applies here, whoever calls (`lightning-moe host`, LocalSwarm, ExpertHostCallback):
+    ``num_threads`` sets this process's torch threads until :meth:`Volunteer.stop`; ``host`` and
+    ``announce_host`` null are resolved from the DHT peers (:func:`lightning_moe.net.resolve_binding`).
+
     Args:
         config: what to host and how.
         dht: a :class:`DHTConfig` (a node is started, owned and shared with this process's layers), or
-            a running DHT node to use.
+            a running DHT node to use (its secret is the host's too).
         device: overrides ``config.device``.
         state: experts' state to restore (e.g. from a Lightning checkpoint); a file in
             ``config.checkpoint_dir`` takes precedence only when ``state`` is None.
@@ -217,13 +213,15 @@ def start_volunteer(config: HostConfig, dht: DHTConfig | Any, device: str | torc
     """
     config.check()
     owns_dht = isinstance(dht, DHTConfig)
-    secret = dht.secret if owns_dht else getattr(dht, "_secret", None)
     node = DHT.from_config(dht) if owns_dht else dht
     presence = None
     peers = dht.initial_peers if owns_dht else [f"{host}:{port}" for host, port in node.initial_peers]
     binding = resolve_binding(config.host, config.announce_host, peers)
     host = None
+    threads_before = torch.get_num_threads() if config.num_threads else None
     try:
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
         checkpoint = Path(config.checkpoint_dir) / checkpoint_name if config.checkpoint_dir else None
         if state is None and checkpoint is not None and checkpoint.exists():
             state = torch.load(checkpoint, map_location="cpu", weights_only=True)  # our own file, weights only
@@ -237,17 +235,10 @@ def start_volunteer(config: HostConfig, dht: DHTConfig | Any, device: str | torc
             uids = sorted(config.cells)
         backends = make_backends(uids, config.make_expert(), config.make_optimizer(), config.in_features,
                                  config.max_batch_size, config.update_every, dtype=getattr(torch, config.dtype), seed=config.seed)
-        for backend in backends.values():
-            if config.delay:
-                add_delay(backend, config.delay)
-            if config.fault_rate:
-                add_faults(backend, config.fault_rate, config.seed)
-        host = ExpertHost(backends, host=binding.host, port=config.port, device=device or config.device or "cpu",
-                          announce_host=binding.announce, dht=node, update_period=config.update_period, secret=secret,
-                          compression=config.compression, max_connections=config.max_connections,
-                          max_connections_per_address=config.max_connections_per_address, idle_timeout=config.idle_timeout,
-                          max_body_bytes=int(config.max_body_mb * 2**20), max_rows_factor=config.max_rows_factor,
-                          announce_port=config.announce_port, kept_forwards_bytes=int(config.kept_forwards_mb * 2**20))
+        for uid, backend in backends.items():
+            backend.before_batch = injected_trouble(config, uid)
+        resolved = dataclasses.replace(config, host=binding.host, announce_host=binding.announce)
+        host = ExpertHost(backends, resolved, dht=node, device=device, secret=node.secret)
         if state:
             host.load_state_dict(state)
         discover = config.announce_host is None and binding.host in ALL_INTERFACES
@@ -272,7 +263,7 @@ def start_volunteer(config: HostConfig, dht: DHTConfig | Any, device: str | torc
             shared.register_process_dht(node)
         logger.info("hosting %d cells of %s%s at %s: %s%s", len(uids), ",".join(config.layer_prefixes()), list(config.grid_size),
                     host.endpoint, ", ".join(uids), f" (restored {len(state)} experts)" if state else "")
-        return Volunteer(config, host, node, owns_dht, checkpoint, len(state) if state else 0, presence)
+        return Volunteer(config, host, node, owns_dht, checkpoint, len(state) if state else 0, presence, threads_before)
     except BaseException:
         if presence is not None:
             presence.stop()
@@ -280,4 +271,6 @@ def start_volunteer(config: HostConfig, dht: DHTConfig | Any, device: str | torc
             host.shutdown()
         if owns_dht:
             node.shutdown()
+        if threads_before is not None:
+            torch.set_num_threads(threads_before)
         raise

@@ -5,7 +5,7 @@ The host runs in a process of its own (its RSS and open files are its own), each
 (all of 127/8 is loopback), so the per-address connection limit applies to them and not to the
 legitimate client on 127.0.0.1. Every loop is bounded by a count or a deadline.
 
-    python tests/attack_tools.py host '{"host": {...}, "secret": null}'
+    python tests/attack_tools.py host '{"limits": {...}, "secret": null}'
     python tests/attack_tools.py attack '{"kind": "idle", "port": 1234, "count": 10000, ...}'
 """
 
@@ -82,11 +82,11 @@ def _end(proc: subprocess.Popen, timeout: float) -> str:
 
 
 class HostProcess:
-    """An ExpertHost with one ffn expert (hid 64, max batch 32) in a child process."""
+    """An ExpertHost with one ffn expert (hid 64, max batch 32) in a child process; ``limits``: HostLimits keys."""
 
-    def __init__(self, secret: str | None = None, **host_kwargs: Any):
+    def __init__(self, secret: str | None = None, **limits: Any):
         self.secret = secret
-        self.proc = _spawn("host", {"host": host_kwargs, "secret": secret})
+        self.proc = _spawn("host", {"limits": limits, "secret": secret})
         try:
             info = json.loads(_read_line(self.proc, 120))
         except BaseException:
@@ -184,6 +184,7 @@ def host_main(config: dict) -> None:
 
     import torch
 
+    from lightning_moe.config import HostConfig, HostLimits
     from lightning_moe.server import ExpertBackend, ExpertHost, make_expert
 
     logging.basicConfig(level=logging.WARNING)
@@ -193,7 +194,7 @@ def host_main(config: dict) -> None:
     expert = make_expert("ffn", HID)
     backend = ExpertBackend(UID, expert, torch.optim.SGD(expert.parameters(), lr=0.01), [((HID,), torch.float32)],
                             max_batch_size=MAX_BATCH)
-    with ExpertHost([backend], port=0, secret=config.get("secret"), **config["host"]) as host:
+    with ExpertHost([backend], HostConfig(limits=HostLimits(**config["limits"])), secret=config.get("secret")) as host:
         print(json.dumps({"port": host.port, "host_id": host.host_id}), flush=True)
         sys.stdin.read()  # until the parent closes our stdin
         stats = host.http_stats()

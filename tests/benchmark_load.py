@@ -105,7 +105,7 @@ def main() -> None:
     backends = make_backends(uids, lambda: make_expert("ffn", args.hid_dim), lambda p: torch.optim.Adam(p, lr=1e-4),
                              args.hid_dim, max_batch_size=1024)
     ctx = mp.get_context("spawn")
-    with ExpertHost(backends, port=0) as host:
+    with ExpertHost(backends) as host:
         start, results = ctx.Event(), ctx.Queue()
         processes = [ctx.Process(target=client_process, args=(host.endpoint, uids, args, i, start, results), daemon=True)
                      for i in range(args.processes)]

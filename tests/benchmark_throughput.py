@@ -67,7 +67,7 @@ def client_process(endpoint: str, uids: list[str], args: argparse.Namespace, see
 def measure_remote(args: argparse.Namespace) -> float:
     """Samples per second through a real host on loopback, clients in separate processes."""
     ctx = mp.get_context("spawn")
-    with ExpertHost(make_backends(args), host="127.0.0.1", port=0) as host:
+    with ExpertHost(make_backends(args)) as host:
         uids = sorted(host.backends)
         ready, start, results = ctx.Semaphore(0), ctx.Event(), ctx.Queue()
         clients = [

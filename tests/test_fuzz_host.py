@@ -11,6 +11,7 @@ import requests
 import torch
 
 from lightning_moe import wire
+from lightning_moe.config import HostConfig, HostLimits
 from lightning_moe.server import ExpertBackend, ExpertHost
 from lightning_moe.server.experts import make_expert
 
@@ -92,7 +93,7 @@ def host():
     torch.manual_seed(0)
     expert = make_expert("ffn", HID)
     backend = ExpertBackend(UID, expert, torch.optim.SGD(expert.parameters(), lr=0.1), [((HID,), torch.float32)], max_batch_size=64)
-    with ExpertHost([backend], port=0, body_timeout=1.0, max_body_bytes=1 << 20) as host:
+    with ExpertHost([backend], HostConfig(limits=HostLimits(body_timeout=1.0, max_body_mb=1.0))) as host:
         yield host
 
 

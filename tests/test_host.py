@@ -16,6 +16,8 @@ from torch import nn
 
 import lightning_moe
 from lightning_moe import wire
+from lightning_moe.client.remote_expert import call_expert, new_keep_id
+from lightning_moe.config import HostConfig, HostLimits
 from lightning_moe.server import ExpertBackend, ExpertHost, make_expert
 
 HID = 32
@@ -32,7 +34,7 @@ def make_backend(uid: str = "ffn.0", seed: int = 0, optimizer: str = "sgd", **kw
 
 @pytest.fixture
 def host():
-    with ExpertHost([make_backend("ffn.0"), make_backend("ffn.1", seed=1)], request_timeout=WAIT) as h:
+    with ExpertHost([make_backend("ffn.0"), make_backend("ffn.1", seed=1)], HostConfig(limits=HostLimits(request_timeout=WAIT))) as h:
         yield h
 
 
@@ -78,7 +80,7 @@ def test_info(host):
     info = requests.get(url(host, "/info"), timeout=WAIT).json()
     assert info["version"] == lightning_moe.__version__
     assert info["compression"] == ["none", "float16", "uint8"]
-    assert info["max_body_bytes"] == host.max_body_bytes
+    assert info["max_body_bytes"] == host.config.limits.max_body_bytes == 64 * 2**20
     schema = [{"shape": [HID], "dtype": "float32"}]
     assert info["experts"] == {
         uid: {"args_schema": schema, "outputs_schema": schema, "max_batch_size": 16, "max_rows_per_request": 64} for uid in ("ffn.0", "ffn.1")
@@ -106,14 +108,14 @@ def test_host_compression_applies_to_every_answer():
     x = torch.randn(16, HID)
     with torch.no_grad():
         expected = copy.deepcopy(backend.expert)(x)
-    with ExpertHost([backend], compression="float16") as host, requests.Session() as session:
+    with ExpertHost([backend], HostConfig(compression="float16")) as host, requests.Session() as session:
         response = session.post(url(host, "/forward/ffn.0"), data=wire.serialize([x]), timeout=WAIT)  # asks for none
         assert response.status_code == 200, response.text
         (out,) = wire.deserialize(bytearray(response.content))
     assert len(response.content) < len(wire.serialize([expected])) * 0.6
     assert out.dtype == torch.float32 and torch.allclose(out, expected, atol=1e-2) and not torch.equal(out, expected)
-    with pytest.raises(ValueError, match="compression"):
-        ExpertHost([make_backend()], compression="zip")
+    with pytest.raises(ValueError, match="host.compression"):
+        ExpertHost([make_backend()], HostConfig(compression="zip"))
 
 
 def test_zero_rows(host):
@@ -263,7 +265,7 @@ def test_broken_http_framing(host):
 
 
 def test_body_over_the_limit_is_refused_unread():
-    with ExpertHost([make_backend()], max_body_bytes=4096) as host:
+    with ExpertHost([make_backend()], HostConfig(limits=HostLimits(max_body_mb=4096 / 2**20))) as host:
         x = torch.randn(64, HID)  # 8 KiB
         response = requests.post(url(host, "/forward/ffn.0"), data=wire.serialize([x]), timeout=WAIT)
         assert_json_error(response, 413, "limit")
@@ -306,7 +308,7 @@ def test_request_timeout_gives_504():
             return x * 2
 
     backend = ExpertBackend("stuck", Stuck(), None, [((HID,), torch.float32)])
-    with ExpertHost([backend], request_timeout=0.2) as host, requests.Session() as session:
+    with ExpertHost([backend], HostConfig(limits=HostLimits(request_timeout=0.2))) as host, requests.Session() as session:
         try:
             response = session.post(url(host, "/forward/stuck"), data=wire.serialize([torch.full((1, HID), 1e3)]), timeout=WAIT)
             assert_json_error(response, 504, "no answer")
@@ -314,6 +316,33 @@ def test_request_timeout_gives_504():
             release.set()
         (out,) = post(session, host, "/forward/stuck", [torch.ones(1, HID)])
         assert torch.equal(out, torch.full((1, HID), 2.0))
+
+
+def test_before_batch_runs_before_every_batch_but_not_the_start_up_check():
+    calls: list[str] = []
+    fail = threading.Event()
+
+    def before_batch() -> None:
+        calls.append(threading.current_thread().name)
+        if fail.is_set():
+            raise RuntimeError("injected by before_batch")
+
+    backend = make_backend(before_batch=before_batch)
+    assert calls == []  # the start-up check is exempt
+    x, grad = torch.randn(4, HID), torch.randn(4, HID)
+    with ExpertHost([backend], HostConfig(limits=HostLimits(request_timeout=WAIT))) as host, \
+            requests.Session() as session:
+        post(session, host, "/forward/ffn.0", [x])
+        post(session, host, "/backward/ffn.0", [x, grad])  # recomputes its forward: one batch
+        key = new_keep_id()
+        call_expert("ffn.0", host.endpoint, "forward", [x], keep=key)
+        call_expert("ffn.0", host.endpoint, "backward", [grad], keep=key)  # through the kept graph
+        assert host.load_report()["kept_forwards"]["graph_backwards"] == 1
+        assert len(calls) == 4 and set(calls) == {"lightning_moe-runtime"}
+        fail.set()
+        response = session.post(url(host, "/forward/ffn.0"), data=wire.serialize([x]), timeout=WAIT)
+        assert_json_error(response, 500, "injected by before_batch")
+        assert backend.forward_batches == 2 and backend.backward_batches == 2  # the failed batch computed nothing
 
 
 def test_state_round_trip(tmp_path):
@@ -358,7 +387,7 @@ def test_keep_alive_reuses_one_connection(host):
 
 def test_connections_over_the_cap_are_closed_and_the_host_keeps_serving():
     backend = make_backend()
-    with ExpertHost([backend], max_connections=2) as host:
+    with ExpertHost([backend], HostConfig(limits=HostLimits(max_connections=2))) as host:
         idle = [socket.create_connection(("127.0.0.1", host.port), timeout=WAIT) for _ in range(2)]
         try:
             for _ in range(50):  # bounded: the two handler threads register within a few ms
@@ -392,7 +421,7 @@ def test_shutdown_joins_every_thread_and_frees_the_port():
     with pytest.raises(requests.ConnectionError):
         session.post(url(host, "/forward/ffn.0"), data=wire.serialize([torch.randn(2, HID)]), timeout=WAIT)
     session.close()
-    with ExpertHost([make_backend()], port=port) as again:  # the same port binds again
+    with ExpertHost([make_backend()], HostConfig(port=port)) as again:  # the same port binds again
         assert again.port == port
         still_serves(again)
     assert set(threading.enumerate()) == before
@@ -412,7 +441,8 @@ class FakeDHT:
 def test_dht_declarations_repeat_until_shutdown():
     dht = FakeDHT()
     before = set(threading.enumerate())
-    host = ExpertHost([make_backend("ffn.0"), make_backend("ffn.1")], dht=dht, update_period=0.05, announce_host="10.1.2.3")
+    host = ExpertHost([make_backend("ffn.0"), make_backend("ffn.1")], HostConfig(update_period=0.05, announce_host="10.1.2.3"),
+                      dht=dht)
     with host:
         assert dht.calls, "start() declares once before it returns"
         assert host.endpoint == f"10.1.2.3:{host.port}"

@@ -18,18 +18,19 @@ import torch
 
 from attack_tools import Attacker, HostProcess, LegitClient, captured_request, huge_rows_request
 from lightning_moe import wire
+from lightning_moe.config import HostConfig, HostLimits
 from lightning_moe.server import ExpertBackend, ExpertHost, make_expert
 
 HID = 32
 SECRET = "attack test secret"
 
 
-def in_process_host(max_batch_size: int = 16, **kwargs) -> ExpertHost:
+def in_process_host(max_batch_size: int = 16, secret: str | None = None, **limits) -> ExpertHost:
     torch.manual_seed(0)
     expert = make_expert("ffn", HID)
     backend = ExpertBackend("ffn.0", expert, torch.optim.SGD(expert.parameters(), lr=0.1), [((HID,), torch.float32)],
                             max_batch_size=max_batch_size)
-    return ExpertHost([backend], **kwargs)
+    return ExpertHost([backend], HostConfig(limits=HostLimits(**limits)), secret=secret)
 
 
 def answer_of(sock: socket.socket) -> tuple[int, dict, dict]:
@@ -223,7 +224,7 @@ def test_private_host_refuses_unsigned_big_bodies_from_their_headers():
 def test_request_bytes_in_flight_have_a_budget_and_small_requests_a_reserve():
     rows = 4096  # 512 KiB of float32 at hid 32
     body = wire.serialize([torch.randn(rows, HID)])
-    with in_process_host(max_batch_size=rows, max_rows_factor=1, max_inflight_bytes=1 << 20) as host:
+    with in_process_host(max_batch_size=rows, max_rows_factor=1, max_inflight_mb=1.0) as host:
         head = f"POST /forward/ffn.0 HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode()
         first = socket.create_connection(("127.0.0.1", host.port), timeout=10)
         try:

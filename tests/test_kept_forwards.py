@@ -16,7 +16,8 @@ from torch import nn
 from lightning_moe import wire
 from lightning_moe.client.remote_expert import RemoteExpert, call_backward, call_expert, new_keep_id
 from lightning_moe.server import ExpertBackend, ExpertHost, make_expert
-from lightning_moe.server.kept_forwards import KeptForwards
+from lightning_moe.config import HostConfig, HostLimits
+from lightning_moe.server.kept_forwards import KeptForwards, KeptStore
 
 HID = 16
 WAIT = 30.0
@@ -29,8 +30,8 @@ def make_backend(optimizer: bool = False, uid: str = "ffn.0", expert: nn.Module 
     return ExpertBackend(uid, expert, opt, args_schema=[((HID,), torch.float32)], max_batch_size=64)
 
 
-def with_store(backend: ExpertBackend, budget: int = 2**30, **kwargs) -> KeptForwards:
-    backend.kept = KeptForwards(budget, **kwargs)
+def with_store(backend: ExpertBackend, budget: int = 2**30, ttl: float = 60.0) -> KeptForwards:
+    backend.kept = KeptForwards(backend, KeptStore(budget, ttl=ttl))
     return backend.kept
 
 
@@ -50,13 +51,13 @@ def test_a_batch_of_two_kept_requests_runs_one_backward_through_its_graph():
     assert backend.forward_pool.run_batch() == 8  # one batch of both requests
     for future, x in zip(futures, xs):
         torch.testing.assert_close(future.result(0)[0], reference(x))
-    assert kept.stats()["kept"] == 1 and kept.used_bytes > 0
-    backward_futures = [kept.backward(backend, k, [g]) for k, g in zip(keys, grads)]
+    assert kept.store.stats()["kept"] == 1 and kept.store.used_bytes > 0
+    backward_futures = [kept.backward(k, [g]) for k, g in zip(keys, grads)]
     assert kept.deferred_submit_time is not None and kept.oldest_submit_time is not None  # complete: runs now
     assert kept.run_batch() == 8
     for future, x, g in zip(backward_futures, xs, grads):
         torch.testing.assert_close(future.result(0)[0], local_grads(reference, x, g))
-    stats = kept.stats()
+    stats = kept.store.stats()
     assert stats["graph_backwards"] == 1 and stats["hits"] == 2 and stats["batches"] == 0 and stats["used_bytes"] == 0
     assert backend.backward_batches == 1 and backend.forward_batches == 1  # no second forward
 
@@ -71,17 +72,17 @@ def test_a_partial_batch_recomputes_what_arrived_and_stragglers_use_the_kept_inp
         backend.forward_pool.submit(x, key=k)
     backend.forward_pool.run_batch()
     grad0 = torch.randn(4, HID)
-    first = kept.backward(backend, keys[0], [grad0])
+    first = kept.backward(keys[0], [grad0])
     assert kept.oldest_submit_time is None and kept.deferred_submit_time is not None  # waits while the host is busy
     kept.run_batch()  # the host is idle: 4 of 10 rows is too few for the graph, so they are recomputed
     assert backend.backward_pool.run_batch() == 4
     torch.testing.assert_close(first.result(0)[0], local_grads(reference, xs[0], grad0))
     grad1 = torch.randn(6, HID)
-    second = kept.backward(backend, keys[1], [grad1])  # after its batch ran: recomputed from the kept inputs
+    second = kept.backward(keys[1], [grad1])  # after its batch ran: recomputed from the kept inputs
     assert backend.backward_pool.run_batch() == 6
     torch.testing.assert_close(second.result(0)[0], local_grads(reference, xs[1], grad1))
-    assert kept.stats()["batches"] == 0 and kept.used_bytes == 0
-    assert kept.backward(backend, keys[1], [grad1]) is None  # used once: a replay is not kept
+    assert kept.store.stats()["batches"] == 0 and kept.store.used_bytes == 0
+    assert kept.backward(keys[1], [grad1]) is None  # used once: a replay is not kept
 
 
 def test_a_complete_batch_runs_before_an_older_partial_one():
@@ -92,11 +93,11 @@ def test_a_complete_batch_runs_before_an_older_partial_one():
         for k in batch_keys:
             backend.forward_pool.submit(torch.randn(2, HID), key=k)
         backend.forward_pool.run_batch()
-    partial = kept.backward(backend, keys[0][0], [torch.randn(2, HID)])  # older, half of its batch
-    complete = [kept.backward(backend, k, [torch.randn(2, HID)]) for k in keys[1]]
+    partial = kept.backward(keys[0][0], [torch.randn(2, HID)])  # older, half of its batch
+    complete = [kept.backward(k, [torch.randn(2, HID)]) for k in keys[1]]
     assert kept.run_batch() == 4  # the complete batch, through its graph
     assert all(f.result(0)[0].shape == (2, HID) for f in complete) and not partial.done()
-    assert kept.stats()["graph_backwards"] == 1 and kept.oldest_submit_time is None  # the partial one still waits
+    assert kept.store.stats()["graph_backwards"] == 1 and kept.oldest_submit_time is None  # the partial one still waits
     assert kept.deferred_submit_time is not None
 
 
@@ -110,11 +111,11 @@ def test_the_optimizer_may_step_between_a_kept_forward_and_its_backward():
     backend.forward_pool.submit(x2, key=k2)
     backend.forward_pool.run_batch()
     before = [p.detach().clone() for p in backend.expert.parameters()]
-    first = kept.backward(backend, k1, [torch.randn(4, HID)])
+    first = kept.backward(k1, [torch.randn(4, HID)])
     kept.run_batch()
     assert first.result(0)[0].shape == (4, HID)
     assert backend.update_count == 1 and any(not torch.equal(a, p) for a, p in zip(before, backend.expert.parameters()))
-    second = kept.backward(backend, k2, [torch.randn(4, HID)])  # its graph saw the weights before that step
+    second = kept.backward(k2, [torch.randn(4, HID)])  # its graph saw the weights before that step
     kept.run_batch()
     assert torch.isfinite(second.result(0)[0]).all() and backend.update_count == 2
 
@@ -137,7 +138,7 @@ def test_an_expert_that_changes_saved_tensors_in_place_gets_a_clear_error():
     key = new_keep_id()
     backend.forward_pool.submit(torch.randn(2, HID), key=key)
     backend.forward_pool.run_batch()
-    future = kept.backward(backend, key, [torch.randn(2, HID)])
+    future = kept.backward(key, [torch.randn(2, HID)])
     kept.run_batch()
     with pytest.raises(RuntimeError, match="modified in place"):
         future.result(0)
@@ -152,11 +153,29 @@ def test_memory_stays_within_the_budget_and_old_batches_go_first():
         keys.append(new_keep_id())
         backend.forward_pool.submit(torch.randn(32, HID), key=keys[-1])
         backend.forward_pool.run_batch()
-        assert kept.used_bytes <= budget
-    stats = kept.stats()
+        assert kept.store.used_bytes <= budget
+    stats = kept.store.stats()
     assert stats["evicted"] > 0 and 0 < stats["batches"] < 40
-    assert kept.backward(backend, keys[0], [torch.randn(32, HID)]) is None  # evicted: the trainer must send inputs
-    assert kept.backward(backend, keys[-1], [torch.randn(32, HID)]) is not None
+    assert kept.backward(keys[0], [torch.randn(32, HID)]) is None  # evicted: the trainer must send inputs
+    assert kept.backward(keys[-1], [torch.randn(32, HID)]) is not None
+
+
+def test_the_experts_of_a_host_share_one_budget_and_the_oldest_batch_of_any_goes_first():
+    store = KeptStore(2**30)
+    first, second = make_backend(uid="ffn.0"), make_backend(uid="ffn.1")
+    for backend in (first, second):
+        backend.kept = KeptForwards(backend, store)
+    keys = []
+    for backend in (first, second, second):
+        keys.append(new_keep_id())
+        backend.forward_pool.submit(torch.randn(8, HID), key=keys[-1])
+        backend.forward_pool.run_batch()
+        if len(keys) == 1:
+            store.budget_bytes = 2 * store.used_bytes + store.used_bytes // 2  # room for two such batches
+    assert store.stats()["evicted"] == 1 and store.stats()["batches"] == 2 and store.used_bytes <= store.budget_bytes
+    assert first.kept.backward(keys[0], [torch.randn(8, HID)]) is None  # the oldest, though another expert's
+    assert second.kept.backward(keys[1], [torch.randn(8, HID)]) is not None
+    assert second.kept.backward(keys[0], [torch.randn(8, HID)]) is None  # a request id is looked up per expert
 
 
 def test_the_number_of_kept_batches_is_bounded_too(monkeypatch):
@@ -168,7 +187,7 @@ def test_the_number_of_kept_batches_is_bounded_too(monkeypatch):
     for _ in range(12):  # tiny batches, far under the byte budget
         backend.forward_pool.submit(torch.randn(1, HID), key=new_keep_id())
         backend.forward_pool.run_batch()
-    assert kept.stats()["batches"] == 5 and kept.stats()["evicted"] == 7
+    assert kept.store.stats()["batches"] == 5 and kept.store.stats()["evicted"] == 7
 
 
 def test_a_batch_larger_than_the_budget_is_not_kept_and_expired_batches_go():
@@ -176,13 +195,13 @@ def test_a_batch_larger_than_the_budget_is_not_kept_and_expired_batches_go():
     kept = with_store(backend, budget=1)
     backend.forward_pool.submit(torch.randn(4, HID), key=new_keep_id())
     backend.forward_pool.run_batch()
-    assert kept.stats()["not_kept"] == 1 and kept.used_bytes == 0
+    assert kept.store.stats()["not_kept"] == 1 and kept.store.used_bytes == 0
     kept = with_store(backend, ttl=0.0)
     backend.forward_pool.submit(torch.randn(4, HID), key=new_keep_id())
     backend.forward_pool.run_batch()
     backend.forward_pool.submit(torch.randn(4, HID), key=new_keep_id())  # keeping the next one expires the first
     backend.forward_pool.run_batch()
-    assert kept.stats()["expired"] == 1 and kept.stats()["batches"] == 1
+    assert kept.store.stats()["expired"] == 1 and kept.store.stats()["batches"] == 1
 
 
 def test_closing_fails_waiting_backwards():
@@ -192,7 +211,7 @@ def test_closing_fails_waiting_backwards():
     for k in keys:
         backend.forward_pool.submit(torch.randn(2, HID), key=k)
     backend.forward_pool.run_batch()
-    future = kept.backward(backend, keys[0], [torch.randn(2, HID)])
+    future = kept.backward(keys[0], [torch.randn(2, HID)])
     kept.close()
     with pytest.raises(RuntimeError, match="closed"):
         future.result(0)
@@ -201,7 +220,7 @@ def test_closing_fails_waiting_backwards():
 # ---- through a real host -----------------------------------------------------------------------
 @pytest.fixture
 def host():
-    with ExpertHost([make_backend(optimizer=True)], request_timeout=WAIT) as h:
+    with ExpertHost([make_backend(optimizer=True)], HostConfig(limits=HostLimits(request_timeout=WAIT))) as h:
         yield h
 
 

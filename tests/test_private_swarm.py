@@ -27,11 +27,11 @@ def _no_secret_from_the_environment(monkeypatch):
     monkeypatch.delenv(auth.SECRET_ENV, raising=False)
 
 
-def make_host(**kwargs) -> ExpertHost:
+def make_host(secret: bytes | None = None, port: int = 0) -> ExpertHost:
     torch.manual_seed(0)
     expert = make_expert("ffn", HID)
     backend = ExpertBackend("ffn.0", expert, torch.optim.SGD(expert.parameters(), lr=0.1), args_schema=[((HID,), torch.float32)])
-    return ExpertHost([backend], **kwargs)
+    return ExpertHost([backend], HostConfig(port=port), secret=secret)
 
 
 def signed_post(session: requests.Session, host: ExpertHost, body: bytes, headers: dict[str, str]) -> requests.Response:

@@ -1,6 +1,7 @@
 """The package as a user installs it: a wheel that hosts and trains, configs checked before anything
 starts, errors that name their key, host checkpoints, the `swarm` command, metrics to every logger."""
 
+import dataclasses
 import functools
 import importlib.util
 import multiprocessing
@@ -20,7 +21,7 @@ from hydra import compose, initialize_config_module
 from hydra.errors import ConfigCompositionException
 
 from lightning_moe import ExpertHostCallback, RemoteExpert
-from lightning_moe.config import ConfigError, DHTConfig, HostConfig, LocalSwarmConfig
+from lightning_moe.config import ConfigError, DHTConfig, HostConfig, HostLimits, LocalSwarmConfig
 from lightning_moe.lightning.train import check_config, instantiate_group, train
 from lightning_moe.server.experts import make_expert
 from lightning_moe.shared import shutdown_process_dht
@@ -45,7 +46,10 @@ def host_config(**kwargs) -> HostConfig:
 # ---- errors before anything starts, each naming its key ----------------------------------------
 def test_wrong_types_fail_at_composition_naming_the_key():
     for override, key in [("moe.k_best=abc", "moe.k_best"), ("host.port=abc", "host.port"),
-                          ("local_swarm.num_hosts=x", "local_swarm.num_hosts"), ("host.prot=1", "host.prot")]:
+                          ("local_swarm.num_hosts=x", "local_swarm.num_hosts"), ("host.prot=1", "host.prot"),
+                          ("host.limits.max_body_m=1", "host.limits.max_body_m"),
+                          ("host.limits.max_body_mb=lots", "host.limits.max_body_mb"),
+                          ("host.max_body_mb=1", "host.max_body_mb")]:  # a limit lives under host.limits
         with pytest.raises(ConfigCompositionException) as info:
             compose_config(override)
         assert key in str(info.value) + str(info.value.__cause__), override
@@ -56,6 +60,7 @@ def test_wrong_types_fail_at_composition_naming_the_key():
     ("host.cells=[ffn.9.9]", "host.cells"), ("host.port=70000", "host.port"), ("local_swarm.num_hosts=0", "local_swarm.num_hosts"),
     ("dht.initial_peers=[nowhere]", "dht.initial_peers"), ("host.compression=zip", "host.compression"),
     ("host.dtype=int8", "host.dtype"), ("+volunteer=maybe", "volunteer"),
+    ("host.limits.max_body_mb=0", "host.limits.max_body_mb"), ("host.limits.request_timeout=-1", "host.limits.request_timeout"),
 ])
 def test_wrong_ranges_fail_before_anything_starts_naming_the_key(override, key):
     cfg = compose_config(override, "paths.output_dir=.")
@@ -207,7 +212,8 @@ def test_swarm_command_without_peers_names_the_key(tmp_path):
 def test_host_help_explains_host_keys(tmp_path):
     result = subprocess.run(["lightning-moe", "host", "--help"], capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert result.returncode == 0
-    for key in ("host.cells", "host.port", "host.checkpoint_dir", "dht.initial_peers", "dht.port"):
+    for key in ("host.cells", "host.port", "host.checkpoint_dir", "dht.initial_peers", "dht.port", "host.num_threads",
+                *(f"host.limits.{f.name}" for f in dataclasses.fields(HostLimits))):
         assert key in result.stdout
     assert "max_steps" not in result.stdout  # not the training config
 

@@ -12,6 +12,7 @@ import torch
 
 from lightning_moe.client import transport
 from lightning_moe.client.parallel_call import CallSettings, ExpertCall, call_in_parallel
+from lightning_moe.config import HostConfig, HostLimits
 from lightning_moe.server import ExpertBackend, ExpertHost, make_expert
 
 HID = 8
@@ -22,7 +23,7 @@ WAIT = 30.0
 def host():
     expert = make_expert("linear", HID)
     backend = ExpertBackend("linear.0", expert, None, args_schema=[((HID,), torch.float32)])
-    with ExpertHost([backend], idle_timeout=0.3) as h:
+    with ExpertHost([backend], HostConfig(limits=HostLimits(idle_timeout=0.3))) as h:
         yield h
 
 

@@ -196,6 +196,11 @@ class DHT:
         return f"{self._announce_host}:{self._announce_port or self.port}"
 
     @property
+    def secret(self) -> bytes | None:
+        """The swarm's secret this node signs and checks records with (None: a public swarm)."""
+        return self._secret
+
+    @property
     def is_private(self) -> bool:
         """True when this node has a swarm secret (authenticates the records it writes and reads)."""
         return self._secret is not None

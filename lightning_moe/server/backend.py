@@ -4,18 +4,35 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, Sequence
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any, Protocol, Sequence
 
 import torch
 from torch import nn
 
 from lightning_moe import wire
-from lightning_moe.server.kept_forwards import KeptForwards
 from lightning_moe.server.task_pool import TaskPool
 
 logger = logging.getLogger(__name__)
 
 Schema = list[tuple[tuple[int, ...], torch.dtype]]
+
+
+class GraphKeeper(Protocol):
+    """Where an expert's forward graphs go when requests ask to keep them for their backward
+    (:class:`~lightning_moe.server.kept_forwards.KeptForwards`, which the host gives each backend)."""
+
+    @property
+    def enabled(self) -> bool:
+        """Whether it keeps anything (a budget of 0 keeps nothing: the forward then builds no graph)."""
+
+    def keep(self, spans: dict[str, tuple[int, int]], inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor],
+             graph_nbytes: int) -> bool:
+        """Keep a forward batch (its input leaves, its outputs with their graph); False if it cannot."""
+
+    def backward(self, key: str, grads: Sequence[torch.Tensor]) -> Future | None:
+        """A Future of the input gradients of the kept request ``key``; None if it is not kept."""
 
 
 def normalize_schema(schema: Sequence[Any]) -> Schema:
@@ -68,6 +85,11 @@ class ExpertBackend:
         update_every: 0 steps after every backward batch; N accumulates gradients over at
             least N samples, then steps.
         reject_nonfinite: refuse NaN/Inf in inputs and output gradients (they would corrupt the weights).
+        before_batch: called before every batch the expert computes (forward, backward, and backward through a
+            kept graph; not the start-up check), in the runtime thread: an exception fails that batch's requests.
+            A volunteer's ``host.delay`` and ``host.fault_rate`` are such a hook.
+
+    ``kept`` (a :class:`GraphKeeper`, None until a host sets it) holds the forwards that requests asked to keep.
     """
 
     def __init__(
@@ -79,6 +101,7 @@ class ExpertBackend:
         max_batch_size: int = 1024,
         update_every: int = 0,
         reject_nonfinite: bool = True,
+        before_batch: Callable[[], None] | None = None,
     ):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
@@ -89,7 +112,7 @@ class ExpertBackend:
         if not self.args_schema:
             raise ValueError("args_schema needs at least one input")
         self.max_batch_size, self.update_every = int(max_batch_size), int(update_every)
-        self.reject_nonfinite = reject_nonfinite
+        self.reject_nonfinite, self.before_batch = reject_nonfinite, before_batch
         self._lock = threading.RLock()  # held while computing, and while reading or loading state
         self.forward_batches = self.backward_batches = 0
         self.forward_samples = self.backward_samples = 0
@@ -97,7 +120,7 @@ class ExpertBackend:
         self.samples_since_update = 0
         self.expert.train()
         self.outputs_schema = self._infer_outputs_schema()
-        self.kept: KeptForwards | None = None  # the host's, set by ExpertHost: forwards kept for their backward
+        self.kept: GraphKeeper | None = None
         self.forward_pool = TaskPool(f"{name}.forward", self.forward, self.max_batch_size, pass_keys=True)
         self.backward_pool = TaskPool(f"{name}.backward", self.backward, self.max_batch_size)
 
@@ -196,6 +219,7 @@ class ExpertBackend:
     # ---- compute (in the runtime thread) ---------------------------------------------------
     def forward(self, *inputs: torch.Tensor, keys: dict[str, tuple[int, int]] | None = None) -> tuple[torch.Tensor, ...]:
         """Outputs of the expert (train mode); with ``keys`` (request id -> rows) the graph is kept for their backward."""
+        self._before_batch()
         kept = self.kept if keys and self.kept is not None and self.kept.enabled else None
         if kept is None:
             with self._lock, torch.no_grad():
@@ -206,7 +230,7 @@ class ExpertBackend:
             with self._lock, torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
                 outputs = _as_tuple(self.expert(*leaves))
             if any(o.requires_grad for o in outputs):
-                kept.keep(self, keys, leaves, outputs, saved.nbytes)
+                kept.keep(keys, leaves, outputs, saved.nbytes)
             outputs = tuple(o.detach() for o in outputs)
         self.forward_batches += 1
         self.forward_samples += inputs[0].shape[0]
@@ -214,6 +238,7 @@ class ExpertBackend:
 
     def backward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Gradients of the inputs; recomputes forward, accumulates parameter gradients, steps the optimizer."""
+        self._before_batch()
         num_args = len(self.args_schema)
         inputs = [x.detach().requires_grad_(x.is_floating_point()) for x in tensors[:num_args]]
         with self._lock:
@@ -224,8 +249,13 @@ class ExpertBackend:
     def graph_backward(self, inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor],
                        grad_outputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """Gradients of the inputs through a kept forward's graph; accumulates parameter gradients, steps the optimizer."""
+        self._before_batch()
         with self._lock:
             return self._backward_through(inputs, outputs, grad_outputs)
+
+    def _before_batch(self) -> None:
+        if self.before_batch is not None:
+            self.before_batch()
 
     def _backward_through(self, inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor],
                           grad_outputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import os
 import resource
@@ -12,15 +13,15 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
-from lightning_moe import auth, wire
+from lightning_moe import auth
+from lightning_moe.config import HostConfig
+from lightning_moe.net.addresses import LOOPBACK
 from lightning_moe.server.backend import ExpertBackend
 from lightning_moe.server.http import DIRECTIONS, ExpertHTTPServer
-from lightning_moe.server.kept_forwards import KeptForwards
-from lightning_moe.server.runtime import Runtime
+from lightning_moe.server.kept_forwards import KeptForwards, KeptStore
+from lightning_moe.server.runtime import Runtime, RuntimePool
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
 
 
 class ExpertHost:
@@ -28,58 +29,29 @@ class ExpertHost:
 
     Args:
         backends: ``{uid: ExpertBackend}`` or a list of backends (keyed by their names).
-        host, port: where the HTTP server listens (port 0: any free port).
-        device: where the experts live and compute.
-        announce_host: the host name that peers should use, if not ``host`` (e.g. behind NAT).
-        announce_port: the port that peers should use, if not the bound one (a port forward, a proxy).
-        max_body_bytes: larger request bodies are refused with 413 before they are read.
+        config: how to serve them (:class:`~lightning_moe.config.HostConfig`; None: its defaults). The host
+            reads ``host``, ``port`` (0: any free port), ``announce_host``, ``announce_port``, ``update_period``,
+            ``limits``, ``compression``, ``kept_forwards_mb`` and ``device``; the keys that make experts are
+            :func:`~lightning_moe.volunteer.start_volunteer`'s. ``host`` None binds loopback (start_volunteer
+            resolves it from the DHT peers first). ``limits.max_connections`` is capped by the process's
+            open-files limit, which start() raises to its hard limit.
         dht: anything with ``declare_experts(uids, endpoint, expiration_time=...)``; called every
             ``update_period`` seconds while the host runs.
-        request_timeout: seconds a request waits for the runtime before it gets 504.
-        body_timeout: seconds a client may take to send a request body once its headers are in (slower:
-            408, connection closed).
-        idle_timeout: seconds an idle keep-alive connection stays open; also the deadline for the
-            next request's line and headers, counted from the connection's start or the last answer.
-        max_connections: connections open at once (no thread each); more are closed on arrival.
-            The process's soft open-files limit is raised to its hard limit at start.
-        max_connections_per_address: connections open at once from one client IP address.
-        max_header_bytes: request line plus headers, in bytes (more: 431, connection closed).
-        max_inflight_bytes: host-wide budget of request bytes being read or served; a request
-            reserves its Content-Length before its body is read, and gets 503 with Retry-After when
-            the budget is spent (default: 4 x ``max_body_bytes``).
-        max_rows_factor: a request may carry at most ``max_batch_size x max_rows_factor`` rows of
-            its expert (checked from the wire header, before the rest of the body is read).
-        compression: how the host compresses its answers (``none``, ``float16``, ``uint8``), e.g.
-            on a slow uplink; None answers each request in the compression it came in.
+        device: where the experts live and compute, overriding ``config.device`` (None there too: cpu).
         secret: a private swarm's shared secret (default: the ``LIGHTNING_MOE_SECRET`` environment
             variable); with one, unsigned or wrongly signed requests get 401.
-        kept_forwards_bytes: memory for the graphs of forwards that trainers asked to keep, so that their
-            backward needs neither a second forward nor the inputs again (0: always recompute; see
-            :class:`~lightning_moe.server.kept_forwards.KeptForwards`).
+
+    Forwards that trainers ask to keep (:mod:`~lightning_moe.server.kept_forwards`) share ``kept``, a
+    :class:`~lightning_moe.server.kept_forwards.KeptStore` of ``kept_forwards_mb``.
     """
 
     def __init__(
         self,
         backends: Mapping[str, ExpertBackend] | Iterable[ExpertBackend],
-        host: str = "127.0.0.1",
-        port: int = 0,
-        device: torch.device | str = "cpu",
-        announce_host: str | None = None,
-        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        config: HostConfig | None = None,
         dht: Any = None,
-        update_period: float = 30.0,
-        request_timeout: float | None = 300.0,
-        body_timeout: float = 60.0,
-        idle_timeout: float = 10.0,
+        device: torch.device | str | None = None,
         secret: str | bytes | None = None,
-        max_connections: int = 16384,
-        compression: str | None = None,
-        max_connections_per_address: int = 256,
-        max_header_bytes: int = 8192,
-        max_inflight_bytes: int | None = None,
-        max_rows_factor: int = 4,
-        announce_port: int | None = None,
-        kept_forwards_bytes: int = 512 * 2**20,
     ):
         if isinstance(backends, Mapping):
             self.backends = dict(backends)
@@ -91,32 +63,21 @@ class ExpertHost:
                 self.backends[backend.name] = backend
         if not self.backends:
             raise ValueError("a host needs at least one expert")
-        if compression is not None and compression not in wire.COMPRESSIONS:
-            raise ValueError(f"compression must be None or one of {list(wire.COMPRESSIONS)}, got {compression!r}")
-        if update_period <= 0:
-            raise ValueError(f"update_period must be positive, got {update_period}")
-        self.host, self.port, self.announce_host, self.announce_port = host, int(port), announce_host, announce_port
-        self.device = torch.device(device)
-        self.max_body_bytes = int(max_body_bytes)
-        self.dht, self.update_period = dht, float(update_period)
-        self._timeouts = (request_timeout, body_timeout, idle_timeout)
+        self.config = config = config if config is not None else HostConfig()
+        config.check(volunteer=False)
+        self.host, self.port = config.host or LOOPBACK, config.port
+        self.announce_host, self.announce_port = config.announce_host, config.announce_port
+        self.device = torch.device(device or config.device or "cpu")
+        self.dht = dht
         self.secret = auth.resolve_secret(secret)
-        self.max_connections, self.compression = int(max_connections), compression
-        self._limits = {
-            "max_connections_per_address": int(max_connections_per_address), "max_header_bytes": int(max_header_bytes),
-            "max_inflight_bytes": max_inflight_bytes, "max_rows_factor": int(max_rows_factor),
-        }
-        if min(self.max_connections, *(v for v in self._limits.values() if v is not None)) < 1:
-            raise ValueError(f"connection, header, budget and row limits must be positive: {self._limits}")
         for backend in self.backends.values():
             backend.to(self.device)
-        if kept_forwards_bytes < 0:
-            raise ValueError(f"kept_forwards_bytes must be non-negative, got {kept_forwards_bytes}")
-        self.kept = KeptForwards(kept_forwards_bytes)
+        self.kept = KeptStore(int(config.kept_forwards_mb * 2**20))
+        pools: list[RuntimePool] = []
         for backend in self.backends.values():
-            backend.kept = self.kept
-        pools = [pool for b in self.backends.values() for pool in (b.forward_pool, b.backward_pool)]
-        self.runtime = Runtime([*pools, self.kept], self.device, name="lightning_moe-runtime")
+            backend.kept = KeptForwards(backend, self.kept)
+            pools += [backend.forward_pool, backend.backward_pool, backend.kept]
+        self.runtime = Runtime(pools, self.device, name="lightning_moe-runtime")
         self.server: ExpertHTTPServer | None = None
         self._started_at = 0.0
         self._samples_history: collections.deque[tuple[float, int]] = collections.deque(maxlen=13)
@@ -133,12 +94,10 @@ class ExpertHost:
             if self._started:
                 raise RuntimeError("the host was already started")
             self._started = True
-            request_timeout, body_timeout, idle_timeout = self._timeouts
-            max_connections = min(self.max_connections, _raise_open_files_limit() - 64)
-            server = ExpertHTTPServer(
-                (self.host, self.port), self.backends, self.max_body_bytes, request_timeout, body_timeout, idle_timeout,
-                self.secret, max_connections, compression=self.compression, stats_fn=self.load_report, **self._limits,
-            )
+            limits = self.config.limits
+            limits = dataclasses.replace(limits, max_connections=min(limits.max_connections, _raise_open_files_limit() - 64))
+            server = ExpertHTTPServer((self.host, self.port), self.backends, limits, self.secret,
+                                      compression=self.config.compression, stats_fn=self.load_report)
             self.runtime.start()
             try:
                 server.start()
@@ -213,13 +172,13 @@ class ExpertHost:
         if self._announced == "":
             return  # no endpoint that strangers reach (between relays)
         try:
-            self.dht.declare_experts(uids, self.endpoint, expiration_time=time.time() + 2 * self.update_period)
+            self.dht.declare_experts(uids, self.endpoint, expiration_time=time.time() + 2 * self.config.update_period)
             logger.debug("declared %d experts at %s", len(uids), self.endpoint)
         except Exception:  # noqa: BLE001 - keep announcing; a DHT hiccup must not kill the host
             logger.warning("declaring experts in the DHT failed", exc_info=True)
 
     def _declare_loop(self) -> None:
-        while not self._stop.wait(self.update_period):
+        while not self._stop.wait(self.config.update_period):
             self._declare()
 
     # ---- introspection ---------------------------------------------------------------------

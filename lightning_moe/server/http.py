@@ -5,7 +5,7 @@ few KiB, no thread). Handlers read, check, queue and write; compute happens in t
 whose futures the handlers await. Errors are JSON ``{"error": ..., "uid": ...}``.
 
 Before a body is read, a POST is checked from its headers alone: path, expert, X-Compression,
-Content-Length against ``max_body_bytes``, and in a private swarm the signature's form, the
+Content-Length against ``limits.max_body_mb``, and in a private swarm the signature's form, the
 timestamp's window, the target host id and replays. Its Content-Length is then reserved from a
 host-wide budget of request bytes in flight (none left: 503 with Retry-After). The wire header is
 read first and its row count checked against the expert's limit before the rest is read; the
@@ -32,6 +32,7 @@ from aiohttp import web
 
 import lightning_moe
 from lightning_moe import auth, wire
+from lightning_moe.config import HostLimits
 from lightning_moe.net.reachability import NONCE_BYTES, PROBES
 from lightning_moe.server.backend import ExpertBackend
 from lightning_moe.server.http_protocol import (
@@ -64,34 +65,34 @@ class _RequestError(Exception):
 
 
 class ExpertHTTPServer:
-    """The aiohttp server of one ExpertHost, run by an asyncio loop in a thread of its own."""
+    """The aiohttp server of one ExpertHost, run by an asyncio loop in a thread of its own.
+
+    Args:
+        address: ``(host, port)`` to bind (port 0: any free port).
+        backends: ``{uid: ExpertBackend}`` it serves.
+        limits: what a stranger can make it spend (connections, header and body bytes, rows, timeouts).
+        secret: a private swarm's secret (requests must be signed with it), or None.
+        compression: how answers are compressed; None: as each request came.
+        stats_fn: what ``GET /stats`` answers.
+    """
 
     def __init__(
         self,
         address: tuple[str, int],
         backends: Mapping[str, ExpertBackend],
-        max_body_bytes: int,
-        request_timeout: float | None = 300.0,
-        body_timeout: float = 60.0,
-        idle_timeout: float = 10.0,
+        limits: HostLimits,
         secret: bytes | None = None,
-        max_connections: int = 16384,
-        max_connections_per_address: int = 256,
         compression: str | None = None,
-        max_header_bytes: int = 8192,
-        max_inflight_bytes: int | None = None,
-        max_rows_factor: int = 4,
         stats_fn: Callable[[], dict] | None = None,
     ):
         self.address = address
         self.backends = dict(backends)
-        self.max_body_bytes = int(max_body_bytes)
-        self.request_timeout, self.body_timeout, self.idle_timeout = request_timeout, body_timeout, idle_timeout
+        self.limits = limits
+        self.max_body_bytes = limits.max_body_bytes
         self.secret, self.compression = secret, compression
-        self.max_header_bytes = int(max_header_bytes)
-        self.max_rows = {uid: b.max_batch_size * int(max_rows_factor) for uid, b in self.backends.items()}
-        self.budget = InflightBudget(max_inflight_bytes if max_inflight_bytes is not None else 4 * self.max_body_bytes)
-        self.slots = ConnectionSlots(max_connections, max_connections_per_address)
+        self.max_rows = {uid: b.max_batch_size * limits.max_rows_factor for uid, b in self.backends.items()}
+        self.budget = InflightBudget(limits.max_inflight_bytes)
+        self.slots = ConnectionSlots(limits.max_connections, limits.max_connections_per_address)
         self.stats_fn = stats_fn
         self.host_id = secrets.token_hex(16)  # new at every start: signatures for another instance do not verify here
         self.replays = auth.ReplayGuard(MAX_CLOCK_SKEW)
@@ -138,9 +139,10 @@ class ExpertHTTPServer:
         self._frozen = True
 
     async def _start_site(self, sock: socket.socket) -> None:
+        max_header_bytes = self.limits.max_header_bytes
         server = LimitedServer(
-            self.handle, slots=self.slots, max_header_bytes=self.max_header_bytes, count_error=self.count_error,
-            keepalive_timeout=self.idle_timeout, max_line_size=self.max_header_bytes, max_field_size=self.max_header_bytes,
+            self.handle, slots=self.slots, max_header_bytes=max_header_bytes, count_error=self.count_error,
+            keepalive_timeout=self.limits.idle_timeout, max_line_size=max_header_bytes, max_field_size=max_header_bytes,
             max_headers=64, lingering_time=0, access_log=None, auto_decompress=False,
         )
         self._runner = web.ServerRunner(server, handle_signals=False, access_log=None, shutdown_timeout=0.5)
@@ -245,7 +247,7 @@ class ExpertHTTPServer:
         if length is None or length > DRAIN_LIMIT or request.headers.get("Transfer-Encoding"):
             return False
         try:
-            await asyncio.wait_for(request.content.read(), min(self.body_timeout, 5.0))
+            await asyncio.wait_for(request.content.read(), min(self.limits.body_timeout, 5.0))
         except (asyncio.TimeoutError, ConnectionError, OSError):
             return False
         return request.content.is_eof()
@@ -374,9 +376,9 @@ class ExpertHTTPServer:
             if request.headers.get("Expect", "").lower() == "100-continue":  # checks passed: ask for the body
                 await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             try:
-                body = await asyncio.wait_for(self._read_body(request, length, uid), self.body_timeout)
+                body = await asyncio.wait_for(self._read_body(request, length, uid), self.limits.body_timeout)
             except asyncio.TimeoutError:
-                raise _RequestError(408, f"timed out reading the body of {length} bytes after {self.body_timeout} s",
+                raise _RequestError(408, f"timed out reading the body of {length} bytes after {self.limits.body_timeout} s",
                                     uid, close=True) from None
             self._verify(request, body, uid)
             try:
@@ -451,16 +453,17 @@ class ExpertHTTPServer:
             future = backend.backward_pool.submit(*tensors)
         else:
             try:
-                future = backend.kept.backward(backend, keep, tensors) if backend.kept is not None else None
+                future = backend.kept.backward(keep, tensors) if backend.kept is not None else None
             except ValueError as e:
                 raise _RequestError(400, f"backward: {e}", uid) from None
             if future is None:
                 raise _RequestError(409, KEEP_MISSED, uid)
         try:
-            return await asyncio.wait_for(asyncio.wrap_future(future), self.request_timeout)
+            return await asyncio.wait_for(asyncio.wrap_future(future), self.limits.request_timeout)
         except asyncio.TimeoutError:
             future.cancel()
-            raise _RequestError(504, f"{direction}: no answer within {self.request_timeout} s (host overloaded?)", uid) from None
+            raise _RequestError(504, f"{direction}: no answer within {self.limits.request_timeout} s (host overloaded?)",
+                                uid) from None
         except PoolClosedError as e:
             raise _RequestError(503, f"{direction}: {e}", uid) from None
         except Exception as e:  # noqa: BLE001 - the expert's own error goes back to the caller

@@ -4,13 +4,39 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Sequence
+from collections.abc import Callable
+from typing import Protocol, Sequence
 
 import torch
 
-from lightning_moe.server.task_pool import PoolClosedError, TaskPool
+from lightning_moe.server.task_pool import PoolClosedError
 
 logger = logging.getLogger(__name__)
+
+
+class RuntimePool(Protocol):
+    """What the Runtime runs batches from: a :class:`~lightning_moe.server.task_pool.TaskPool` or a
+    :class:`~lightning_moe.server.kept_forwards.KeptForwards`."""
+
+    name: str
+    wakeup: threading.Event | None  # the Runtime's: set it when work arrives
+
+    @property
+    def oldest_submit_time(self) -> float | None:
+        """``time.monotonic()`` when the oldest work that should run now arrived; None if none."""
+
+    @property
+    def deferred_submit_time(self) -> float | None:
+        """When the oldest work that may wait arrived (run only if no pool has work that should run now); None if none."""
+
+    def run_batch(self, device: torch.device | str | None = None) -> int:
+        """Run one batch on ``device``; returns its rows (0 if there was none). Errors go to the requests' Futures."""
+
+    def close(self, error: BaseException | None = None) -> None:
+        """Refuse new work and fail what waits with ``error``."""
+
+    def reopen(self) -> None:
+        """Take work again after :meth:`close`."""
 
 
 class HostShutdownError(PoolClosedError):
@@ -24,7 +50,7 @@ class Runtime:
     in progress finish, joins the thread and gives every waiting task a HostShutdownError.
     """
 
-    def __init__(self, pools: Sequence[TaskPool], device: torch.device | str = "cpu", name: str = "lightning_moe-runtime"):
+    def __init__(self, pools: Sequence[RuntimePool], device: torch.device | str = "cpu", name: str = "lightning_moe-runtime"):
         self.pools = list(pools)
         self.device = torch.device(device)
         self.name = name
@@ -50,17 +76,10 @@ class Runtime:
         self._thread.start()
         return self
 
-    def _pick(self) -> TaskPool | None:
-        """The pool whose oldest task waited longest; if none waits, one with deferred work (``deferred_submit_time``)."""
-        for attribute in ("oldest_submit_time", "deferred_submit_time"):
-            best, best_time = None, None
-            for pool in self.pools:
-                submitted = getattr(pool, attribute, None)
-                if submitted is not None and (best_time is None or submitted < best_time):
-                    best, best_time = pool, submitted
-            if best is not None:
-                return best
-        return None
+    def _pick(self) -> RuntimePool | None:
+        """The pool whose oldest task waited longest; if none waits, the one with the oldest deferred work."""
+        pool = _oldest(self.pools, lambda p: p.oldest_submit_time)
+        return pool if pool is not None else _oldest(self.pools, lambda p: p.deferred_submit_time)
 
     def _run(self) -> None:
         logger.debug("runtime %s started on %s with %d pools", self.name, self.device, len(self.pools))
@@ -93,3 +112,12 @@ class Runtime:
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
+
+
+def _oldest(pools: Sequence[RuntimePool], submitted: Callable[[RuntimePool], float | None]) -> RuntimePool | None:
+    best, best_time = None, None
+    for pool in pools:
+        when = submitted(pool)
+        if when is not None and (best_time is None or when < best_time):
+            best, best_time = pool, when
+    return best

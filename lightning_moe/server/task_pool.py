@@ -28,7 +28,7 @@ class PoolClosedError(RuntimeError):
     """The pool (or the host that owns it) is shutting down and takes no more tasks."""
 
 
-def _settle(future: Future, result: object = None, error: BaseException | None = None) -> None:
+def settle(future: Future, result: object = None, error: BaseException | None = None) -> None:
     """Set a Future's result or exception unless it is already done (cancelled, failed by close())."""
     try:
         if error is not None:
@@ -119,6 +119,11 @@ class TaskPool:
         """``time.monotonic()`` at which the oldest waiting task was submitted; None if the queue is empty."""
         with self._lock:
             return self._queue[0].submitted if self._queue else None
+
+    @property
+    def deferred_submit_time(self) -> float | None:
+        """None: a TaskPool defers no work (every waiting task counts in :attr:`oldest_submit_time`)."""
+        return None
 
     @property
     def oldest_task_age(self) -> float:
@@ -235,7 +240,7 @@ class TaskPool:
             self._count_batch(batch.size)
             self._counters["tasks_done"] += len(finished)
         for task, result in finished:
-            _settle(task.future, result)
+            settle(task.future, result)
 
     def fail(self, batch: Batch, error: BaseException) -> None:
         """Give ``error`` to every task in the batch (their other parts are dropped later)."""
@@ -246,7 +251,7 @@ class TaskPool:
             self._counters["tasks_failed"] += len(failing)
         for task in failing:
             task.parts = []
-            _settle(task.future, error=error)
+            settle(task.future, error=error)
 
     def _count_batch(self, size: int) -> None:
         self._counters["batches"] += 1
@@ -292,7 +297,7 @@ class TaskPool:
             self._rows = 0
         for task in waiting:
             task.parts = []
-            _settle(task.future, error=error)
+            settle(task.future, error=error)
 
     def reopen(self) -> None:
         """Take tasks again after :meth:`close`."""
