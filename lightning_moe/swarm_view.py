@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -103,11 +102,3 @@ def format_survey(views: Sequence[LayerView], hosts: dict[str, HostView]) -> str
         load = _load(host.stats) if host.error is None else f"no answer: {host.error}"
         lines.append(f"{endpoint:<24} {len(host.uids):>7} {host.expires_in:>12.0f} s  {load}")
     return "\n".join(lines)
-
-
-def to_json(views: Sequence[LayerView], hosts: dict[str, HostView]) -> str:
-    """The same as :func:`format_survey`, as JSON (``--json``)."""
-    return json.dumps({
-        "layers": [{"uid_prefix": v.uid_prefix, "grid_size": list(v.grid_size), "alive": v.endpoints} for v in views],
-        "hosts": {e: {"uids": h.uids, "expires_in": h.expires_in, "stats": h.stats, "error": h.error} for e, h in hosts.items()},
-    }, indent=2)

@@ -269,10 +269,6 @@ class SubkeyStorage:
     def keys(self) -> list[bytes]:
         return list(self._data)
 
-    def source_bytes(self, source: str) -> int:
-        """Bytes (as accounted) held for ``source``."""
-        return self._source_bytes.get(source, 0)
-
     def __iter__(self) -> Iterator[tuple[bytes, bytes]]:
         out = []
         for key in list(self._data):

@@ -33,11 +33,6 @@ def make_expert(name: str, hid_dim: int) -> nn.Module:
     return factory(hid_dim)
 
 
-def default_args_schema(hid_dim: int, dtype: torch.dtype = torch.float32) -> list[tuple[tuple[int, ...], torch.dtype]]:
-    """The args schema of the registered experts: one ``[batch, hid_dim]`` input."""
-    return [((hid_dim,), dtype)]
-
-
 @register_expert("ffn")
 class FeedforwardBlock(nn.Module):
     """hivemind's ``ffn``: Linear(h, 4h) -> tanh-GELU -> Linear(4h, h), residual, LayerNorm."""
