@@ -17,7 +17,7 @@ with a warm-up step). Three parts, each a table over RTT x bandwidth:
 
 1. ``single``: one trainer (this process) training the example model (CharLM, hid 64, one
    DecentralizedMoE layer on a 4x4 grid, k_best 4, 2 hosts). Per step: total, DHT (the layer's
-   ``_choose_experts``: beam search over the cached DHT lookups, a real lookup when the cache's
+   ``Dispatcher.choose``: beam search over the cached DHT lookups, a real lookup when the cache's
    5 s expired), forward and backward expert calls (``call_in_parallel``), and compute (the rest:
    model, gating, serialization), plus bytes through the proxies and the DHT per step.
 2. ``swarm``: N trainer processes (default 8) sharing the 2 hosts; samples/s of the whole swarm,
@@ -262,16 +262,16 @@ class StepTimer:
         self._undo: list[Callable[[], None]] = []
 
     def install(self) -> "StepTimer":
-        from lightning_moe.client import moe as moe_module
         from lightning_moe.client import parallel_call
+        from lightning_moe.client.dispatch import Dispatcher
 
-        cls = moe_module.DecentralizedMoE
-        choose, call = cls._choose_experts, parallel_call.call_in_parallel
+        cls = Dispatcher
+        choose, call = cls.choose, parallel_call.call_in_parallel
 
-        def timed_choose(layer: Any, *args: Any, **kwargs: Any) -> Any:
+        def timed_choose(dispatcher: Any, *args: Any, **kwargs: Any) -> Any:
             begin = time.perf_counter()
             try:
-                return choose(layer, *args, **kwargs)
+                return choose(dispatcher, *args, **kwargs)
             finally:
                 self.dht += time.perf_counter() - begin
 
@@ -282,10 +282,10 @@ class StepTimer:
             finally:
                 setattr(self, method, getattr(self, method) + time.perf_counter() - begin)
 
-        cls._choose_experts, parallel_call.call_in_parallel = timed_choose, timed_call
+        cls.choose, parallel_call.call_in_parallel = timed_choose, timed_call
 
         def undo() -> None:
-            cls._choose_experts, parallel_call.call_in_parallel = choose, call
+            cls.choose, parallel_call.call_in_parallel = choose, call
         self._undo.append(undo)
         return self
 

@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from lightning_moe.client.beam_search import beam_search
+from lightning_moe.client.beam_search import beam_search, live_experts
 from lightning_moe.dht import DHT, parse_uid
 
 
@@ -115,3 +115,24 @@ def test_with_real_dht_nodes():
         got_default = beam_search(trainer, "ffn", scores, k_best=4, return_endpoints=True)
         assert all(set(uid for uid, _ in row) <= set(live) and len(row) == 4 for row in got_default)
         assert all(endpoint == "127.0.0.1:7000" for row in got_default for _, endpoint in row)
+
+
+@pytest.mark.parametrize("sizes", [(8,), (6, 5), (4, 3, 5)])
+def test_live_experts_walks_the_grid_without_scores(sizes):
+    live = make_grid(sizes, 0.4, random.Random(sum(sizes) + 1))
+    dht = FakeDHT(live)
+    found = live_experts(dht, "ffn", len(sizes))
+    assert [uid for uid, _ in found] == live  # every live expert, in grid order (the FakeDHT's uids are sorted)
+    assert all(endpoint == dht.live[uid] for uid, endpoint in found)
+    assert len(dht.calls) == len(sizes)  # one batched lookup per grid dimension
+    assert live_experts(FakeDHT([]), "ffn", len(sizes)) == []
+
+
+def test_live_experts_follows_at_most_max_prefixes_per_dimension():
+    live = make_grid((4, 3, 5), 0.0, random.Random(0))
+    dht = FakeDHT(live)
+    found = live_experts(dht, "ffn", 3, max_prefixes=2)
+    assert dht.calls == [["ffn"], ["ffn.0", "ffn.1"], ["ffn.0.0", "ffn.0.1"]]
+    assert [uid for uid, _ in found] == [f"ffn.0.{i}.{j}" for i in range(2) for j in range(5)]
+    with pytest.raises(ValueError):
+        live_experts(dht, "bad prefix", 2)

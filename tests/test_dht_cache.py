@@ -332,4 +332,4 @@ def test_decentralized_moe_steps_wait_on_the_dht_only_while_warming_up():
     finally:
         moe.close()
         swarm.shutdown()
-    assert lookup._closed and lookup.stats["in_flight"] == 0 and moe._lookup is None
+    assert lookup._closed and lookup.stats["in_flight"] == 0 and moe.dispatcher._lookup is None

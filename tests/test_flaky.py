@@ -113,6 +113,27 @@ def test_failing_host_is_excluded_truthfully_and_comes_back_after_it_recovers():
         moe.close()
 
 
+def test_schemas_are_read_from_any_live_expert_without_a_beam_search(monkeypatch):
+    from lightning_moe.client import dispatch
+
+    def no_beam_search(*args, **kwargs):
+        raise AssertionError("reading the schemas ran a beam search")
+
+    dead_cells, live_cells = ["ffn.0.0", "ffn.0.1"], ["ffn.1.0", "ffn.1.1"]
+    with start_volunteer(host_config(cells=dead_cells, grid_size=[2, 2]), DHTConfig()) as dead, \
+            start_volunteer(host_config(cells=live_cells, grid_size=[2, 2]), DHTConfig(initial_peers=[dead.dht.address])) as live:
+        dead.host.shutdown()  # its DHT records stay: its experts are found first (grid order) and refuse
+        health = HealthRegistry()
+        moe = DecentralizedMoE(HID, [2, 2], "ffn", k_best=2, initial_peers=[live.dht.address], health=health)
+        monkeypatch.setattr(dispatch, "beam_search", no_beam_search)
+        info = moe.dispatcher.expert_info(deadline=None)
+        assert info["args_schema"][0]["shape"] == [HID] and info["outputs_schema"][0]["shape"] == [HID]
+        assert health.excluded("ffn.0.0", dead.endpoint) is not None  # asked first, refused, excluded at once
+        monkeypatch.undo()
+        assert moe(torch.randn(4, HID)).shape == (4, HID)
+        moe.close()
+
+
 def test_excluded_experts_are_named_when_nothing_is_tried():
     health = HealthRegistry(HealthConfig(ban_time=30, max_ban_time=30))
     with start_volunteer(host_config(cells=4, grid_size=[2, 2]), DHTConfig()) as volunteer:

@@ -202,7 +202,7 @@ def test_module_pickles_keeps_only_gating_state_and_accepts_any_leading_shape(sw
         torch.testing.assert_close(y, moe(x), atol=1e-5, rtol=1e-4)
         loss = moe.aux_loss
         assert loss is not None and loss.requires_grad and torch.isfinite(loss)
-        assert copied._dht is None or copied._dht is moe._dht
+        assert copied.dispatcher._dht is None or copied.dispatcher._dht is moe.dispatcher._dht
     finally:
         moe.close()
         clone.close()
@@ -266,4 +266,4 @@ def test_ddp_ranks_each_create_their_own_dht_client(swarm, tmp_path):
     reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert reports[0]["dht"] != reports[1]["dht"], reports  # one client per rank, made in the rank's own process
     assert all(r["answered"] > 0 and r["backward_answered"] > 0 for r in reports), reports
-    assert model.moe._dht is None  # the launching process never needed one
+    assert model.moe.dispatcher._dht is None  # the launching process never needed one

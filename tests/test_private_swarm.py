@@ -156,7 +156,7 @@ def test_decentralized_moe_trains_in_a_private_swarm_and_strangers_are_refused()
             stranger(torch.randn(8, HID))
     finally:
         for moe in (member, stranger):
-            if moe._dht is not None:
+            if moe.dispatcher._dht is not None:
                 moe.close()
         swarm.shutdown()
     updates = sum(expert["updates"] for stats in swarm.final_stats.values() for expert in stats.values())

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lightning_moe.client import transport
-from lightning_moe.client.parallel_call import CallSettings, ExpertCall, call_in_parallel
+from lightning_moe.client.parallel_call import ExpertCall, call_in_parallel
 from lightning_moe.config import HostConfig, HostLimits
 from lightning_moe.server import ExpertBackend, ExpertHost, make_expert
 
@@ -106,7 +106,7 @@ def test_a_cancelled_call_returns_at_once_and_closes_its_socket():
 def test_calls_given_up_by_call_in_parallel_free_their_workers():
     hung = HungHost()
     calls = [ExpertCall("ffn.0.0", hung.endpoint, torch.tensor([0]), torch.tensor([0]))]
-    results = call_in_parallel(calls, "forward", [[torch.randn(1, HID)]], CallSettings(timeout=0.3))
+    results = call_in_parallel(calls, "forward", [[torch.randn(1, HID)]], timeout=0.3)
     assert isinstance(results[0], TimeoutError)
     assert hung.closed.wait(WAIT)  # the worker's socket was shut down, not left waiting for WAIT seconds
     hung.close()

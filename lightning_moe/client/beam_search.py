@@ -1,4 +1,4 @@
-"""Beam search over an expert grid, keeping only what the DHT reports alive."""
+"""Beam search over an expert grid, keeping only what the DHT reports alive; any live experts of a grid."""
 from __future__ import annotations
 
 import time
@@ -84,3 +84,26 @@ def beam_search(dht: Any, uid_prefix: str, grid_scores: Sequence[torch.Tensor], 
         names = prefixes
     finite = torch.isfinite(beam_scores).tolist()
     return [[names[i] for i, ok in zip(row, ok_row) if ok] for row, ok_row in zip(beam_index.tolist(), finite)]
+
+
+def live_experts(dht: Any, uid_prefix: str, grid_dims: int, timeout: Optional[float] = None,
+                 max_prefixes: int = 64) -> list[tuple[str, str]]:
+    """Some live experts under ``uid_prefix`` as ``(uid, endpoint)`` pairs, in grid order, with no scores to rank them:
+    the grid walked down one dimension at a time through ``dht.get_active_children`` (a cache serves it from memory
+    once warm), following at most ``max_prefixes`` live prefixes per dimension. For what every expert of a layer
+    shares, such as its schemas.
+
+    :param timeout: bound of the whole walk in seconds (default: the DHT's ``wait_timeout``).
+    """
+    parse_uid_prefix(uid_prefix)
+    timeout = float(getattr(dht, "wait_timeout", 5.0) if timeout is None else timeout)
+    deadline = time.monotonic() + timeout
+    prefixes = [uid_prefix]
+    for dim in range(grid_dims):
+        children = dht.get_active_children(prefixes, timeout=max(0.0, deadline - time.monotonic()))
+        if dim == grid_dims - 1:
+            return [(f"{p}.{c}", endpoint) for p in prefixes for c, endpoint in sorted(children.get(p, {}).items())]
+        prefixes = [f"{p}.{c}" for p in prefixes for c in sorted(children.get(p, {}))][:max_prefixes]
+        if not prefixes:
+            break
+    return []

@@ -173,7 +173,9 @@ def _error_message(response: transport.Answer) -> str:
 
 
 class _RemoteCall(torch.autograd.Function):
-    """Forward and backward of one remote expert; the host recomputes forward in backward."""
+    """Forward and backward of one remote expert. With grad enabled the host keeps the forward's graph for the backward
+    (KeptForwards, within its memory budget), so the backward sends only the output gradients; a host that no longer
+    keeps it answers 409, and the inputs are sent again for it to recompute the forward (:func:`call_backward`)."""
 
     @staticmethod
     def forward(ctx: Any, expert: "RemoteExpert", *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:

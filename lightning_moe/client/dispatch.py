@@ -1,0 +1,383 @@
+"""Dispatcher: a DecentralizedMoE layer's expert calls. It finds experts through the DHT (cached), calls them inside
+the layer's autograd Function (:class:`RemoteMixtureCall`: forward calls in its forward, backward calls in its
+backward), re-routes samples around failures, reports every outcome to the health registry, and keeps the figures
+of the last forward and its backward (:class:`CallStats`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from lightning_moe import auth, wire
+from lightning_moe.client import parallel_call
+from lightning_moe.client.beam_search import beam_search, live_experts
+from lightning_moe.client.dht_cache import CachedExpertLookup
+from lightning_moe.client.health import HealthRegistry
+from lightning_moe.client.parallel_call import ExpertCall, NotEnoughExpertsError, plan_calls, record_outcome, split_calls
+from lightning_moe.client.remote_expert import RemoteExpert, RemoteExpertError, new_keep_id
+from lightning_moe.config import DHTConfig, HealthConfig, grid_uids, to_dataclass
+from lightning_moe.shared import process_dht, process_health, release_process_dht, usable
+
+logger = logging.getLogger(__name__)
+
+#: Hosts asked for the experts' schemas (``/info``) before a forward gives up.
+MAX_INFO_HOSTS = 8
+
+
+@dataclass
+class CallStats:
+    """What happened to the calls of one forward (and its backward)."""
+
+    asked: int = 0
+    answered: int = 0
+    failed: int = 0
+    timed_out: int = 0
+    latency: float = 0.0
+    backward_asked: int = 0
+    backward_answered: int = 0
+    backward_failed: int = 0
+    errors: list[str] = field(default_factory=list)
+    failed_endpoints: set[str] = field(default_factory=set)
+    lookups: dict[str, int] = field(default_factory=dict)  # the forward's DHT reads (counts of CachedExpertLookup.stats)
+
+    def figures(self) -> dict[str, float]:
+        """The counts and the latency, and of the DHT reads: ``dht_blocking`` (0 in steady state), ``dht_refreshes``
+        and ``dht_cached``."""
+        figures = {f.name: float(getattr(self, f.name)) for f in fields(self) if isinstance(getattr(self, f.name), (int, float))}
+        if self.lookups:
+            figures.update(dht_blocking=float(self.lookups["blocking_lookups"]), dht_refreshes=float(self.lookups["refreshes"]),
+                           dht_cached=float(self.lookups["fresh_hits"] + self.lookups["stale_hits"]))
+        return figures
+
+
+class Dispatcher:
+    """The expert calls of one :class:`~lightning_moe.client.moe.DecentralizedMoE` layer, with its settings (the
+    layer's constructor arguments of the same names, documented there), its DHT node and cache, and its health
+    registry. The DHT node, cache and a given registry belong to the process that made them: a pickled or copied
+    dispatcher makes its own when first used."""
+
+    def __init__(self, uid_prefix: str, grid_size: Sequence[int], *, k_best: int, k_min: int, forward_timeout: float | None,
+                 timeout_after_k_min: float | None, backward_k_min: int, backward_timeout: float | None,
+                 backward_timeout_after_k_min: float | None, dht: Any, initial_peers: Sequence[str], compression: str,
+                 cache_ttl: float, expert_info_timeout: float, secret: str | bytes | None, max_retries: int,
+                 allow_zero_outputs: bool, health: HealthRegistry | HealthConfig | Mapping[str, Any] | None, max_call_bytes: int):
+        if compression not in wire.COMPRESSIONS:
+            raise ValueError(f"compression must be one of {wire.COMPRESSIONS}, got {compression!r}")
+        if not 1 <= k_min <= k_best:
+            raise ValueError(f"need 1 <= k_min <= k_best, got k_min={k_min}, k_best={k_best}")
+        if max_call_bytes < 1:
+            raise ValueError(f"max_call_bytes must be positive, got {max_call_bytes}")
+        if isinstance(dht, Mapping):
+            dht = to_dataclass(dht, DHTConfig)
+        if dht is None:
+            if not initial_peers:
+                raise ValueError("DecentralizedMoE needs a dht or initial_peers to find experts")
+            dht = DHTConfig(initial_peers=list(initial_peers), secret=secret)
+        if isinstance(dht, DHTConfig):
+            if not dht.initial_peers:
+                raise ValueError("DecentralizedMoE needs dht.initial_peers to find experts")
+            if secret is not None and dht.secret is None:
+                dht = dataclasses.replace(dht, secret=secret)
+            self.dht_config, dht, secret = dht, None, dht.secret
+        else:
+            self.dht_config = DHTConfig(initial_peers=_peers_of(dht))
+        if isinstance(health, Mapping):
+            health = HealthConfig(**health)
+        self.uid_prefix, self.grid_size = uid_prefix, tuple(int(g) for g in grid_size)
+        self.k_best, self.k_min, self.max_retries, self.allow_zero_outputs = k_best, k_min, max_retries, allow_zero_outputs
+        self.forward_timeout, self.timeout_after_k_min = forward_timeout, timeout_after_k_min
+        self.backward_k_min, self.backward_timeout = backward_k_min, backward_timeout
+        self.backward_timeout_after_k_min = backward_timeout_after_k_min
+        self.compression, self.secret, self.max_call_bytes = compression, auth.resolve_secret(secret), int(max_call_bytes)
+        self.cache_ttl, self.expert_info_timeout = cache_ttl, expert_info_timeout
+        self.health_config = health if isinstance(health, HealthConfig) else None
+        self._health = health if isinstance(health, HealthRegistry) else None
+        self._dht, self._owns_dht_ref, self._lookup = dht, False, None
+        self._expert_info: dict | None = None  # the schemas, read once
+        self._lock = threading.Lock()
+        self.stats = CallStats()  # of the last forward, and its backward once that ran
+        self._lookups_before: dict[str, int] = {}
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.update(_dht=None, _lookup=None, _lock=None, _owns_dht_ref=False, _health=None)  # this process's
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ the swarm: DHT node, cache, health
+    @property
+    def dht(self) -> Any:
+        """The DHT node; the process's (:func:`lightning_moe.shared.process_dht`) unless one was given."""
+        with self._lock:
+            if self._dht is None or not usable(self._dht):
+                self._dht, self._owns_dht_ref, self._lookup = process_dht(self.dht_config), True, None
+            return self._dht
+
+    @property
+    def health(self) -> HealthRegistry:
+        """The registry of failing experts and hosts (the process's unless one was given)."""
+        return self._health if self._health is not None else process_health(self.health_config)
+
+    @property
+    def lookup(self) -> CachedExpertLookup:
+        """The cache of DHT answers (refreshed in the background; see :class:`CachedExpertLookup`)."""
+        dht, health = self.dht, self.health
+        if self._lookup is None or self._lookup.dht is not dht or self._lookup.health is not health:
+            if self._lookup is not None:
+                self._lookup.close()
+            self._lookup = CachedExpertLookup(dht, len(self.grid_size), health, ttl=self.cache_ttl)
+            self._log_swarm()
+        return self._lookup
+
+    def close(self) -> None:
+        """Let go of the DHT node (the process's client node shuts down when its last layer closes)."""
+        with self._lock:
+            dht, owned, lookup = self._dht, self._owns_dht_ref, self._lookup
+            self._dht, self._lookup, self._owns_dht_ref = None, None, False
+        if lookup is not None:
+            lookup.close()
+        if dht is not None and owned:
+            release_process_dht(dht)
+
+    def _log_swarm(self) -> None:
+        """Say once what this layer finds in the swarm: experts of its grid and the hosts serving them."""
+        uids = grid_uids(self.uid_prefix, self.grid_size)
+        try:
+            endpoints = self.dht.get_experts(uids, timeout=min(self.forward_timeout or 5.0, 5.0))
+        except Exception:  # noqa: BLE001 - only a log line; the forward's own lookups report failures
+            logger.debug("could not list the experts of %s", self.uid_prefix, exc_info=True)
+            return
+        found = [e for e in endpoints if e is not None]
+        logger.info("%s: found %d of %d experts on %d hosts", self.uid_prefix, len(found), len(uids), len(set(found)))
+
+    # ------------------------------------------------------------------ a forward
+    def begin(self) -> float | None:
+        """Start a forward: fresh stats; returns its deadline (``time.monotonic()``; ``forward_timeout`` bounds the DHT
+        lookups, the beam search and the calls), None without a timeout."""
+        start = time.monotonic()
+        self.stats, self._lookups_before = CallStats(), self.lookup.stats
+        return None if self.forward_timeout is None else start + self.forward_timeout
+
+    def choose(self, scores: Sequence[torch.Tensor], k: int, deadline: float | None) -> list[list[tuple[str, str]]]:
+        """The ``k`` best experts of each sample (``scores``: one ``[batch, grid_size_d]`` tensor per grid dimension)
+        that are alive and not excluded, as (uid, endpoint), best first.
+
+        Samples left with fewer than ``k_min`` get the least-bad excluded experts too: a layer never
+        has an empty candidate set while the DHT knows experts.
+        """
+        chosen = beam_search(self.lookup, self.uid_prefix, scores, k, timeout=_left(deadline), return_endpoints=True)
+        short = [i for i, row in enumerate(chosen) if len(row) < self.k_min]
+        if short:
+            fallback = beam_search(self.lookup.least_bad_view(), self.uid_prefix, [s[short] for s in scores], k,
+                                   timeout=_left(deadline), return_endpoints=True)
+            for i, row in zip(short, fallback):
+                chosen[i] = row
+        return chosen
+
+    def expert_info(self, deadline: float | None) -> dict:
+        """Input and output schemas of this layer's experts, read once from any host that serves a live one (found
+        in the DHT cache, least bad first). A host that does not answer counts against its health; the next is asked."""
+        if self._expert_info is not None:
+            return self._expert_info
+        lookup, health = self.lookup, self.health
+        found = live_experts(lookup.least_bad_view(), self.uid_prefix, len(self.grid_size), timeout=_left(deadline))
+        by_host: dict[str, str] = {}  # endpoint -> an expert of it
+        for uid, endpoint in sorted(found, key=lambda pair: health.badness(*pair)):
+            by_host.setdefault(endpoint, uid)
+        if not by_host:
+            raise NotEnoughExpertsError(f"no live experts under prefix {self.uid_prefix!r} in the DHT "
+                                        f"(peers {list(self.dht_config.initial_peers)})")
+        errors = []
+        for endpoint, uid in list(by_host.items())[:MAX_INFO_HOSTS]:
+            timeout = self.expert_info_timeout if deadline is None else min(self.expert_info_timeout, _left(deadline))
+            try:
+                self._expert_info = RemoteExpert(uid, endpoint, secret=self.secret).info(timeout=max(timeout, 1e-3))
+                return self._expert_info
+            except RemoteExpertError as e:
+                errors.append(str(e))
+                record_outcome(health, uid, endpoint, e)
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+        raise NotEnoughExpertsError("could not read expert schemas from any host:\n" + "\n".join(errors))
+
+    def host_inputs(self, x: torch.Tensor, deadline: float | None) -> torch.Tensor:
+        """``x`` as the experts take it: on the CPU, in the dtype of their input schema."""
+        return x.detach().to(device="cpu", dtype=wire.parse_dtype(self.expert_info(deadline)["args_schema"][0]["dtype"]))
+
+    def forward(self, x: torch.Tensor, chosen: list[list[tuple[str, str]]], scores: Sequence[torch.Tensor],
+                deadline: float | None, keep: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[ExpertCall]]:
+        """Call every sample's ``chosen`` experts with its row of ``x`` (see :meth:`host_inputs`); re-route samples left
+        short of ``k_min`` to the next-best experts not tried yet, up to ``max_retries`` times. With ``keep`` the
+        hosts keep the forwards for the backward.
+
+        Returns the outputs ``[batch, k_best, *out]``, which slots hold an answer ``[batch, k_best]``, each slot's grid
+        cell ``[batch, k_best, dims]``, and the calls that answered. Raises NotEnoughExpertsError if a sample got fewer
+        than ``k_min`` answers, unless ``allow_zero_outputs``.
+        """
+        schema = self.expert_info(deadline)["outputs_schema"][0]
+        batch = len(x)
+        outputs = torch.zeros(batch, self.k_best, *schema["shape"], dtype=wire.parse_dtype(schema["dtype"]))
+        mask = torch.zeros(batch, self.k_best, dtype=torch.bool)
+        coords = torch.zeros(batch, self.k_best, len(self.grid_size), dtype=torch.long)
+        tried: list[tuple[ExpertCall, BaseException | None]] = []
+        asked: dict[int, set[tuple[str, str]]] = {}  # sample -> (uid, endpoint) asked for it
+        candidates = dict(enumerate(chosen))
+        for attempt in range(self.max_retries + 1):
+            calls = plan_calls(candidates, mask, coords, asked)
+            if not calls:
+                break
+            tried += self._call_forward(calls, x, outputs, mask, deadline, keep)
+            short = (mask.sum(1) < self.k_min).nonzero().flatten().tolist()
+            if not short or attempt == self.max_retries or (deadline is not None and time.monotonic() >= deadline):
+                break
+            logger.info("%s: %d samples short of k_min=%d after failures at %s; asking the next-best experts", self.uid_prefix,
+                        len(short), self.k_min, sorted(self.stats.failed_endpoints))
+            wanted = self.k_best + max(len(asked.get(sample, ())) for sample in short)  # more than were tried
+            candidates = dict(zip(short, self.choose([s[short] for s in scores], wanted, deadline)))
+        after = self.lookup.stats
+        self.stats.lookups = {k: v - self._lookups_before.get(k, 0) for k, v in after.items() if k != "in_flight"}
+        if not self.allow_zero_outputs:
+            self._check_k_min(mask, tried)
+        return outputs, mask, coords, [call for call, error in tried if error is None]
+
+    def _call_forward(self, calls: list[ExpertCall], x: torch.Tensor, outputs: torch.Tensor, mask: torch.Tensor,
+                      deadline: float | None, keep: bool) -> list[tuple[ExpertCall, BaseException | None]]:
+        """Send every call at once (split to at most ``max_call_bytes`` each) and write the answers into their rows'
+        slots of ``outputs`` and ``mask``. Returns each call sent with its error (None: it answered)."""
+        calls = split_calls(calls, max(self.max_call_bytes // max(x[0].numel() * x.element_size(), 1), 1))
+        for call in calls:
+            call.keep = new_keep_id() if keep else None
+        begin = time.monotonic()
+        results = parallel_call.call_in_parallel(calls, "forward", [[x[call.rows]] for call in calls], self.forward_timeout,
+                                                 self.timeout_after_k_min, self.compression, self.secret, deadline)
+        stats, health, out_shape = self.stats, self.health, tuple(outputs.shape[2:])
+        stats.latency += time.monotonic() - begin
+        tried: list[tuple[ExpertCall, BaseException | None]] = []
+        for call, result in zip(calls, results):
+            stats.asked += 1
+            if not isinstance(result, BaseException):
+                output = result[0] if len(result) == 1 else None
+                if output is None or tuple(output.shape) != (len(call.rows), *out_shape):
+                    shape = None if output is None else tuple(output.shape)
+                    result = RemoteExpertError(call.uid, call.endpoint, f"forward: answered shape {shape}, expected "
+                                                                        f"{(len(call.rows), *out_shape)}", status=200)
+            record_outcome(health, call.uid, call.endpoint, result)
+            if isinstance(result, BaseException):
+                stats.timed_out += isinstance(result, TimeoutError)
+                stats.failed += not isinstance(result, TimeoutError)
+                stats.errors.append(str(result))
+                stats.failed_endpoints.add(call.endpoint)
+                tried.append((call, result))
+                continue
+            stats.answered += 1
+            outputs[call.rows, call.slots] = output.to(outputs.dtype)
+            mask[call.rows, call.slots] = True
+            tried.append((call, None))
+        return tried
+
+    def _check_k_min(self, mask: torch.Tensor, tried: list[tuple[ExpertCall, BaseException | None]]) -> None:
+        """Raise NotEnoughExpertsError if a sample has fewer than ``k_min`` answers, naming what was tried
+        for it and why each failed, or, if nothing was tried, what is excluded and why."""
+        short = (mask.sum(1) < self.k_min).nonzero().flatten().tolist()
+        if not short:
+            return
+        sample = short[0]
+        lines = [f"  {call.uid} at {call.endpoint}: {error or 'answered'}" for call, error in tried
+                 if bool((call.rows == sample).any())]
+        if not lines:
+            reasons = self.lookup.excluded_experts(self.uid_prefix)
+            lines = (["  none tried: every expert found in the DHT is excluded after errors:"] + [f"    {r}" for r in reasons[:8]]
+                     if reasons else ["  (none found alive in the DHT)"])
+        raise NotEnoughExpertsError(
+            f"{len(short)} of {mask.shape[0]} samples got fewer than k_min={self.k_min} expert answers; "
+            f"sample {sample} got {int(mask[sample].sum())}, experts tried for it:\n" + "\n".join(lines)
+        )
+
+    # ------------------------------------------------------------------ its backward
+    def backward(self, calls: list[ExpertCall], stats: CallStats, x: torch.Tensor, grad_outputs: torch.Tensor) -> torch.Tensor:
+        """The gradient of ``x`` (host inputs) from the experts that answered a forward (``calls``), given the gradient
+        of its outputs. An expert whose backward fails drops its contribution, counted in ``stats`` (the forward's)."""
+        payloads = [([x[call.rows]], [grad_outputs[call.rows, call.slots]]) for call in calls]
+        results = parallel_call.call_in_parallel(calls, "backward", payloads, self.backward_timeout,
+                                                 self.backward_timeout_after_k_min, self.compression, self.secret)
+        health = self.health
+        grad_x = torch.zeros_like(x)
+        answers = torch.zeros(x.shape[0], dtype=torch.long)
+        for call, result in zip(calls, results):
+            stats.backward_asked += 1
+            record_outcome(health, call.uid, call.endpoint, result)
+            if isinstance(result, BaseException) or len(result) != 1 or result[0].shape != x[call.rows].shape:
+                stats.backward_failed += 1
+                stats.errors.append(f"backward: {result}" if isinstance(result, BaseException)
+                                    else f"backward: expert {call.uid!r} answered a wrong shape")
+                continue
+            stats.backward_answered += 1
+            grad_x.index_add_(0, call.rows, result[0].to(x.dtype))
+            answers[call.rows] += 1
+        short = int((answers < self.backward_k_min).sum())
+        if short:
+            logger.warning("backward: %d samples got fewer than backward_k_min=%d expert gradients; %d of %d calls failed",
+                           short, self.backward_k_min, stats.backward_failed, len(calls))
+        return grad_x
+
+
+class RemoteMixtureCall(torch.autograd.Function):
+    """The chosen experts' outputs for each sample's ``k_best`` slots, computed remotely by a :class:`Dispatcher`.
+
+    Forward calls the experts (:meth:`Dispatcher.forward`) and returns ``(outputs, mask, coords)``; only ``outputs``
+    has a gradient. Backward sends each expert that answered its rows' output gradients (the host kept the forward's
+    graph; one that no longer keeps it gets the inputs again) and adds up the input gradients.
+
+    ``anchor`` is an empty tensor that requires grad exactly when grad is enabled: then backward reaches the
+    hosts (whose experts learn) even when ``x`` itself needs no gradient, e.g. when the layer sees the data directly.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        dispatcher: Dispatcher,
+        chosen: list[list[tuple[str, str]]],
+        scores: Sequence[torch.Tensor],
+        deadline: float | None,
+        anchor: torch.Tensor,
+        x: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x_host = dispatcher.host_inputs(x, deadline)
+        backward_comes = ctx.needs_input_grad[4]  # anchor requires grad: grad was enabled at the call
+        outputs, mask, coords, ctx.calls = dispatcher.forward(x_host, chosen, scores, deadline, keep=backward_comes)
+        ctx.dispatcher, ctx.stats, ctx.out_dtype, ctx.x_like = dispatcher, dispatcher.stats, outputs.dtype, (x.device, x.dtype)
+        ctx.save_for_backward(x_host)
+        ctx.mark_non_differentiable(mask, coords)
+        return outputs, mask, coords
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_outputs: torch.Tensor, _mask: Any, _coords: Any) -> tuple[torch.Tensor | None, ...]:
+        (x_host,) = ctx.saved_tensors
+        grad_x = ctx.dispatcher.backward(ctx.calls, ctx.stats, x_host, grad_outputs.to(ctx.out_dtype))
+        device, dtype = ctx.x_like
+        return None, None, None, None, None, grad_x.to(device=device, dtype=dtype) if ctx.needs_input_grad[5] else None
+
+
+def _left(deadline: float | None) -> float | None:
+    """Seconds until ``deadline`` (never negative); None without one."""
+    return None if deadline is None else max(deadline - time.monotonic(), 0.0)
+
+
+def _peers_of(dht: Any) -> list[str]:
+    """Initial peers for a layer given a DHT node: the node itself, or a client-mode node's own peers
+    (a client answers nobody, so its address is useless to a copy of the layer in another process)."""
+    if getattr(dht, "client_mode", False):
+        return [f"{host}:{port}" for host, port in dht.initial_peers]
+    return [dht.address]
