@@ -21,7 +21,7 @@ _users: dict[int, int] = {}  # id of a node -> layers using it
 def usable(dht: Any) -> bool:
     """True if ``dht`` runs and belongs to this process (a node cannot cross a fork)."""
     alive = getattr(dht, "is_alive", True)
-    return getattr(dht, "_pid", os.getpid()) == os.getpid() and bool(alive() if callable(alive) else alive)
+    return getattr(dht, "owner_pid", os.getpid()) == os.getpid() and bool(alive() if callable(alive) else alive)
 
 
 def process_dht(config: DHTConfig) -> Any:
@@ -59,7 +59,7 @@ def release_process_dht(dht: Any) -> None:
 def register_process_dht(dht: Any) -> None:
     """Make ``dht`` (a volunteer's full node) the one the layers of this process use."""
     with _lock:
-        _nodes[dht._secret if hasattr(dht, "_secret") else None] = dht
+        _nodes[getattr(dht, "secret", None)] = dht
 
 
 def unregister_process_dht(dht: Any) -> None:

@@ -33,7 +33,7 @@ from lightning_moe.client.remote_expert import auth_headers, get_session
 from lightning_moe.dht.records import is_valid_endpoint
 from lightning_moe.net.signing import MAX_CLOCK_SKEW
 
-from . import state
+import lightning_moe.averaging.state as state
 from .server import AveragingServer, Unavailable, response_signature
 from .state import RefusedState
 

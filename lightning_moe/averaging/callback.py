@@ -16,7 +16,7 @@ from lightning_moe.lightning.step_metrics import log_step_metrics, logs_step_met
 from lightning_moe.net import resolve_binding
 from lightning_moe.net.addresses import ALL_INTERFACES
 
-from . import state
+import lightning_moe.averaging.state as state
 from .averager import Averager
 
 logger = logging.getLogger(__name__)

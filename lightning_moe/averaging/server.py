@@ -75,7 +75,7 @@ class AveragingServer:
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()
-        return site._server.sockets[0].getsockname()[1]
+        return self._runner.addresses[0][1]
 
     async def _answer(self, request: web.Request, work: Callable[[], bytes], body: bytes) -> web.Response:
         try:

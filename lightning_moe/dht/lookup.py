@@ -17,19 +17,34 @@ import asyncio
 import heapq
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Optional
+from collections import Counter
+from typing import Any, Optional, Protocol
 
 from kademlia.node import Node
 
 from .protocol import nearest_nodes, unpack_nodes
 
-if TYPE_CHECKING:
-    from .server import DHTServer
-
 logger = logging.getLogger(__name__)
 
 
-def patience(server: "DHTServer", max_rtt: float) -> float:
+class LookupServer(Protocol):
+    """What a lookup needs of its node (``server.DHTServer``; declared here so the two modules do not import each other)."""
+
+    node: Node
+    router: Any
+    alpha: int
+    ksize: int
+    rpc_timeout: float
+    min_patience: float
+    srtt: Optional[float]
+    stats: Counter
+
+    def is_failed(self, node: Node) -> bool: ...
+
+    def request_lookup(self, node: Node, key: bytes, want_value: bool, value: Optional[bytes]) -> asyncio.Future: ...
+
+
+def patience(server: LookupServer, max_rtt: float) -> float:
     """How long a request may take before it is treated as a straggler: 4x the slowest reply of
     this lookup (or the node's smoothed round-trip time before the first one)."""
     reference = max_rtt if max_rtt > 0 else server.srtt
@@ -38,7 +53,7 @@ def patience(server: "DHTServer", max_rtt: float) -> float:
     return min(server.rpc_timeout, max(server.min_patience, 4 * reference))
 
 
-async def iterative_lookup(server: "DHTServer", dkey: bytes, mode: str, deadline: float, size: int,
+async def iterative_lookup(server: LookupServer, dkey: bytes, mode: str, deadline: float, size: int,
                            value: Optional[bytes]) -> tuple[list[Node], list[Any]]:
     """Search for the ``size`` nodes nearest to ``dkey``; ``mode`` is ``"node"``, ``"value"``
     (results: the records returned) or ``"store"`` (stores ``value``; results: the nodes that

@@ -16,7 +16,7 @@ from typing import Any, Coroutine, Iterable, Optional, Sequence
 from .. import auth
 from ..config import ConfigError, DHTConfig
 from ..net import resolve_binding
-from ..net.addresses import ALL_INTERFACES
+from ..net.addresses import ALL_INTERFACES, is_ipv4
 from ..net.reachability import PROBES
 from .reachability import observe_address, request_dialbacks
 from .records import (
@@ -32,7 +32,7 @@ from .records import (
     prefix_key,
     strip_tags,
 )
-from .server import DHTServer, _is_ipv4
+from .server import DHTServer
 
 logger = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ class DHT:
         loop = asyncio.get_running_loop()
         peers = []
         for peer_host, peer_port in self.initial_peers:
-            if _is_ipv4(peer_host):
+            if is_ipv4(peer_host):
                 peers.append((peer_host, peer_port))
                 continue
             try:
@@ -220,6 +220,11 @@ class DHT:
             except (RuntimeError, TimeoutError):
                 pass
         return Counter(self._stats)
+
+    @property
+    def owner_pid(self) -> int:
+        """The process that created this node (a node cannot cross a fork)."""
+        return self._pid
 
     @property
     def is_alive(self) -> bool:

@@ -354,11 +354,3 @@ class DHTServer:
         if not self.client_mode:
             records.append(self.storage.get_record(dkey, now))
         return merge_records(records, now)
-
-
-def _is_ipv4(value: str) -> bool:
-    try:
-        socket.inet_aton(value)
-    except OSError:
-        return False
-    return value.count(".") == 3

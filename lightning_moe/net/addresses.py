@@ -32,6 +32,14 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def is_ipv4(host: str) -> bool:
+    """True for a dotted-quad IPv4 address."""
+    try:
+        return ipaddress.ip_address(host).version == 4
+    except ValueError:
+        return False
+
+
 def _split(peer: str) -> tuple[str, int]:
     host, _, port = str(peer).rpartition(":")
     return host.strip("[]"), int(port) if port.isdigit() else 0

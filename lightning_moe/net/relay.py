@@ -36,13 +36,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from lightning_moe import auth
+from lightning_moe.net.signing import MAX_CLOCK_SKEW
 
 logger = logging.getLogger(__name__)
 
 MAX_LINE = 4096
 PING_PERIOD = 10.0
 CHUNK = 64 * 1024
-MAX_CLOCK_SKEW = 300.0
 
 
 @dataclass

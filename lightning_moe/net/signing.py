@@ -27,10 +27,11 @@ class RequestVerifier:
 
     :param host_id: this server instance's id (new at every start): requests must name it
         (``X-Host-Id``), so a request signed for another instance is refused. Empty: not checked.
+    :param who: what the server is, in refusals ("host", "peer").
     """
 
-    def __init__(self, secret: bytes | None, host_id: str = ""):
-        self.secret, self.host_id = secret, host_id
+    def __init__(self, secret: bytes | None, host_id: str = "", who: str = "peer"):
+        self.secret, self.host_id, self.who = secret, host_id, who
         self.replays = auth.ReplayGuard(MAX_CLOCK_SKEW)
 
     def check_headers(self, headers: Mapping[str, str], post: bool = True) -> None:
@@ -39,7 +40,7 @@ class RequestVerifier:
             return
         timestamp, signature = headers.get("X-Timestamp", "").strip(), headers.get("X-Signature", "").strip()
         if not timestamp or not signature:
-            raise SignatureError("this peer serves a private swarm: sign requests with the swarm's secret "
+            raise SignatureError(f"this {self.who} serves a private swarm: sign requests with the swarm's secret "
                                  "(X-Timestamp and X-Signature headers)")
         if not auth.SIGNATURE_RE.fullmatch(signature):
             raise SignatureError("malformed X-Signature: expected 64 hex digits")
@@ -48,7 +49,8 @@ class RequestVerifier:
         except ValueError:
             raise SignatureError(f"invalid X-Timestamp {timestamp[:40]!r}") from None
         if not skew <= MAX_CLOCK_SKEW:  # also refuses nan
-            raise SignatureError(f"X-Timestamp is {skew:.0f} s away from this peer's clock (limit {MAX_CLOCK_SKEW:.0f} s)")
+            raise SignatureError(f"X-Timestamp is {skew:.0f} s away from the {self.who}'s clock "
+                                 f"(limit {MAX_CLOCK_SKEW:.0f} s)")
         host_id = headers.get("X-Host-Id", "").strip()
         if self.host_id and host_id != self.host_id and (post or host_id):
             raise SignatureError("request signed for another host instance (X-Host-Id differs): "

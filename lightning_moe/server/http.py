@@ -17,23 +17,22 @@ from __future__ import annotations
 import asyncio
 import collections
 import gc
-import hmac
 import json
 import logging
 import re
 import secrets
 import socket
 import threading
-import time
 from typing import Any, Callable, Mapping
 from urllib.parse import unquote
 
 from aiohttp import web
 
 import lightning_moe
-from lightning_moe import auth, wire
+from lightning_moe import wire
 from lightning_moe.config import HostLimits
 from lightning_moe.net.reachability import NONCE_BYTES, PROBES
+from lightning_moe.net.signing import RequestVerifier, SignatureError
 from lightning_moe.server.backend import ExpertBackend
 from lightning_moe.server.http_protocol import (
     ConnectionSlots, FrozenHeap, InflightBudget, LimitedServer, json_error_body, malloc_trim,
@@ -46,7 +45,6 @@ DIRECTIONS = ("forward", "backward")
 KEEP_ID = re.compile(r"[0-9a-f]{16,64}")  # a request id whose forward the trainer asks the host to keep
 KEEP_MISSED = "backward: this host does not keep the forward of this request (evicted, expired or never kept); send the inputs"
 DRAIN_LIMIT = 1 << 20  # an unwanted body up to this size is read and dropped to keep the connection; larger: close
-MAX_CLOCK_SKEW = 300.0  # seconds a signed request's X-Timestamp may differ from the host's clock
 RETRY_AFTER = "1"
 ACCEPTS_PER_TICK = 16
 LISTEN_BACKLOG = 4096
@@ -95,7 +93,7 @@ class ExpertHTTPServer:
         self.slots = ConnectionSlots(limits.max_connections, limits.max_connections_per_address)
         self.stats_fn = stats_fn
         self.host_id = secrets.token_hex(16)  # new at every start: signatures for another instance do not verify here
-        self.replays = auth.ReplayGuard(MAX_CLOCK_SKEW)
+        self.verifier = RequestVerifier(secret, self.host_id, who="host")
         self.info_bytes = json.dumps(
             {
                 "version": lightning_moe.__version__,
@@ -319,41 +317,16 @@ class ExpertHTTPServer:
 
     def _check_headers(self, request: web.BaseRequest, post: bool, uid: str | None = None) -> None:
         """Private swarm: refuse from the headers alone what cannot verify (before any body is read)."""
-        if self.secret is None:
-            return
-        headers = request.headers
-        timestamp, signature = headers.get("X-Timestamp", "").strip(), headers.get("X-Signature", "").strip()
-        if not timestamp or not signature:
-            raise _RequestError(401, "this host serves a private swarm: sign requests with the swarm's secret "
-                                     "(X-Timestamp and X-Signature headers)", uid)
-        if not auth.SIGNATURE_RE.fullmatch(signature):
-            raise _RequestError(401, "malformed X-Signature: expected 64 hex digits", uid)
         try:
-            skew = abs(time.time() - float(timestamp))
-        except ValueError:
-            raise _RequestError(401, f"invalid X-Timestamp {timestamp[:40]!r}", uid) from None
-        if not skew <= MAX_CLOCK_SKEW:  # also refuses nan
-            raise _RequestError(401, f"X-Timestamp is {skew:.0f} s away from the host's clock (limit {MAX_CLOCK_SKEW:.0f} s)", uid)
-        host_id = headers.get("X-Host-Id", "").strip()
-        if host_id != self.host_id and (post or host_id):
-            raise _RequestError(401, "request signed for another host instance (X-Host-Id differs): "
-                                     "get this host's host_id from /info and sign again", uid)
-        if self.replays.seen(signature):
-            raise _RequestError(401, "replayed request: this signature was already used", uid)
+            self.verifier.check_headers(request.headers, post)
+        except SignatureError as e:
+            raise _RequestError(401, str(e), uid) from None
 
     def _verify(self, request: web.BaseRequest, body: bytes | bytearray, uid: str | None = None) -> None:
-        if self.secret is None:
-            return
-        headers = request.headers
-        timestamp, signature = headers["X-Timestamp"].strip(), headers["X-Signature"].strip()
-        expected = auth.request_signature(
-            self.secret, request.method, request.raw_path, timestamp, headers.get("X-Nonce", "").strip(),
-            headers.get("X-Compression", "none").strip(), headers.get("X-Host-Id", "").strip(), body,
-        )
-        if not hmac.compare_digest(signature, expected):
-            raise _RequestError(401, "bad X-Signature: the request was not signed with this swarm's secret", uid)
-        if not self.replays.first_use(signature, float(timestamp)):
-            raise _RequestError(401, "replayed request: this signature was already used", uid)
+        try:
+            self.verifier.verify(request.method, request.raw_path, request.headers, body, post=request.method == "POST")
+        except SignatureError as e:
+            raise _RequestError(401, str(e), uid) from None
 
     async def _serve(self, request: web.BaseRequest, direction: str, uid: str, backend: ExpertBackend) -> list:
         """Check, read, verify, decode, queue, await; returns the answer's wire parts or raises _RequestError.
