@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -9,6 +10,9 @@ from typing import Any
 
 from lightning_moe.config import grid_uids
 from lightning_moe.dht import is_valid_endpoint, prefix_key
+from lightning_moe.net import http_client
+
+MAX_STATS_BYTES = 1 << 20
 
 
 @dataclass
@@ -66,14 +70,12 @@ def survey(dht: Any, layers: Sequence[tuple[str, Sequence[int]]], secret: bytes 
 
 def fetch_stats(endpoint: str, secret: bytes | None, timeout: float) -> tuple[dict | None, str | None]:
     """A host's ``GET /stats`` as JSON, or None and why not."""
-    from lightning_moe.client.remote_expert import auth_headers, get_session
-
     try:
-        response = get_session().get(f"http://{endpoint}/stats", timeout=timeout,
-                                     headers=auth_headers(secret, "GET", "/stats", b""))
-        if response.status_code != 200:
-            return None, f"HTTP {response.status_code}: {response.text[:100]}"
-        return response.json(), None
+        response = http_client.request(endpoint, "GET", "/stats", headers=http_client.signed(secret, "GET", "/stats"),
+                                       timeout=timeout, max_answer_bytes=MAX_STATS_BYTES)
+        if response.status != 200:
+            return None, f"HTTP {response.status}: {bytes(response.body[:100]).decode(errors='replace')}"
+        return json.loads(response.body), None
     except Exception as e:  # noqa: BLE001 - shown in the table: a host that does not answer is news
         return None, f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
 

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_moe.averaging import Averager, Layout
 from lightning_moe.averaging import state
-from lightning_moe.client.remote_expert import auth_headers
+from lightning_moe.net.http_client import signed
 from lightning_moe.dht import DHT
 
 FAST_DHT = {"rpc_timeout": 0.5, "wait_timeout": 3.0}
@@ -292,7 +292,7 @@ def test_ddp_ranks_average_as_one_trainer(tmp_path):
 
 # ---- hostile peers, against a real averaging server -------------------------------------------------
 def _post(endpoint: str, body: bytes, secret: bytes | None = None, path: str = "/average") -> requests.Response:
-    headers = auth_headers(secret, "POST", path, body)
+    headers = signed(secret, "POST", path, body)
     return requests.post(f"http://{endpoint}{path}", data=body, headers=headers, timeout=10)
 
 
@@ -397,7 +397,7 @@ def test_private_swarm_refuses_unsigned_wrong_and_replayed_requests_and_unsigned
         body = _message(tiny_module(0), lambda t: t + 0.001)
         assert _post(private.endpoint, body).status_code == 401
         assert _post(private.endpoint, body, secret=b"another secret").status_code == 401
-        headers = auth_headers(secret, "POST", "/average", body)
+        headers = signed(secret, "POST", "/average", body)
         first = requests.post(f"http://{private.endpoint}/average", data=body, headers=headers, timeout=10)
         assert first.status_code == 200
         private.step_boundary(1)

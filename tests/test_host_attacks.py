@@ -309,9 +309,9 @@ def test_stats_endpoint_reports_the_hosts_load():
 def test_expect_100_continue_is_answered_only_when_the_headers_pass():
     body = wire.serialize([torch.randn(4, HID)])
     with in_process_host(secret=SECRET) as host:
-        from lightning_moe.client.remote_expert import auth_headers
+        from lightning_moe.net.http_client import signed
 
-        signed = auth_headers(SECRET.encode(), "POST", "/forward/ffn.0", body, host_id=host.host_id)
+        signed = signed(SECRET.encode(), "POST", "/forward/ffn.0", body, host_id=host.host_id)
         head = f"POST /forward/ffn.0 HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\nExpect: 100-continue\r\n"
         with socket.create_connection(("127.0.0.1", host.port), timeout=10) as sock:
             sock.sendall((head + "".join(f"{k}: {v}\r\n" for k, v in signed.items()) + "\r\n").encode())
@@ -325,7 +325,7 @@ def test_expect_100_continue_is_answered_only_when_the_headers_pass():
 
 
 def test_many_requests_with_bodies_on_one_kept_alive_connection_are_all_served():
-    from lightning_moe.client import transport
+    from lightning_moe.net import http_client as transport
 
     with in_process_host(max_batch_size=64) as host:
         body = wire.serialize([torch.randn(64, HID)])

@@ -12,7 +12,8 @@ import torch
 from lightning_moe import auth, wire
 from lightning_moe.client.moe import DecentralizedMoE
 from lightning_moe.client.parallel_call import NotEnoughExpertsError
-from lightning_moe.client.remote_expert import RemoteExpert, RemoteExpertError, auth_headers
+from lightning_moe.client.remote_expert import RemoteExpert, RemoteExpertError
+from lightning_moe.net.http_client import signed
 from lightning_moe.server import ExpertBackend, ExpertHost, make_expert
 from lightning_moe.config import DHTConfig, HostConfig
 from lightning_moe.swarm import LocalSwarm
@@ -50,16 +51,16 @@ def test_private_host_refuses_every_request_not_signed_with_its_secret():
         assert_refused(signed_post(session, host, body, {}), "private swarm")
         assert_refused(session.get(f"http://{host.endpoint}/info", timeout=WAIT), "private swarm")
         hid = host.host_id
-        assert_refused(signed_post(session, host, body, auth_headers(b"another secret", "POST", "/forward/ffn.0", body, host_id=hid)),
+        assert_refused(signed_post(session, host, body, signed(b"another secret", "POST", "/forward/ffn.0", body, host_id=hid)),
                        "bad X-Signature")
         # the signature covers the body, the path and the compression: changing any of them breaks it
-        good = auth_headers(SECRET, "POST", "/forward/ffn.0", body, host_id=hid)
+        good = signed(SECRET, "POST", "/forward/ffn.0", body, host_id=hid)
         other_body = wire.serialize([torch.randn(4, HID)])
         assert_refused(signed_post(session, host, other_body, good), "bad X-Signature")
-        assert_refused(signed_post(session, host, body, {**auth_headers(SECRET, "POST", "/forward/ffn.1", body, host_id=hid)}),
+        assert_refused(signed_post(session, host, body, {**signed(SECRET, "POST", "/forward/ffn.1", body, host_id=hid)}),
                        "bad X-Signature")
         assert_refused(signed_post(session, host, body, {**good, "X-Compression": "float16"}), "bad X-Signature")
-        stale = auth_headers(SECRET, "POST", "/forward/ffn.0", body, host_id=hid)
+        stale = signed(SECRET, "POST", "/forward/ffn.0", body, host_id=hid)
         stale["X-Timestamp"] = f"{time.time() - 3600:.3f}"
         assert_refused(signed_post(session, host, body, stale), "away from the host's clock")
         assert_refused(signed_post(session, host, body, {**good, "X-Timestamp": "nan"}), "away from the host's clock")
@@ -81,22 +82,22 @@ def test_signature_binds_the_host_instance_and_restarts_invalidate_it():
     body = wire.serialize([torch.randn(4, HID)])
     with make_host(secret=SECRET) as a, make_host(secret=SECRET) as b, requests.Session() as session:
         assert a.host_id != b.host_id
-        info = session.get(f"http://{a.endpoint}/info", headers=auth_headers(SECRET, "GET", "/info", b""), timeout=WAIT).json()
+        info = session.get(f"http://{a.endpoint}/info", headers=signed(SECRET, "GET", "/info", b""), timeout=WAIT).json()
         assert info["host_id"] == a.host_id and info["private"]
-        for_a = auth_headers(SECRET, "POST", "/forward/ffn.0", body, host_id=a.host_id)
+        for_a = signed(SECRET, "POST", "/forward/ffn.0", body, host_id=a.host_id)
         assert_refused(signed_post(session, b, body, for_a), "another host")  # captured for a, replayed to b
-        unbound = auth_headers(SECRET, "POST", "/forward/ffn.0", body)  # no host id at all
+        unbound = signed(SECRET, "POST", "/forward/ffn.0", body)  # no host id at all
         assert_refused(signed_post(session, a, body, unbound), "another host")
         forged = {**for_a, "X-Host-Id": b.host_id}  # claims b's id, but the HMAC covers the id
         assert_refused(signed_post(session, b, body, forged), "bad X-Signature")
         assert signed_post(session, a, body, for_a).status_code == 200
         # /stats is signed like /info
         assert session.get(f"http://{b.endpoint}/stats", timeout=WAIT).status_code == 401
-        stats = session.get(f"http://{b.endpoint}/stats", headers=auth_headers(SECRET, "GET", "/stats", b""), timeout=WAIT)
+        stats = session.get(f"http://{b.endpoint}/stats", headers=signed(SECRET, "GET", "/stats", b""), timeout=WAIT)
         assert stats.status_code == 200 and stats.json()["host_id"] == b.host_id
     port = a.port
     with make_host(secret=SECRET, port=port) as again, requests.Session() as session:
-        fresh = auth_headers(SECRET, "POST", "/forward/ffn.0", body, host_id=a.host_id)  # signed for the old instance
+        fresh = signed(SECRET, "POST", "/forward/ffn.0", body, host_id=a.host_id)  # signed for the old instance
         assert_refused(signed_post(session, again, body, fresh), "another host")
         # RemoteExpert learnt the old host id: it refetches /info once and succeeds
         expert = RemoteExpert("ffn.0", again.endpoint, secret=SECRET)

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from lightning_moe.client import transport
+from lightning_moe.net import http_client as transport
 from lightning_moe.client.parallel_call import ExpertCall, call_in_parallel
 from lightning_moe.config import HostConfig, HostLimits
 from lightning_moe.server import ExpertBackend, ExpertHost, make_expert

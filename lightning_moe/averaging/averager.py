@@ -25,11 +25,10 @@ import time
 from collections import Counter
 from typing import Any
 
-import requests
 import torch
 from torch import nn
 
-from lightning_moe.client.remote_expert import auth_headers, get_session
+from lightning_moe.net import http_client
 from lightning_moe.dht.records import is_valid_endpoint
 from lightning_moe.net.signing import MAX_CLOCK_SKEW
 
@@ -285,33 +284,24 @@ class Averager:
 
     def _request(self, endpoint: str, method: str, path: str, body: bytes,
                  reference: list[torch.Tensor] | None = None) -> tuple[list[torch.Tensor], int, int]:
-        headers = {"Content-Type": "application/octet-stream"}
-        headers.update(auth_headers(self.secret, method, path, body))
+        headers = {"Content-Type": "application/octet-stream", **http_client.signed(self.secret, method, path, body)}
         try:
-            response = get_session().request(method, f"http://{endpoint}{path}", data=body or None, headers=headers,
-                                              timeout=self.timeout, stream=True)
-            try:
-                length = int(response.headers.get("Content-Length", "0") or 0)
-                if length > self.max_body:
-                    raise RefusedState(f"answer of {length} bytes exceeds the limit of {self.max_body}")
-                content = response.raw.read(self.max_body + 1, decode_content=True)
-            finally:
-                response.close()
-        except requests.RequestException as e:
-            raise PeerError(f"{type(e).__name__}: {e}") from e
-        except OSError as e:
-            raise PeerError(f"{type(e).__name__}: {e}") from e
-        if response.status_code != 200:
-            raise PeerError(f"HTTP {response.status_code}: {content[:300]!r}", response.status_code)
+            response = http_client.request(endpoint, method, path, body or None, headers, self.timeout,
+                                           max_answer_bytes=self.max_body)
+        except http_client.TransportError as e:
+            raise PeerError(str(e)) from e
+        content = bytes(response.body)
+        if response.status != 200:
+            raise PeerError(f"HTTP {response.status}: {content[:300]!r}", response.status)
         if self.secret is not None:
-            timestamp = response.headers.get("X-Timestamp", "")
+            timestamp = response.headers.get("x-timestamp", "")
             nonce = headers.get("X-Nonce", "")
             expected = response_signature(self.secret, path, nonce, timestamp, content)
             try:
                 fresh = abs(float(timestamp) - time.time()) <= MAX_CLOCK_SKEW
             except ValueError:
                 fresh = False
-            if not fresh or response.headers.get("X-Signature", "") != expected:
+            if not fresh or response.headers.get("x-signature", "") != expected:
                 raise RefusedState("the answer is not signed with this swarm's secret")
         flats, step = state.decode(content, self.layout, self.max_body)
         if reference is not None:

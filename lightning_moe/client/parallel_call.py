@@ -14,7 +14,7 @@ import torch
 
 from lightning_moe.client.health import HealthRegistry
 from lightning_moe.client.remote_expert import RemoteExpertError, call_backward, call_expert
-from lightning_moe.client.transport import CallHandle, TransportError
+from lightning_moe.net.http_client import CallHandle, TransportError
 
 # Calls of one forward go out at once; a large grid may ask hundreds of experts, and at 200 ms a call holds its
 # worker for the whole round trip. Given-up calls free their workers at once (see call_in_parallel).

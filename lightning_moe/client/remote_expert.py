@@ -3,22 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
 import secrets
-import threading
 from typing import Any, Sequence
 
-import requests
 import torch
 from torch import nn
 
 from lightning_moe import auth, wire
-from lightning_moe.client import transport
+from lightning_moe.net import http_client
 
 DEFAULT_TIMEOUT = 30.0
 WARM_CONNECTIONS = 4  # connections opened to a host after its /info, ahead of the calls
-_sessions: dict[tuple[int, int], requests.Session] = {}
-_sessions_lock = threading.Lock()
 _host_ids: dict[str, str] = {}  # endpoint -> the host_id its /info gave (private swarms sign requests for it)
 
 
@@ -31,38 +26,14 @@ class RemoteExpertError(RuntimeError):
         super().__init__(f"expert {uid!r} at {endpoint} failed ({where}): {message}")
 
 
-def get_session() -> requests.Session:
-    """The HTTP session of this process and thread: keep-alive connections, reused across calls.
-
-    Keyed by pid so that a forked child never shares its parent's sockets.
-    """
-    key = (os.getpid(), threading.get_ident())
-    session = _sessions.get(key)
-    if session is None:
-        session = requests.Session()
-        adapter = requests.adapters.HTTPAdapter(pool_connections=32, pool_maxsize=32, max_retries=0)
-        session.mount("http://", adapter)
-        with _sessions_lock:
-            _sessions[key] = session
-    return session
-
-
-def auth_headers(
-    secret: bytes | None, method: str, path: str, body: bytes, compression: str = "none", host_id: str = ""
-) -> dict[str, str]:
-    """Headers that authenticate a request to the host instance ``host_id`` of a private swarm (none without a
-    secret). ``host_id`` comes from the host's ``/info``; ``GET /info`` itself may be signed with an empty one."""
-    return auth.request_headers(secret, method, path, body, compression, host_id)
-
-
 def fetch_info(endpoint: str, secret: bytes | None, timeout: float | None = DEFAULT_TIMEOUT) -> dict:
     """The host's ``/info`` (raises RemoteExpertError with uid ``"*"``); remembers its host_id for signing.
 
     Opens a few connections to the host ahead of the expert calls that follow.
     """
     try:
-        response = transport.request(endpoint, "GET", "/info", headers=auth_headers(secret, "GET", "/info", b""), timeout=timeout)
-    except transport.TransportError as e:
+        response = http_client.request(endpoint, "GET", "/info", headers=http_client.signed(secret, "GET", "/info", b""), timeout=timeout)
+    except http_client.TransportError as e:
         raise RemoteExpertError("*", endpoint, f"info: {e}") from e
     if response.status != 200:
         raise RemoteExpertError("*", endpoint, f"info: {_error_message(response)}", response.status)
@@ -74,7 +45,7 @@ def fetch_info(endpoint: str, secret: bytes | None, timeout: float | None = DEFA
         raise RemoteExpertError("*", endpoint, "info: not a JSON object", response.status)
     if isinstance(info.get("host_id"), str):
         _host_ids[endpoint] = info["host_id"]
-    transport.warm_up(endpoint, WARM_CONNECTIONS, timeout)
+    http_client.warm_up(endpoint, WARM_CONNECTIONS, timeout)
     return info
 
 
@@ -96,11 +67,11 @@ def call_expert(
     timeout: float | None = DEFAULT_TIMEOUT,
     secret: bytes | None = None,
     keep: str | None = None,
-    handle: transport.CallHandle | None = None,
+    handle: http_client.CallHandle | None = None,
 ) -> list[torch.Tensor]:
     """POST tensors to ``/{method}/{uid}`` and return the decoded answer (CPU tensors).
 
-    ``handle`` lets another thread give the call up (:meth:`transport.CallHandle.cancel`).
+    ``handle`` lets another thread give the call up (:meth:`http_client.CallHandle.cancel`).
 
     ``keep`` (a request id, see :func:`new_keep_id`) asks the host to keep a forward for its backward,
     and names the kept forward in a backward that sends only the output gradients.
@@ -116,15 +87,15 @@ def call_expert(
         target = host_id(endpoint, secret, timeout)
         for attempt in range(2):
             headers = {"Content-Type": "application/octet-stream", "X-Compression": compression}
-            headers.update(auth_headers(secret, "POST", path, body, compression, target))
-            response = transport.request(endpoint, "POST", path, body, headers, timeout, handle)
+            headers.update(http_client.signed(secret, "POST", path, body, compression, target))
+            response = http_client.request(endpoint, "POST", path, body, headers, timeout, handle)
             if response.status != 401 or secret is None or attempt == 1:
                 break
             renewed = host_id(endpoint, secret, timeout, refresh=True)
             if renewed == target:
                 break
             target = renewed
-    except transport.TransportError as e:
+    except http_client.TransportError as e:
         raise RemoteExpertError(uid, endpoint, f"{method}: {e}") from e
     except RemoteExpertError as e:
         raise RemoteExpertError(uid, endpoint, f"{method}: {e.message}", e.status) from e
@@ -152,7 +123,7 @@ def call_backward(
     compression: str = "none",
     timeout: float | None = DEFAULT_TIMEOUT,
     secret: bytes | None = None,
-    handle: transport.CallHandle | None = None,
+    handle: http_client.CallHandle | None = None,
 ) -> list[torch.Tensor]:
     """The input gradients of a forward: sent with only ``grad_outputs`` if the host kept the forward under ``keep``;
     with the inputs as well if it was not kept or the host no longer keeps it (it answers 409)."""
@@ -165,7 +136,7 @@ def call_backward(
     return call_expert(uid, endpoint, "backward", [*inputs, *grad_outputs], compression, timeout, secret, handle=handle)
 
 
-def _error_message(response: transport.Answer) -> str:
+def _error_message(response: http_client.Answer) -> str:
     try:
         return str(json.loads(response.body)["error"])
     except (ValueError, KeyError, TypeError):

@@ -1,4 +1,5 @@
-"""HTTP/1.1 keep-alive connections to hosts, with calls that can be given up at once.
+"""The one HTTP client: expert calls, ``/info`` and ``/stats``, averaging exchanges; keep-alive connections to
+peers, with calls that can be given up at once, and requests signed for a private swarm (:func:`signed`).
 
 A call blocks a worker thread until the host answers. When the caller stops waiting (enough
 experts answered, or its deadline passed) :meth:`CallHandle.cancel` shuts the call's socket
@@ -16,6 +17,8 @@ import socket
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
+
+from lightning_moe import auth
 
 MAX_IDLE_PER_ENDPOINT = 64
 MAX_ANSWER_BYTES = 1 << 31
@@ -127,10 +130,18 @@ def _split(endpoint: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def signed(secret: bytes | None, method: str, path: str, body: bytes | bytearray = b"", compression: str = "none",
+           host_id: str = "") -> dict[str, str]:
+    """Headers that sign a request for the server instance ``host_id`` of a private swarm (none without a secret;
+    checked by :class:`lightning_moe.net.signing.RequestVerifier`)."""
+    return auth.request_headers(secret, method, path, body, compression, host_id)
+
+
 def request(endpoint: str, method: str, path: str, body: bytes | bytearray | memoryview | None = None,
             headers: Mapping[str, str] | None = None, timeout: float | None = None,
-            handle: CallHandle | None = None) -> Answer:
-    """One HTTP request on a kept-alive connection to ``endpoint``; raises TransportError when no answer came.
+            handle: CallHandle | None = None, max_answer_bytes: int = MAX_ANSWER_BYTES) -> Answer:
+    """One HTTP request on a kept-alive connection to ``endpoint``; raises TransportError when no answer came,
+    or when the answer is longer than ``max_answer_bytes`` (checked from its Content-Length before it is read).
 
     A reused connection that the host closed in the meantime is retried once on a new one.
     """
@@ -142,7 +153,7 @@ def request(endpoint: str, method: str, path: str, body: bytes | bytearray | mem
             host, port = _split(endpoint)
             conn = http.client.HTTPConnection(host, port, timeout=timeout)
         try:
-            answer = _exchange(conn, method, path, body, headers or {}, timeout, handle)
+            answer = _exchange(conn, method, path, body, headers or {}, timeout, handle, max_answer_bytes)
         except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as e:
             conn.close()
             if reused and not (handle is not None and handle.cancelled):
@@ -163,7 +174,7 @@ def request(endpoint: str, method: str, path: str, body: bytes | bytearray | mem
 
 
 def _exchange(conn: http.client.HTTPConnection, method: str, path: str, body: bytes | bytearray | memoryview | None,
-              headers: Mapping[str, str], timeout: float | None, handle: CallHandle | None) -> Answer:
+              headers: Mapping[str, str], timeout: float | None, handle: CallHandle | None, max_answer_bytes: int) -> Answer:
     if conn.sock is None:
         conn.timeout = timeout
         conn.connect()
@@ -177,8 +188,12 @@ def _exchange(conn: http.client.HTTPConnection, method: str, path: str, body: by
     conn.request(method, path, body=body, headers=dict(headers))
     response = conn.getresponse()
     length = response.getheader("Content-Length")
-    if length is None or not length.isdigit() or int(length) > MAX_ANSWER_BYTES:
-        data = bytearray(response.read())
+    if length is not None and length.isdigit() and int(length) > max_answer_bytes:
+        raise http.client.HTTPException(f"answer of {length} bytes exceeds the limit of {max_answer_bytes}")
+    if length is None or not length.isdigit():
+        data = bytearray(response.read(max_answer_bytes + 1))
+        if len(data) > max_answer_bytes:
+            raise http.client.HTTPException(f"answer longer than the limit of {max_answer_bytes} bytes")
     else:
         data = bytearray(int(length))
         view, got = memoryview(data), 0
