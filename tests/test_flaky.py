@@ -72,7 +72,7 @@ def test_ten_percent_failures_on_every_host_for_100_steps_of_a_4_layer_model():
             failed += sum(moe.stats["failed"] for moe in layers)
         assert failed > 0, "no call ever failed: the fault injection did not work"
         assert len({id(moe.dht) for moe in layers}) == 1  # one DHT client for the whole model
-        assert len(shared._nodes) == 1
+        assert len(shared.process_dht_nodes()) == 1
     finally:
         for moe in layers:
             moe.close()

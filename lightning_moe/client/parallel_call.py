@@ -3,8 +3,6 @@ registry. :mod:`lightning_moe.client.dispatch` uses these for a layer's forward 
 
 from __future__ import annotations
 
-import os
-import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -15,21 +13,17 @@ import torch
 from lightning_moe.client.health import HealthRegistry
 from lightning_moe.client.remote_expert import RemoteExpertError, call_backward, call_expert
 from lightning_moe.net.http_client import CallHandle, TransportError
+from lightning_moe.process import context
 
 # Calls of one forward go out at once; a large grid may ask hundreds of experts, and at 200 ms a call holds its
 # worker for the whole round trip. Given-up calls free their workers at once (see call_in_parallel).
 MAX_CALLS_IN_FLIGHT = 128
-_executors: dict[int, ThreadPoolExecutor] = {}
-_executors_lock = threading.Lock()
 
 
 def get_executor() -> ThreadPoolExecutor:
     """The thread pool of this process that sends expert calls (recreated after a fork)."""
-    pid = os.getpid()
-    with _executors_lock:
-        if pid not in _executors:
-            _executors[pid] = ThreadPoolExecutor(max_workers=MAX_CALLS_IN_FLIGHT, thread_name_prefix="lightning_moe-call")
-        return _executors[pid]
+    return context().get("call_executor", lambda: ThreadPoolExecutor(max_workers=MAX_CALLS_IN_FLIGHT,
+                                                                     thread_name_prefix="lightning_moe-call"))
 
 
 class NotEnoughExpertsError(RuntimeError):

@@ -11,7 +11,6 @@ Idle connections are kept per endpoint and process and reused; :func:`warm_up` o
 from __future__ import annotations
 
 import http.client
-import os
 import select
 import socket
 import threading
@@ -19,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from lightning_moe import auth
+from lightning_moe.process import context
 
 MAX_IDLE_PER_ENDPOINT = 64
 MAX_ANSWER_BYTES = 1 << 31
@@ -99,18 +99,9 @@ class _Pool:
             return len(self.idle.get(endpoint, ()))
 
 
-_pools: dict[int, _Pool] = {}
-_pools_lock = threading.Lock()
-
-
 def _pool() -> _Pool:
     """This process's pool (a forked child starts with none of its parent's sockets)."""
-    pid = os.getpid()
-    with _pools_lock:
-        if pid not in _pools:
-            _pools.clear()
-            _pools[pid] = _Pool()
-        return _pools[pid]
+    return context().get("http_pool", _Pool)
 
 
 def _still_open(conn: http.client.HTTPConnection) -> bool:

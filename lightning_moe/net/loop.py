@@ -4,24 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import os
 import threading
 from typing import Any, Coroutine
 
-_lock = threading.Lock()
-_loop: tuple[int, asyncio.AbstractEventLoop, threading.Thread] | None = None
+from lightning_moe.process import context
+
+def _start_loop() -> asyncio.AbstractEventLoop:
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, name="lightning_moe.net", daemon=True).start()
+    return loop
 
 
 def process_loop() -> asyncio.AbstractEventLoop:
     """This process's network loop, started on first use (a forked child starts its own)."""
-    global _loop
-    with _lock:
-        if _loop is None or _loop[0] != os.getpid() or not _loop[2].is_alive():
-            loop = asyncio.new_event_loop()
-            thread = threading.Thread(target=loop.run_forever, name="lightning_moe.net", daemon=True)
-            thread.start()
-            _loop = (os.getpid(), loop, thread)
-        return _loop[1]
+    return context().get("net_loop", _start_loop)
 
 
 def submit(coro: Coroutine) -> concurrent.futures.Future:
