@@ -17,7 +17,7 @@ import requests
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_moe.averaging import Averager, Layout
+from lightning_moe.averaging import Averager, Layout, run_key
 from lightning_moe.averaging import state
 from lightning_moe.net.http_client import signed
 from lightning_moe.dht import DHT
@@ -233,6 +233,10 @@ def test_resume_restores_the_outer_steps_state(tmp_path):
     config = {"run_id": "resume-run", "every_n_steps": 2, "outer_lr": 0.7, "outer_momentum": 0.9, "max_distance": 10.0,
               "timeout": 5.0, "declare_ttl": 10.0, "load_state_from_peers": False}
     with DHT(**FAST_DHT) as dht, stepping_peer(dht, "resume-run", seed=1):
+        for _ in range(200):  # at most 10 s: the peer is declared before the trainer looks for peers at step 2
+            if dht.get(run_key("resume-run")):
+                break
+            time.sleep(0.05)
         averaging = SwarmAveraging(config, dht={"initial_peers": [dht.address]})
         checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=8, save_last=True)
         trainer = _quiet_trainer(max_steps=8, default_root_dir=tmp_path, callbacks=[averaging, WaitForExchange(4), checkpoint])

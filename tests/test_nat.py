@@ -94,6 +94,7 @@ def test_a_home_volunteer_with_no_address_flags_serves_public_and_natted_trainer
         assert served(volunteer, log) > 0
 
 
+@pytest.mark.soak
 def test_when_its_relay_is_killed_a_home_volunteer_serves_again_through_another(tmp_path):
     with Internet() as internet:
         a, c, b, home = internet.machine("A"), internet.machine("C"), internet.machine("B"), internet.home("H")
@@ -163,6 +164,7 @@ def rss_mb(pid: int) -> float:
     raise AssertionError("no VmRSS")
 
 
+@pytest.mark.soak
 def test_a_relay_under_a_flood_of_registrations_connections_and_bytes_keeps_its_hosts_served(tmp_path):
     with Internet() as internet:
         a, b, attacker, home = internet.machine("A"), internet.machine("B"), internet.machine("X"), internet.home("H")
@@ -186,6 +188,7 @@ def test_a_relay_under_a_flood_of_registrations_connections_and_bytes_keeps_its_
         assert served(volunteer, log) > 0
 
 
+@pytest.mark.soak
 def test_a_volunteer_trainer_at_home_trains_through_its_relay_and_averages_with_a_public_one(tmp_path):
     """`lightning-moe train +volunteer=true` with nothing but the swarm's address, at home and on a public machine:
     both train through the swarm's experts; the home trainer's averaging initiates exchanges (peers cannot dial it)."""
