@@ -191,22 +191,28 @@ class Dispatcher:
         if self._expert_info is not None:
             return self._expert_info
         lookup, health = self.lookup, self.health
-        found = live_experts(lookup.least_bad_view(), self.uid_prefix, len(self.grid_size), timeout=_left(deadline))
-        by_host: dict[str, str] = {}  # endpoint -> an expert of it
-        for uid, endpoint in sorted(found, key=lambda pair: health.badness(*pair)):
-            by_host.setdefault(endpoint, uid)
-        if not by_host:
-            raise NotEnoughExpertsError(f"no live experts under prefix {self.uid_prefix!r} in the DHT "
-                                        f"(peers {list(self.dht_config.initial_peers)})")
-        errors = []
-        for endpoint, uid in list(by_host.items())[:MAX_INFO_HOSTS]:
-            timeout = self.expert_info_timeout if deadline is None else min(self.expert_info_timeout, _left(deadline))
-            try:
-                self._expert_info = RemoteExpert(uid, endpoint, secret=self.secret).info(timeout=max(timeout, 1e-3))
-                return self._expert_info
-            except RemoteExpertError as e:
-                errors.append(str(e))
-                record_outcome(health, uid, endpoint, e)
+        errors: list[str] = []
+        tried: set[str] = set()
+        for _ in range(2):  # once more after failures: excluded hosts change which endpoint of a uid is least bad
+            found = live_experts(lookup.least_bad_view(), self.uid_prefix, len(self.grid_size), timeout=_left(deadline))
+            by_host: dict[str, str] = {}  # endpoint -> an expert of it
+            for uid, endpoint in sorted(found, key=lambda pair: health.badness(*pair)):
+                if endpoint not in tried:
+                    by_host.setdefault(endpoint, uid)
+            if not by_host and not tried:
+                raise NotEnoughExpertsError(f"no live experts under prefix {self.uid_prefix!r} in the DHT "
+                                            f"(peers {list(self.dht_config.initial_peers)})")
+            for endpoint, uid in list(by_host.items())[:MAX_INFO_HOSTS]:
+                tried.add(endpoint)
+                timeout = self.expert_info_timeout if deadline is None else min(self.expert_info_timeout, _left(deadline))
+                try:
+                    self._expert_info = RemoteExpert(uid, endpoint, secret=self.secret).info(timeout=max(timeout, 1e-3))
+                    return self._expert_info
+                except RemoteExpertError as e:
+                    errors.append(str(e))
+                    record_outcome(health, uid, endpoint, e)
+                if deadline is not None and time.monotonic() >= deadline:
+                    break
             if deadline is not None and time.monotonic() >= deadline:
                 break
         raise NotEnoughExpertsError("could not read expert schemas from any host:\n" + "\n".join(errors))
