@@ -30,16 +30,19 @@ def rss_bytes() -> int:
 def raw_request(address: tuple[str, int], data: bytes, timeout: float = 5.0) -> int | None:
     """Send raw bytes, return the HTTP status of the answer (None if the host closed without one)."""
     with socket.create_connection(address, timeout=timeout) as sock:
-        sock.sendall(data)
-        sock.shutdown(socket.SHUT_WR)  # a body shorter than declared ends here
         answer = b""
+        try:
+            sock.sendall(data)
+            sock.shutdown(socket.SHUT_WR)  # a body shorter than declared ends here
+        except OSError:
+            pass  # the host already answered (e.g. 431 for a long header) and closed; its answer may still be readable
         try:
             while b"\r\n" not in answer:
                 chunk = sock.recv(4096)
                 if not chunk:
                     break
                 answer += chunk
-        except (TimeoutError, ConnectionResetError):
+        except (TimeoutError, OSError):
             return None
     if not answer.startswith(b"HTTP/1."):
         return None
