@@ -97,6 +97,9 @@ class HostLimits:
                                              "with Retry-After); null: 4 x max_body_mb", default=None)
     max_rows_factor: int = _help("rows per request at most max_batch_size times this (checked from the wire header)",
                                  default=4)
+    max_queue_wait: Optional[float] = _help("seconds the oldest queued work may have waited before new forwards get 503 "
+                                            "with Retry-After (the host sheds load its trainers would give up on); "
+                                            "null: never", default=2.0)
 
     def __post_init__(self) -> None:
         self.check()
@@ -107,7 +110,7 @@ class HostLimits:
             _require(getattr(self, key) >= 1, f"{prefix}.{key}", "must be positive", getattr(self, key))
         for key in ("idle_timeout", "body_timeout", "max_body_mb"):
             _require(getattr(self, key) > 0, f"{prefix}.{key}", "must be positive", getattr(self, key))
-        for key in ("request_timeout", "max_inflight_mb"):
+        for key in ("request_timeout", "max_inflight_mb", "max_queue_wait"):
             _require(getattr(self, key) is None or getattr(self, key) > 0, f"{prefix}.{key}", "must be null or positive",
                      getattr(self, key))
 
@@ -281,6 +284,8 @@ class DecentralizedMoEConfig(MoEConfig):
     allow_zero_outputs: bool = False
     max_call_bytes: int = 128 * 1024
     health: HealthConfig = field(default_factory=HealthConfig)
+    slow_wait_budget: float = 0.1
+    latency_margin: float = 1.0
 
 
 @dataclass
@@ -366,6 +371,8 @@ def check_moe(moe: Any) -> None:
         _require(moe.cache_ttl >= 0, "moe.cache_ttl", "must be 0 or positive", moe.cache_ttl)
         _require(moe.max_retries >= 0, "moe.max_retries", "must be 0 or positive", moe.max_retries)
         _require(moe.max_call_bytes >= 1, "moe.max_call_bytes", "must be positive", moe.max_call_bytes)
+        _require(0 <= moe.slow_wait_budget < 1, "moe.slow_wait_budget", "must be in [0, 1)", moe.slow_wait_budget)
+        _require(moe.latency_margin >= 0, "moe.latency_margin", "must be 0 or positive", moe.latency_margin)
         try:
             HealthConfig(**moe.health)
         except ValueError as e:

@@ -24,6 +24,7 @@ class HostView:
     expires_in: float = 0.0  # seconds until its latest DHT declaration expires
     stats: dict[str, Any] | None = None
     error: str | None = None
+    round_trip: float | None = None  # seconds its /stats took to answer us
 
 
 @dataclass
@@ -64,7 +65,9 @@ def survey(dht: Any, layers: Sequence[tuple[str, Sequence[int]]], secret: bytes 
                 host.expires_in = max(host.expires_in, float(expiration) - now)
         views.append(view)
     for host in hosts.values():
+        begin = time.monotonic()
         host.stats, host.error = fetch_stats(host.endpoint, secret, timeout)
+        host.round_trip = time.monotonic() - begin if host.error is None else None
     return views, hosts
 
 
@@ -80,11 +83,29 @@ def fetch_stats(endpoint: str, secret: bytes | None, timeout: float) -> tuple[di
         return None, f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
 
 
+def batch_time(stats: dict) -> float | None:
+    """Seconds the host takes per forward batch (its compute time over its batches, every expert), or None before any."""
+    experts = stats.get("experts") if isinstance(stats.get("experts"), dict) else {}
+    forwards = [e.get("forward") for e in experts.values() if isinstance(e, dict) and isinstance(e.get("forward"), dict)]
+    batches = sum(float(f.get("batches", 0) or 0) for f in forwards)
+    busy = sum(float(f.get("busy_time", 0.0) or 0.0) for f in forwards)
+    return busy / batches if batches > 0 else None
+
+
+def _speed(host: HostView) -> str:
+    """Round trip of /stats from here, and the host's own forward time per batch."""
+    rtt = "-" if host.round_trip is None else f"{1000 * host.round_trip:.0f} ms"
+    per_batch = None if host.stats is None else batch_time(host.stats)
+    return f"{rtt:>8} {'-' if per_batch is None else f'{1000 * per_batch:.0f} ms':>9}"
+
+
 def _load(stats: dict | None) -> str:
     if stats is None:
         return "-"
+    shed = stats.get("shed_forwards", 0)
     return (f"{stats.get('requests', 0)} requests, {stats.get('samples_per_second', 0.0):.1f} samples/s, "
-            f"{stats.get('queued_rows', 0)} rows queued, {stats.get('errors', 0)} errors, up {stats.get('uptime', 0.0):.0f} s")
+            f"{stats.get('queued_rows', 0)} rows queued, {stats.get('errors', 0)} errors"
+            f"{f', {shed} forwards shed' if shed else ''}, up {stats.get('uptime', 0.0):.0f} s")
 
 
 def format_survey(views: Sequence[LayerView], hosts: dict[str, HostView]) -> str:
@@ -98,9 +119,9 @@ def format_survey(views: Sequence[LayerView], hosts: dict[str, HostView]) -> str
         if missing:
             lines.append(f"  no host for: {', '.join(missing[:16])}{' ...' if len(missing) > 16 else ''}")
     lines.append("")
-    lines.append(f"{'host':<24} {'experts':>7} {'record expires':>14}  load (/stats)")
+    lines.append(f"{'host':<24} {'experts':>7} {'record expires':>14} {'rtt':>8} {'per batch':>9}  load (/stats)")
     for endpoint in sorted(hosts):
         host = hosts[endpoint]
         load = _load(host.stats) if host.error is None else f"no answer: {host.error}"
-        lines.append(f"{endpoint:<24} {len(host.uids):>7} {host.expires_in:>12.0f} s  {load}")
+        lines.append(f"{endpoint:<24} {len(host.uids):>7} {host.expires_in:>12.0f} s {_speed(host)}  {load}")
     return "\n".join(lines)

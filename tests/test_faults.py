@@ -44,6 +44,6 @@ def test_churn_killed_host_and_late_joiner(tmp_path_factory):
 @pytest.mark.slow
 def test_slow_host_is_given_up_on_and_training_goes_on(tmp_path_factory):
     slow, healthy = report("slow", tmp_path_factory), report("healthy", tmp_path_factory)
-    assert slow.timed_out > 0, "the slow host was never waited on and given up: the test proves nothing"
+    assert slow.given_up + slow.shed > 0, "the slow host was never given up on or shed: the test proves nothing"
     assert slow.failed == 0
     assert abs(slow.val_bpc - healthy.val_bpc) <= 0.075, (slow, healthy)

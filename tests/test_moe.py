@@ -156,7 +156,7 @@ def test_slow_host_does_not_stall_steps():
         y = moe(x)
         y.sum().backward()
         stats = moe.stats
-        assert stats["timed_out"] > 0 and stats["answered"] > 0
+        assert stats["given_up"] > 0 and stats["answered"] > 0 and stats["failed"] == 0
         assert torch.isfinite(y).all()
     finally:
         moe.close()

@@ -21,7 +21,9 @@ from lightning_moe.client import parallel_call
 from lightning_moe.client.beam_search import beam_search, live_experts
 from lightning_moe.client.dht_cache import CachedExpertLookup
 from lightning_moe.client.health import HealthRegistry
-from lightning_moe.client.parallel_call import ExpertCall, NotEnoughExpertsError, plan_calls, record_outcome, split_calls
+from lightning_moe.client.parallel_call import (ExpertCall, GivenUp, NotEnoughExpertsError, plan_calls, record_outcome,
+                                                split_calls)
+from lightning_moe.client.speed import SLOW_FACTOR, StragglerWait, WaitBudget, prefer_fast
 from lightning_moe.client.remote_expert import RemoteExpert, RemoteExpertError, new_keep_id
 from lightning_moe.config import DHTConfig, HealthConfig, grid_uids, to_dataclass
 from lightning_moe.shared import process_dht, process_health, release_process_dht, usable
@@ -40,10 +42,15 @@ class CallStats:
     answered: int = 0
     failed: int = 0
     timed_out: int = 0
+    given_up: int = 0  # stragglers not waited for (slow hosts; not failures)
+    shed: int = 0  # calls a host refused because it was behind (503 with Retry-After; not failures)
     latency: float = 0.0
     backward_asked: int = 0
     backward_answered: int = 0
     backward_failed: int = 0
+    backward_given_up: int = 0
+    slow_hosts: int = 0  # hosts known to be slow when this forward chose its experts (routing leaned away)
+    typical_latency: float = 0.0  # the median host's expected answer time (seconds; 0 before any was measured)
     errors: list[str] = field(default_factory=list)
     failed_endpoints: set[str] = field(default_factory=set)
     lookups: dict[str, int] = field(default_factory=dict)  # the forward's DHT reads (counts of CachedExpertLookup.stats)
@@ -68,13 +75,16 @@ class Dispatcher:
                  timeout_after_k_min: float | None, backward_k_min: int, backward_timeout: float | None,
                  backward_timeout_after_k_min: float | None, dht: Any, initial_peers: Sequence[str], compression: str,
                  cache_ttl: float, expert_info_timeout: float, secret: str | bytes | None, max_retries: int,
-                 allow_zero_outputs: bool, health: HealthRegistry | HealthConfig | Mapping[str, Any] | None, max_call_bytes: int):
+                 allow_zero_outputs: bool, health: HealthRegistry | HealthConfig | Mapping[str, Any] | None, max_call_bytes: int,
+                 slow_wait_budget: float = 0.1, latency_margin: float = 1.0):
         if compression not in wire.COMPRESSIONS:
             raise ValueError(f"compression must be one of {wire.COMPRESSIONS}, got {compression!r}")
         if not 1 <= k_min <= k_best:
             raise ValueError(f"need 1 <= k_min <= k_best, got k_min={k_min}, k_best={k_best}")
         if max_call_bytes < 1:
             raise ValueError(f"max_call_bytes must be positive, got {max_call_bytes}")
+        if not 0 <= slow_wait_budget < 1 or latency_margin < 0:
+            raise ValueError(f"need 0 <= slow_wait_budget < 1 and latency_margin >= 0, got {slow_wait_budget}, {latency_margin}")
         if isinstance(dht, Mapping):
             dht = to_dataclass(dht, DHTConfig)
         if dht is None:
@@ -98,6 +108,7 @@ class Dispatcher:
         self.backward_timeout_after_k_min = backward_timeout_after_k_min
         self.compression, self.secret, self.max_call_bytes = compression, auth.resolve_secret(secret), int(max_call_bytes)
         self.cache_ttl, self.expert_info_timeout = cache_ttl, expert_info_timeout
+        self.latency_margin, self.wait_budget = latency_margin, WaitBudget(slow_wait_budget)
         self.health_config = health if isinstance(health, HealthConfig) else None
         self._health = health if isinstance(health, HealthRegistry) else None
         self._dht, self._owns_dht_ref, self._lookup = dht, False, None
@@ -167,6 +178,7 @@ class Dispatcher:
         lookups, the beam search and the calls), None without a timeout."""
         start = time.monotonic()
         self.stats, self._lookups_before = CallStats(), self.lookup.stats
+        self.stats.typical_latency = self.health.speeds.typical() or 0.0
         return None if self.forward_timeout is None else start + self.forward_timeout
 
     def choose(self, scores: Sequence[torch.Tensor], k: int, deadline: float | None) -> list[list[tuple[str, str]]]:
@@ -176,7 +188,12 @@ class Dispatcher:
         Samples left with fewer than ``k_min`` get the least-bad excluded experts too: a layer never
         has an empty candidate set while the DHT knows experts.
         """
-        chosen = beam_search(self.lookup, self.uid_prefix, scores, k, timeout=_left(deadline), return_endpoints=True)
+        slow = self.health.speeds.slow_hosts(SLOW_FACTOR) if self.latency_margin > 0 else set()
+        wanted = 2 * k if slow else k  # alternatives to the slow hosts' experts
+        chosen = beam_search(self.lookup, self.uid_prefix, scores, wanted, timeout=_left(deadline), return_endpoints=True)
+        if slow:
+            chosen = prefer_fast(chosen, scores, k, slow, self.latency_margin)
+            self.stats.slow_hosts = len(slow)
         short = [i for i, row in enumerate(chosen) if len(row) < self.k_min]
         if short:
             fallback = beam_search(self.lookup.least_bad_view(), self.uid_prefix, [s[short] for s in scores], k,
@@ -265,10 +282,13 @@ class Dispatcher:
         for call in calls:
             call.keep = new_keep_id() if keep else None
         begin = time.monotonic()
+        health = self.health
+        wait = StragglerWait(self.timeout_after_k_min, health.speeds, self.wait_budget)
         results = parallel_call.call_in_parallel(calls, "forward", [[x[call.rows]] for call in calls], self.forward_timeout,
-                                                 self.timeout_after_k_min, self.compression, self.secret, deadline)
-        stats, health, out_shape = self.stats, self.health, tuple(outputs.shape[2:])
+                                                 wait, self.compression, self.secret, deadline)
+        stats, out_shape = self.stats, tuple(outputs.shape[2:])
         stats.latency += time.monotonic() - begin
+        self.wait_budget.add_elapsed(time.monotonic() - begin)
         tried: list[tuple[ExpertCall, BaseException | None]] = []
         for call, result in zip(calls, results):
             stats.asked += 1
@@ -280,8 +300,11 @@ class Dispatcher:
                                                                         f"{(len(call.rows), *out_shape)}", status=200)
             record_outcome(health, call.uid, call.endpoint, result)
             if isinstance(result, BaseException):
-                stats.timed_out += isinstance(result, TimeoutError)
-                stats.failed += not isinstance(result, TimeoutError)
+                shed = isinstance(result, RemoteExpertError) and result.status == 503
+                stats.given_up += isinstance(result, GivenUp)
+                stats.shed += shed
+                stats.timed_out += isinstance(result, TimeoutError) and not isinstance(result, GivenUp)
+                stats.failed += not isinstance(result, TimeoutError) and not shed
                 stats.errors.append(str(result))
                 stats.failed_endpoints.add(call.endpoint)
                 tried.append((call, result))
@@ -315,14 +338,19 @@ class Dispatcher:
         """The gradient of ``x`` (host inputs) from the experts that answered a forward (``calls``), given the gradient
         of its outputs. An expert whose backward fails drops its contribution, counted in ``stats`` (the forward's)."""
         payloads = [([x[call.rows]], [grad_outputs[call.rows, call.slots]]) for call in calls]
-        results = parallel_call.call_in_parallel(calls, "backward", payloads, self.backward_timeout,
-                                                 self.backward_timeout_after_k_min, self.compression, self.secret)
-        health = self.health
+        health, begin = self.health, time.monotonic()
+        wait = StragglerWait(self.backward_timeout_after_k_min, health.speeds, self.wait_budget, "backward")
+        results = parallel_call.call_in_parallel(calls, "backward", payloads, self.backward_timeout, wait, self.compression,
+                                                 self.secret)
+        self.wait_budget.add_elapsed(time.monotonic() - begin)
         grad_x = torch.zeros_like(x)
         answers = torch.zeros(x.shape[0], dtype=torch.long)
         for call, result in zip(calls, results):
             stats.backward_asked += 1
             record_outcome(health, call.uid, call.endpoint, result)
+            if isinstance(result, GivenUp):  # the host got the gradients and learns; its answer was not waited for
+                stats.backward_given_up += 1
+                continue
             if isinstance(result, BaseException) or len(result) != 1 or result[0].shape != x[call.rows].shape:
                 stats.backward_failed += 1
                 stats.errors.append(f"backward: {result}" if isinstance(result, BaseException)

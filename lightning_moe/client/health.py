@@ -8,6 +8,9 @@ at least ``min_failures`` calls failed and they are at least ``failure_rate`` of
 refused connection opens its host's breaker at once). An open breaker excludes for ``ban_time``
 seconds, doubling on each reopening up to ``max_ban_time``; then one call is let through as a
 probe: if it answers the breaker closes, otherwise it opens again for twice as long.
+
+The registry also holds how fast each host answers (:class:`~lightning_moe.client.speed.HostSpeeds`): slowness is
+not failure, it steers waiting and routing instead.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from lightning_moe.client.speed import HostSpeeds
 from lightning_moe.config import HealthConfig
 
 
@@ -45,14 +49,17 @@ class Exclusion:
 
     def describe(self) -> str:
         until = time.strftime("%H:%M:%S", time.localtime(self.until))
+        if not self.failures:  # the host asked for a pause (503 with Retry-After)
+            return f"{self.key} excluded until {until}: {self.last_error[:200]}"
         return f"{self.key} excluded until {until} after {self.failures} failures (last: {self.last_error[:200]})"
 
 
 class HealthRegistry:
-    """Circuit breakers for experts and hosts (thread-safe)."""
+    """Circuit breakers for experts and hosts, and the hosts' answer times (thread-safe)."""
 
     def __init__(self, config: HealthConfig | None = None):
         self.config = config or HealthConfig()
+        self.speeds = HostSpeeds()
         self._breakers: dict[str, Breaker] = {}
         self._lock = threading.Lock()
 
@@ -101,6 +108,13 @@ class HealthRegistry:
         """The host did not answer (timeout) or refused the connection (``refused``: excluded at once)."""
         with self._lock:
             self._record(endpoint, False, error, trip=refused)
+
+    def host_busy(self, endpoint: str, seconds: float, message: str) -> None:
+        """The host said it is behind (503 with Retry-After): excluded for ``seconds``, without counting a failure."""
+        with self._lock:
+            breaker = self._breaker(endpoint)
+            breaker.open_until = max(breaker.open_until, time.monotonic() + seconds)
+            breaker.last_error = message
 
     def _exclusion(self, key: str, now: float, wall: float) -> Exclusion | None:
         breaker = self._breakers.get(key)

@@ -48,13 +48,16 @@ class DecentralizedMoE(nn.Module):
         k_best: experts asked per sample.
         k_min: answers a sample needs; fewer raises :class:`NotEnoughExpertsError`.
         forward_timeout: seconds for the whole forward, DHT lookups and beam search included.
-        timeout_after_k_min: once the first expert answered, wait at most this long for the others (or as long
-            again as the first answer took, if that is longer: a slow link is not cut off);
-            samples they leave short of ``k_min`` are re-routed to the next-best experts not tried
-            yet, and stragglers count against their hosts' health (so a slow host cannot stall steps).
+        timeout_after_k_min: once the first expert answered, the others are waited for as long again as it took
+            (at least 100 ms), longer for hosts whose measured answer times say they answer soon, not at all for
+            hosts known to be slow, and never longer than this or that (see
+            :class:`~lightning_moe.client.speed.StragglerWait`); None: every answer is waited for. Samples
+            that stragglers leave short of ``k_min`` are re-routed to the next-best experts not tried yet; a
+            straggler is counted as slow (``stats["given_up"]``), not as failing, so a slow host cannot stall steps.
         backward_k_min: expert gradients a sample should get; fewer is logged as a warning and counted.
         backward_timeout: seconds for all backward calls; experts that do not answer are dropped and counted.
-        backward_timeout_after_k_min: once the first backward answered, wait at most this long for the others.
+        backward_timeout_after_k_min: the same for the backward (the host still learns from gradients whose
+            answer was not waited for; ``stats["backward_given_up"]`` counts them).
         dht: a :class:`lightning_moe.dht.DHT` to use, or where to join the swarm: a
             :class:`~lightning_moe.config.DHTConfig` (or the ``dht`` group's mapping). With a config or
             ``initial_peers``, the process's node is used (a volunteer's in the same process, else a
@@ -77,7 +80,14 @@ class DecentralizedMoE(nn.Module):
             its own kept-alive connection: over a long link one large message costs a round trip per TCP window).
         health: how failing experts and hosts are excluded: a :class:`HealthConfig` (or its mapping) for
             the process's registry, shared by every layer (:func:`lightning_moe.shared.process_health`),
-            or a :class:`HealthRegistry` of this layer's own; default: the process's as it is.
+            or a :class:`HealthRegistry` of this layer's own; default: the process's as it is. The registry also
+            holds each host's measured answer times (``health.speeds``).
+        slow_wait_budget: the share of the layer's call time that may go to waiting for hosts known to be slow, so
+            that their experts still learn and their answer times stay measured (0: never wait for them).
+        latency_margin: an expert on a host at least ``speed.SLOW_FACTOR`` times slower than the typical host loses
+            this much of its score (in gating logits) when the layer chooses experts, so a faster expert that scores
+            close takes its place; a quarter of the slow host's candidates keep their score (0: routing ignores
+            speed).
     """
 
     # the constructor arguments that the dispatcher holds (a change applies from the next forward)
@@ -85,6 +95,7 @@ class DecentralizedMoE(nn.Module):
     forward_timeout, timeout_after_k_min, max_retries, allow_zero_outputs = _Held(), _Held(), _Held(), _Held()
     backward_k_min, backward_timeout, backward_timeout_after_k_min = _Held(), _Held(), _Held()
     compression, secret, max_call_bytes, cache_ttl, expert_info_timeout = _Held(), _Held(), _Held(), _Held(), _Held()
+    latency_margin = _Held()
     dht_config = _Held()  # where the layer joins the swarm (made from ``dht`` / ``initial_peers`` / ``secret``)
 
     def __init__(
@@ -110,6 +121,8 @@ class DecentralizedMoE(nn.Module):
         allow_zero_outputs: bool = False,
         health: HealthRegistry | HealthConfig | Mapping[str, Any] | None = None,
         max_call_bytes: int = 128 * 1024,
+        slow_wait_budget: float = 0.1,
+        latency_margin: float = 1.0,
     ):
         super().__init__()
         self.dispatcher = Dispatcher(
@@ -117,7 +130,8 @@ class DecentralizedMoE(nn.Module):
             timeout_after_k_min=timeout_after_k_min, backward_k_min=backward_k_min, backward_timeout=backward_timeout,
             backward_timeout_after_k_min=backward_timeout_after_k_min, dht=dht, initial_peers=initial_peers,
             compression=compression, cache_ttl=cache_ttl, expert_info_timeout=expert_info_timeout, secret=secret,
-            max_retries=max_retries, allow_zero_outputs=allow_zero_outputs, health=health, max_call_bytes=max_call_bytes)
+            max_retries=max_retries, allow_zero_outputs=allow_zero_outputs, health=health, max_call_bytes=max_call_bytes,
+            slow_wait_budget=slow_wait_budget, latency_margin=latency_margin)
         self.in_features, self.jitter = in_features, jitter
         self.proj = nn.Linear(in_features, sum(self.grid_size))
         self.aux_loss: torch.Tensor | None = None

@@ -3,8 +3,10 @@ registry. :mod:`lightning_moe.client.dispatch` uses these for a layer's forward 
 
 from __future__ import annotations
 
+import functools
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,6 +14,7 @@ import torch
 
 from lightning_moe.client.health import HealthRegistry
 from lightning_moe.client.remote_expert import RemoteExpertError, call_backward, call_expert
+from lightning_moe.client.speed import HostSpeeds, StragglerWait
 from lightning_moe.net.http_client import CallHandle, TransportError
 from lightning_moe.process import context
 
@@ -41,9 +44,20 @@ class ExpertCall:
     keep: str | None = None  # the request id under which the host keeps this forward for its backward
 
 
+class GivenUp(TimeoutError):
+    """A call still out when the batch stopped waiting for stragglers: the host is slow, not failing."""
+
+
 def record_outcome(health: HealthRegistry, uid: str, endpoint: str, result: Any) -> None:
     """An answer; an error of the expert (the host answered 4xx/500, or a malformed answer); or of the host
-    (no answer in time, 503/504, a refused connection: excluded at once)."""
+    (no answer before the timeout, 503/504, a refused connection: excluded at once). A straggler given up
+    (:class:`GivenUp`) counts in the host's speed estimate (see :func:`call_in_parallel`), not against its health;
+    a host that sheds load (503 with Retry-After) is left alone for that long, not counted as failing either."""
+    if isinstance(result, GivenUp):
+        return
+    if isinstance(result, RemoteExpertError) and result.status == 503 and result.retry_after is not None:
+        health.host_busy(endpoint, result.retry_after, str(result))
+        return
     if not isinstance(result, BaseException):
         health.success(uid, endpoint)
     elif isinstance(result, RemoteExpertError) and result.status is not None and result.status not in (503, 504):
@@ -61,7 +75,7 @@ def call_in_parallel(
     method: str,
     payloads: list[list[torch.Tensor]] | list[tuple[list[torch.Tensor], list[torch.Tensor]]],
     timeout: float | None = None,
-    timeout_after_k_min: float | None = None,
+    wait: StragglerWait | None = None,
     compression: str = "none",
     secret: bytes | None = None,
     deadline: float | None = None,
@@ -71,10 +85,11 @@ def call_in_parallel(
     A forward payload is the call's inputs (the host keeps the forward if ``call.keep`` is set); a
     backward payload is ``(inputs, grad_outputs)``, sent as :func:`call_backward` does.
 
-    Waits until all calls answered, or ``timeout_after_k_min`` seconds after the first answer, or as long
-    again as the first answer took if that is longer (so a slow link is not cut off; stragglers are then
-    given up: a sample they leave short of ``k_min`` is the caller's to re-route), or until ``timeout``
-    (or the earlier ``deadline``, a ``time.monotonic()`` value) ran out. Calls still out then get TimeoutError.
+    Waits until all calls answered, or until ``timeout`` (or the earlier ``deadline``, a ``time.monotonic()``
+    value) ran out: calls still out then get TimeoutError. With ``wait``, once the first call answered, the others
+    are waited for only until ``wait.end(...)`` (see :class:`StragglerWait`); stragglers then get :class:`GivenUp`
+    (a sample they leave short of ``k_min`` is the caller's to re-route). Each answer's time, and each straggler's
+    wait, goes to ``wait.speeds``.
 
     Waiting for every sample to reach ``k_min`` first, as hivemind does, lets one slow host
     stall every step in which some sample chose only its experts.
@@ -95,15 +110,17 @@ def call_in_parallel(
             future = executor.submit(call_expert, c.uid, c.endpoint, method, p, compression, request_timeout, secret, c.keep,
                                      handle)
         futures[future] = i
+    speeds = None if wait is None else wait.speeds
     results: list[Any] = [None] * len(calls)
     pending = set(futures)
-    soft_end = None
+    soft_end, first = None, None
     while pending:
         now = time.monotonic()
         end = min((t for t in (hard_end, soft_end) if t is not None), default=None)
         if end is not None and now >= end:
             break
-        done, pending = wait(pending, timeout=None if end is None else end - now, return_when=FIRST_COMPLETED)
+        done, pending = wait_futures(pending, timeout=None if end is None else end - now, return_when=FIRST_COMPLETED)
+        now = time.monotonic()
         for future in done:
             index = futures[future]
             try:
@@ -111,16 +128,34 @@ def call_in_parallel(
             except Exception as e:  # noqa: BLE001 - every failure is reported per expert
                 results[index] = e
                 continue
-            if soft_end is None and timeout_after_k_min is not None:
-                now = time.monotonic()
-                soft_end = now + max(timeout_after_k_min, now - start)
-    for future in pending:  # given up: their sockets are shut down, so no worker waits for them any longer
-        future.cancel()
+            if speeds is not None:
+                speeds.answered(calls[index].endpoint, now - start, len(calls[index].rows), method)
+        if first is None and any(r is not None and not isinstance(r, BaseException) for r in results):
+            first = now
+        if first is not None and wait is not None and not wait.waits_for_all and pending and done:
+            soft_end = wait.end(start, first, [calls[futures[f]].endpoint for f in pending])
+    now = time.monotonic()
+    given_up = soft_end is not None and (hard_end is None or soft_end < hard_end)
+    for future in pending:
         index = futures[future]
-        handles[index].cancel()
         call = calls[index]
-        results[index] = TimeoutError(f"expert {call.uid!r} at {call.endpoint}: no {method} answer in time")
+        if given_up:  # left to finish (until the timeout) so that its answer time is measured; its answer is dropped
+            results[index] = GivenUp(f"expert {call.uid!r} at {call.endpoint}: no {method} answer within "
+                                     f"{now - start:.3f} s, when the other answers had come (a slow host)")
+            if speeds is not None:
+                speeds.gave_up(call.endpoint, method)
+                future.add_done_callback(functools.partial(_measure_late, speeds, call, method, start))
+        else:  # timed out: the socket is shut down, so no worker waits for it any longer
+            future.cancel()
+            handles[index].cancel()
+            results[index] = TimeoutError(f"expert {call.uid!r} at {call.endpoint}: no {method} answer in time")
     return results
+
+
+def _measure_late(speeds: HostSpeeds, call: ExpertCall, method: str, start: float, future: Future) -> None:
+    """A given-up call's answer came after all: its time still tells how fast the host is."""
+    if not future.cancelled() and future.exception() is None:
+        speeds.answered(call.endpoint, time.monotonic() - start, len(call.rows), method)
 
 
 def plan_calls(candidates: dict[int, list[tuple[str, str]]], mask: torch.Tensor, coords: torch.Tensor,

@@ -13,6 +13,7 @@ from lightning_moe import auth, wire
 from lightning_moe.net import http_client
 
 DEFAULT_TIMEOUT = 30.0
+MAX_RETRY_AFTER = 60.0  # seconds; a host's Retry-After is believed up to this
 WARM_CONNECTIONS = 4  # connections opened to a host after its /info, ahead of the calls
 _host_ids: dict[str, str] = {}  # endpoint -> the host_id its /info gave (private swarms sign requests for it)
 
@@ -20,8 +21,8 @@ _host_ids: dict[str, str] = {}  # endpoint -> the host_id its /info gave (privat
 class RemoteExpertError(RuntimeError):
     """A call to a remote expert failed; names the uid, the endpoint and the host's message."""
 
-    def __init__(self, uid: str, endpoint: str, message: str, status: int | None = None):
-        self.uid, self.endpoint, self.message, self.status = uid, endpoint, message, status
+    def __init__(self, uid: str, endpoint: str, message: str, status: int | None = None, retry_after: float | None = None):
+        self.uid, self.endpoint, self.message, self.status, self.retry_after = uid, endpoint, message, status, retry_after
         where = f"HTTP {status}" if status is not None else "no answer"
         super().__init__(f"expert {uid!r} at {endpoint} failed ({where}): {message}")
 
@@ -102,11 +103,20 @@ def call_expert(
     if response.status != 200:
         message = _error_message(response)  # the host's message usually names the direction already
         raise RemoteExpertError(uid, endpoint, message if message.startswith(f"{method}:") else f"{method}: {message}",
-                                response.status)
+                                response.status, _retry_after(response) if response.status == 503 else None)
     try:
         return wire.deserialize(response.body)
     except wire.WireError as e:
         raise RemoteExpertError(uid, endpoint, f"{method}: malformed answer: {e}", response.status) from e
+
+
+def _retry_after(response: http_client.Answer) -> float | None:
+    """A 503's Retry-After in seconds (delta-seconds form only), at most MAX_RETRY_AFTER; None if absent or not a number."""
+    try:
+        seconds = float(response.headers.get("retry-after", ""))
+    except ValueError:
+        return None
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER) if seconds == seconds else None
 
 
 def new_keep_id() -> str:

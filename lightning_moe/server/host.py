@@ -97,7 +97,8 @@ class ExpertHost:
             limits = self.config.limits
             limits = dataclasses.replace(limits, max_connections=min(limits.max_connections, _raise_open_files_limit() - 64))
             server = ExpertHTTPServer((self.host, self.port), self.backends, limits, self.secret,
-                                      compression=self.config.compression, stats_fn=self.load_report)
+                                      compression=self.config.compression, stats_fn=self.load_report,
+                                      queue_age=self.runtime.queue_age)
             self.runtime.start()
             try:
                 server.start()
@@ -212,12 +213,13 @@ class ExpertHost:
 
     def http_stats(self) -> dict:
         """Connections accepted, refused (over a connection limit), open, and no longer read (their head
-        trickled in); request bytes in flight and requests refused for lack of that budget; error
-        responses by HTTP status."""
+        trickled in); request bytes in flight and requests refused for lack of that budget; forwards shed
+        (the queue was too old, see ``host.limits.max_queue_wait``); error responses by HTTP status."""
         server = self.server
         if server is None:
             return {"connections_accepted": 0, "connections_refused": 0, "open_connections": 0, "client_addresses": 0,
-                    "trickles_stopped": 0, "inflight_bytes": 0, "budget_refused": 0, "errors_by_status": {}}
+                    "trickles_stopped": 0, "inflight_bytes": 0, "budget_refused": 0, "shed_forwards": 0,
+                    "errors_by_status": {}}
         return {
             "connections_accepted": server.slots.accepted,
             "connections_refused": server.slots.refused,
@@ -226,6 +228,7 @@ class ExpertHost:
             "trickles_stopped": server.slots.trickles,
             "inflight_bytes": server.budget.used,
             "budget_refused": server.budget.refused,
+            "shed_forwards": server.shed,
             "errors_by_status": dict(server.status_errors),
         }
 
@@ -242,6 +245,7 @@ class ExpertHost:
               "queued_rows": int,             # rows waiting in every pool now
               "open_connections": int, "connections_accepted": int, "connections_refused": int,
               "client_addresses": int, "trickles_stopped": int, "inflight_bytes": int, "budget_refused": int,
+              "shed_forwards": int,
               "errors_by_status": {"401": int, ...},            # every error answer, by HTTP status
               "kept_forwards": {"kept", "hits", "misses", "graph_backwards", "recomputed", "evicted",
                                 "used_bytes", "budget_bytes", ...},   # forwards kept for their backward

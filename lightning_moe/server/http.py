@@ -19,6 +19,7 @@ import collections
 import gc
 import json
 import logging
+import math
 import re
 import secrets
 import socket
@@ -72,6 +73,8 @@ class ExpertHTTPServer:
         secret: a private swarm's secret (requests must be signed with it), or None.
         compression: how answers are compressed; None: as each request came.
         stats_fn: what ``GET /stats`` answers.
+        queue_age: seconds the oldest queued work has waited (the runtime's); forwards are shed past
+            ``limits.max_queue_wait``.
     """
 
     def __init__(
@@ -82,6 +85,7 @@ class ExpertHTTPServer:
         secret: bytes | None = None,
         compression: str | None = None,
         stats_fn: Callable[[], dict] | None = None,
+        queue_age: Callable[[], float] | None = None,
     ):
         self.address = address
         self.backends = dict(backends)
@@ -91,7 +95,8 @@ class ExpertHTTPServer:
         self.max_rows = {uid: b.max_batch_size * limits.max_rows_factor for uid, b in self.backends.items()}
         self.budget = InflightBudget(limits.max_inflight_bytes)
         self.slots = ConnectionSlots(limits.max_connections, limits.max_connections_per_address)
-        self.stats_fn = stats_fn
+        self.stats_fn, self.queue_age = stats_fn, queue_age
+        self.shed = 0  # forwards refused because the queue was too old
         self.host_id = secrets.token_hex(16)  # new at every start: signatures for another instance do not verify here
         self.verifier = RequestVerifier(secret, self.host_id, who="host")
         self.info_bytes = json.dumps(
@@ -342,6 +347,8 @@ class ExpertHTTPServer:
         keep = request.query.get("keep")
         if keep is not None and not KEEP_ID.fullmatch(keep):
             raise _RequestError(400, f"{direction}: keep must be 16 to 64 lowercase hex digits, got {keep[:80]!r}", uid)
+        if direction == "forward":
+            self._shed_if_behind(uid)
         if not self.budget.reserve(length):
             raise _RequestError(503, f"the host is reading too many request bodies ({self.budget.used} bytes in flight); "
                                      f"retry in {RETRY_AFTER} s", uid, close=True, headers={"Retry-After": RETRY_AFTER})
@@ -369,6 +376,18 @@ class ExpertHTTPServer:
                 raise _RequestError(500, f"{direction}: cannot serialize the outputs: {e}", uid) from None
         finally:
             self.budget.release(length)
+
+    def _shed_if_behind(self, uid: str) -> None:
+        """503 with Retry-After for a forward while the oldest queued work waited over ``limits.max_queue_wait``: its
+        answer would come after the trainer moved on. Backwards are always served: they carry what the experts learn,
+        for forwards already computed."""
+        limit = self.limits.max_queue_wait
+        age = 0.0 if self.queue_age is None or limit is None else self.queue_age()
+        if limit is not None and age > limit:
+            self.shed += 1
+            raise _RequestError(503, f"forward: the host is behind: its oldest queued work waited {age:.1f} s "
+                                     f"(more than {limit} s); retry in {math.ceil(age)} s", uid,
+                                headers={"Retry-After": str(math.ceil(age))})
 
     async def _read_body(self, request: web.BaseRequest, length: int, uid: str) -> bytearray:
         """The body in one buffer, allocated once the wire header (sizes, rows) has arrived and passed its checks."""

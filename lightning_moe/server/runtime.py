@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Protocol, Sequence
 
@@ -58,6 +59,7 @@ class Runtime:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.batches_run = 0
+        self._queue_age = (0.0, 0.0)  # (when measured, age), so that many requests a millisecond scan the pools once
         for pool in self.pools:  # a pool serves one running runtime at a time
             pool.wakeup = self._wakeup
 
@@ -75,6 +77,17 @@ class Runtime:
         self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
         self._thread.start()
         return self
+
+    def queue_age(self) -> float:
+        """Seconds the oldest task waiting in any pool has waited (0.0 if none waits); measured at most every 10 ms."""
+        now = time.monotonic()
+        measured, age = self._queue_age
+        if now - measured > 0.01:
+            oldest = _oldest(self.pools, lambda p: p.oldest_submit_time)
+            submitted = None if oldest is None else oldest.oldest_submit_time
+            age = 0.0 if submitted is None else max(now - submitted, 0.0)
+            self._queue_age = (now, age)
+        return age
 
     def _pick(self) -> RuntimePool | None:
         """The pool whose oldest task waited longest; if none waits, the one with the oldest deferred work."""
