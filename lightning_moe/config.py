@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from typing import Any, Optional
 
-WIRE_COMPRESSIONS = ("none", "float16", "uint8")  # lightning_moe.wire.COMPRESSIONS, without importing torch
+WIRE_COMPRESSIONS = ("none", "float16", "uint8", "int8", "int4")  # lightning_moe.wire.COMPRESSIONS, without importing torch
 
 
 class ConfigError(ValueError):
@@ -161,7 +161,7 @@ class HostConfig:
     kept_forwards_mb: float = _help("MiB of forward graphs kept for their backward, so a backward needs no second "
                                     "forward and no inputs resent (0: recompute every forward)", default=512.0)
     seed: Optional[int] = _help("seeds the experts' initial weights and the choice of free cells", default=None)
-    compression: Optional[str] = _help("compression of the host's answers (none, float16, uint8); "
+    compression: Optional[str] = _help("compression of the host's answers (none, float16, uint8, int8, int4); "
                                        "null: as each request came", default=None)
     dtype: str = _help("the experts' dtype: float32, float64, bfloat16 or float16", default="float32")
     device: Optional[str] = _help("where the experts compute (cpu, cuda, cuda:1); null: cpu, or the trainer's "

@@ -72,7 +72,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="steps per round, of each of local and remote")
     parser.add_argument("--rounds", type=int, default=3, help="remote rounds, each between two local rounds")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps of each before the first round")
-    parser.add_argument("--compression", default="none", choices=["none", "float16", "uint8"])
+    parser.add_argument("--compression", default="none", choices=["none", "float16", "uint8", "int8", "int4"])
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 

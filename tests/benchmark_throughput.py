@@ -132,7 +132,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--batches-per-client", type=int, default=16)
     parser.add_argument("--max-batch-size", type=int, default=2048, help="rows per batch the host forms")
-    parser.add_argument("--compression", default="none", choices=["none", "float16", "uint8"])
+    parser.add_argument("--compression", default="none", choices=["none", "float16", "uint8", "int8", "int4"])
     parser.add_argument("--no-keep", dest="keep", action="store_false",
                         help="the host recomputes each forward in backward (the trainer resends the inputs)")
     parser.add_argument("--no-backprop", dest="backprop", action="store_false", help="forward only")

@@ -79,7 +79,7 @@ def raw_request(port: int, data: bytes, shutdown_write: bool = False) -> tuple[i
 def test_info(host):
     info = requests.get(url(host, "/info"), timeout=WAIT).json()
     assert info["version"] == lightning_moe.__version__
-    assert info["compression"] == ["none", "float16", "uint8"]
+    assert info["compression"] == ["none", "float16", "uint8", "int8", "int4"]
     assert info["max_body_bytes"] == host.config.limits.max_body_bytes == 64 * 2**20
     schema = [{"shape": [HID], "dtype": "float32"}]
     assert info["experts"] == {

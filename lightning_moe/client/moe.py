@@ -65,7 +65,7 @@ class DecentralizedMoE(nn.Module):
             that first runs forward (safe for DDP and pickling).
         initial_peers: ``"host:port"`` of DHT nodes, used when ``dht`` is None (the other ``dht.*`` keys
             keep their defaults: the node binds so that it reaches these peers).
-        compression: wire compression of activations and gradients: none, float16 or uint8.
+        compression: wire compression of activations and gradients: none, float16, uint8, int8 or int4.
         cache_ttl: seconds that a DHT answer is fresh; it is refreshed in the background before then, and an
             older one is still used while its refresh runs (up to ``dht_cache.DEFAULT_MAX_STALE``), so a step
             waits on the DHT only for prefixes it never looked up (``stats["dht_blocking"]``). 0: no caching.

@@ -69,10 +69,12 @@ def call_expert(
     secret: bytes | None = None,
     keep: str | None = None,
     handle: http_client.CallHandle | None = None,
+    stochastic: bool | Sequence[bool] = False,
 ) -> list[torch.Tensor]:
     """POST tensors to ``/{method}/{uid}`` and return the decoded answer (CPU tensors).
 
     ``handle`` lets another thread give the call up (:meth:`http_client.CallHandle.cancel`).
+    ``stochastic`` (one flag or one per tensor) rounds int8/int4 values unbiased: for gradients.
 
     ``keep`` (a request id, see :func:`new_keep_id`) asks the host to keep a forward for its backward,
     and names the kept forward in a backward that sends only the output gradients.
@@ -84,7 +86,7 @@ def call_expert(
     """
     path = f"/{method}/{uid}" if keep is None else f"/{method}/{uid}?keep={keep}"
     try:
-        body = wire.serialize(tensors, compression)
+        body = wire.serialize(tensors, compression, stochastic)
         target = host_id(endpoint, secret, timeout)
         for attempt in range(2):
             headers = {"Content-Type": "application/octet-stream", "X-Compression": compression}
@@ -136,14 +138,19 @@ def call_backward(
     handle: http_client.CallHandle | None = None,
 ) -> list[torch.Tensor]:
     """The input gradients of a forward: sent with only ``grad_outputs`` if the host kept the forward under ``keep``;
-    with the inputs as well if it was not kept or the host no longer keeps it (it answers 409)."""
+    with the inputs as well if it was not kept or the host no longer keeps it (it answers 409).
+
+    With int8 or int4 compression the gradients are rounded stochastically (unbiased; the inputs to
+    nearest): see :mod:`lightning_moe.codecs` for why, and why not error feedback."""
     if keep is not None:
         try:
-            return call_expert(uid, endpoint, "backward", list(grad_outputs), compression, timeout, secret, keep, handle)
+            return call_expert(uid, endpoint, "backward", list(grad_outputs), compression, timeout, secret, keep, handle,
+                               stochastic=True)
         except RemoteExpertError as e:
             if e.status != 409:
                 raise
-    return call_expert(uid, endpoint, "backward", [*inputs, *grad_outputs], compression, timeout, secret, handle=handle)
+    return call_expert(uid, endpoint, "backward", [*inputs, *grad_outputs], compression, timeout, secret, handle=handle,
+                       stochastic=[False] * len(inputs) + [True] * len(grad_outputs))
 
 
 def _error_message(response: http_client.Answer) -> str:
@@ -188,7 +195,7 @@ class RemoteExpert(nn.Module):
         endpoint: the host's ``"host:port"``.
         forward_timeout: seconds to wait for a forward answer (None: forever).
         backward_timeout: seconds to wait for a backward answer (None: forever).
-        compression: wire compression of activations and gradients: none, float16 or uint8.
+        compression: wire compression of activations and gradients: none, float16, uint8, int8 or int4.
         secret: a private swarm's shared secret (default: the LIGHTNING_MOE_SECRET environment variable).
     """
 

@@ -371,7 +371,8 @@ class ExpertHTTPServer:
                 raise _RequestError(400, f"{direction}: {e}", uid) from None
             outputs = await self._compute(direction, uid, backend, tensors, keep)
             try:
-                return wire.serialize_parts(outputs, self.compression or compression)
+                # input gradients are rounded unbiased (int8/int4): see lightning_moe.codecs
+                return wire.serialize_parts(outputs, self.compression or compression, stochastic=direction == "backward")
             except ValueError as e:
                 raise _RequestError(500, f"{direction}: cannot serialize the outputs: {e}", uid) from None
         finally:
