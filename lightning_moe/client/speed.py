@@ -221,19 +221,41 @@ class StragglerWait:
 def prefer_fast(chosen: list[list[tuple[str, str]]], scores: Sequence[torch.Tensor], k: int, slow: set[str],
                 margin: float) -> list[list[tuple[str, str]]]:
     """Each sample's ``k`` best of its candidates (best first, as beam search found them) after an expert on a ``slow``
-    host lost ``margin`` of its score (the sum of its cells' logits, as the layer's mix weighs them):
-    a faster expert that scores within ``margin`` of it takes its place. A random ``SLOW_HOST_MIN_SHARE`` of the slow
-    hosts' candidates keep their scores, so no host is starved whatever the gating learns."""
-    out = []
-    keeps = torch.rand(len(chosen), max((len(row) for row in chosen), default=0)) < SLOW_HOST_MIN_SHARE
-    for b, row in enumerate(chosen):
-        if not any(endpoint in slow for _, endpoint in row):
-            out.append(row[:k])
-            continue
-        ranked = []
-        for i, (uid, endpoint) in enumerate(row):
-            score = sum(float(s[b, int(c)]) for s, c in zip(scores, uid.split(".")[1:]))
-            penalty = margin if endpoint in slow and not bool(keeps[b, i]) else 0.0
-            ranked.append((score - penalty, -i, (uid, endpoint)))
-        out.append([pair for *_, pair in sorted(ranked, reverse=True)[:k]])
+    host lost ``margin`` of its score (the sum of its cells' logits, as the layer's mix weighs them): a faster
+    expert that scores within ``margin`` of it takes its place. A random ``SLOW_HOST_MIN_SHARE`` of the slow hosts'
+    candidates keep their scores, so no host is starved whatever the gating learns. Vectorized over the samples
+    that have a slow candidate."""
+    out = [row[:k] for row in chosen]
+    touched = [b for b, row in enumerate(chosen) if any(endpoint in slow for _, endpoint in row)]
+    if not touched:
+        return out
+    width = max(len(chosen[b]) for b in touched)
+    cells: dict[str, list[int]] = {}
+    blank = [0] * len(scores)
+    flat_cells: list[list[int]] = []
+    flat_slow: list[bool] = []
+    flat_present: list[bool] = []
+    for b in touched:
+        row = chosen[b]
+        for uid, endpoint in row:
+            cell = cells.get(uid)
+            if cell is None:
+                cell = cells[uid] = [int(c) for c in uid.split(".")[1:]]
+            flat_cells.append(cell)
+            flat_slow.append(endpoint in slow)
+        pad = width - len(row)
+        flat_cells += [blank] * pad
+        flat_slow += [False] * pad
+        flat_present += [True] * len(row) + [False] * pad
+    coords = torch.tensor(flat_cells).view(len(touched), width, len(scores))
+    is_slow = torch.tensor(flat_slow).view(len(touched), width)
+    present = torch.tensor(flat_present).view(len(touched), width)
+    rows = torch.tensor(touched)
+    total = sum(s[rows].gather(1, coords[..., d]).float() for d, s in enumerate(scores))
+    penalized = is_slow & (torch.rand(is_slow.shape) >= SLOW_HOST_MIN_SHARE)
+    adjusted = (total - margin * penalized.float()).masked_fill(~present, -math.inf)
+    order = torch.sort(adjusted, dim=1, descending=True, stable=True).indices[:, :k].tolist()
+    for r, b in enumerate(touched):
+        row = chosen[b]
+        out[b] = [row[i] for i in order[r] if i < len(row)]
     return out
