@@ -96,11 +96,12 @@ def _trainer(mode: str, index: int, peers: list[str], args: argparse.Namespace, 
 
 def run_mode(mode: str, args: argparse.Namespace, out_dir: str) -> dict[int, dict]:
     """A fresh local swarm and three trainer processes; returns each trainer's summary."""
-    from lightning_moe.lightning.train import check_config, local_swarm
+    from lightning_moe.lightning.train import check_config
+    from lightning_moe.swarm import LocalSwarm
 
     cfg = _compose(list(args.overrides))
     host, dht, swarm_config = check_config(cfg)
-    swarm = local_swarm(host, dht, swarm_config).start()
+    swarm = LocalSwarm(host, swarm_config, dht).start()
     ctx = mp.get_context("spawn")
     barrier = ctx.Barrier(NUM_TRAINERS, timeout=600)
     processes = [ctx.Process(target=_trainer, args=(mode, i, swarm.initial_peers, args, out_dir, barrier))

@@ -77,8 +77,8 @@ class FaultMonitor(pl.Callback):
             self.swarm.kill(0, signal.SIGKILL)
             self.report.notes.append(f"host 0 killed at step {step}")
         if self.swarm is not None and self.join_at is not None and step == int(self.join_at * total):
-            uids = [uid for prefix in self.swarm.config.layer_prefixes()
-                    for uid in grid_uids(prefix, self.swarm.grid_size)[0 :: self.swarm.num_hosts]]
+            uids = [uid for prefix in self.swarm.host_config.layer_prefixes()
+                    for uid in grid_uids(prefix, self.swarm.grid_size)[0 :: self.swarm.config.num_hosts]]
             self.joiner = self.swarm.add_host(uids, seed=100)
             self.report.notes.append(f"new host joined at step {step} with {len(uids)} experts")
         self._start = time.perf_counter()

@@ -240,18 +240,35 @@ class HostConfig:
 
 @dataclass
 class LocalSwarmConfig:
-    """The swarm that `lightning-moe train` starts on this machine when dht.initial_peers is empty."""
+    """A swarm on this machine (:class:`lightning_moe.swarm.LocalSwarm`): the one `lightning-moe train` starts when
+    dht.initial_peers is empty, and tests'. Its hosts serve the `host` group's experts, except for these keys."""
 
-    num_hosts: int = 2
-    num_threads: Optional[int] = 1
-    update_period: float = 5.0
-    start_timeout: float = 120.0
-    host_delays: list[float] = field(default_factory=list)
+    num_hosts: int = _help("host processes to start; host i serves every num_hosts-th cell of each layer's grid from "
+                           "cell i, with seed host.seed + i", default=2)
+    num_threads: Optional[int] = _help("each host's torch threads, replacing host.num_threads (the hosts share this "
+                                       "machine); null: torch's default", default=1)
+    update_period: float = _help("seconds between each host's DHT declarations, replacing host.update_period",
+                                 default=5.0)
+    start_timeout: float = _help("seconds to wait for every host to serve", default=120.0)
+    host_delays: list[float] = _help("extra seconds per batch for each of the first hosts, e.g. [2.0] makes host 0 a "
+                                     "slow volunteer (the others keep host.delay)", default_factory=list)
 
     def __post_init__(self) -> None:
-        _require(self.num_hosts >= 1, "local_swarm.num_hosts", "must be at least 1 (a swarm needs a host)", self.num_hosts)
-        _require(self.start_timeout > 0, "local_swarm.start_timeout", "must be positive", self.start_timeout)
-        _require(all(d >= 0 for d in self.host_delays), "local_swarm.host_delays", "must be seconds >= 0", self.host_delays)
+        self.check()
+
+    def check(self, prefix: str = "local_swarm") -> None:
+        """Ranges and relations; raises :class:`ConfigError` naming the key."""
+        _require(self.num_hosts >= 1, f"{prefix}.num_hosts", "must be at least 1 (a swarm needs a host)", self.num_hosts)
+        _require(self.num_threads is None or self.num_threads >= 1, f"{prefix}.num_threads", "must be null or positive",
+                 self.num_threads)
+        from lightning_moe.dht.records import MAX_TTL
+
+        _require(0 < self.update_period <= MAX_TTL / 2, f"{prefix}.update_period",
+                 f"must be positive and at most {MAX_TTL / 2:g} s (declarations live two periods)", self.update_period)
+        _require(self.start_timeout > 0, f"{prefix}.start_timeout", "must be positive", self.start_timeout)
+        _require(all(d >= 0 for d in self.host_delays), f"{prefix}.host_delays", "must be seconds >= 0", self.host_delays)
+        _require(len(self.host_delays) <= self.num_hosts, f"{prefix}.host_delays",
+                 f"must have at most {prefix}.num_hosts={self.num_hosts} delays", self.host_delays)
 
 
 @dataclass

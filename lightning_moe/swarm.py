@@ -9,10 +9,10 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from lightning_moe.config import ConfigError, DHTConfig, HostConfig, grid_uids
+from lightning_moe.config import DHTConfig, HostConfig, LocalSwarmConfig, grid_uids, to_dataclass
 from lightning_moe.volunteer import start_volunteer
 
 logger = logging.getLogger(__name__)
@@ -46,34 +46,37 @@ def _host_process(index: int, config: HostConfig, dht: DHTConfig, ready: Any, re
 class LocalSwarm:
     """A DHT bootstrap node in this process and volunteer host processes on this machine.
 
-    Each host process runs :func:`~lightning_moe.volunteer.start_volunteer` with ``host``, except
-    that host ``i`` serves every ``num_hosts``-th cell of each layer's grid from cell ``i``, with
-    seed ``host.seed + i`` (or ``i``) and the delay ``host_delays[i]``. The hosts start in parallel.
+    Each host process runs :func:`~lightning_moe.volunteer.start_volunteer` with ``host``, except for
+    the keys ``config`` sets (:class:`~lightning_moe.config.LocalSwarmConfig` documents them: how many
+    hosts, their cells, seeds, delays, threads and update period); they bind where the swarm's DHT
+    node does, on ports of their own, without host checkpoints. The hosts start in parallel.
 
     Args:
-        host: the host configuration (experts, optimizer, grid, batch sizes, ...); must be picklable
-            (``_target_`` configs or importable factories).
-        num_hosts: host processes to start (at least 1).
-        start_timeout: seconds to wait for the hosts to be ready.
-        host_delays: extra seconds per batch for each of the first hosts (to test slow volunteers).
-        dht: the ``dht`` group: its ``secret`` (a private swarm), ``host`` and ``announce_host`` (null: loopback)
-            apply to the swarm's DHT node and hosts; its peers and port do not (the swarm is a DHT of its own).
+        host: the hosts' configuration (:class:`~lightning_moe.config.HostConfig` or its mapping); must be
+            picklable (``_target_`` configs or importable factories).
+        config: the swarm's (:class:`~lightning_moe.config.LocalSwarmConfig` or its mapping; None: the defaults).
+        dht: the ``dht`` group (:class:`~lightning_moe.config.DHTConfig` or its mapping): its ``secret`` (a private
+            swarm), ``host`` and ``announce_host`` (null: loopback) apply to the swarm's DHT node and hosts; its
+            peers and port do not (the swarm is a DHT of its own).
+
+    ``self.config``, ``self.host_config`` (``host`` with the swarm's keys applied) and ``self.dht_config`` are
+    the checked dataclasses.
     """
 
     def __init__(
         self,
-        host: HostConfig,
-        num_hosts: int = 2,
-        dht: DHTConfig | None = None,
-        start_timeout: float = 120.0,
-        host_delays: Sequence[float] = (),
+        host: HostConfig | Mapping[str, Any],
+        config: LocalSwarmConfig | Mapping[str, Any] | None = None,
+        dht: DHTConfig | Mapping[str, Any] | None = None,
     ):
-        if num_hosts < 1:
-            raise ConfigError(f"local_swarm.num_hosts must be at least 1 (a swarm needs a host), got {num_hosts}")
-        host.check()
-        self.config, self.num_hosts = host, num_hosts
-        self.dht_config = dataclasses.replace(dht or DHTConfig(), initial_peers=[], port=0)
-        self.start_timeout, self.host_delays = start_timeout, list(host_delays)
+        self.config: LocalSwarmConfig = to_dataclass(config if config is not None else LocalSwarmConfig(), LocalSwarmConfig)
+        self.config.check()
+        host = to_dataclass(host, HostConfig)
+        self.host_config: HostConfig = dataclasses.replace(host, num_threads=self.config.num_threads,
+                                                           update_period=self.config.update_period)
+        self.host_config.check()
+        dht = to_dataclass(dht if dht is not None else DHTConfig(), DHTConfig)
+        self.dht_config: DHTConfig = dataclasses.replace(dht, initial_peers=[], port=0)
         self._ctx = mp.get_context("spawn")
         self._ready, self._results = self._ctx.Queue(), self._ctx.Queue()
         self.final_stats: dict[int, dict] = {}
@@ -83,11 +86,11 @@ class LocalSwarm:
 
     @property
     def uid_prefix(self) -> str:
-        return self.config.uid_prefix
+        return self.host_config.uid_prefix
 
     @property
     def grid_size(self) -> tuple[int, ...]:
-        return tuple(self.config.grid_size)
+        return tuple(self.host_config.grid_size)
 
     @property
     def initial_peers(self) -> list[str]:
@@ -105,22 +108,23 @@ class LocalSwarm:
     def start(self) -> "LocalSwarm":
         """Start the DHT node and all hosts in parallel; returns once every host serves."""
         self.start_dht()
-        layers = [grid_uids(prefix, self.grid_size) for prefix in self.config.layer_prefixes()]
+        num_hosts, delays = self.config.num_hosts, self.config.host_delays
+        layers = [grid_uids(prefix, self.grid_size) for prefix in self.host_config.layer_prefixes()]
         try:
-            for i in range(self.num_hosts):
-                delay = self.host_delays[i] if i < len(self.host_delays) else 0.0
-                uids = [uid for layer in layers for uid in layer[i :: self.num_hosts]]
-                self.add_host(uids, seed=(self.config.seed or 0) + i, delay=delay, wait=False)
-            self._wait_ready(range(self.num_hosts))
+            for i in range(num_hosts):
+                delay = delays[i] if i < len(delays) else self.host_config.delay
+                uids = [uid for layer in layers for uid in layer[i :: num_hosts]]
+                self.add_host(uids, seed=(self.host_config.seed or 0) + i, delay=delay, wait=False)
+            self._wait_ready(range(num_hosts))
         except BaseException:
             self.shutdown()
             raise
-        logger.info("local swarm: DHT at %s, %d hosts at %s", self.dht.address, self.num_hosts, self.endpoints)
+        logger.info("local swarm: DHT at %s, %d hosts at %s", self.dht.address, num_hosts, self.endpoints)
         return self
 
     def add_host(self, uids: Sequence[str], seed: int | None = None, delay: float = 0.0, wait: bool = True) -> int:
         """Start one more host process serving ``uids``; returns its index."""
-        config = dataclasses.replace(self.config, cells=list(uids), seed=seed, delay=delay, host=self.dht.host, port=0,
+        config = dataclasses.replace(self.host_config, cells=list(uids), seed=seed, delay=delay, host=self.dht.host, port=0,
                                      announce_host=self.dht_config.announce_host, announce_port=None, checkpoint_dir=None)
         dht = dataclasses.replace(self.dht_config, initial_peers=self.initial_peers, host=self.dht.host)
         index = len(self.processes)
@@ -135,11 +139,12 @@ class LocalSwarm:
 
     def _wait_ready(self, indices: Iterable[int]) -> None:
         waiting = set(indices)
-        deadline = time.monotonic() + self.start_timeout
+        deadline = time.monotonic() + self.config.start_timeout
         while waiting:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise TimeoutError(f"hosts {sorted(waiting)} did not start within {self.start_timeout} s")
+                raise TimeoutError(f"hosts {sorted(waiting)} did not start within {self.config.start_timeout} s "
+                                   "(local_swarm.start_timeout)")
             try:
                 index, endpoint, _, error = self._ready.get(timeout=min(remaining, 1.0))
             except Exception:  # queue.Empty

@@ -32,7 +32,7 @@ import torch
 
 from lightning_moe.client.local_moe import LocalMoE
 from lightning_moe.client.moe import DecentralizedMoE
-from lightning_moe.config import HostConfig
+from lightning_moe.config import HostConfig, LocalSwarmConfig
 from lightning_moe.server.experts import make_expert
 from lightning_moe.swarm import LocalSwarm
 
@@ -85,8 +85,8 @@ def main() -> None:
     torch.manual_seed(0)
     local_step = training_step(LocalMoE(args.hid_dim, args.grid, expert, k_best=args.k_best), x)
     host = HostConfig(expert=expert, in_features=args.hid_dim, optimizer=functools.partial(torch.optim.Adam, lr=1e-4),
-                      grid_size=list(args.grid), max_batch_size=4096, update_period=5.0, stats_every=0)
-    with LocalSwarm(host, num_hosts=args.num_hosts) as swarm:
+                      grid_size=list(args.grid), max_batch_size=4096, stats_every=0)
+    with LocalSwarm(host, LocalSwarmConfig(num_hosts=args.num_hosts, num_threads=None, update_period=5.0)) as swarm:
         moe = DecentralizedMoE(args.hid_dim, args.grid, "ffn", k_best=args.k_best, initial_peers=swarm.initial_peers,
                                compression=args.compression)
         counts: dict[str, int] = {}  # expert calls of this round's remote steps

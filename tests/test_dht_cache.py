@@ -308,13 +308,13 @@ def test_decentralized_moe_steps_wait_on_the_dht_only_while_warming_up():
     import functools
 
     from lightning_moe.client.moe import DecentralizedMoE
-    from lightning_moe.config import HostConfig
+    from lightning_moe.config import HostConfig, LocalSwarmConfig
     from lightning_moe.server.experts import make_expert
     from lightning_moe.swarm import LocalSwarm
 
     host = HostConfig(expert=functools.partial(make_expert, "ffn", 8), in_features=8, grid_size=[2, 2], optimizer=None,
-                      update_period=2.0, num_threads=1, stats_every=0)
-    swarm = LocalSwarm(host, num_hosts=1).start()
+                      stats_every=0)
+    swarm = LocalSwarm(host, LocalSwarmConfig(num_hosts=1, num_threads=1, update_period=2.0)).start()
     moe = DecentralizedMoE(8, (2, 2), "ffn", k_best=2, initial_peers=swarm.initial_peers, cache_ttl=0.3)
     try:
         x = torch.randn(4, 8)

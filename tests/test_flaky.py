@@ -10,7 +10,7 @@ import torch
 from lightning_moe import DecentralizedMoE, shared
 from lightning_moe.client.health import HealthConfig, HealthRegistry
 from lightning_moe.client.parallel_call import NotEnoughExpertsError
-from lightning_moe.config import DHTConfig, HostConfig, layer_prefixes
+from lightning_moe.config import DHTConfig, HostConfig, LocalSwarmConfig, layer_prefixes
 from lightning_moe.server.experts import make_expert
 from lightning_moe.swarm import LocalSwarm
 from lightning_moe.volunteer import start_volunteer
@@ -59,7 +59,7 @@ def test_breakers_open_by_error_rate_back_off_and_probe(monkeypatch):
 # ---- against real hosts --------------------------------------------------------------------------
 @pytest.mark.slow
 def test_ten_percent_failures_on_every_host_for_100_steps_of_a_4_layer_model():
-    swarm = LocalSwarm(host_config(num_layers=4, fault_rate=0.1), num_hosts=2).start()
+    swarm = LocalSwarm(host_config(num_layers=4, fault_rate=0.1), LocalSwarmConfig(num_hosts=2, update_period=2.0)).start()
     layers = [layer(prefix, initial_peers=swarm.initial_peers) for prefix in layer_prefixes("ffn", 4)]
     try:
         x = torch.randn(32, HID)

@@ -16,7 +16,7 @@ import torch
 from hydra import compose, initialize_config_module
 
 from lightning_moe import ExpertHostCallback
-from lightning_moe.config import ConfigError, DHTConfig, HostConfig, HostLimits, to_dataclass
+from lightning_moe.config import ConfigError, DHTConfig, HostConfig, HostLimits, LocalSwarmConfig, to_dataclass
 from lightning_moe.server.experts import make_expert
 from lightning_moe.shared import shutdown_process_dht
 from lightning_moe.swarm import LocalSwarm
@@ -117,7 +117,7 @@ def test_callback_sets_the_trainer_threads_and_serves_with_the_limits(tmp_path):
 
 @pytest.mark.slow
 def test_local_swarm_hosts_serve_with_the_limits():
-    swarm = LocalSwarm(host_config(num_threads=1), num_hosts=1).start()
+    swarm = LocalSwarm(host_config(), LocalSwarmConfig(num_hosts=1, num_threads=1, update_period=2.0)).start()
     try:
         assert_serves_with_limits(swarm.endpoints[0])
     finally:

@@ -22,7 +22,7 @@ from lightning_moe.client.moe import DecentralizedMoE
 from lightning_moe.dht import DHT, expert_key, prefix_key
 from lightning_moe.dht.records import MAX_TTL, encode_record, expert_entries
 from lightning_moe.server.experts import make_expert
-from lightning_moe.config import HostConfig
+from lightning_moe.config import HostConfig, LocalSwarmConfig
 from lightning_moe.swarm import LocalSwarm, grid_uids
 
 HID = 16
@@ -34,8 +34,8 @@ FAR = MAX_TTL - 1  # the furthest ahead an expiration may be
 
 def start_swarm() -> LocalSwarm:
     host = HostConfig(expert=functools.partial(make_expert, "ffn", HID), optimizer=functools.partial(torch.optim.SGD, lr=0.1),
-                      in_features=HID, grid_size=list(GRID), update_period=2.0, num_threads=1, stats_every=0)
-    return LocalSwarm(host, num_hosts=2).start()
+                      in_features=HID, grid_size=list(GRID), stats_every=0)
+    return LocalSwarm(host, LocalSwarmConfig(num_hosts=2, num_threads=1, update_period=2.0)).start()
 
 
 def closed_ports(count: int) -> list[int]:

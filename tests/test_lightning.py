@@ -22,7 +22,7 @@ from lightning_moe.dht import DHT
 from lightning_moe.lightning import train as train_module
 from lightning_moe.shared import shutdown_process_dht
 from lightning_moe.server.experts import make_expert
-from lightning_moe.config import HostConfig
+from lightning_moe.config import HostConfig, LocalSwarmConfig
 from lightning_moe.swarm import LocalSwarm
 from lightning_moe.volunteer import make_backends
 
@@ -311,8 +311,8 @@ def test_readme_code_block_works_as_written(tmp_path):
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - our own README
     host = HostConfig(expert=functools.partial(make_expert, "ffn", 64), optimizer=functools.partial(torch.optim.Adam, lr=1e-3),
-                      in_features=64, uid_prefix="ffn", grid_size=[4, 4], num_threads=1)
-    swarm = LocalSwarm(host, num_hosts=1).start()
+                      in_features=64, uid_prefix="ffn", grid_size=[4, 4])
+    swarm = LocalSwarm(host, LocalSwarmConfig(num_hosts=1, num_threads=1)).start()
     model = namespace["MyModel"](initial_peers=swarm.initial_peers)
     try:
         data = torch.utils.data.TensorDataset(torch.randn(32, 32), torch.randint(0, 10, (32,)))

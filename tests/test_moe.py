@@ -14,7 +14,7 @@ from lightning_moe.client.local_moe import LocalMoE
 from lightning_moe.client.moe import DecentralizedMoE
 from lightning_moe.client.parallel_call import NotEnoughExpertsError
 from lightning_moe.server.experts import make_expert
-from lightning_moe.config import HostConfig
+from lightning_moe.config import HostConfig, LocalSwarmConfig
 from lightning_moe.swarm import LocalSwarm, grid_uids
 from lightning_moe.volunteer import make_backends
 
@@ -23,20 +23,22 @@ GRID = (4, 4)
 LR = 0.1
 
 
-def start_swarm(optimizer=True, dtype=torch.float32, **kwargs) -> LocalSwarm:
+def start_swarm(optimizer=True, dtype=torch.float32, **swarm) -> LocalSwarm:
+    """2 hosts (``swarm``: other LocalSwarmConfig keys) declaring every 2 s."""
     host = HostConfig(expert=functools.partial(make_expert, "ffn", HID), in_features=HID, grid_size=list(GRID),
-                      optimizer=functools.partial(torch.optim.SGD, lr=LR) if optimizer else None, update_period=2.0,
-                      num_threads=1, dtype=str(dtype).removeprefix("torch."), stats_every=0)
-    return LocalSwarm(host, num_hosts=kwargs.pop("num_hosts", 2), **kwargs).start()
+                      optimizer=functools.partial(torch.optim.SGD, lr=LR) if optimizer else None,
+                      dtype=str(dtype).removeprefix("torch."), stats_every=0)
+    return LocalSwarm(host, LocalSwarmConfig(**{"num_hosts": 2, "update_period": 2.0, "num_threads": 1, **swarm})).start()
 
 
 def local_experts(swarm: LocalSwarm, optimizer=True, dtype=torch.float32) -> dict:
     """Copies of the swarm's experts: each host built its share of the grid from seed = its index."""
     uids = grid_uids("ffn", GRID)
     experts = {}
-    for i in range(swarm.num_hosts):
+    num_hosts = swarm.config.num_hosts
+    for i in range(num_hosts):
         opt = functools.partial(torch.optim.SGD, lr=LR) if optimizer else None
-        experts.update(make_backends(uids[i :: swarm.num_hosts], swarm.config.expert, opt, HID, dtype=dtype, seed=i))
+        experts.update(make_backends(uids[i :: num_hosts], swarm.host_config.expert, opt, HID, dtype=dtype, seed=i))
     return experts
 
 

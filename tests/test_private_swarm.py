@@ -15,7 +15,7 @@ from lightning_moe.client.parallel_call import NotEnoughExpertsError
 from lightning_moe.client.remote_expert import RemoteExpert, RemoteExpertError
 from lightning_moe.net.http_client import signed
 from lightning_moe.server import ExpertBackend, ExpertHost, make_expert
-from lightning_moe.config import DHTConfig, HostConfig
+from lightning_moe.config import DHTConfig, HostConfig, LocalSwarmConfig
 from lightning_moe.swarm import LocalSwarm
 
 HID = 16
@@ -144,8 +144,8 @@ def test_secret_comes_from_the_environment_variable(monkeypatch):
 @pytest.mark.slow
 def test_decentralized_moe_trains_in_a_private_swarm_and_strangers_are_refused():
     host = HostConfig(expert=functools.partial(make_expert, "ffn", HID), optimizer=functools.partial(torch.optim.SGD, lr=0.1),
-                      in_features=HID, grid_size=[2, 2], update_period=2.0, num_threads=1, stats_every=0)
-    swarm = LocalSwarm(host, num_hosts=1, dht=DHTConfig(secret=SECRET)).start()
+                      in_features=HID, grid_size=[2, 2], stats_every=0)
+    swarm = LocalSwarm(host, LocalSwarmConfig(num_hosts=1, num_threads=1, update_period=2.0), DHTConfig(secret=SECRET)).start()
     member = DecentralizedMoE(HID, (2, 2), "ffn", k_best=2, initial_peers=swarm.initial_peers, secret=SECRET, cache_ttl=1.0)
     stranger = DecentralizedMoE(HID, (2, 2), "ffn", k_best=2, initial_peers=swarm.initial_peers, forward_timeout=10.0)
     try:

@@ -58,6 +58,7 @@ def test_wrong_types_fail_at_composition_naming_the_key():
 @pytest.mark.parametrize("override, key", [
     ("moe.k_min=9", "moe.k_min"), ("moe.compression=zip", "moe.compression"), ("host.cells=99", "host.cells"),
     ("host.cells=[ffn.9.9]", "host.cells"), ("host.port=70000", "host.port"), ("local_swarm.num_hosts=0", "local_swarm.num_hosts"),
+    ("local_swarm.host_delays=[1.0,1.0,1.0]", "local_swarm.host_delays"), ("local_swarm.update_period=0", "local_swarm.update_period"),
     ("dht.initial_peers=[nowhere]", "dht.initial_peers"), ("host.compression=zip", "host.compression"),
     ("host.dtype=int8", "host.dtype"), ("+volunteer=maybe", "volunteer"),
     ("host.limits.max_body_mb=0", "host.limits.max_body_mb"), ("host.limits.request_timeout=-1", "host.limits.request_timeout"),
@@ -85,9 +86,26 @@ def test_port_in_use_names_host_port_and_dht_port():
 
 def test_local_swarm_refuses_zero_hosts():
     with pytest.raises(ConfigError, match="local_swarm.num_hosts"):
-        LocalSwarm(host_config(), num_hosts=0)
+        LocalSwarm(host_config(), {"num_hosts": 0})
     with pytest.raises(ConfigError, match="local_swarm.num_hosts"):
         LocalSwarmConfig(num_hosts=0)
+
+
+@pytest.mark.parametrize("keys, key", [
+    ({"num_threads": 0}, "local_swarm.num_threads"), ({"update_period": 0}, "local_swarm.update_period"),
+    ({"update_period": 1000.0}, "local_swarm.update_period"), ({"start_timeout": 0}, "local_swarm.start_timeout"),
+    ({"host_delays": [-1.0]}, "local_swarm.host_delays"), ({"num_hosts": 1, "host_delays": [1.0, 1.0]}, "local_swarm.host_delays"),
+    ({"num_host": 2}, "num_host"),
+])
+def test_local_swarm_config_names_the_wrong_key(keys, key):
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        LocalSwarm(host_config(), keys)
+
+
+def test_local_swarm_hosts_take_the_swarm_threads_and_update_period():
+    swarm = LocalSwarm(host_config(num_threads=4, update_period=9.0), {"num_hosts": 1, "num_threads": 1, "update_period": 3.0})
+    assert (swarm.host_config.num_threads, swarm.host_config.update_period) == (1, 3.0)
+    assert swarm.config == LocalSwarmConfig(num_hosts=1, num_threads=1, update_period=3.0) and swarm.dht is None
 
 
 def test_objective_metric_is_named_in_config():
@@ -190,7 +208,7 @@ def test_callback_logs_host_metrics_to_every_logger_and_shares_its_dht(tmp_path)
 # ---- `lightning-moe swarm` against a real local swarm --------------------------------------------
 @pytest.mark.slow
 def test_swarm_command_lists_live_experts_and_hosts(tmp_path):
-    swarm = LocalSwarm(host_config(num_threads=1), num_hosts=2).start()
+    swarm = LocalSwarm(host_config(), LocalSwarmConfig(num_hosts=2, num_threads=1, update_period=2.0)).start()
     try:
         result = subprocess.run(
             ["lightning-moe", "swarm", f"dht.initial_peers=[{swarm.initial_peers[0]}]", "moe.grid_size=[2,2]"],

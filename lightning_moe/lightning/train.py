@@ -7,7 +7,6 @@ trainer are built, the swarm's hosts start, and the trainer fits.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -71,13 +70,6 @@ def averaging_callback(cfg: DictConfig) -> pl.Callback:
     return SwarmAveraging(AveragingConfig(run_id=str(cfg.get("run_id", "default"))), dht=cfg.dht)
 
 
-def local_swarm(host: HostConfig, dht: DHTConfig, swarm: LocalSwarmConfig) -> LocalSwarm:
-    """The swarm of this machine: hosts with the `host` group's settings, except the local_swarm group's."""
-    config = dataclasses.replace(host, num_threads=swarm.num_threads, update_period=swarm.update_period)
-    return LocalSwarm(config, num_hosts=swarm.num_hosts, dht=dht, start_timeout=swarm.start_timeout,
-                      host_delays=swarm.host_delays)
-
-
 def train(cfg: DictConfig, extra_callbacks: Callable[[LocalSwarm | None], list[pl.Callback]] | None = None,
           report: Callable[[str], None] = logger.info) -> dict[str, float]:
     """Build everything from ``cfg``, fit, and return the final metrics.
@@ -91,7 +83,7 @@ def train(cfg: DictConfig, extra_callbacks: Callable[[LocalSwarm | None], list[p
     swarm = None
     joins_swarm = bool(cfg.dht.initial_peers)
     if uses_swarm(cfg) and not cfg.dht.initial_peers:
-        swarm = local_swarm(host, dht, swarm_config).start_dht()
+        swarm = LocalSwarm(host, swarm_config, dht).start_dht()
         cfg.dht.initial_peers = swarm.initial_peers
     try:
         datamodule = hydra.utils.instantiate(cfg.data)
