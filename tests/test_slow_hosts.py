@@ -13,7 +13,7 @@ import torch
 from lightning_moe import DecentralizedMoE, wire
 from lightning_moe.client import speed
 from lightning_moe.client.speed import HostSpeeds, StragglerWait, WaitBudget, prefer_fast
-from lightning_moe.config import HostConfig, HostLimits
+from lightning_moe.config import HostConfig, HostLimits, LocalSwarmConfig
 from lightning_moe.server import ExpertBackend, ExpertHost, make_expert
 from lightning_moe.swarm import LocalSwarm
 from lightning_moe.swarm_view import fetch_stats
@@ -106,9 +106,8 @@ def test_routing_prefers_a_close_faster_expert_and_never_starves_the_slow_host()
 # ---------------------------------------------------------------- real hosts
 def start_swarm(host_delays: list[float]) -> LocalSwarm:
     host = HostConfig(expert=functools.partial(make_expert, "ffn", HID), in_features=HID, grid_size=list(GRID),
-                      optimizer=functools.partial(torch.optim.SGD, lr=0.01), update_period=2.0, num_threads=1,
-                      stats_every=0)
-    return LocalSwarm(host, num_hosts=2, host_delays=host_delays).start()
+                      optimizer=functools.partial(torch.optim.SGD, lr=0.01), stats_every=0)
+    return LocalSwarm(host, LocalSwarmConfig(num_hosts=2, num_threads=1, update_period=2.0, host_delays=host_delays)).start()
 
 
 def forward_requests(endpoint: str) -> int:
