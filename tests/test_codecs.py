@@ -295,3 +295,16 @@ def test_host_refuses_malformed_compressed_bodies_and_keeps_serving():
             assert [spec.compression for spec in specs] == [codec]
             (out,) = wire.deserialize(response.content)
             assert out.shape == (5, HID) and torch.isfinite(out).all()
+
+
+def test_host_refuses_a_small_body_that_would_decode_past_its_body_limit():
+    limits = HostLimits(request_timeout=WAIT, max_body_mb=1.0)
+    with ExpertHost([make_backend()], HostConfig(limits=limits)) as host, requests.Session() as s:
+        rows = 2**20 // HID  # float64 int4: 16x its compressed size, so a 0.5 MiB body decodes to 8 MiB
+        body = message("int4", shape=(rows, HID), dtype="float64", payload=bytes(codecs.payload_nbytes("int4", rows * HID)))
+        assert len(body) < limits.max_body_bytes
+        response = s.post(f"http://{host.endpoint}/forward/ffn.0", data=bytes(body), headers={"X-Compression": "int4"},
+                          timeout=WAIT)
+        assert response.status_code == 413 and "decodes to" in response.json()["error"], response.text
+        x = torch.randn(5, HID)
+        assert s.post(f"http://{host.endpoint}/forward/ffn.0", data=bytes(wire.serialize([x])), timeout=WAIT).status_code == 200

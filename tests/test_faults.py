@@ -33,7 +33,7 @@ def test_decentralized_layer_learns_as_well_as_the_local_mixture(tmp_path_factor
     assert healthy.failed == 0 and healthy.timed_out == 0
 
 
-@pytest.mark.slow
+@pytest.mark.soak  # two more runs of about 50 s each; a host's death is also tested in test_moe.py
 def test_churn_killed_host_and_late_joiner(tmp_path_factory):
     churn, healthy = report("churn", tmp_path_factory), report("healthy", tmp_path_factory)
     assert churn.failed > 0, "the kill went unnoticed: no call ever failed"
@@ -41,7 +41,7 @@ def test_churn_killed_host_and_late_joiner(tmp_path_factory):
     assert abs(churn.val_bpc - healthy.val_bpc) <= 0.075, (churn, healthy)
 
 
-@pytest.mark.slow
+@pytest.mark.soak  # slow hosts are also tested with real hosts in test_slow_hosts.py
 def test_slow_host_is_given_up_on_and_training_goes_on(tmp_path_factory):
     slow, healthy = report("slow", tmp_path_factory), report("healthy", tmp_path_factory)
     assert slow.given_up + slow.shed > 0, "the slow host was never given up on or shed: the test proves nothing"

@@ -432,6 +432,10 @@ class ExpertHTTPServer:
             raise _RequestError(400, str(e), uid, close=close) from None
         if total != length:
             raise _RequestError(400, f"header describes {total} bytes but the message has {length}", uid, close=close)
+        decoded = sum(math.prod(spec.shape) * spec.dtype.itemsize for spec in specs)
+        if decoded > self.max_body_bytes:  # compressed tensors decode to up to 16x their bytes: bound what we allocate
+            raise _RequestError(413, f"the body decodes to {decoded} bytes, more than the limit of {self.max_body_bytes}",
+                                uid, close=close)
         rows = wire.batch_rows(specs)
         if rows > self.max_rows[uid]:
             raise _RequestError(413, f"{rows} rows exceed the limit of {self.max_rows[uid]} rows per request; "
