@@ -61,7 +61,7 @@ def test_the_wait_after_the_first_answer_adapts_to_estimates_and_budget():
     speeds = HostSpeeds()
     for _ in range(10):
         speeds.answered("soon:1", 0.2, rows=1)  # expected within SOON plain waits: waited for until then
-        speeds.answered("slow:1", 0.5, rows=1)  # 3x slower than the typical host and beyond SOON: not waited for
+        speeds.answered("slow:1", 0.5, rows=1)  # SLOW_FACTOR slower than the typical host and beyond SOON: not waited for
         speeds.answered("fast:1", 0.02, rows=1)
         speeds.answered("fast:2", 0.02, rows=1)
     wait = StragglerWait(cap=1.0, speeds=speeds)

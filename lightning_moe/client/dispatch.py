@@ -189,7 +189,7 @@ class Dispatcher:
         has an empty candidate set while the DHT knows experts.
         """
         slow = self.health.speeds.slow_hosts(SLOW_FACTOR) if self.latency_margin > 0 else set()
-        wanted = 2 * k if slow else k  # alternatives to the slow hosts' experts
+        wanted = k + max(2, k // 2) if slow else k  # alternatives to the slow hosts' experts
         chosen = beam_search(self.lookup, self.uid_prefix, scores, wanted, timeout=_left(deadline), return_endpoints=True)
         if slow:
             chosen = prefer_fast(chosen, scores, k, slow, self.latency_margin)

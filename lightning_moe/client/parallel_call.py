@@ -164,14 +164,21 @@ def plan_calls(candidates: dict[int, list[tuple[str, str]]], mask: torch.Tensor,
     its free slots (``~mask[sample]``) unless ``asked[sample]`` holds them already. Records the slots' grid cells in
     ``coords`` and the new candidates in ``asked``."""
     samples, slots, keys = [], [], []
+    free_rows = (~mask).tolist()  # one conversion, not a tensor op per sample
     for sample, pairs in candidates.items():
         tried = asked.setdefault(sample, set())
-        fresh = [pair for pair in pairs if pair not in tried]
-        for slot, pair in zip((~mask[sample]).nonzero().flatten().tolist(), fresh):
+        free = [slot for slot, is_free in enumerate(free_rows[sample]) if is_free]
+        taken = 0
+        for pair in pairs:
+            if taken == len(free):
+                break
+            if pair in tried:
+                continue
             samples.append(sample)
-            slots.append(slot)
+            slots.append(free[taken])
             keys.append(pair)
             tried.add(pair)
+            taken += 1
     if not keys:
         return []
     experts = list(dict.fromkeys(keys))

@@ -42,7 +42,7 @@ SOON = 2.0
 #: Answer times below this (seconds) are never slow, however much faster the typical host is.
 SLOW_FLOOR = 0.05
 #: A host expected to answer this many times slower than the typical host is slow: routing leans away from it.
-SLOW_FACTOR = 3.0
+SLOW_FACTOR = 2.0
 #: The share of a slow host's rows that routing leaves with it whatever the scores (its experts must not starve).
 SLOW_HOST_MIN_SHARE = 0.25
 
@@ -226,7 +226,8 @@ def prefer_fast(chosen: list[list[tuple[str, str]]], scores: Sequence[torch.Tens
     candidates keep their scores, so no host is starved whatever the gating learns. Vectorized over the samples
     that have a slow candidate."""
     out = [row[:k] for row in chosen]
-    touched = [b for b, row in enumerate(chosen) if any(endpoint in slow for _, endpoint in row)]
+    flags = [[endpoint in slow for _, endpoint in row] for row in chosen]
+    touched = [b for b, row_flags in enumerate(flags) if True in row_flags]
     if not touched:
         return out
     width = max(len(chosen[b]) for b in touched)
@@ -236,16 +237,14 @@ def prefer_fast(chosen: list[list[tuple[str, str]]], scores: Sequence[torch.Tens
     flat_slow: list[bool] = []
     flat_present: list[bool] = []
     for b in touched:
-        row = chosen[b]
-        for uid, endpoint in row:
+        row, pad = chosen[b], width - len(chosen[b])
+        for uid, _ in row:
             cell = cells.get(uid)
             if cell is None:
                 cell = cells[uid] = [int(c) for c in uid.split(".")[1:]]
             flat_cells.append(cell)
-            flat_slow.append(endpoint in slow)
-        pad = width - len(row)
         flat_cells += [blank] * pad
-        flat_slow += [False] * pad
+        flat_slow += flags[b] + [False] * pad
         flat_present += [True] * len(row) + [False] * pad
     coords = torch.tensor(flat_cells).view(len(touched), width, len(scores))
     is_slow = torch.tensor(flat_slow).view(len(touched), width)
