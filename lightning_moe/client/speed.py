@@ -203,10 +203,12 @@ class StragglerWait:
         limit = first + max(plain, self.cap)
         horizon = first + SOON * plain
         speeds = self.speeds
+        typical = None if speeds is None else speeds.typical(self.method)
+        slow_after = math.inf if typical is None else SLOW_FACTOR * max(typical, SLOW_FLOOR)
         late, others = [], []  # expected answer times of known-slow hosts; of the others (None: unknown)
         for endpoint in pending:
             e = None if speeds is None else speeds.expected(endpoint, self.method)
-            slow = e is not None and start + e > horizon and speeds.is_slow(endpoint, SLOW_FACTOR, self.method)
+            slow = e is not None and start + e > horizon and e > slow_after
             (late if slow else others).append(None if e is None else start + e)
         end = first
         if others:
