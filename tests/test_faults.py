@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import fault_runs  # noqa: E402
 
 SHORT = [
-    "trainer.max_steps=120", "trainer.val_check_interval=120", "trainer.limit_val_batches=20",
+    "trainer.max_steps=80", "trainer.val_check_interval=80", "trainer.limit_val_batches=20",
     "trainer.enable_progress_bar=false", "trainer.enable_checkpointing=false", "~logger", "callbacks=none",
     "data.train_bytes=200000",
 ]
@@ -29,7 +29,7 @@ def report(name: str, tmp_path_factory: pytest.TempPathFactory) -> fault_runs.Ru
 def test_decentralized_layer_learns_as_well_as_the_local_mixture(tmp_path_factory):
     local, healthy = report("local", tmp_path_factory), report("healthy", tmp_path_factory)
     assert math.isfinite(healthy.val_bpc) and healthy.val_bpc < 4.0  # learnt something (uniform is 8 bits)
-    assert abs(healthy.val_bpc - local.val_bpc) <= 0.05, (healthy, local)
+    assert healthy.val_bpc <= local.val_bpc + 0.05, (healthy, local)  # no worse (it has ended lower: README)
     assert healthy.failed == 0 and healthy.timed_out == 0
 
 
