@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_moe.net import http_client
+from lightning_moe.net import http_client, resolve_binding
 from lightning_moe.dht.records import is_valid_endpoint
 from lightning_moe.net.signing import MAX_CLOCK_SKEW
 
@@ -62,7 +62,8 @@ class Averager:
         run_id: trainers with the same run id average together.
         dht: this process's DHT node (``lightning_moe.shared.process_dht``), or None (no peers).
         client_mode: only initiate (behind NAT); no server, not declared, never asked.
-        host / port / announce_host: the server's bind address and the address peers are told.
+        host / port / announce_host: the server's bind address and the address peers are told (None: as
+            :func:`lightning_moe.net.resolve_binding` decides from the DHT node's address).
         secret: a private swarm's secret (signs requests and answers).
         max_distance: refuse a peer whose parameters are farther than this from ours
             (``||peer - ours|| / ||ours||``), and leave that peer out for ``ban_seconds``.
@@ -75,7 +76,7 @@ class Averager:
             the previous outer step) goes through Nesterov momentum with this learning rate.
     """
 
-    def __init__(self, module: nn.Module, run_id: str, dht: Any, client_mode: bool = False, host: str = "127.0.0.1",
+    def __init__(self, module: nn.Module, run_id: str, dht: Any, client_mode: bool = False, host: str | None = None,
                  port: int = 0, announce_host: str | None = None, secret: bytes | None = None, max_distance: float = 0.5,
                  ban_seconds: float = 60.0, timeout: float = 10.0, compression: str = "none", declare_ttl: float = 30.0,
                  snapshot_wait: float = 2.0, outer_lr: float = 1.0, outer_momentum: float = 0.0):
@@ -103,9 +104,11 @@ class Averager:
         self.server: AveragingServer | None = None
         self.endpoint: str | None = None
         if not client_mode:
-            self.server = AveragingServer(self._answer_average, self._answer_state, self.max_body, host=host, port=port,
-                                          secret=secret, on_refused=self._count_refused)
-            self.endpoint = f"{announce_host or host}:{self.server.port}"
+            own = getattr(dht, "address", None)  # None (auto): loopback when our DHT node is on loopback
+            binding = resolve_binding(host, announce_host, [own] if own else [])
+            self.server = AveragingServer(self._answer_average, self._answer_state, self.max_body, host=binding.host,
+                                          port=port, secret=secret, on_refused=self._count_refused)
+            self.endpoint = f"{binding.announce}:{self.server.port}"
         self._thread = threading.Thread(target=self._gossip_loop, name="lightning_moe.averaging.gossip", daemon=True)
         self._thread.start()
 

@@ -53,7 +53,7 @@ class AveragingServer:
     """
 
     def __init__(self, on_average: Callable[[bytes], bytes], on_state: Callable[[], bytes], max_body: int,
-                 host: str = "127.0.0.1", port: int = 0, secret: bytes | None = None,
+                 host: str, port: int = 0, secret: bytes | None = None,
                  on_refused: Callable[[str], None] | None = None, start_timeout: float = 10.0):
         self.on_average, self.on_state, self.secret = on_average, on_state, secret
         self.on_refused = on_refused or (lambda reason: None)
