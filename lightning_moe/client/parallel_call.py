@@ -4,6 +4,7 @@ registry. :mod:`lightning_moe.client.dispatch` uses these for a layer's forward 
 from __future__ import annotations
 
 import functools
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
@@ -21,6 +22,9 @@ from lightning_moe.process import context
 # Calls of one forward go out at once; a large grid may ask hundreds of experts, and at 200 ms a call holds its
 # worker for the whole round trip. Given-up calls free their workers at once (see call_in_parallel).
 MAX_CALLS_IN_FLIGHT = 128
+#: Given-up calls left running to measure their host (more are cancelled): a very slow host must not hold the
+#: workers that the next steps' calls need.
+MAX_LATE_CALLS = MAX_CALLS_IN_FLIGHT // 4
 
 
 def get_executor() -> ThreadPoolExecutor:
@@ -139,21 +143,31 @@ def call_in_parallel(
     for future in pending:
         index = futures[future]
         call = calls[index]
-        if given_up:  # left to finish (until the timeout) so that its answer time is measured; its answer is dropped
+        if given_up:
             results[index] = GivenUp(f"expert {call.uid!r} at {call.endpoint}: no {method} answer within "
                                      f"{now - start:.3f} s, when the other answers had come (a slow host)")
             if speeds is not None:
                 speeds.gave_up(call.endpoint, method)
-                future.add_done_callback(functools.partial(_measure_late, speeds, call, method, start))
-        else:  # timed out: the socket is shut down, so no worker waits for it any longer
-            future.cancel()
-            handles[index].cancel()
+                late = _late_calls()
+                if late.acquire(blocking=False):  # left to finish so that its answer time is measured
+                    future.add_done_callback(functools.partial(_measure_late, speeds, call, method, start, late))
+                    continue
+        else:
             results[index] = TimeoutError(f"expert {call.uid!r} at {call.endpoint}: no {method} answer in time")
+        future.cancel()  # the socket is shut down, so no worker waits for it any longer
+        handles[index].cancel()
     return results
 
 
-def _measure_late(speeds: HostSpeeds, call: ExpertCall, method: str, start: float, future: Future) -> None:
+def _late_calls() -> threading.BoundedSemaphore:
+    """This process's slots for given-up calls left running (at most MAX_LATE_CALLS)."""
+    return context().get("late_calls", lambda: threading.BoundedSemaphore(MAX_LATE_CALLS))
+
+
+def _measure_late(speeds: HostSpeeds, call: ExpertCall, method: str, start: float, slots: threading.BoundedSemaphore,
+                  future: Future) -> None:
     """A given-up call's answer came after all: its time still tells how fast the host is."""
+    slots.release()
     if not future.cancelled() and future.exception() is None:
         speeds.answered(call.endpoint, time.monotonic() - start, len(call.rows), method)
 
