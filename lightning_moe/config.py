@@ -13,6 +13,7 @@ from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from typing import Any, Optional
 
 WIRE_COMPRESSIONS = ("none", "float16", "uint8", "int8", "int4")  # lightning_moe.wire.COMPRESSIONS, without importing torch
+MOE_COMPRESSIONS = (*WIRE_COMPRESSIONS, "auto")  # auto: chosen per host from its measured link (client/links.py)
 
 
 class ConfigError(ValueError):
@@ -293,7 +294,7 @@ class DecentralizedMoEConfig(MoEConfig):
     backward_k_min: int = 1
     backward_timeout: Optional[float] = 30.0
     dht: Any = "${dht}"  # the run's `dht` group, checked there (a typed node cannot hold an interpolation)
-    compression: str = "none"
+    compression: str = "auto"
     cache_ttl: float = 5.0
     jitter: float = 0.0
     backward_timeout_after_k_min: Optional[float] = 1.0
@@ -381,7 +382,7 @@ def check_moe(moe: Any) -> None:
              "must be a non-empty list of positive sizes", list(moe.grid_size))
     if "k_min" in moe:
         _require(1 <= moe.k_min <= k_best, "moe.k_min", f"must be between 1 and moe.k_best={k_best}", moe.k_min)
-        _require(moe.compression in WIRE_COMPRESSIONS, "moe.compression", f"must be one of {list(WIRE_COMPRESSIONS)}",
+        _require(moe.compression in MOE_COMPRESSIONS, "moe.compression", f"must be one of {list(MOE_COMPRESSIONS)}",
                  moe.compression)
         for key in ("forward_timeout", "backward_timeout", "timeout_after_k_min"):
             _require(moe[key] is None or moe[key] > 0, f"moe.{key}", "must be null or positive", moe[key])

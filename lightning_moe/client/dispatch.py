@@ -25,7 +25,7 @@ from lightning_moe.client.parallel_call import (ExpertCall, GivenUp, NotEnoughEx
                                                 split_calls)
 from lightning_moe.client.speed import SLOW_FACTOR, StragglerWait, WaitBudget, prefer_fast
 from lightning_moe.client.remote_expert import RemoteExpert, RemoteExpertError, new_keep_id
-from lightning_moe.config import DHTConfig, HealthConfig, grid_uids, to_dataclass
+from lightning_moe.config import MOE_COMPRESSIONS, DHTConfig, HealthConfig, grid_uids, to_dataclass
 from lightning_moe.shared import process_dht, process_health, release_process_dht, usable
 
 logger = logging.getLogger(__name__)
@@ -49,6 +49,8 @@ class CallStats:
     backward_answered: int = 0
     backward_failed: int = 0
     backward_given_up: int = 0
+    compressed: int = 0  # forward calls sent with a compact codec (compression="auto" chose it for a slow link)
+    link_mbps: float = 0.0  # the median measured link rate of the forward's hosts (Mbit/s; 0: none measured yet)
     slow_hosts: int = 0  # hosts known to be slow when this forward chose its experts (routing leaned away)
     typical_latency: float = 0.0  # the median host's expected answer time (seconds; 0 before any was measured)
     errors: list[str] = field(default_factory=list)
@@ -77,8 +79,8 @@ class Dispatcher:
                  cache_ttl: float, expert_info_timeout: float, secret: str | bytes | None, max_retries: int,
                  allow_zero_outputs: bool, health: HealthRegistry | HealthConfig | Mapping[str, Any] | None, max_call_bytes: int,
                  slow_wait_budget: float = 0.1, latency_margin: float = 1.0):
-        if compression not in wire.COMPRESSIONS:
-            raise ValueError(f"compression must be one of {wire.COMPRESSIONS}, got {compression!r}")
+        if compression not in MOE_COMPRESSIONS:
+            raise ValueError(f"compression must be one of {MOE_COMPRESSIONS}, got {compression!r}")
         if not 1 <= k_min <= k_best:
             raise ValueError(f"need 1 <= k_min <= k_best, got k_min={k_min}, k_best={k_best}")
         if max_call_bytes < 1:
@@ -180,6 +182,20 @@ class Dispatcher:
         self.stats, self._lookups_before = CallStats(), self.lookup.stats
         self.stats.typical_latency = self.health.speeds.typical() or 0.0
         return None if self.forward_timeout is None else start + self.forward_timeout
+
+    def codecs(self, calls: list[ExpertCall], stats: CallStats | None = None) -> list[str]:
+        """Each call's codec: the layer's ``compression``, or under ``auto`` its host's link's (counted in ``stats``:
+        ``compressed`` and ``link_mbps``)."""
+        if self.compression != "auto":
+            return [self.compression] * len(calls)
+        links = self.health.links
+        codecs = [links.codec(call.endpoint) for call in calls]
+        if stats is not None:
+            rates = sorted(r for r in (links.rate(e) for e in {call.endpoint for call in calls}) if r is not None)
+            if rates:
+                stats.link_mbps = rates[(len(rates) - 1) // 2] * 8e-6
+            stats.compressed += sum(codec != "none" for codec in codecs)
+        return codecs
 
     def choose(self, scores: Sequence[torch.Tensor], k: int, deadline: float | None) -> list[list[tuple[str, str]]]:
         """The ``k`` best experts of each sample (``scores``: one ``[batch, grid_size_d]`` tensor per grid dimension)
@@ -284,8 +300,9 @@ class Dispatcher:
         begin = time.monotonic()
         health = self.health
         wait = StragglerWait(self.timeout_after_k_min, health.speeds, self.wait_budget)
+        codecs = self.codecs(calls, self.stats)
         results = parallel_call.call_in_parallel(calls, "forward", [[x[call.rows]] for call in calls], self.forward_timeout,
-                                                 wait, self.compression, self.secret, deadline)
+                                                 wait, codecs, self.secret, deadline, health.links)
         stats, out_shape = self.stats, tuple(outputs.shape[2:])
         stats.latency += time.monotonic() - begin
         self.wait_budget.add_elapsed(time.monotonic() - begin)
@@ -340,8 +357,8 @@ class Dispatcher:
         payloads = [([x[call.rows]], [grad_outputs[call.rows, call.slots]]) for call in calls]
         health, begin = self.health, time.monotonic()
         wait = StragglerWait(self.backward_timeout_after_k_min, health.speeds, self.wait_budget, "backward")
-        results = parallel_call.call_in_parallel(calls, "backward", payloads, self.backward_timeout, wait, self.compression,
-                                                 self.secret)
+        results = parallel_call.call_in_parallel(calls, "backward", payloads, self.backward_timeout, wait,
+                                                 self.codecs(calls), self.secret, links=health.links)
         self.wait_budget.add_elapsed(time.monotonic() - begin)
         grad_x = torch.zeros_like(x)
         answers = torch.zeros(x.shape[0], dtype=torch.long)

@@ -20,6 +20,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from lightning_moe.client.links import LinkRates
 from lightning_moe.client.speed import HostSpeeds
 from lightning_moe.config import HealthConfig
 
@@ -55,11 +56,12 @@ class Exclusion:
 
 
 class HealthRegistry:
-    """Circuit breakers for experts and hosts, and the hosts' answer times (thread-safe)."""
+    """Circuit breakers for experts and hosts, the hosts' answer times and their links' rates (thread-safe)."""
 
     def __init__(self, config: HealthConfig | None = None):
         self.config = config or HealthConfig()
         self.speeds = HostSpeeds()
+        self.links = LinkRates()
         self._breakers: dict[str, Breaker] = {}
         self._lock = threading.Lock()
 

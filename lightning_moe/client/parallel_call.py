@@ -9,11 +9,12 @@ import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
 from lightning_moe.client.health import HealthRegistry
+from lightning_moe.client.links import LinkRates
 from lightning_moe.client.remote_expert import RemoteExpertError, call_backward, call_expert
 from lightning_moe.client.speed import HostSpeeds, StragglerWait
 from lightning_moe.net.http_client import CallHandle, TransportError
@@ -80,9 +81,10 @@ def call_in_parallel(
     payloads: list[list[torch.Tensor]] | list[tuple[list[torch.Tensor], list[torch.Tensor]]],
     timeout: float | None = None,
     wait: StragglerWait | None = None,
-    compression: str = "none",
+    compression: str | Sequence[str] = "none",
     secret: bytes | None = None,
     deadline: float | None = None,
+    links: LinkRates | None = None,
 ) -> list[list[torch.Tensor] | BaseException]:
     """Send every call at once; return each call's answer or the exception it failed with.
 
@@ -93,7 +95,8 @@ def call_in_parallel(
     value) ran out: calls still out then get TimeoutError. With ``wait``, once the first call answered, the others
     are waited for only until ``wait.end(...)`` (see :class:`StragglerWait`); stragglers then get :class:`GivenUp`
     (a sample they leave short of ``k_min`` is the caller's to re-route). Each answer's time, and each straggler's
-    wait, goes to ``wait.speeds``.
+    wait, goes to ``wait.speeds``; each answer's bytes and network time to ``links``. ``compression`` is one codec for
+    every call or one per call.
 
     Waiting for every sample to reach ``k_min`` first, as hivemind does, lets one slow host
     stall every step in which some sample chose only its experts.
@@ -107,11 +110,12 @@ def call_in_parallel(
     executor = get_executor()
     futures: dict[Future, int] = {}
     handles = [CallHandle() for _ in calls]
-    for i, (c, p, handle) in enumerate(zip(calls, payloads, handles)):
+    codecs = [compression] * len(calls) if isinstance(compression, str) else list(compression)
+    for i, (c, p, handle, codec) in enumerate(zip(calls, payloads, handles, codecs)):
         if method == "backward":
-            future = executor.submit(call_backward, c.uid, c.endpoint, c.keep, *p, compression, request_timeout, secret, handle)
+            future = executor.submit(call_backward, c.uid, c.endpoint, c.keep, *p, codec, request_timeout, secret, handle)
         else:
-            future = executor.submit(call_expert, c.uid, c.endpoint, method, p, compression, request_timeout, secret, c.keep,
+            future = executor.submit(call_expert, c.uid, c.endpoint, method, p, codec, request_timeout, secret, c.keep,
                                      handle)
         futures[future] = i
     speeds = None if wait is None else wait.speeds
@@ -134,6 +138,10 @@ def call_in_parallel(
                 continue
             if speeds is not None:
                 speeds.answered(calls[index].endpoint, now - start, len(calls[index].rows), method)
+            if links is not None:
+                handle = handles[index]
+                links.measured(calls[index].endpoint, handle.sent_bytes + handle.received_bytes, now - start,
+                               handle.host_seconds)
         if first is None and any(r is not None and not isinstance(r, BaseException) for r in results):
             first = now
         if first is not None and wait is not None and not wait.waits_for_all and pending and done:

@@ -11,6 +11,7 @@ Idle connections are kept per endpoint and process and reused; :func:`warm_up` o
 from __future__ import annotations
 
 import http.client
+import math
 import select
 import socket
 import threading
@@ -41,12 +42,23 @@ class Answer:
 
 
 class CallHandle:
-    """Lets another thread give up a call in flight: its socket is shut down and the call raises TransportError."""
+    """Lets another thread give up a call in flight: its socket is shut down and the call raises TransportError.
+    Once answered, it holds the bytes sent and received and the time the host says it spent (``X-Host-Seconds``)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
         self.cancelled = False
+        self.sent_bytes = self.received_bytes = 0
+        self.host_seconds: float | None = None
+
+    def _answered(self, sent: int, answer: Answer) -> None:
+        self.sent_bytes, self.received_bytes = sent, len(answer.body)
+        try:
+            seconds = float(answer.headers.get("x-host-seconds", "nan"))
+        except ValueError:
+            seconds = math.nan
+        self.host_seconds = seconds if 0.0 <= seconds < 1e6 else None
 
     def _attach(self, sock: socket.socket | None) -> None:
         with self._lock:
@@ -160,6 +172,8 @@ def request(endpoint: str, method: str, path: str, body: bytes | bytearray | mem
             conn.close()
         else:
             pool.give_back(endpoint, conn)
+        if handle is not None:
+            handle._answered(0 if body is None else len(body), answer)
         return answer
     raise AssertionError("unreachable")
 

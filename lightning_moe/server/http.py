@@ -24,6 +24,7 @@ import re
 import secrets
 import socket
 import threading
+import time
 from typing import Any, Callable, Mapping
 from urllib.parse import unquote
 
@@ -285,22 +286,24 @@ class ExpertHTTPServer:
             raise _RequestError(404, f"no expert {uid!r} on this host", uid)
         self.count_request(direction, uid)
         try:
-            parts = await self._serve(request, direction, uid, backend)
+            parts, host_seconds = await self._serve(request, direction, uid, backend)
         except _RequestError:
             self.count_request_error(direction, uid)
             raise
-        return await self._answer(request, parts)
+        return await self._answer(request, parts, host_seconds)
 
     @staticmethod
-    async def _answer(request: web.BaseRequest, parts: list) -> web.StreamResponse:
+    async def _answer(request: web.BaseRequest, parts: list, host_seconds: float) -> web.StreamResponse:
         """Write an answer's wire parts one after another, never joined into one buffer.
 
         A ``web.Response(body=...)`` would cost a copy of the whole body: aiohttp joins its headers
         and a body into one bytes object before writing (always, on Python before 3.12.9). Here the
         HTTP head goes out with the small wire header, and each tensor's buffer, a view of the
-        expert's output, goes to the transport as it is.
+        expert's output, goes to the transport as it is. ``X-Host-Seconds`` says how long the host took from the body
+        read to the answer ready, so that the trainer can tell its link's time apart (``compression="auto"``).
         """
-        response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        response = web.StreamResponse(headers={"Content-Type": "application/octet-stream",
+                                               "X-Host-Seconds": f"{host_seconds:.6f}"})
         response.content_length = sum(len(part) for part in parts)
         await response.prepare(request)
         try:
@@ -333,8 +336,9 @@ class ExpertHTTPServer:
         except SignatureError as e:
             raise _RequestError(401, str(e), uid) from None
 
-    async def _serve(self, request: web.BaseRequest, direction: str, uid: str, backend: ExpertBackend) -> list:
-        """Check, read, verify, decode, queue, await; returns the answer's wire parts or raises _RequestError.
+    async def _serve(self, request: web.BaseRequest, direction: str, uid: str, backend: ExpertBackend) -> tuple[list, float]:
+        """Check, read, verify, decode, queue, await; returns the answer's wire parts and the seconds from the body
+        read to them, or raises _RequestError.
 
         The body is read once into one bytearray (:meth:`_read_body`) and decoded in place: the
         tensors handed to the expert are views of it, not copies.
@@ -361,6 +365,7 @@ class ExpertHTTPServer:
                 raise _RequestError(408, f"timed out reading the body of {length} bytes after {self.limits.body_timeout} s",
                                     uid, close=True) from None
             self._verify(request, body, uid)
+            started = time.monotonic()
             try:
                 tensors = wire.deserialize(body, self.max_body_bytes)
                 if direction == "forward":
@@ -372,7 +377,8 @@ class ExpertHTTPServer:
             outputs = await self._compute(direction, uid, backend, tensors, keep)
             try:
                 # input gradients are rounded unbiased (int8/int4): see lightning_moe.codecs
-                return wire.serialize_parts(outputs, self.compression or compression, stochastic=direction == "backward")
+                parts = wire.serialize_parts(outputs, self.compression or compression, stochastic=direction == "backward")
+                return parts, time.monotonic() - started
             except ValueError as e:
                 raise _RequestError(500, f"{direction}: cannot serialize the outputs: {e}", uid) from None
         finally:
