@@ -143,8 +143,11 @@ class HostConfig:
     num_layers: int = _help("MoE layers of the model: 1 serves uid_prefix; N serves cells of each of uid_prefix0 .. "
                             "uid_prefix{N-1} (model.moe_layers)", default=1)
     grid_size: list[int] = _help("the grid (the layer's grid_size)", default_factory=lambda: [4, 4])
-    cells: Any = _help("N: host N grid cells that nobody declares yet (busy ones too if fewer are free); "
+    cells: Any = _help("N: host N grid cells, those with the fewest live replicas first (free cells first); "
                        "or a list of uids", default=4)
+    replicas: int = _help("the swarm's replication target (hosts per cell): a joiner warns when it takes cells that "
+                          "already have as many; above 1 it first downloads a busy cell's state from a live replica "
+                          "(1: a busy cell starts from fresh weights)", default=2)
     max_batch_size: int = _help("rows per batch the host forms from all trainers' requests", default=4096)
     update_every: int = _help("0: step each expert's optimizer after every backward batch; N: after N samples", default=0)
     host: Optional[str] = _help("interface the HTTP server binds (0.0.0.0: all); null: as dht.host would (loopback "
@@ -221,6 +224,7 @@ class HostConfig:
         _require(self.num_threads is None or self.num_threads >= 1, f"{prefix}.num_threads", "must be null or positive",
                  self.num_threads)
         _require(self.checkpoint_every > 0, f"{prefix}.checkpoint_every", "must be positive", self.checkpoint_every)
+        _require(self.replicas >= 1, f"{prefix}.replicas", "must be positive", self.replicas)
         _require(self.stats_every >= 0, f"{prefix}.stats_every", "must be 0 or positive", self.stats_every)
         _require(self.delay >= 0, f"{prefix}.delay", "must be 0 or positive", self.delay)
         if volunteer:

@@ -116,6 +116,10 @@ def format_survey(views: Sequence[LayerView], hosts: dict[str, HostView]) -> str
         lines.append(f"layer {view.uid_prefix} {list(view.grid_size)}: {alive} of {view.num_cells} cells alive on "
                      f"{len({e for es in view.endpoints.values() for e in es})} hosts")
         missing = [uid for uid in grid_uids(view.uid_prefix, view.grid_size) if uid not in view.endpoints]
+        replicas = [f"{uid}:{len(set(view.endpoints[uid]))}" for uid in grid_uids(view.uid_prefix, view.grid_size)
+                    if uid in view.endpoints]
+        if replicas:
+            lines.append(f"  replicas: {' '.join(replicas[:64])}{' ...' if len(replicas) > 64 else ''}")
         if missing:
             lines.append(f"  no host for: {', '.join(missing[:16])}{' ...' if len(missing) > 16 else ''}")
     lines.append("")

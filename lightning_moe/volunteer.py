@@ -1,6 +1,7 @@
 """Starting a volunteer: the one way `lightning-moe host`, the local swarm and ExpertHostCallback host experts.
 
-:func:`start_volunteer` joins (or reuses) a DHT node, picks the cells to host, restores them from
+:func:`start_volunteer` joins (or reuses) a DHT node, picks the cells to host (fewest live replicas first), takes
+a busy cell's state from a live replica (:mod:`lightning_moe.server.handover`) or restores them from
 ``host.checkpoint_dir``, starts an :class:`~lightning_moe.server.ExpertHost`, and keeps a thread
 that saves checkpoints and logs a one-line stats report every ``host.stats_every`` seconds.
 """
@@ -27,6 +28,7 @@ from lightning_moe.net import resolve_binding
 from lightning_moe.net.addresses import ALL_INTERFACES
 from lightning_moe.net.presence import Presence
 from lightning_moe.server import ExpertBackend, ExpertHost
+from lightning_moe.server.handover import adopt_states
 
 logger = logging.getLogger(__name__)
 
@@ -35,20 +37,25 @@ OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 CHECKPOINT_FILE = "experts.pt"
 
 
-def choose_cells(dht: Any, uid_prefix: str, grid_size: Sequence[int], count: int, seed: int | None = None) -> list[str]:
-    """``count`` grid cells that no one declares in the DHT yet; random busy ones if too few are free."""
+def choose_cells(dht: Any, uid_prefix: str, grid_size: Sequence[int], count: int, seed: int | None = None,
+                 replicas: int = 1) -> dict[str, list[str]]:
+    """``count`` grid cells, those with the fewest live replicas in the DHT first (free cells first, at random among
+    equals), each with the endpoints of its live replicas."""
     uids = grid_uids(uid_prefix, grid_size)
     if not 1 <= count <= len(uids):
         raise ValueError(f"cells must be between 1 and {len(uids)} for grid {list(grid_size)}, got {count}")
-    taken = dht.get_experts(uids)
+    hosts = dict(zip(uids, dht.get_experts(uids, all_endpoints=True)))
     rng = random.Random(seed)
-    free = [uid for uid, endpoint in zip(uids, taken) if endpoint is None]
-    rng.shuffle(free)
-    chosen = free[:count]
-    if len(chosen) < count:
-        logger.warning("only %d free cells in %s%s; also hosting cells that others declare", len(free), uid_prefix, list(grid_size))
-        chosen += rng.sample([uid for uid in uids if uid not in chosen], count - len(chosen))
-    return sorted(chosen)
+    order = sorted(uids, key=lambda uid: (len(hosts[uid]), rng.random()))
+    chosen = {uid: list(hosts[uid]) for uid in order[:count]}
+    busy = sum(bool(endpoints) for endpoints in chosen.values())
+    full = sum(len(endpoints) >= replicas for endpoints in chosen.values())
+    if full:
+        logger.warning("%d of the %d cells taken in %s%s already have %d or more replicas (host.replicas=%d)", full, count,
+                       uid_prefix, list(grid_size), replicas, replicas)
+    elif busy:
+        logger.info("%d of the %d cells taken in %s%s have live replicas", busy, count, uid_prefix, list(grid_size))
+    return dict(sorted(chosen.items()))
 
 
 def make_backends(
@@ -226,17 +233,21 @@ def start_volunteer(config: HostConfig, dht: DHTConfig | Any, device: str | torc
         if state is None and checkpoint is not None and checkpoint.exists():
             state = torch.load(checkpoint, map_location="cpu", weights_only=True)  # our own file, weights only
             logger.info("restored %d experts from checkpoint %s", len(state), checkpoint)
+        live: dict[str, list[str]] = {}  # the live replicas of the cells chosen
         if state:
             uids = sorted(state)
         elif isinstance(config.cells, int):
-            uids = [uid for layer in config.layer_prefixes()
-                    for uid in choose_cells(node, layer, config.grid_size, config.cells, config.seed)]
+            for layer in config.layer_prefixes():
+                live.update(choose_cells(node, layer, config.grid_size, config.cells, config.seed, config.replicas))
+            uids = list(live)
         else:
             uids = sorted(config.cells)
         backends = make_backends(uids, config.make_expert(), config.make_optimizer(), config.in_features,
                                  config.max_batch_size, config.update_every, dtype=getattr(torch, config.dtype), seed=config.seed)
         for uid, backend in backends.items():
             backend.before_batch = injected_trouble(config, uid)
+        if config.replicas > 1 and any(live.values()):  # before the cells are declared: trainers never see fresh weights
+            adopt_states(backends, live, node.secret)
         resolved = dataclasses.replace(config, host=binding.host, announce_host=binding.announce)
         host = ExpertHost(backends, resolved, dht=node, device=device, secret=node.secret)
         if state:

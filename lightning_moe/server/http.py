@@ -36,6 +36,7 @@ from lightning_moe.config import HostLimits
 from lightning_moe.net.reachability import NONCE_BYTES, PROBES
 from lightning_moe.net.signing import RequestVerifier, SignatureError
 from lightning_moe.server.backend import ExpertBackend
+from lightning_moe.server.handover import encode_state
 from lightning_moe.server.http_protocol import (
     ConnectionSlots, FrozenHeap, InflightBudget, LimitedServer, json_error_body, malloc_trim,
 )
@@ -51,6 +52,7 @@ RETRY_AFTER = "1"
 ACCEPTS_PER_TICK = 16
 LISTEN_BACKLOG = 4096
 TRIM_PERIOD = 2.0
+MAX_STATE_REQUESTS = 2  # expert state snapshots served at once (each copies an expert's weights and optimizer state)
 GC_AFTER_CLOSES = 1000  # connections closed since the last collection that make the host collect
 GC_PERIOD = 20.0
 
@@ -98,6 +100,7 @@ class ExpertHTTPServer:
         self.slots = ConnectionSlots(limits.max_connections, limits.max_connections_per_address)
         self.stats_fn, self.queue_age = stats_fn, queue_age
         self.shed = 0  # forwards refused because the queue was too old
+        self.state_requests = 0  # GET /state snapshots in progress (touched only on the loop thread)
         self.host_id = secrets.token_hex(16)  # new at every start: signatures for another instance do not verify here
         self.verifier = RequestVerifier(secret, self.host_id, who="host")
         self.info_bytes = json.dumps(
@@ -273,6 +276,8 @@ class ExpertHTTPServer:
                 body = json.dumps(self.stats_fn() if self.stats_fn is not None else {}).encode()
             self.count_request(route, None)
             return web.Response(body=body, content_type="application/json")
+        if len(parts) == 3 and parts[0] == "" and parts[1] == "state" and request.method == "GET":
+            return await self._state(request, unquote(parts[2])[:200])
         if len(parts) == 3 and parts[1] == "reachability":  # a peer's dial-back (lightning_moe.net.reachability)
             arrived = PROBES.arrived(parts[2][:2 * NONCE_BYTES], f"tcp:{self.server_port}")
             return web.Response(status=204 if arrived else 404)
@@ -291,6 +296,29 @@ class ExpertHTTPServer:
             self.count_request_error(direction, uid)
             raise
         return await self._answer(request, parts, host_seconds)
+
+    async def _state(self, request: web.BaseRequest, uid: str) -> web.StreamResponse:
+        """``GET /state/<uid>``: the expert's weights and optimizer state, for a host that joins as its replica
+        (:mod:`lightning_moe.server.handover`); at most ``MAX_STATE_REQUESTS`` snapshots at once."""
+        self._check_headers(request, post=False, uid=uid)
+        if not request.content.is_eof() and not await self._drain(request):
+            raise _RequestError(400, "GET /state takes no body", uid, close=True)
+        self._verify(request, b"", uid)
+        backend = self.backends.get(uid)
+        if backend is None:
+            raise _RequestError(404, f"no expert {uid!r} on this host", uid)
+        if self.state_requests >= MAX_STATE_REQUESTS:
+            raise _RequestError(503, f"state: {self.state_requests} snapshots in progress; retry in {RETRY_AFTER} s", uid,
+                                headers={"Retry-After": RETRY_AFTER})
+        self.state_requests += 1
+        started = time.monotonic()
+        try:
+            parts = await asyncio.get_running_loop().run_in_executor(
+                None, lambda: wire.serialize_parts(encode_state(backend.state_dict())))
+        finally:
+            self.state_requests -= 1
+        self.count_request("state", uid)
+        return await self._answer(request, parts, time.monotonic() - started)
 
     @staticmethod
     async def _answer(request: web.BaseRequest, parts: list, host_seconds: float) -> web.StreamResponse:
