@@ -32,6 +32,7 @@ from aiohttp import web
 import lightning_moe
 from lightning_moe import wire
 from lightning_moe.config import HostLimits
+from lightning_moe.net.addresses import netgroup
 from lightning_moe.net.reachability import NONCE_BYTES, PROBES
 from lightning_moe.net.signing import RequestVerifier, SignatureError
 from lightning_moe.server.backend import ExpertBackend
@@ -73,8 +74,8 @@ class ExpertHTTPServer:
         secret: a private swarm's secret (requests must be signed with it), or None.
         compression: how answers are compressed; None: as each request came.
         stats_fn: what ``GET /stats`` answers.
-        queue_age: seconds the oldest queued work has waited (the runtime's); forwards are shed past
-            ``limits.max_queue_wait``.
+        queue_age: seconds the oldest queued work of a client network has waited (the runtime's); forwards
+            are shed past ``limits.max_queue_wait``.
     """
 
     def __init__(
@@ -85,7 +86,7 @@ class ExpertHTTPServer:
         secret: bytes | None = None,
         compression: str | None = None,
         stats_fn: Callable[[], dict] | None = None,
-        queue_age: Callable[[], float] | None = None,
+        queue_age: Callable[[str | None], float] | None = None,
     ):
         self.address = address
         self.backends = dict(backends)
@@ -347,8 +348,9 @@ class ExpertHTTPServer:
         keep = request.query.get("keep")
         if keep is not None and not KEEP_ID.fullmatch(keep):
             raise _RequestError(400, f"{direction}: keep must be 16 to 64 lowercase hex digits, got {keep[:80]!r}", uid)
+        group = netgroup(request.remote) if request.remote else None
         if direction == "forward":
-            self._shed_if_behind(uid)
+            self._shed_if_behind(uid, group)
         if not self.budget.reserve(length):
             raise _RequestError(503, f"the host is reading too many request bodies ({self.budget.used} bytes in flight); "
                                      f"retry in {RETRY_AFTER} s", uid, close=True, headers={"Retry-After": RETRY_AFTER})
@@ -369,7 +371,7 @@ class ExpertHTTPServer:
                     tensors = backend.validate_grads(tensors) if keep else backend.validate_backward(tensors)
             except ValueError as e:  # WireError is a ValueError
                 raise _RequestError(400, f"{direction}: {e}", uid) from None
-            outputs = await self._compute(direction, uid, backend, tensors, keep)
+            outputs = await self._compute(direction, uid, backend, tensors, keep, group)
             try:
                 # input gradients are rounded unbiased (int8/int4): see lightning_moe.codecs
                 return wire.serialize_parts(outputs, self.compression or compression, stochastic=direction == "backward")
@@ -378,12 +380,13 @@ class ExpertHTTPServer:
         finally:
             self.budget.release(length)
 
-    def _shed_if_behind(self, uid: str) -> None:
-        """503 with Retry-After for a forward while the oldest queued work waited over ``limits.max_queue_wait``: its
-        answer would come after the trainer moved on. Backwards are always served: they carry what the experts learn,
-        for forwards already computed."""
+    def _shed_if_behind(self, uid: str, group: str | None) -> None:
+        """503 with Retry-After for a forward while the oldest queued work of its client's network (``group``) waited
+        over ``limits.max_queue_wait``: its answer would come after the trainer moved on. The pools share their
+        batches fairly between networks, so a network that floods the host sheds its own forwards, not others'.
+        Backwards are always served: they carry what the experts learn, for forwards already computed."""
         limit = self.limits.max_queue_wait
-        age = 0.0 if self.queue_age is None or limit is None else self.queue_age()
+        age = 0.0 if self.queue_age is None or limit is None else self.queue_age(group)
         if limit is not None and age > limit:
             self.shed += 1
             raise _RequestError(503, f"forward: the host is behind: its oldest queued work waited {age:.1f} s "
@@ -441,16 +444,18 @@ class ExpertHTTPServer:
             raise _RequestError(413, f"{rows} rows exceed the limit of {self.max_rows[uid]} rows per request; "
                                      "split the batch", uid, close=close)
 
-    async def _compute(self, direction: str, uid: str, backend: ExpertBackend, tensors: list, keep: str | None) -> Any:
+    async def _compute(self, direction: str, uid: str, backend: ExpertBackend, tensors: list, keep: str | None,
+                       group: str | None) -> Any:
+        """Queue the request's rows in its expert's pool, where they take the share of ``group`` (the client's network)."""
         if tensors[0].shape[0] == 0:
             return backend.empty_outputs(direction)
         if direction == "forward":
-            future = backend.forward_pool.submit(*tensors, key=keep)
+            future = backend.forward_pool.submit(*tensors, key=keep, group=group)
         elif keep is None:
-            future = backend.backward_pool.submit(*tensors)
+            future = backend.backward_pool.submit(*tensors, group=group)
         else:
             try:
-                future = backend.kept.backward(keep, tensors) if backend.kept is not None else None
+                future = backend.kept.backward(keep, tensors, group) if backend.kept is not None else None
             except ValueError as e:
                 raise _RequestError(400, f"backward: {e}", uid) from None
             if future is None:

@@ -1,8 +1,12 @@
 """TaskPool: collects tasks from many threads and forms batches of at most ``max_batch_size`` rows.
 
-A task is a tuple of tensors that share their first (batch) dimension, plus a Future. Tasks are
-served first come, first served; a task larger than the room left in a batch is split, so no
-batch ever exceeds the limit. The Future of a split task gets the concatenated outputs of its
+A task is a tuple of tensors that share their first (batch) dimension, plus a Future, and the
+group it comes from (the client's network, :func:`lightning_moe.net.netgroup`; None for local
+callers). Groups share the batches by deficit round robin over rows: each batch gives every group
+with waiting work a share of about ``max_batch_size / groups`` rows, a group's unused share going to
+the others, so a flood from one network delays another's task by about one batch, not by the
+flood's length. Within a group, tasks are served first come, first served; a task larger than
+the room left in a batch is split, so no batch ever exceeds the limit. The Future of a split task gets the concatenated outputs of its
 parts, in order. If processing a batch raises, every task in that batch gets the exception and
 the remaining parts of those tasks are dropped; other tasks are not affected.
 """
@@ -15,7 +19,7 @@ import threading
 import time
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Hashable, Sequence
 
 import torch
 
@@ -40,10 +44,11 @@ def settle(future: Future, result: object = None, error: BaseException | None = 
 
 
 class _Task:
-    __slots__ = ("inputs", "future", "size", "offset", "parts", "submitted", "key")
+    __slots__ = ("inputs", "future", "size", "offset", "parts", "submitted", "key", "group")
 
-    def __init__(self, inputs: tuple[torch.Tensor, ...], future: Future, size: int, key: str | None = None):
-        self.inputs, self.future, self.size, self.key = inputs, future, size, key
+    def __init__(self, inputs: tuple[torch.Tensor, ...], future: Future, size: int, key: str | None = None,
+                 group: Hashable = None):
+        self.inputs, self.future, self.size, self.key, self.group = inputs, future, size, key, group
         self.offset = 0  # rows already put into batches
         self.parts: list[Sequence[torch.Tensor]] = []  # outputs of the parts processed so far
         self.submitted = time.monotonic()
@@ -72,7 +77,10 @@ class TaskPool:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
         self.name, self.process_fn, self.max_batch_size = name, process_fn, int(max_batch_size)
         self.pass_keys = pass_keys
-        self._queue: collections.deque[_Task] = collections.deque()
+        # waiting tasks per group, groups in round-robin order; a group leaves when its queue empties
+        self._groups: collections.OrderedDict[Hashable, collections.deque[_Task]] = collections.OrderedDict()
+        self._deficit: dict[Hashable, int] = {}  # rows a group may still take in its current turn
+        self._served_at: dict[Hashable, float] = {}  # when a remote group with waiting tasks last got rows
         self._lock = threading.Lock()
         self._rows = 0
         self._closed: BaseException | None = None
@@ -88,9 +96,9 @@ class TaskPool:
         self._busy_time = 0.0
 
     # ---- producers -------------------------------------------------------------------------
-    def submit(self, *inputs: torch.Tensor, key: str | None = None) -> Future:
-        """Queue one task (``key``: what ``process_fn`` is told the task's rows belong to); returns a Future of its
-        outputs (a tuple of tensors)."""
+    def submit(self, *inputs: torch.Tensor, key: str | None = None, group: Hashable = None) -> Future:
+        """Queue one task (``key``: what ``process_fn`` is told the task's rows belong to; ``group``: whose share it
+        takes, the client's network or None); returns a Future of its outputs (a tuple of tensors)."""
         if not inputs:
             raise ValueError("a task needs at least one tensor")
         size = inputs[0].shape[0] if inputs[0].dim() > 0 else -1
@@ -99,12 +107,15 @@ class TaskPool:
         if size == 0:
             raise ValueError("a task needs at least one row")
         future: Future = Future()
-        task = _Task(inputs, future, size, key)
+        task = _Task(inputs, future, size, key, group)
         with self._lock:
             if self._closed is not None:
                 future.set_exception(self._closed)
                 return future
-            self._queue.append(task)
+            queue = self._groups.get(group)
+            if queue is None:
+                queue = self._groups[group] = collections.deque()
+            queue.append(task)
             self._rows += size
             self._counters["tasks"] += 1
             self._counters["rows"] += size
@@ -118,7 +129,23 @@ class TaskPool:
     def oldest_submit_time(self) -> float | None:
         """``time.monotonic()`` at which the oldest waiting task was submitted; None if the queue is empty."""
         with self._lock:
-            return self._queue[0].submitted if self._queue else None
+            return min((queue[0].submitted for queue in self._groups.values()), default=None)
+
+    def group_submit_time(self, group: Hashable) -> float | None:
+        """When the oldest waiting task of ``group`` was submitted; None if it has none."""
+        with self._lock:
+            queue = self._groups.get(group)
+            return queue[0].submitted if queue else None
+
+    @property
+    def turn_time(self) -> float | None:
+        """When the work the Runtime owes this pool became due: the earliest over its groups of the later of the
+        group's oldest task and the last time the group got rows here (a remote group just served is not owed
+        its age again, so a flood on one expert cannot hold the Runtime from another's newer work); None if empty."""
+        with self._lock:
+            served = self._served_at
+            return min((max(queue[0].submitted, served.get(group, 0.0)) for group, queue in self._groups.items()),
+                       default=None)
 
     @property
     def deferred_submit_time(self) -> float | None:
@@ -139,7 +166,7 @@ class TaskPool:
     @property
     def queued_tasks(self) -> int:
         """Tasks with rows waiting (a split task counts while its last part waits)."""
-        return len(self._queue)
+        return sum(len(queue) for queue in self._groups.values())
 
     def stats(self) -> dict:
         """Counters: tasks, rows, batches, batch sizes, queue wait (seconds), errors, busy time."""
@@ -148,7 +175,8 @@ class TaskPool:
             batches = out["batches"]
             out.update(
                 queued_rows=self._rows,
-                queued_tasks=len(self._queue),
+                queued_tasks=sum(len(queue) for queue in self._groups.values()),
+                queued_groups=len(self._groups),
                 mean_batch_size=out["rows_processed"] / batches if batches else 0.0,
                 max_batch_size_seen=self._max_batch_seen,
                 mean_queue_wait=self._wait_total / self._wait_count if self._wait_count else 0.0,
@@ -159,32 +187,46 @@ class TaskPool:
 
     # ---- the consumer (one thread) ---------------------------------------------------------
     def _take(self) -> Batch | None:
+        """Rows for one batch, by deficit round robin over the groups with waiting tasks."""
         parts: list[tuple[_Task, int, int]] = []
         room = self.max_batch_size
         now = time.monotonic()
         with self._lock:
-            while self._queue and room > 0:
-                task = self._queue[0]
+            groups, deficit = self._groups, self._deficit
+            quantum = max(1, self.max_batch_size // max(1, len(groups)))  # a turn's share of rows
+            while groups and room > 0:
+                group, queue = next(iter(groups.items()))
+                task = queue[0]
                 if task.offset == 0:
                     if not task.future.set_running_or_notify_cancel():  # cancelled while it waited
-                        self._drop_head(task)
+                        self._drop_head(group, queue)
                         continue
                     wait = now - task.submitted
                     self._wait_total += wait
                     self._wait_count += 1
                     self._wait_max = max(self._wait_max, wait)
                 elif task.future.done():  # an earlier part failed
-                    self._drop_head(task)
+                    self._drop_head(group, queue)
                     continue
-                take = min(room, task.size - task.offset)
+                credit = deficit.get(group, 0)
+                if credit <= 0:  # a new turn
+                    credit += quantum
+                take = min(room, credit, task.size - task.offset)
                 parts.append((task, task.offset, task.offset + take))
                 if take < task.size and task.offset == 0:
                     self._counters["split_tasks"] += 1
                 task.offset += take
                 room -= take
                 self._rows -= take
+                deficit[group] = credit - take
+                if group is not None:
+                    self._served_at[group] = now
                 if task.offset == task.size:
-                    self._queue.popleft()
+                    queue.popleft()
+                if not queue:
+                    self._forget(group)
+                elif deficit[group] <= 0:
+                    groups.move_to_end(group)  # its turn is over
         return Batch(parts, [], self.max_batch_size - room) if parts else None
 
     def _gather(self, batch: Batch) -> list[torch.Tensor]:
@@ -208,9 +250,17 @@ class TaskPool:
             offset += stop - start
         return keys
 
-    def _drop_head(self, task: _Task) -> None:
-        self._queue.popleft()
+    def _drop_head(self, group: Hashable, queue: collections.deque[_Task]) -> None:
+        task = queue.popleft()
         self._rows -= task.size - task.offset
+        if not queue:
+            self._forget(group)
+
+    def _forget(self, group: Hashable) -> None:
+        """A group whose queue emptied leaves the round (lock held): its unused share and its turn time go."""
+        del self._groups[group]
+        self._deficit.pop(group, None)
+        self._served_at.pop(group, None)
 
     def deliver(self, batch: Batch, outputs: Sequence[torch.Tensor]) -> None:
         """Hand each task its rows of ``outputs``; a task's Future is set when its last part is done."""
@@ -292,8 +342,10 @@ class TaskPool:
         error = error if error is not None else PoolClosedError(f"pool {self.name} is closed")
         with self._lock:
             self._closed = error
-            waiting = list(self._queue)
-            self._queue.clear()
+            waiting = [task for queue in self._groups.values() for task in queue]
+            self._groups.clear()
+            self._deficit.clear()
+            self._served_at.clear()
             self._rows = 0
         for task in waiting:
             task.parts = []
