@@ -37,8 +37,9 @@ from lightning_moe.net.reachability import NONCE_BYTES, PROBES
 from lightning_moe.net.signing import RequestVerifier, SignatureError
 from lightning_moe.server.backend import ExpertBackend
 from lightning_moe.server.http_protocol import (
-    ConnectionSlots, FrozenHeap, InflightBudget, LimitedServer, json_error_body, malloc_trim,
+    FrozenHeap, InflightBudget, LimitedServer, json_error_body, malloc_trim,
 )
+from lightning_moe.server.slots import ConnectionSlots
 from lightning_moe.server.task_pool import PoolClosedError
 
 logger = logging.getLogger(__name__)
@@ -95,7 +96,8 @@ class ExpertHTTPServer:
         self.secret, self.compression = secret, compression
         self.max_rows = {uid: b.max_batch_size * limits.max_rows_factor for uid, b in self.backends.items()}
         self.budget = InflightBudget(limits.max_inflight_bytes)
-        self.slots = ConnectionSlots(limits.max_connections, limits.max_connections_per_address)
+        self.slots = ConnectionSlots(limits.max_connections, limits.max_connections_per_address,
+                                     limits.max_connections_per_network)
         self.stats_fn, self.queue_age = stats_fn, queue_age
         self.shed = 0  # forwards refused because the queue was too old
         self.host_id = secrets.token_hex(16)  # new at every start: signatures for another instance do not verify here
