@@ -260,8 +260,9 @@ def test_groups_share_each_batch_so_a_flood_delays_another_group_by_about_one_ba
     assert mine.done() and local.done()  # in the very next batch, not after 31 more
     check_result(mine, x, y)
     check_result(local, x, y)
-    assert sizes.sizes == [64, 64]  # batches stay full: the flood takes what the others leave
+    assert sizes.sizes == [64, 21 + 5 + 5]  # a third of the batch each: shared, the batch ends after one turn each
     drain(pool)
+    assert set(sizes.sizes[2:-1]) == {64}  # alone, the flood fills its batches
     for future, (fx, fy) in zip(flood_futures, flood):
         check_result(future, fx, fy)  # split across many batches, reassembled in order
     assert max(sizes.sizes) == 64 and sum(sizes.sizes) == 2048 + 10
@@ -316,3 +317,15 @@ def test_runtime_queue_age_per_group():
     threading.Event().wait(0.05)
     assert runtime.queue_age("10.0.0.0/24") >= 0.05 and runtime.queue_age() >= 0.05
     assert runtime.queue_age("192.0.2.0/24") == 0.0  # another network waits behind nothing of its own
+
+
+def test_a_batch_that_groups_share_ends_after_one_turn_each_and_the_next_task_waits_intact():
+    sizes = Recorder()
+    pool = TaskPool("turns", sizes, max_batch_size=30)
+    tasks = [(torch.randn(15, 3), torch.randn(15), "a") for _ in range(3)] + [(torch.randn(5, 3), torch.randn(5), "b")]
+    futures = [pool.submit(x, y, group=group) for x, y, group in tasks]
+    assert pool.run_batch() == 20  # a's 15 (its share), b's 5; a's next task is not started
+    assert pool.run_batch() == 30  # a alone fills the batch
+    assert pool.run_batch() == 0 and sizes.sizes == [20, 30]
+    for future, (x, y, _) in zip(futures, tasks):
+        check_result(future, x, y)

@@ -37,7 +37,7 @@ from lightning_moe.net.reachability import NONCE_BYTES, PROBES
 from lightning_moe.net.signing import RequestVerifier, SignatureError
 from lightning_moe.server.backend import ExpertBackend
 from lightning_moe.server.http_protocol import (
-    FrozenHeap, InflightBudget, LimitedServer, json_error_body, malloc_trim,
+    FrozenHeap, InflightBudget, LimitedServer, forget_frames, json_error_body, malloc_trim,
 )
 from lightning_moe.server.slots import ConnectionSlots
 from lightning_moe.server.task_pool import PoolClosedError
@@ -309,7 +309,8 @@ class ExpertHTTPServer:
         try:
             for part in parts:
                 await response.write(part)
-        except ConnectionError:  # the client went away mid-answer: nothing more to send
+        except ConnectionError as e:  # the client went away mid-answer: nothing more to send
+            forget_frames(e)  # its traceback's frames (aiohttp's writes) hold the answer's buffers, in a cycle
             response.force_close()
         return response
 
@@ -364,6 +365,9 @@ class ExpertHTTPServer:
             except asyncio.TimeoutError:
                 raise _RequestError(408, f"timed out reading the body of {length} bytes after {self.limits.body_timeout} s",
                                     uid, close=True) from None
+            except _RequestError as e:
+                forget_frames(e)  # wait_for's task holds the error, whose traceback holds the task: a cycle
+                raise
             self._verify(request, body, uid)
             try:
                 tensors = wire.deserialize(body, self.max_body_bytes)
@@ -411,13 +415,21 @@ class ExpertHTTPServer:
         body = bytearray(length)
         view = memoryview(body)
         got = len(head)
-        view[:got] = head
-        while got < length:
-            chunk = await content.readany()
-            if not chunk:
-                raise _RequestError(400, f"truncated body: got {got} of {length} bytes", uid, close=True)
-            view[got : got + len(chunk)] = chunk
-            got += len(chunk)
+        try:
+            view[:got] = head
+            while got < length:
+                chunk = await content.readany()
+                if not chunk:
+                    raise _RequestError(400, f"truncated body: got {got} of {length} bytes", uid, close=True)
+                view[got : got + len(chunk)] = chunk
+                got += len(chunk)
+        except BaseException:
+            # The error's traceback keeps this frame, and wait_for's task keeps the error in a reference cycle
+            # until the cyclic GC runs: empty the buffer now, so that an aborted body costs nothing after it.
+            view.release()
+            body.clear()
+            raise
+        view.release()
         return body
 
     @staticmethod

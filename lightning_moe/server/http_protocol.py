@@ -38,6 +38,7 @@ import json
 import logging
 import socket
 import threading
+import traceback
 from http import HTTPStatus
 from typing import Any, Callable
 
@@ -127,6 +128,20 @@ class FrozenHeap:
             cls._holders -= 1
             if cls._holders == 0:
                 gc.unfreeze()
+
+
+def forget_frames(error: BaseException, depth: int = 8) -> None:
+    """Clear the local variables of the finished frames in ``error``'s traceback, and in those of its causes.
+
+    An exception that ends in a reference cycle (a Future holding it, its traceback holding the frame
+    that awaited the Future) keeps every buffer those frames referenced until the cyclic GC runs.
+    """
+    seen: set[int] = set()
+    while error is not None and depth > 0 and id(error) not in seen:
+        seen.add(id(error))
+        traceback.clear_frames(error.__traceback__)  # frames still running are left alone
+        error = error.__cause__ or error.__context__
+        depth -= 1
 
 
 def malloc_trim() -> Callable[[int], int] | None:

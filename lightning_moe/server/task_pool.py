@@ -3,9 +3,10 @@
 A task is a tuple of tensors that share their first (batch) dimension, plus a Future, and the
 group it comes from (the client's network, :func:`lightning_moe.net.netgroup`; None for local
 callers). Groups share the batches by deficit round robin over rows: each batch gives every group
-with waiting work a share of about ``max_batch_size / groups`` rows, a group's unused share going to
-the others, so a flood from one network delays another's task by about one batch, not by the
-flood's length. Within a group, tasks are served first come, first served; a task larger than
+with waiting work a share of about ``max_batch_size / groups`` rows, so a flood from one network
+delays another's task by about one batch, not by the flood's length. A batch that several groups
+share ends once each had its turn (a group alone fills it): the flooder's second turn would only make
+the others' batch slower. Within a group, tasks are served first come, first served; a task larger than
 the room left in a batch is split, so no batch ever exceeds the limit. The Future of a split task gets the concatenated outputs of its
 parts, in order. If processing a batch raises, every task in that batch gets the exception and
 the remaining parts of those tasks are dropped; other tasks are not affected.
@@ -194,8 +195,12 @@ class TaskPool:
         with self._lock:
             groups, deficit = self._groups, self._deficit
             quantum = max(1, self.max_batch_size // max(1, len(groups)))  # a turn's share of rows
+            served: set[Hashable] = set()  # groups with rows in this batch
             while groups and room > 0:
                 group, queue = next(iter(groups.items()))
+                credit = deficit.get(group, 0)
+                if credit <= 0 and group in served and len(served) > 1:
+                    break  # every waiting group had its share: a short batch answers the others sooner
                 task = queue[0]
                 if task.offset == 0:
                     if not task.future.set_running_or_notify_cancel():  # cancelled while it waited
@@ -208,9 +213,9 @@ class TaskPool:
                 elif task.future.done():  # an earlier part failed
                     self._drop_head(group, queue)
                     continue
-                credit = deficit.get(group, 0)
                 if credit <= 0:  # a new turn
                     credit += quantum
+                served.add(group)
                 take = min(room, credit, task.size - task.offset)
                 parts.append((task, task.offset, task.offset + take))
                 if take < task.size and task.offset == 0:
