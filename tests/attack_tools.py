@@ -389,8 +389,9 @@ class _Attack:
         if self.config.get("fake_signature"):  # well-formed, fresh, for this host: only the HMAC over the body can tell
             head += f"X-Timestamp: {time.time():.3f}\r\nX-Nonce: {i}\r\nX-Host-Id: {self.config['host_id']}\r\n" \
                     f"X-Signature: {os.urandom(32).hex()}\r\n"
-        writer.write(head.encode() + b"\r\n" + self.config.get("prefix", b""))
-        return await self._send_zeros(reader, writer, length)
+        prefix = self.config.get("prefix", b"")  # e.g. a valid wire header, so that the host reads the whole body
+        writer.write(head.encode() + b"\r\n" + prefix)
+        return await self._send_zeros(reader, writer, length - len(prefix))
 
     async def _send_zeros(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, length: int) -> str:
         answer = asyncio.ensure_future(_status(reader, 60))
