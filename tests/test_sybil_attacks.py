@@ -56,7 +56,7 @@ def test_64_addresses_in_one_network_or_in_64_networks_cannot_take_the_slots_of_
         with Attacker("idle", host.port, CONNECTIONS, addresses=sybil_addresses(64, "own16"), seconds=30) as own16:
             assert own16.wait_ready(60)["open"] >= 0.9 * CONNECTIONS
             assert served(client, 100) >= 99
-            own16_counts = own16.stop()
+            own16.stop()
         stats = host.stop()
     assert one24_counts["closed_by_host"] >= CONNECTIONS // 2, one24_counts  # the /24 held no more than its share
     assert stats["connections_refused"] >= CONNECTIONS // 2, stats
