@@ -313,6 +313,7 @@ class _Attack:
         if task in done:
             return task.result()
         task.cancel()
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # its error, if it ends in one, is not news
         return None
 
     async def held_worker(self, i: int) -> None:

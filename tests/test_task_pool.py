@@ -329,3 +329,15 @@ def test_a_batch_that_groups_share_ends_after_one_turn_each_and_the_next_task_wa
     assert pool.run_batch() == 0 and sizes.sizes == [20, 30]
     for future, (x, y, _) in zip(futures, tasks):
         check_result(future, x, y)
+
+
+def test_the_addresses_of_one_group_take_turns_task_by_task():
+    order: list[int] = []
+    pool = TaskPool("sources", lambda x: (order.extend(x[:, 0].long().tolist()) or x,), max_batch_size=4)
+    flood = [pool.submit(torch.full((4, 1), 1.0), group="net", source="10.0.0.1") for _ in range(5)]
+    mine = pool.submit(torch.full((2, 1), 2.0), group="net", source="10.0.0.2")
+    pool.run_batch()
+    pool.run_batch()
+    assert mine.done() and order[4:6] == [2, 2]  # second, not after the other address's five tasks
+    drain(pool)
+    assert all(f.done() for f in flood) and order.count(1) == 20

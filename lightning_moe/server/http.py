@@ -370,7 +370,7 @@ class ExpertHTTPServer:
                     tensors = backend.validate_grads(tensors) if keep else backend.validate_backward(tensors)
             except ValueError as e:  # WireError is a ValueError
                 raise RequestError(400, f"{direction}: {e}", uid) from None
-            outputs = await self._compute(direction, uid, backend, tensors, keep, group)
+            outputs = await self._compute(direction, uid, backend, tensors, keep, group, request.remote)
             try:
                 # input gradients are rounded unbiased (int8/int4): see lightning_moe.codecs
                 return wire.serialize_parts(outputs, self.compression or compression, stochastic=direction == "backward")
@@ -393,14 +393,15 @@ class ExpertHTTPServer:
                                headers={"Retry-After": str(math.ceil(age))})
 
     async def _compute(self, direction: str, uid: str, backend: ExpertBackend, tensors: list, keep: str | None,
-                       group: str | None) -> Any:
-        """Queue the request's rows in its expert's pool, where they take the share of ``group`` (the client's network)."""
+                       group: str | None, source: str | None) -> Any:
+        """Queue the request's rows in its expert's pool, where they take the share of ``group`` (the client's network),
+        in turn with the network's other addresses (``source``: the client's)."""
         if tensors[0].shape[0] == 0:
             return backend.empty_outputs(direction)
         if direction == "forward":
-            future = backend.forward_pool.submit(*tensors, key=keep, group=group)
+            future = backend.forward_pool.submit(*tensors, key=keep, group=group, source=source)
         elif keep is None:
-            future = backend.backward_pool.submit(*tensors, group=group)
+            future = backend.backward_pool.submit(*tensors, group=group, source=source)
         else:
             try:
                 future = backend.kept.backward(keep, tensors, group) if backend.kept is not None else None

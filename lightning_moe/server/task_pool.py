@@ -6,7 +6,8 @@ callers). Groups share the batches by deficit round robin over rows: each batch 
 with waiting work a share of about ``max_batch_size / groups`` rows, so a flood from one network
 delays another's task by about one batch, not by the flood's length. A batch that several groups
 share ends once each had its turn (a group alone fills it): the flooder's second turn would only make
-the others' batch slower. Within a group, tasks are served first come, first served; a task larger than
+the others' batch slower. Within a group, the client addresses (``source``) take turns task by
+task, and each address's tasks are served first come, first served; a task larger than
 the room left in a batch is split, so no batch ever exceeds the limit. The Future of a split task gets the concatenated outputs of its
 parts, in order. If processing a batch raises, every task in that batch gets the exception and
 the remaining parts of those tasks are dropped; other tasks are not affected.
@@ -55,6 +56,47 @@ class _Task:
         self.submitted = time.monotonic()
 
 
+class _Group:
+    """The waiting tasks of one group: a queue per source address, the sources in round-robin order."""
+
+    __slots__ = ("sources", "tasks")
+
+    def __init__(self) -> None:
+        self.sources: collections.OrderedDict[Hashable, collections.deque[_Task]] = collections.OrderedDict()
+        self.tasks = 0
+
+    def add(self, task: _Task, source: Hashable) -> None:
+        queue = self.sources.get(source)
+        if queue is None:
+            queue = self.sources[source] = collections.deque()
+        queue.append(task)
+        self.tasks += 1
+
+    def head(self) -> _Task:
+        """The task whose rows go next: the oldest of the source whose turn it is."""
+        return next(iter(self.sources.values()))[0]
+
+    def oldest(self) -> float:
+        """When its oldest waiting task was submitted."""
+        return min(queue[0].submitted for queue in self.sources.values())
+
+    def pop_head(self) -> _Task:
+        source, queue = next(iter(self.sources.items()))
+        self.tasks -= 1
+        task = queue.popleft()
+        if not queue:
+            del self.sources[source]
+        return task
+
+    def next_source(self) -> None:
+        """The next source's turn (a task in progress goes on at its own source's next turn)."""
+        if len(self.sources) > 1:
+            self.sources.move_to_end(next(iter(self.sources)))
+
+    def all_tasks(self) -> list[_Task]:
+        return [task for queue in self.sources.values() for task in queue]
+
+
 @dataclass
 class Batch:
     """Rows taken from the queue: ``parts`` lists ``(task, start, stop)``; ``inputs`` is one tensor per arg."""
@@ -78,8 +120,8 @@ class TaskPool:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
         self.name, self.process_fn, self.max_batch_size = name, process_fn, int(max_batch_size)
         self.pass_keys = pass_keys
-        # waiting tasks per group, groups in round-robin order; a group leaves when its queue empties
-        self._groups: collections.OrderedDict[Hashable, collections.deque[_Task]] = collections.OrderedDict()
+        # waiting tasks per group, groups in round-robin order; a group leaves when it has no task left
+        self._groups: collections.OrderedDict[Hashable, _Group] = collections.OrderedDict()
         self._deficit: dict[Hashable, int] = {}  # rows a group may still take in its current turn
         self._served_at: dict[Hashable, float] = {}  # when a remote group with waiting tasks last got rows
         self._lock = threading.Lock()
@@ -97,9 +139,11 @@ class TaskPool:
         self._busy_time = 0.0
 
     # ---- producers -------------------------------------------------------------------------
-    def submit(self, *inputs: torch.Tensor, key: str | None = None, group: Hashable = None) -> Future:
+    def submit(self, *inputs: torch.Tensor, key: str | None = None, group: Hashable = None,
+               source: Hashable = None) -> Future:
         """Queue one task (``key``: what ``process_fn`` is told the task's rows belong to; ``group``: whose share it
-        takes, the client's network or None); returns a Future of its outputs (a tuple of tensors)."""
+        takes, the client's network or None; ``source``: the client's address, which takes turns with the group's
+        other addresses); returns a Future of its outputs (a tuple of tensors)."""
         if not inputs:
             raise ValueError("a task needs at least one tensor")
         size = inputs[0].shape[0] if inputs[0].dim() > 0 else -1
@@ -113,10 +157,10 @@ class TaskPool:
             if self._closed is not None:
                 future.set_exception(self._closed)
                 return future
-            queue = self._groups.get(group)
-            if queue is None:
-                queue = self._groups[group] = collections.deque()
-            queue.append(task)
+            waiting = self._groups.get(group)
+            if waiting is None:
+                waiting = self._groups[group] = _Group()
+            waiting.add(task, source)
             self._rows += size
             self._counters["tasks"] += 1
             self._counters["rows"] += size
@@ -130,13 +174,13 @@ class TaskPool:
     def oldest_submit_time(self) -> float | None:
         """``time.monotonic()`` at which the oldest waiting task was submitted; None if the queue is empty."""
         with self._lock:
-            return min((queue[0].submitted for queue in self._groups.values()), default=None)
+            return min((waiting.oldest() for waiting in self._groups.values()), default=None)
 
     def group_submit_time(self, group: Hashable) -> float | None:
         """When the oldest waiting task of ``group`` was submitted; None if it has none."""
         with self._lock:
-            queue = self._groups.get(group)
-            return queue[0].submitted if queue else None
+            waiting = self._groups.get(group)
+            return waiting.oldest() if waiting is not None else None
 
     @property
     def turn_time(self) -> float | None:
@@ -145,7 +189,7 @@ class TaskPool:
         its age again, so a flood on one expert cannot hold the Runtime from another's newer work); None if empty."""
         with self._lock:
             served = self._served_at
-            return min((max(queue[0].submitted, served.get(group, 0.0)) for group, queue in self._groups.items()),
+            return min((max(waiting.oldest(), served.get(group, 0.0)) for group, waiting in self._groups.items()),
                        default=None)
 
     @property
@@ -167,7 +211,7 @@ class TaskPool:
     @property
     def queued_tasks(self) -> int:
         """Tasks with rows waiting (a split task counts while its last part waits)."""
-        return sum(len(queue) for queue in self._groups.values())
+        return sum(waiting.tasks for waiting in self._groups.values())
 
     def stats(self) -> dict:
         """Counters: tasks, rows, batches, batch sizes, queue wait (seconds), errors, busy time."""
@@ -176,7 +220,7 @@ class TaskPool:
             batches = out["batches"]
             out.update(
                 queued_rows=self._rows,
-                queued_tasks=sum(len(queue) for queue in self._groups.values()),
+                queued_tasks=sum(waiting.tasks for waiting in self._groups.values()),
                 queued_groups=len(self._groups),
                 mean_batch_size=out["rows_processed"] / batches if batches else 0.0,
                 max_batch_size_seen=self._max_batch_seen,
@@ -188,7 +232,7 @@ class TaskPool:
 
     # ---- the consumer (one thread) ---------------------------------------------------------
     def _take(self) -> Batch | None:
-        """Rows for one batch, by deficit round robin over the groups with waiting tasks."""
+        """Rows for one batch, by deficit round robin over the groups with waiting tasks (their sources in turn)."""
         parts: list[tuple[_Task, int, int]] = []
         room = self.max_batch_size
         now = time.monotonic()
@@ -197,21 +241,21 @@ class TaskPool:
             quantum = max(1, self.max_batch_size // max(1, len(groups)))  # a turn's share of rows
             served: set[Hashable] = set()  # groups with rows in this batch
             while groups and room > 0:
-                group, queue = next(iter(groups.items()))
+                group, waiting = next(iter(groups.items()))
                 credit = deficit.get(group, 0)
                 if credit <= 0 and group in served and len(served) > 1:
                     break  # every waiting group had its share: a short batch answers the others sooner
-                task = queue[0]
+                task = waiting.head()
                 if task.offset == 0:
                     if not task.future.set_running_or_notify_cancel():  # cancelled while it waited
-                        self._drop_head(group, queue)
+                        self._drop_head(group, waiting)
                         continue
                     wait = now - task.submitted
                     self._wait_total += wait
                     self._wait_count += 1
                     self._wait_max = max(self._wait_max, wait)
                 elif task.future.done():  # an earlier part failed
-                    self._drop_head(group, queue)
+                    self._drop_head(group, waiting)
                     continue
                 if credit <= 0:  # a new turn
                     credit += quantum
@@ -227,10 +271,12 @@ class TaskPool:
                 if group is not None:
                     self._served_at[group] = now
                 if task.offset == task.size:
-                    queue.popleft()
-                if not queue:
+                    waiting.pop_head()
+                if not waiting.tasks:
                     self._forget(group)
-                elif deficit[group] <= 0:
+                    continue
+                waiting.next_source()
+                if deficit[group] <= 0:
                     groups.move_to_end(group)  # its turn is over
         return Batch(parts, [], self.max_batch_size - room) if parts else None
 
@@ -255,10 +301,10 @@ class TaskPool:
             offset += stop - start
         return keys
 
-    def _drop_head(self, group: Hashable, queue: collections.deque[_Task]) -> None:
-        task = queue.popleft()
+    def _drop_head(self, group: Hashable, waiting: _Group) -> None:
+        task = waiting.pop_head()
         self._rows -= task.size - task.offset
-        if not queue:
+        if not waiting.tasks:
             self._forget(group)
 
     def _forget(self, group: Hashable) -> None:
@@ -347,7 +393,7 @@ class TaskPool:
         error = error if error is not None else PoolClosedError(f"pool {self.name} is closed")
         with self._lock:
             self._closed = error
-            waiting = [task for queue in self._groups.values() for task in queue]
+            waiting = [task for group in self._groups.values() for task in group.all_tasks()]
             self._groups.clear()
             self._deficit.clear()
             self._served_at.clear()
