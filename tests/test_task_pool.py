@@ -260,7 +260,7 @@ def test_groups_share_each_batch_so_a_flood_delays_another_group_by_about_one_ba
     assert mine.done() and local.done()  # in the very next batch, not after 31 more
     check_result(mine, x, y)
     check_result(local, x, y)
-    assert sizes.sizes == [64, 21 + 5 + 5]  # a third of the batch each: shared, the batch ends after one turn each
+    assert sizes.sizes == [64, 21 + 5 + 5 + 21]  # turns of a third each, until half full and each had one
     drain(pool)
     assert set(sizes.sizes[2:-1]) == {64}  # alone, the flood fills its batches
     for future, (fx, fy) in zip(flood_futures, flood):
@@ -341,3 +341,13 @@ def test_the_addresses_of_one_group_take_turns_task_by_task():
     assert mine.done() and order[4:6] == [2, 2]  # second, not after the other address's five tasks
     drain(pool)
     assert all(f.done() for f in flood) and order.count(1) == 20
+
+
+def test_an_address_whose_last_task_is_done_does_not_cost_the_next_address_its_turn():
+    order: list[int] = []
+    pool = TaskPool("turns", lambda x: (order.extend(x[:, 0].long().tolist()) or x,), max_batch_size=1)
+    for source, count in ((1, 1), (2, 2), (3, 2)):
+        for _ in range(count):
+            pool.submit(torch.full((1, 1), float(source)), group="net", source=f"10.0.0.{source}")
+    drain(pool)
+    assert order == [1, 2, 3, 2, 3]

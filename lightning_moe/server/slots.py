@@ -53,8 +53,10 @@ class ConnectionSlots:
         network = netgroup(address)
         victim = None
         with self._lock:
+            if self.closing:
+                return False
             held = len(self._networks.get(network, ()))
-            if (self.closing or self._per_address[address] >= self.max_per_address or held >= self.max_per_network
+            if (self._per_address[address] >= self.max_per_address or held >= self.max_per_network
                     or (self.open >= self.max_connections and self._top < held + 2)):
                 self.refused += 1
                 return False

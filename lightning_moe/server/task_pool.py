@@ -5,8 +5,8 @@ group it comes from (the client's network, :func:`lightning_moe.net.netgroup`; N
 callers). Groups share the batches by deficit round robin over rows: each batch gives every group
 with waiting work a share of about ``max_batch_size / groups`` rows, so a flood from one network
 delays another's task by about one batch, not by the flood's length. A batch that several groups
-share ends once each had its turn (a group alone fills it): the flooder's second turn would only make
-the others' batch slower. Within a group, the client addresses (``source``) take turns task by
+share ends once it is half full and each had its turn (a group alone fills it): the flooder's next
+turn would only make the others' batch slower. Within a group, the client addresses (``source``) take turns task by
 task, and each address's tasks are served first come, first served; a task larger than
 the room left in a batch is split, so no batch ever exceeds the limit. The Future of a split task gets the concatenated outputs of its
 parts, in order. If processing a batch raises, every task in that batch gets the exception and
@@ -72,9 +72,10 @@ class _Group:
         queue.append(task)
         self.tasks += 1
 
-    def head(self) -> _Task:
-        """The task whose rows go next: the oldest of the source whose turn it is."""
-        return next(iter(self.sources.values()))[0]
+    def head(self) -> tuple[Hashable, _Task]:
+        """The source whose turn it is and its oldest task, whose rows go next."""
+        source, queue = next(iter(self.sources.items()))
+        return source, queue[0]
 
     def oldest(self) -> float:
         """When its oldest waiting task was submitted."""
@@ -88,10 +89,10 @@ class _Group:
             del self.sources[source]
         return task
 
-    def next_source(self) -> None:
-        """The next source's turn (a task in progress goes on at its own source's next turn)."""
-        if len(self.sources) > 1:
-            self.sources.move_to_end(next(iter(self.sources)))
+    def turn_over(self, source: Hashable) -> None:
+        """``source`` had its turn: the next source's (a task in progress goes on at its source's next turn)."""
+        if len(self.sources) > 1 and source in self.sources:
+            self.sources.move_to_end(source)
 
     def all_tasks(self) -> list[_Task]:
         return [task for queue in self.sources.values() for task in queue]
@@ -243,9 +244,9 @@ class TaskPool:
             while groups and room > 0:
                 group, waiting = next(iter(groups.items()))
                 credit = deficit.get(group, 0)
-                if credit <= 0 and group in served and len(served) > 1:
-                    break  # every waiting group had its share: a short batch answers the others sooner
-                task = waiting.head()
+                if credit <= 0 and group in served and len(served) > 1 and 2 * room <= self.max_batch_size:
+                    break  # half full, and every waiting group had its share: a shorter batch answers the others sooner
+                source, task = waiting.head()
                 if task.offset == 0:
                     if not task.future.set_running_or_notify_cancel():  # cancelled while it waited
                         self._drop_head(group, waiting)
@@ -275,7 +276,7 @@ class TaskPool:
                 if not waiting.tasks:
                     self._forget(group)
                     continue
-                waiting.next_source()
+                waiting.turn_over(source)
                 if deficit[group] <= 0:
                     groups.move_to_end(group)  # its turn is over
         return Batch(parts, [], self.max_batch_size - room) if parts else None
