@@ -84,7 +84,8 @@ def _end(proc: subprocess.Popen, timeout: float) -> str:
 
 
 class HostProcess:
-    """An ExpertHost with one ffn expert (hid 64, max batch 32) in a child process; ``limits``: HostLimits keys."""
+    """An ExpertHost with one ffn expert (hid 64, max batch ``max_batch``) in a child process; ``limits``: HostLimits
+    keys."""
 
     def __init__(self, secret: str | None = None, max_batch: int = MAX_BATCH, **limits: Any):
         self.secret = secret

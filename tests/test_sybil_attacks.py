@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 import requests
 from attack_tools import Attacker, HostProcess, LegitClient, huge_rows_request, sybil_addresses
 
@@ -63,27 +64,36 @@ def test_64_addresses_in_one_network_or_in_64_networks_cannot_take_the_slots_of_
     assert stats["connections_evicted"] >= 1, stats  # a full host made room for the newcomer's network
 
 
-def test_aborted_bodies_and_unread_answers_leave_memory_as_it_was():
-    with HostProcess(max_batch=4096) as host:
-        client = LegitClient(host.endpoint)
-        assert served(client, 10) == 10
-        before = host.rss()
-        with Attacker("truncated", host.port, 3, addresses=sybil_addresses(3, "own16"), seconds=30, **WIDE) as cut:
-            cut.wait_ready(60)
-            for _ in range(200):  # bounded (20 s): until the three bodies were sent but their last byte, and cut
-                if host_stats(host)["errors_by_status"].get("400", 0) >= 3:
-                    break
-                time.sleep(0.1)
-            assert served(client, 20) == 20
-            cut_counts = cut.stop()
-        with Attacker("abort_answer", host.port, 4, addresses=sybil_addresses(4, "own16"), seconds=3,
-                      **huge_rows_request(16384)) as unread:
-            unread.wait_ready(60)
-            assert served(client, 20) == 20
-            unread_counts = unread.stop()
-        assert served(client, 10) == 10
-        after = settled_rss(host, before + KEPT_BOUND)
-        stats = host.stop()
+@pytest.fixture(scope="module")
+def public_host():
+    """One public host for the memory and compute tests (memory first: the flood's kept forwards hold memory).
+
+    A forward is shed (503) once its own network's oldest queued work waited over ``max_queue_wait``."""
+    with HostProcess(max_batch=4096, max_queue_wait=1.0) as host:
+        yield host
+
+
+def test_aborted_bodies_and_unread_answers_leave_memory_as_it_was(public_host):
+    host = public_host
+    client = LegitClient(host.endpoint)
+    assert served(client, 10) == 10
+    before = host.rss()
+    with Attacker("truncated", host.port, 3, addresses=sybil_addresses(3, "own16"), seconds=30, **WIDE) as cut:
+        cut.wait_ready(60)
+        for _ in range(200):  # bounded (20 s): until the three bodies were sent but their last byte, and cut
+            if host_stats(host)["errors_by_status"].get("400", 0) >= 3:
+                break
+            time.sleep(0.1)
+        assert served(client, 20) == 20
+        cut_counts = cut.stop()
+    with Attacker("abort_answer", host.port, 4, addresses=sybil_addresses(4, "own16"), seconds=3,
+                  **huge_rows_request(16384)) as unread:
+        unread.wait_ready(60)
+        assert served(client, 20) == 20
+        unread_counts = unread.stop()
+    assert served(client, 10) == 10
+    after = settled_rss(host, before + KEPT_BOUND)
+    stats = host_stats(host)
     assert cut_counts.get("truncated", 0) >= 3, cut_counts
     assert sum(v for k, v in unread_counts.items() if k.startswith("aborted_")) >= 4, unread_counts
     assert after <= before + KEPT_BOUND, (before, after)
@@ -111,23 +121,23 @@ def test_fake_signed_bodies_leave_memory_as_it_was():
     assert stats["errors_by_status"]["401"] >= 3, stats
 
 
-def test_a_compute_flood_from_one_network_sheds_its_own_forwards_not_a_newcomers():
-    # A forward is shed (503) once its own network's oldest queued work waited over max_queue_wait; served first
-    # come, first served, the flood's queue would make every newcomer's forward wait that long, and be shed too.
-    with HostProcess(max_batch=4096, max_queue_wait=1.0) as host:
-        client = LegitClient(host.endpoint)
-        assert served(client, 5) == 5
-        with Attacker("compute", host.port, 32, addresses=["127.77.0.2"], seconds=60,
-                      **huge_rows_request(16384)) as flood:
-            flood.wait_ready(60)
-            ok = 0
-            for _ in range(400):  # bounded: until the flood has been shed, while the newcomer calls
-                ok += served(client, 1)
-                if host_stats(host)["shed_forwards"] >= 10:
-                    break
-            legit = served(client, 50)
-            counts = flood.stop()
-        stats = host.stop()
+def test_a_compute_flood_from_one_network_sheds_its_own_forwards_not_a_newcomers(public_host):
+    # Served first come, first served, the flood's queue would make every newcomer's forward wait past
+    # max_queue_wait, and be shed too.
+    host = public_host
+    client = LegitClient(host.endpoint)
+    assert served(client, 5) == 5
+    with Attacker("compute", host.port, 32, addresses=["127.77.0.2"], seconds=60,
+                  **huge_rows_request(16384)) as flood:
+        flood.wait_ready(60)
+        calls = ok = 0
+        for _ in range(400):  # bounded: until the flood has been shed, while the newcomer calls
+            calls, ok = calls + 1, ok + served(client, 1)
+            if host_stats(host)["shed_forwards"] >= 10:
+                break
+        legit = served(client, 50)
+        counts = flood.stop()
+    stats = host_stats(host)
     assert stats["shed_forwards"] >= 10, stats
-    assert legit == 50, legit  # never shed: its network's own queue is short
+    assert legit == 50 and ok == calls, (legit, ok, calls)  # never shed: its network's own queue is short
     assert counts.get("answers_200", 0) >= 1, counts  # the flood is served too, in its share

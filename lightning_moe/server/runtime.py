@@ -67,6 +67,7 @@ class Runtime:
         self._thread: threading.Thread | None = None
         self.batches_run = 0
         self._queue_age = (0.0, 0.0)  # (when measured, age), so that many requests a millisecond scan the pools once
+        self._group_ages: dict[Hashable, tuple[float, float]] = {}  # the same per client network
         for pool in self.pools:  # a pool serves one running runtime at a time
             pool.wakeup = self._wakeup
 
@@ -92,8 +93,14 @@ class Runtime:
         wait behind, as the pools share their batches fairly between groups."""
         now = time.monotonic()
         if group is not None:
-            times = [t for t in (pool.group_submit_time(group) for pool in self.pools) if t is not None]
-            return max(now - min(times), 0.0) if times else 0.0
+            measured, age = self._group_ages.get(group, (0.0, 0.0))
+            if now - measured > 0.01:
+                times = [t for t in (pool.group_submit_time(group) for pool in self.pools) if t is not None]
+                age = max(now - min(times), 0.0) if times else 0.0
+                if len(self._group_ages) >= 4096:  # bounded: the groups of the last few seconds' requests
+                    self._group_ages.clear()
+                self._group_ages[group] = (now, age)
+            return age
         measured, age = self._queue_age
         if now - measured > 0.01:
             oldest = _oldest(self.pools, lambda p: p.oldest_submit_time)
