@@ -85,6 +85,10 @@ class HostLimits:
                                  "closed on arrival (at most the process's open-files limit, raised to its hard limit)",
                                  default=16384)
     max_connections_per_address: int = _help("open connections from one client IP address", default=256)
+    max_connections_per_network: int = _help("open connections from one client network (/24 for IPv4, /48 for IPv6); "
+                                             "when all max_connections are taken, a newcomer from a network holding "
+                                             "fewer evicts the oldest connection of the network holding the most",
+                                             default=1024)
     idle_timeout: float = _help("seconds a connection may take for the next request's line and headers, from its "
                                 "opening or its last answer (an idle keep-alive connection closes then)", default=10.0)
     body_timeout: float = _help("seconds a client may take to send a request's body once its headers are in "
@@ -107,7 +111,8 @@ class HostLimits:
 
     def check(self, prefix: str = "host.limits") -> None:
         """Ranges; raises :class:`ConfigError` naming the key."""
-        for key in ("max_connections", "max_connections_per_address", "max_header_bytes", "max_rows_factor"):
+        for key in ("max_connections", "max_connections_per_address", "max_connections_per_network", "max_header_bytes",
+                    "max_rows_factor"):
             _require(getattr(self, key) >= 1, f"{prefix}.{key}", "must be positive", getattr(self, key))
         for key in ("idle_timeout", "body_timeout", "max_body_mb"):
             _require(getattr(self, key) > 0, f"{prefix}.{key}", "must be positive", getattr(self, key))

@@ -1,9 +1,11 @@
 """Attacks on a real ExpertHost over 127.0.0.1, for test_host_attacks.py and benchmark_attacks.py.
 
 The host runs in a process of its own (its RSS and open files are its own), each attacker in another
-(up to ~10,000 sockets), the legitimate client in the caller. Attackers connect from 127.0.0.2 and up
-(all of 127/8 is loopback), so the per-address connection limit applies to them and not to the
-legitimate client on 127.0.0.1. Every loop is bounded by a count or a deadline.
+(up to ~16,000 sockets), the legitimate client in the caller. Attackers connect from 127.2.0.1,
+127.3.0.1 and up (all of 127/8 is loopback), each address in a network of its own, or from the
+``addresses`` they are given (:func:`sybil_addresses`), so the per-address and per-network limits
+apply to them and not to the legitimate client on 127.0.0.1. Every loop is bounded by a count or a
+deadline.
 
     python tests/attack_tools.py host '{"limits": {...}, "secret": null}'
     python tests/attack_tools.py attack '{"kind": "idle", "port": 1234, "count": 10000, ...}'
@@ -82,11 +84,12 @@ def _end(proc: subprocess.Popen, timeout: float) -> str:
 
 
 class HostProcess:
-    """An ExpertHost with one ffn expert (hid 64, max batch 32) in a child process; ``limits``: HostLimits keys."""
+    """An ExpertHost with one ffn expert (hid 64, max batch ``max_batch``) in a child process; ``limits``: HostLimits
+    keys."""
 
-    def __init__(self, secret: str | None = None, **limits: Any):
+    def __init__(self, secret: str | None = None, max_batch: int = MAX_BATCH, **limits: Any):
         self.secret = secret
-        self.proc = _spawn("host", {"limits": limits, "secret": secret})
+        self.proc = _spawn("host", {"limits": limits, "secret": secret, "max_batch": max_batch})
         try:
             info = json.loads(_read_line(self.proc, 120))
         except BaseException:
@@ -133,15 +136,21 @@ class Attacker:
 
 
 class LegitClient:
-    """A trainer's calls: forward requests of ``rows`` rows in a loop, each recorded as (ok, seconds)."""
+    """A trainer's calls: forward requests of ``rows`` rows in a loop, each recorded as (ok, seconds).
 
-    def __init__(self, endpoint: str, secret: str | None = None, rows: int = 16, timeout: float = 10.0):
+    ``fresh``: each call on a new connection (a trainer arriving), else on kept-alive ones (public hosts only)."""
+
+    def __init__(self, endpoint: str, secret: str | None = None, rows: int = 16, timeout: float = 10.0,
+                 fresh: bool = False):
         import torch
 
-        from lightning_moe import auth
+        from lightning_moe import auth, wire
 
         self.endpoint, self.secret, self.timeout = endpoint, auth.resolve_secret(secret) if secret else None, timeout
         self.x = torch.randn(rows, HID)
+        self.fresh, self.body = fresh, wire.serialize([self.x])
+        if fresh and secret:
+            raise ValueError("fresh connections are for public hosts")
         self.results: list[tuple[bool, float]] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -150,12 +159,29 @@ class LegitClient:
         from lightning_moe.client.remote_expert import RemoteExpertError, call_expert
 
         start = time.perf_counter()
+        if self.fresh:
+            return self._fresh_call(), time.perf_counter() - start
         try:
             call_expert(UID, self.endpoint, "forward", [self.x], timeout=self.timeout, secret=self.secret)
             ok = True
         except RemoteExpertError:
             ok = False
         return ok, time.perf_counter() - start
+
+    def _fresh_call(self) -> bool:
+        import http.client
+
+        host, port = self.endpoint.rsplit(":", 1)
+        connection = http.client.HTTPConnection(host, int(port), timeout=self.timeout, source_address=("127.0.0.1", 0))
+        try:
+            connection.request("POST", f"/forward/{UID}", self.body, {"Content-Type": "application/octet-stream"})
+            answer = connection.getresponse()
+            answer.read()
+            return answer.status == 200
+        except (OSError, http.client.HTTPException):
+            return False
+        finally:
+            connection.close()
 
     def run(self, seconds: float, max_calls: int = 100_000, pause: float = 0.01) -> list[tuple[bool, float]]:
         """Calls in a loop for ``seconds``; returns the results of this run."""
@@ -193,7 +219,7 @@ def host_main(config: dict) -> None:
     torch.manual_seed(0)
     expert = make_expert("ffn", HID)
     backend = ExpertBackend(UID, expert, torch.optim.SGD(expert.parameters(), lr=0.01), [((HID,), torch.float32)],
-                            max_batch_size=MAX_BATCH)
+                            max_batch_size=config.get("max_batch", MAX_BATCH))
     with ExpertHost([backend], HostConfig(limits=HostLimits(**config["limits"])), secret=config.get("secret")) as host:
         print(json.dumps({"port": host.port, "host_id": host.host_id}), flush=True)
         sys.stdin.read()  # until the parent closes our stdin
@@ -235,7 +261,7 @@ class _Attack:
     def __init__(self, config: dict):
         self.config, self.kind, self.port = config, config["kind"], config["port"]
         first = config.get("first_source", 2)
-        self.sources = [f"127.0.0.{first + i}" for i in range(max(1, config.get("sources", 1)))]
+        self.sources = config.get("addresses") or [f"127.{first + i}.0.1" for i in range(max(1, config.get("sources", 1)))]
         self.counts: collections.Counter = collections.Counter()
         self.stop = asyncio.Event()
         self.connect_slots = asyncio.Semaphore(256)
@@ -288,6 +314,7 @@ class _Attack:
         if task in done:
             return task.result()
         task.cancel()
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # its error, if it ends in one, is not news
         return None
 
     async def held_worker(self, i: int) -> None:
@@ -364,8 +391,9 @@ class _Attack:
         if self.config.get("fake_signature"):  # well-formed, fresh, for this host: only the HMAC over the body can tell
             head += f"X-Timestamp: {time.time():.3f}\r\nX-Nonce: {i}\r\nX-Host-Id: {self.config['host_id']}\r\n" \
                     f"X-Signature: {os.urandom(32).hex()}\r\n"
-        writer.write(head.encode() + b"\r\n" + self.config.get("prefix", b""))
-        return await self._send_zeros(reader, writer, length)
+        prefix = self.config.get("prefix", b"")  # e.g. a valid wire header, so that the host reads the whole body
+        writer.write(head.encode() + b"\r\n" + prefix)
+        return await self._send_zeros(reader, writer, length - len(prefix))
 
     async def _send_zeros(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, length: int) -> str:
         answer = asyncio.ensure_future(_status(reader, 60))
@@ -392,6 +420,47 @@ class _Attack:
         writer.write(f"POST /forward/{UID} HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\n".encode() + head)
         return await self._send_zeros(reader, writer, length - len(head))
 
+    async def _truncated(self, i: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> str:
+        """A valid wire header, then the whole body but its last byte, then close."""
+        head, length = self.config["wire_head"], self.config["wire_total"]
+        writer.write(f"POST /forward/{UID} HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\n".encode() + head)
+        chunk, left = bytes(1 << 16), length - len(head) - 1
+        while left > 0 and not self.stop.is_set():
+            await self.throttle(min(left, len(chunk)))
+            writer.write(chunk[:left])
+            left -= len(chunk)
+            await asyncio.wait_for(writer.drain(), 10)
+        self.counts["bytes_sent"] += length - len(head) - 1 - max(left, 0)
+        await asyncio.sleep(0.2)  # the host has read it all and waits for the last byte
+        return "truncated"
+
+    async def _compute(self, i: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> str:
+        """Valid forwards of the most rows the host takes, back to back on one connection, each asking to be kept."""
+        head, length = self.config["wire_head"], self.config["wire_total"]
+        zeros = bytes(length - len(head))  # zeros are valid float32 inputs
+        for _ in range(100_000):
+            if self.stop.is_set():
+                return "done"
+            path = f"/forward/{UID}?keep={os.urandom(8).hex()}"
+            writer.write(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\n".encode() + head)
+            writer.write(zeros)
+            await asyncio.wait_for(writer.drain(), 60)
+            status = await self._until_stop(_read_answer(reader, 60), 61)
+            if status is None:
+                return "held"
+            self.counts[f"answers_{status}"] += 1
+        return "done"
+
+    async def _abort_answer(self, i: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> str:
+        """A valid forward with a large answer; close once its status line arrives, the rest unread."""
+        head, length = self.config["wire_head"], self.config["wire_total"]
+        writer.write(f"POST /forward/{UID} HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\n".encode() + head)
+        writer.write(bytes(length - len(head)))
+        await asyncio.wait_for(writer.drain(), 60)
+        status = await _status(reader, 60)
+        writer.transport.abort()
+        return f"aborted_{status}"
+
     async def _replay(self, i: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> str:
         raw = self.config["captured"]
         status = "closed"
@@ -414,7 +483,8 @@ class _Attack:
         if self.kind == "slowloris":
             workers.append(asyncio.create_task(self.trickle()))
         started = time.monotonic()
-        while self.open < 0.95 * count and time.monotonic() - started < 30 and not self.stop.is_set():
+        ready_open = self.config.get("ready_open", 0.95 * count)  # fewer when the host's limits cap the attack
+        while self.open < ready_open and time.monotonic() - started < 30 and not self.stop.is_set():
             if self.kind not in ("idle", "slowloris") and self.counts["connections"] >= count:
                 break
             await asyncio.sleep(0.1)
@@ -446,14 +516,23 @@ if __name__ == "__main__":
 
 
 # ---- what some attacks send -------------------------------------------------------------------
-def huge_rows_request(rows: int) -> dict:
-    """Attack options for a forward whose wire header claims ``rows`` rows: the header bytes and the message size."""
+def sybil_addresses(count: int, layout: str) -> list[str]:
+    """``count`` attacking addresses: ``"one24"``, all in 127.77.0.0/24; ``"own16"``, each in a /16 of its own
+    (127.100.0.1, 127.101.0.1, ...). Neither touches 127.0.0.0/24, the legitimate client's network."""
+    if layout == "one24":
+        return [f"127.77.0.{2 + i}" for i in range(count)]
+    return [f"127.{100 + i}.0.1" for i in range(count)]
+
+
+def huge_rows_request(rows: int, width: int = HID) -> dict:
+    """Attack options for a forward whose wire header claims ``rows`` rows of ``width`` float32 (the expert takes
+    ``HID``; more is refused once the body is read): the header bytes and the message size."""
     import struct
 
     from lightning_moe import wire
 
-    nbytes = rows * HID * 4
-    header = json.dumps({"tensors": [{"dtype": "float32", "shape": [rows, HID], "compression": "none", "nbytes": nbytes}]},
+    nbytes = rows * width * 4
+    header = json.dumps({"tensors": [{"dtype": "float32", "shape": [rows, width], "compression": "none", "nbytes": nbytes}]},
                         separators=(",", ":")).encode()
     header += b" " * (-(wire.PREFIX_BYTES + len(header)) % 8)
     head = struct.pack("<4sI", wire.MAGIC, len(header)) + header

@@ -245,3 +245,109 @@ def test_tasks_that_cannot_be_batched_together_fail_without_hanging():
         with pytest.raises(RuntimeError):
             future.result(timeout=WAIT)
     assert pool.stats()["batch_errors"] == 1 and pool.queued_rows == 0
+
+
+def test_groups_share_each_batch_so_a_flood_delays_another_group_by_about_one_batch():
+    sizes = Recorder()
+    pool = TaskPool("fair", sizes, max_batch_size=64)
+    flood = [(torch.randn(256, 3), torch.randn(256)) for _ in range(8)]  # 2,048 rows: 32 batches, first come
+    flood_futures = [pool.submit(x, y, group="10.0.0.0/24") for x, y in flood]
+    pool.run_batch()  # the flood's first batch
+    x, y = torch.randn(5, 3), torch.randn(5)
+    mine = pool.submit(x, y, group="192.0.2.0/24")
+    local = pool.submit(x, y)  # a local caller: a group of its own
+    pool.run_batch()
+    assert mine.done() and local.done()  # in the very next batch, not after 31 more
+    check_result(mine, x, y)
+    check_result(local, x, y)
+    assert sizes.sizes == [64, 21 + 5 + 5 + 21]  # turns of a third each, until half full and each had one
+    drain(pool)
+    assert set(sizes.sizes[2:-1]) == {64}  # alone, the flood fills its batches
+    for future, (fx, fy) in zip(flood_futures, flood):
+        check_result(future, fx, fy)  # split across many batches, reassembled in order
+    assert max(sizes.sizes) == 64 and sum(sizes.sizes) == 2048 + 10
+
+
+def test_each_group_gets_an_equal_share_of_rows_while_all_wait():
+    taken: list[int] = []
+    pool = TaskPool("share", lambda x: (taken.extend(x[:, 0].long().tolist()) or x,), max_batch_size=30)
+    for group in range(3):
+        for _ in range(10):
+            pool.submit(torch.full((10, 1), float(group)), group=f"net{group}")
+    for _ in range(5):  # 150 of the 300 rows
+        pool.run_batch()
+    counts = [taken.count(group) for group in range(3)]
+    assert counts == [50, 50, 50], counts
+    assert pool.stats()["queued_groups"] == 3 and pool.queued_rows == 150
+    drain(pool)
+    assert pool.stats()["queued_groups"] == 0 and pool.queued_tasks == 0
+
+
+def test_runtime_serves_a_new_group_on_another_expert_before_an_older_flood():
+    order: list[str] = []
+    gate = threading.Event()
+
+    def flooded(x: torch.Tensor) -> tuple[torch.Tensor]:
+        order.append("flooded")
+        gate.wait(WAIT)
+        return (x,)
+
+    pools = [TaskPool("flooded", flooded, 8), TaskPool("other", lambda x: (order.append("other") or x,), 8)]
+    flood = [pools[0].submit(torch.randn(8, 2), group="10.0.0.0/24") for _ in range(20)]
+    runtime = Runtime(pools).start()
+    try:
+        for _ in range(3000):  # bounded: until the flood's first batch runs (and waits for the gate)
+            if order:
+                break
+            threading.Event().wait(0.01)
+        mine = pools[1].submit(torch.randn(2, 2), group="192.0.2.0/24")
+        gate.set()
+        assert mine.result(timeout=WAIT) is not None
+        wait(flood, timeout=WAIT)
+    finally:
+        runtime.shutdown(WAIT)
+    assert order.index("other") <= 2, order  # after the batch in progress (and at most one more), not after 19
+    assert order.count("flooded") == 20
+
+
+def test_runtime_queue_age_per_group():
+    pool = TaskPool("ages", lambda x: (x,), 8)
+    runtime = Runtime([pool])  # not started: the queue only ages
+    pool.submit(torch.randn(2, 2), group="10.0.0.0/24")
+    threading.Event().wait(0.05)
+    assert runtime.queue_age("10.0.0.0/24") >= 0.05 and runtime.queue_age() >= 0.05
+    assert runtime.queue_age("192.0.2.0/24") == 0.0  # another network waits behind nothing of its own
+
+
+def test_a_batch_that_groups_share_ends_after_one_turn_each_and_the_next_task_waits_intact():
+    sizes = Recorder()
+    pool = TaskPool("turns", sizes, max_batch_size=30)
+    tasks = [(torch.randn(15, 3), torch.randn(15), "a") for _ in range(3)] + [(torch.randn(5, 3), torch.randn(5), "b")]
+    futures = [pool.submit(x, y, group=group) for x, y, group in tasks]
+    assert pool.run_batch() == 20  # a's 15 (its share), b's 5; a's next task is not started
+    assert pool.run_batch() == 30  # a alone fills the batch
+    assert pool.run_batch() == 0 and sizes.sizes == [20, 30]
+    for future, (x, y, _) in zip(futures, tasks):
+        check_result(future, x, y)
+
+
+def test_the_addresses_of_one_group_take_turns_task_by_task():
+    order: list[int] = []
+    pool = TaskPool("sources", lambda x: (order.extend(x[:, 0].long().tolist()) or x,), max_batch_size=4)
+    flood = [pool.submit(torch.full((4, 1), 1.0), group="net", source="10.0.0.1") for _ in range(5)]
+    mine = pool.submit(torch.full((2, 1), 2.0), group="net", source="10.0.0.2")
+    pool.run_batch()
+    pool.run_batch()
+    assert mine.done() and order[4:6] == [2, 2]  # second, not after the other address's five tasks
+    drain(pool)
+    assert all(f.done() for f in flood) and order.count(1) == 20
+
+
+def test_an_address_whose_last_task_is_done_does_not_cost_the_next_address_its_turn():
+    order: list[int] = []
+    pool = TaskPool("turns", lambda x: (order.extend(x[:, 0].long().tolist()) or x,), max_batch_size=1)
+    for source, count in ((1, 1), (2, 2), (3, 2)):
+        for _ in range(count):
+            pool.submit(torch.full((1, 1), float(source)), group="net", source=f"10.0.0.{source}")
+    drain(pool)
+    assert order == [1, 2, 3, 2, 3]

@@ -10,6 +10,7 @@ is right). An explicit host or announce address always wins.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import socket
@@ -38,6 +39,23 @@ def is_ipv4(host: str) -> bool:
         return ipaddress.ip_address(host).version == 4
     except ValueError:
         return False
+
+
+@functools.lru_cache(maxsize=4096)
+def netgroup(ip: str) -> str:
+    """The network an address belongs to, for limits that are fair per network (Bitcoin's netgroups).
+
+    IPv4 and IPv4-mapped IPv6: the /24 (``"192.0.2.0/24"``); other IPv6: the /48. What does not parse
+    as an IP address (a hostname, ``"?"``) is a group of its own, named by itself.
+    """
+    try:
+        address = ipaddress.ip_address(ip.strip("[]").split("%", 1)[0])
+    except ValueError:
+        return ip
+    if address.version == 6 and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    prefix = 24 if address.version == 4 else 48
+    return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))
 
 
 def _split(peer: str) -> tuple[str, int]:

@@ -6,7 +6,7 @@ import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any, Protocol, Sequence
+from typing import Any, Hashable, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -31,8 +31,9 @@ class GraphKeeper(Protocol):
              graph_nbytes: int) -> bool:
         """Keep a forward batch (its input leaves, its outputs with their graph); False if it cannot."""
 
-    def backward(self, key: str, grads: Sequence[torch.Tensor]) -> Future | None:
-        """A Future of the input gradients of the kept request ``key``; None if it is not kept."""
+    def backward(self, key: str, grads: Sequence[torch.Tensor], group: Hashable = None) -> Future | None:
+        """A Future of the input gradients of the kept request ``key`` (``group``: the client's network); None if it
+        is not kept."""
 
 
 def normalize_schema(schema: Sequence[Any]) -> Schema:

@@ -212,19 +212,21 @@ class ExpertHost:
         return out
 
     def http_stats(self) -> dict:
-        """Connections accepted, refused (over a connection limit), open, and no longer read (their head
-        trickled in); request bytes in flight and requests refused for lack of that budget; forwards shed
+        """Connections accepted, refused (over a connection limit), evicted (for a newcomer from a smaller network),
+        open, the client addresses and networks holding them, and connections no longer read (their head trickled in); request bytes in flight and requests refused for lack of that budget; forwards shed
         (the queue was too old, see ``host.limits.max_queue_wait``); error responses by HTTP status."""
         server = self.server
         if server is None:
             return {"connections_accepted": 0, "connections_refused": 0, "open_connections": 0, "client_addresses": 0,
-                    "trickles_stopped": 0, "inflight_bytes": 0, "budget_refused": 0, "shed_forwards": 0,
+                    "client_networks": 0, "connections_evicted": 0, "trickles_stopped": 0, "inflight_bytes": 0, "budget_refused": 0, "shed_forwards": 0,
                     "errors_by_status": {}}
         return {
             "connections_accepted": server.slots.accepted,
             "connections_refused": server.slots.refused,
             "open_connections": server.slots.open,
             "client_addresses": server.slots.addresses(),
+            "client_networks": server.slots.networks(),
+            "connections_evicted": server.slots.evicted,
             "trickles_stopped": server.slots.trickles,
             "inflight_bytes": server.budget.used,
             "budget_refused": server.budget.refused,

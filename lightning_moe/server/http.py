@@ -33,13 +33,16 @@ from aiohttp import web
 import lightning_moe
 from lightning_moe import wire
 from lightning_moe.config import HostLimits
+from lightning_moe.net.addresses import netgroup
 from lightning_moe.net.reachability import NONCE_BYTES, PROBES
 from lightning_moe.net.signing import RequestVerifier, SignatureError
 from lightning_moe.server.backend import ExpertBackend
 from lightning_moe.server.handover import encode_state
 from lightning_moe.server.http_protocol import (
-    ConnectionSlots, FrozenHeap, InflightBudget, LimitedServer, json_error_body, malloc_trim,
+    FrozenHeap, InflightBudget, LimitedServer, forget_frames, json_error_body, malloc_trim,
 )
+from lightning_moe.server.http_body import RequestError, read_body
+from lightning_moe.server.slots import ConnectionSlots
 from lightning_moe.server.task_pool import PoolClosedError
 
 logger = logging.getLogger(__name__)
@@ -57,15 +60,6 @@ GC_AFTER_CLOSES = 1000  # connections closed since the last collection that make
 GC_PERIOD = 20.0
 
 
-class _RequestError(Exception):
-    """Answer with ``status`` and this message; ``close`` ends the connection after the answer."""
-
-    def __init__(self, status: int, message: str, uid: str | None = None, close: bool = False,
-                 headers: Mapping[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.uid, self.close, self.headers = status, uid, close, dict(headers or {})
-
-
 class ExpertHTTPServer:
     """The aiohttp server of one ExpertHost, run by an asyncio loop in a thread of its own.
 
@@ -76,8 +70,8 @@ class ExpertHTTPServer:
         secret: a private swarm's secret (requests must be signed with it), or None.
         compression: how answers are compressed; None: as each request came.
         stats_fn: what ``GET /stats`` answers.
-        queue_age: seconds the oldest queued work has waited (the runtime's); forwards are shed past
-            ``limits.max_queue_wait``.
+        queue_age: seconds the oldest queued work of a client network has waited (the runtime's); forwards
+            are shed past ``limits.max_queue_wait``.
     """
 
     def __init__(
@@ -88,7 +82,7 @@ class ExpertHTTPServer:
         secret: bytes | None = None,
         compression: str | None = None,
         stats_fn: Callable[[], dict] | None = None,
-        queue_age: Callable[[], float] | None = None,
+        queue_age: Callable[[str | None], float] | None = None,
     ):
         self.address = address
         self.backends = dict(backends)
@@ -97,7 +91,8 @@ class ExpertHTTPServer:
         self.secret, self.compression = secret, compression
         self.max_rows = {uid: b.max_batch_size * limits.max_rows_factor for uid, b in self.backends.items()}
         self.budget = InflightBudget(limits.max_inflight_bytes)
-        self.slots = ConnectionSlots(limits.max_connections, limits.max_connections_per_address)
+        self.slots = ConnectionSlots(limits.max_connections, limits.max_connections_per_address,
+                                     limits.max_connections_per_network)
         self.stats_fn, self.queue_age = stats_fn, queue_age
         self.shed = 0  # forwards refused because the queue was too old
         self.state_requests = 0  # GET /state snapshots in progress (touched only on the loop thread)
@@ -234,10 +229,10 @@ class ExpertHTTPServer:
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         try:
             return await self._dispatch(request)
-        except _RequestError as e:
+        except RequestError as e:
             return await self._error(request, e)
 
-    async def _error(self, request: web.BaseRequest, e: _RequestError) -> web.StreamResponse:
+    async def _error(self, request: web.BaseRequest, e: RequestError) -> web.StreamResponse:
         """An error answer; drains a small unread body to keep the connection, else closes it."""
         self.count_error(e.status)
         close = e.close
@@ -265,10 +260,10 @@ class ExpertHTTPServer:
         if raw_path in ("/info", "/stats"):
             route = raw_path[1:]
             if request.method not in ("GET", "HEAD"):
-                raise _RequestError(405, f"use GET for /{route}", None, headers={"Allow": "GET"})
+                raise RequestError(405, f"use GET for /{route}", None, headers={"Allow": "GET"})
             self._check_headers(request, post=False)
             if not request.content.is_eof() and not await self._drain(request):
-                raise _RequestError(400, f"GET /{route} takes no body", None, close=True)
+                raise RequestError(400, f"GET /{route} takes no body", None, close=True)
             self._verify(request, b"")
             if route == "info":
                 body = self.info_bytes
@@ -282,17 +277,17 @@ class ExpertHTTPServer:
             arrived = PROBES.arrived(parts[2][:2 * NONCE_BYTES], f"tcp:{self.server_port}")
             return web.Response(status=204 if arrived else 404)
         if not (len(parts) == 3 and parts[0] == "" and parts[1] in DIRECTIONS and parts[2]):
-            raise _RequestError(404, f"no such path: {raw_path[:200]}", None)
+            raise RequestError(404, f"no such path: {raw_path[:200]}", None)
         direction, uid = parts[1], unquote(parts[2])[:200]
         if request.method != "POST":
-            raise _RequestError(405, f"method {request.method} is not allowed here; use POST", uid, headers={"Allow": "POST"})
+            raise RequestError(405, f"method {request.method} is not allowed here; use POST", uid, headers={"Allow": "POST"})
         backend = self.backends.get(uid)
         if backend is None:
-            raise _RequestError(404, f"no expert {uid!r} on this host", uid)
+            raise RequestError(404, f"no expert {uid!r} on this host", uid)
         self.count_request(direction, uid)
         try:
             parts, host_seconds = await self._serve(request, direction, uid, backend)
-        except _RequestError:
+        except RequestError:
             self.count_request_error(direction, uid)
             raise
         return await self._answer(request, parts, host_seconds)
@@ -302,13 +297,13 @@ class ExpertHTTPServer:
         (:mod:`lightning_moe.server.handover`); at most ``MAX_STATE_REQUESTS`` snapshots at once."""
         self._check_headers(request, post=False, uid=uid)
         if not request.content.is_eof() and not await self._drain(request):
-            raise _RequestError(400, "GET /state takes no body", uid, close=True)
+            raise RequestError(400, "GET /state takes no body", uid, close=True)
         self._verify(request, b"", uid)
         backend = self.backends.get(uid)
         if backend is None:
-            raise _RequestError(404, f"no expert {uid!r} on this host", uid)
+            raise RequestError(404, f"no expert {uid!r} on this host", uid)
         if self.state_requests >= MAX_STATE_REQUESTS:
-            raise _RequestError(503, f"state: {self.state_requests} snapshots in progress; retry in {RETRY_AFTER} s", uid,
+            raise RequestError(503, f"state: {self.state_requests} snapshots in progress; retry in {RETRY_AFTER} s", uid,
                                 headers={"Retry-After": RETRY_AFTER})
         self.state_requests += 1
         started = time.monotonic()
@@ -337,18 +332,19 @@ class ExpertHTTPServer:
         try:
             for part in parts:
                 await response.write(part)
-        except ConnectionError:  # the client went away mid-answer: nothing more to send
+        except ConnectionError as e:  # the client went away mid-answer: nothing more to send
+            forget_frames(e)  # its traceback's frames (aiohttp's writes) hold the answer's buffers, in a cycle
             response.force_close()
         return response
 
     def _content_length(self, request: web.BaseRequest, uid: str) -> int:
         if request.headers.get("Transfer-Encoding"):
-            raise _RequestError(413, "chunked bodies are not supported: send Content-Length", uid, close=True)
+            raise RequestError(413, "chunked bodies are not supported: send Content-Length", uid, close=True)
         length = request.content_length
         if length is None:
-            raise _RequestError(413, "Content-Length is required", uid, close=True)
+            raise RequestError(413, "Content-Length is required", uid, close=True)
         if length > self.max_body_bytes:
-            raise _RequestError(413, f"body of {length} bytes exceeds the limit of {self.max_body_bytes}", uid, close=True)
+            raise RequestError(413, f"body of {length} bytes exceeds the limit of {self.max_body_bytes}", uid, close=True)
         return length
 
     def _check_headers(self, request: web.BaseRequest, post: bool, uid: str | None = None) -> None:
@@ -356,42 +352,47 @@ class ExpertHTTPServer:
         try:
             self.verifier.check_headers(request.headers, post)
         except SignatureError as e:
-            raise _RequestError(401, str(e), uid) from None
+            raise RequestError(401, str(e), uid) from None
 
     def _verify(self, request: web.BaseRequest, body: bytes | bytearray, uid: str | None = None) -> None:
         try:
             self.verifier.verify(request.method, request.raw_path, request.headers, body, post=request.method == "POST")
         except SignatureError as e:
-            raise _RequestError(401, str(e), uid) from None
+            raise RequestError(401, str(e), uid) from None
 
     async def _serve(self, request: web.BaseRequest, direction: str, uid: str, backend: ExpertBackend) -> tuple[list, float]:
         """Check, read, verify, decode, queue, await; returns the answer's wire parts and the seconds from the body
-        read to them, or raises _RequestError.
+        read to them, or raises RequestError.
 
-        The body is read once into one bytearray (:meth:`_read_body`) and decoded in place: the
+        The body is read once into one bytearray (:func:`read_body`) and decoded in place: the
         tensors handed to the expert are views of it, not copies.
         """
         compression = request.headers.get("X-Compression", "none").strip()
         if compression not in wire.COMPRESSIONS:
-            raise _RequestError(400, f"unknown X-Compression {compression[:40]!r}; choose one of {list(wire.COMPRESSIONS)}", uid)
+            raise RequestError(400, f"unknown X-Compression {compression[:40]!r}; choose one of {list(wire.COMPRESSIONS)}", uid)
         length = self._content_length(request, uid)
         self._check_headers(request, post=True, uid=uid)
         keep = request.query.get("keep")
         if keep is not None and not KEEP_ID.fullmatch(keep):
-            raise _RequestError(400, f"{direction}: keep must be 16 to 64 lowercase hex digits, got {keep[:80]!r}", uid)
+            raise RequestError(400, f"{direction}: keep must be 16 to 64 lowercase hex digits, got {keep[:80]!r}", uid)
+        group = netgroup(request.remote) if request.remote else None
         if direction == "forward":
-            self._shed_if_behind(uid)
+            self._shed_if_behind(uid, group)
         if not self.budget.reserve(length):
-            raise _RequestError(503, f"the host is reading too many request bodies ({self.budget.used} bytes in flight); "
-                                     f"retry in {RETRY_AFTER} s", uid, close=True, headers={"Retry-After": RETRY_AFTER})
+            raise RequestError(503, f"the host is reading too many request bodies ({self.budget.used} bytes in flight); "
+                                    f"retry in {RETRY_AFTER} s", uid, close=True, headers={"Retry-After": RETRY_AFTER})
         try:
             if request.headers.get("Expect", "").lower() == "100-continue":  # checks passed: ask for the body
                 await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             try:
-                body = await asyncio.wait_for(self._read_body(request, length, uid), self.limits.body_timeout)
+                reading = read_body(request.content, length, uid, self.max_rows[uid], self.max_body_bytes)
+                body = await asyncio.wait_for(reading, self.limits.body_timeout)
             except asyncio.TimeoutError:
-                raise _RequestError(408, f"timed out reading the body of {length} bytes after {self.limits.body_timeout} s",
-                                    uid, close=True) from None
+                raise RequestError(408, f"timed out reading the body of {length} bytes after {self.limits.body_timeout} s",
+                                   uid, close=True) from None
+            except RequestError as e:
+                forget_frames(e)  # wait_for's task holds the error, whose traceback holds the task: a cycle
+                raise
             self._verify(request, body, uid)
             started = time.monotonic()
             try:
@@ -401,102 +402,55 @@ class ExpertHTTPServer:
                 else:
                     tensors = backend.validate_grads(tensors) if keep else backend.validate_backward(tensors)
             except ValueError as e:  # WireError is a ValueError
-                raise _RequestError(400, f"{direction}: {e}", uid) from None
-            outputs = await self._compute(direction, uid, backend, tensors, keep)
+                raise RequestError(400, f"{direction}: {e}", uid) from None
+            outputs = await self._compute(direction, uid, backend, tensors, keep, group, request.remote)
             try:
                 # input gradients are rounded unbiased (int8/int4): see lightning_moe.codecs
                 parts = wire.serialize_parts(outputs, self.compression or compression, stochastic=direction == "backward")
                 return parts, time.monotonic() - started
             except ValueError as e:
-                raise _RequestError(500, f"{direction}: cannot serialize the outputs: {e}", uid) from None
+                raise RequestError(500, f"{direction}: cannot serialize the outputs: {e}", uid) from None
         finally:
             self.budget.release(length)
 
-    def _shed_if_behind(self, uid: str) -> None:
-        """503 with Retry-After for a forward while the oldest queued work waited over ``limits.max_queue_wait``: its
-        answer would come after the trainer moved on. Backwards are always served: they carry what the experts learn,
-        for forwards already computed."""
+    def _shed_if_behind(self, uid: str, group: str | None) -> None:
+        """503 with Retry-After for a forward while the oldest queued work of its client's network (``group``) waited
+        over ``limits.max_queue_wait``: its answer would come after the trainer moved on. The pools share their
+        batches fairly between networks, so a network that floods the host sheds its own forwards, not others'.
+        Backwards are always served: they carry what the experts learn, for forwards already computed."""
         limit = self.limits.max_queue_wait
-        age = 0.0 if self.queue_age is None or limit is None else self.queue_age()
+        age = 0.0 if self.queue_age is None or limit is None else self.queue_age(group)
         if limit is not None and age > limit:
             self.shed += 1
-            raise _RequestError(503, f"forward: the host is behind: its oldest queued work waited {age:.1f} s "
-                                     f"(more than {limit} s); retry in {math.ceil(age)} s", uid,
-                                headers={"Retry-After": str(math.ceil(age))})
+            raise RequestError(503, f"forward: the host is behind: the oldest queued work from this network waited {age:.1f} s "
+                                    f"(more than {limit} s); retry in {math.ceil(age)} s", uid,
+                               headers={"Retry-After": str(math.ceil(age))})
 
-    async def _read_body(self, request: web.BaseRequest, length: int, uid: str) -> bytearray:
-        """The body in one buffer, allocated once the wire header (sizes, rows) has arrived and passed its checks."""
-        content = request.content
-        head = bytearray()
-        if length >= wire.PREFIX_BYTES:  # the wire header: at most 8 + 64 KiB, read before anything is allocated
-            for stage in ("prefix", "header"):
-                needed = wire.PREFIX_BYTES if stage == "prefix" else self._header_end(head, length, uid)
-                while len(head) < needed:
-                    chunk = await content.read(needed - len(head))
-                    if not chunk:
-                        raise _RequestError(400, f"truncated body: got {len(head)} of {length} bytes", uid, close=True)
-                    head += chunk
-            self._check_wire_header(head, length, uid)
-        body = bytearray(length)
-        view = memoryview(body)
-        got = len(head)
-        view[:got] = head
-        while got < length:
-            chunk = await content.readany()
-            if not chunk:
-                raise _RequestError(400, f"truncated body: got {got} of {length} bytes", uid, close=True)
-            view[got : got + len(chunk)] = chunk
-            got += len(chunk)
-        return body
-
-    @staticmethod
-    def _header_end(prefix: bytearray, length: int, uid: str) -> int:
-        """Where the wire header ends, from the message's prefix."""
-        try:
-            return min(length, wire.PREFIX_BYTES + wire.header_length(prefix))
-        except wire.WireError as e:
-            raise _RequestError(400, str(e), uid, close=length > len(prefix)) from None
-
-    def _check_wire_header(self, head: bytearray, length: int, uid: str) -> None:
-        """Sizes and rows from the wire header, before the buffers are read or anything is allocated for them."""
-        close = len(head) < length
-        try:
-            specs, _, total = wire.parse_header(head)
-        except wire.WireError as e:
-            raise _RequestError(400, str(e), uid, close=close) from None
-        if total != length:
-            raise _RequestError(400, f"header describes {total} bytes but the message has {length}", uid, close=close)
-        decoded = sum(math.prod(spec.shape) * spec.dtype.itemsize for spec in specs)
-        if decoded > self.max_body_bytes:  # compressed tensors decode to up to 16x their bytes: bound what we allocate
-            raise _RequestError(413, f"the body decodes to {decoded} bytes, more than the limit of {self.max_body_bytes}",
-                                uid, close=close)
-        rows = wire.batch_rows(specs)
-        if rows > self.max_rows[uid]:
-            raise _RequestError(413, f"{rows} rows exceed the limit of {self.max_rows[uid]} rows per request; "
-                                     "split the batch", uid, close=close)
-
-    async def _compute(self, direction: str, uid: str, backend: ExpertBackend, tensors: list, keep: str | None) -> Any:
+    async def _compute(self, direction: str, uid: str, backend: ExpertBackend, tensors: list, keep: str | None,
+                       group: str | None, source: str | None) -> Any:
+        """Queue the request's rows in its expert's pool, where they take the share of ``group`` (the client's network),
+        in turn with the network's other addresses (``source``: the client's)."""
         if tensors[0].shape[0] == 0:
             return backend.empty_outputs(direction)
         if direction == "forward":
-            future = backend.forward_pool.submit(*tensors, key=keep)
+            future = backend.forward_pool.submit(*tensors, key=keep, group=group, source=source)
         elif keep is None:
-            future = backend.backward_pool.submit(*tensors)
+            future = backend.backward_pool.submit(*tensors, group=group, source=source)
         else:
             try:
-                future = backend.kept.backward(keep, tensors) if backend.kept is not None else None
+                future = backend.kept.backward(keep, tensors, group) if backend.kept is not None else None
             except ValueError as e:
-                raise _RequestError(400, f"backward: {e}", uid) from None
+                raise RequestError(400, f"backward: {e}", uid) from None
             if future is None:
-                raise _RequestError(409, KEEP_MISSED, uid)
+                raise RequestError(409, KEEP_MISSED, uid)
         try:
             return await asyncio.wait_for(asyncio.wrap_future(future), self.limits.request_timeout)
         except asyncio.TimeoutError:
             future.cancel()
-            raise _RequestError(504, f"{direction}: no answer within {self.limits.request_timeout} s (host overloaded?)",
-                                uid) from None
+            raise RequestError(504, f"{direction}: no answer within {self.limits.request_timeout} s (host overloaded?)",
+                               uid) from None
         except PoolClosedError as e:
-            raise _RequestError(503, f"{direction}: {e}", uid) from None
+            raise RequestError(503, f"{direction}: {e}", uid) from None
         except Exception as e:  # noqa: BLE001 - the expert's own error goes back to the caller
             logger.warning("expert %s %s failed: %s: %s", backend.name, direction, type(e).__name__, e)
-            raise _RequestError(500, f"{direction}: {type(e).__name__}: {e}", uid) from None
+            raise RequestError(500, f"{direction}: {type(e).__name__}: {e}", uid) from None

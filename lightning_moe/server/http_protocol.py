@@ -3,8 +3,10 @@
 aiohttp's :class:`~aiohttp.web_protocol.RequestHandler` serves one connection as a coroutine (no
 thread). This subclass adds what a host facing strangers needs before any handler runs:
 
-- connection slots: at most ``max_connections`` open, and at most ``max_per_address`` from one
-  client address; a connection over either limit is closed on arrival, unanswered;
+- connection slots (:class:`~lightning_moe.server.slots.ConnectionSlots`): at most ``max_connections``
+  open, at most ``max_per_address`` from one client address and ``max_per_network`` from one network;
+  a connection over a limit is closed on arrival, unanswered, and when all are taken a newcomer from
+  a network holding fewer evicts the oldest connection of the network holding the most;
 - a lobby (:class:`Lobby`): a new connection waits there, with no task, timer or parser, until its
   first request head is complete, and is then handed to aiohttp's handler. An idle or trickling
   connection stays a few small objects (which the cyclic GC must walk, and the loop must set up and
@@ -29,7 +31,6 @@ next request: it is not pushed back by bytes of an unfinished request (a slowlor
 from __future__ import annotations
 
 import asyncio
-import collections
 import ctypes
 import gc
 import itertools
@@ -37,50 +38,16 @@ import json
 import logging
 import socket
 import threading
+import traceback
 from http import HTTPStatus
 from typing import Any, Callable
 
 from aiohttp import web, web_protocol, web_server
 from aiohttp.http_exceptions import LineTooLong
 
+from lightning_moe.server.slots import ConnectionSlots
+
 logger = logging.getLogger(__name__)
-
-
-class ConnectionSlots:
-    """Counts open connections in total and per client address; thread-safe reads for stats."""
-
-    def __init__(self, max_connections: int, max_per_address: int):
-        self.max_connections, self.max_per_address = int(max_connections), int(max_per_address)
-        self._per_address: collections.Counter[str] = collections.Counter()
-        self._lock = threading.Lock()
-        self.open = self.accepted = self.refused = 0
-        self.trickles = 0  # connections the host stopped reading: their head came in tiny pieces
-        self.closing = False
-
-    def admit(self, address: str) -> bool:
-        """Take a slot for a new connection from ``address``; False (and counted as refused) if full."""
-        with self._lock:
-            if self.closing:
-                return False
-            if self.open >= self.max_connections or self._per_address[address] >= self.max_per_address:
-                self.refused += 1
-                return False
-            self.open += 1
-            self.accepted += 1
-            self._per_address[address] += 1
-            return True
-
-    def release(self, address: str) -> None:
-        with self._lock:
-            self.open -= 1
-            self._per_address[address] -= 1
-            if self._per_address[address] <= 0:
-                del self._per_address[address]
-
-    def addresses(self) -> int:
-        """How many distinct client addresses hold connections now."""
-        with self._lock:
-            return len(self._per_address)
 
 
 def json_error_body(message: str, uid: str | None) -> bytes:
@@ -163,6 +130,20 @@ class FrozenHeap:
                 gc.unfreeze()
 
 
+def forget_frames(error: BaseException, depth: int = 8) -> None:
+    """Clear the local variables of the finished frames in ``error``'s traceback, and in those of its causes.
+
+    An exception that ends in a reference cycle (a Future holding it, its traceback holding the frame
+    that awaited the Future) keeps every buffer those frames referenced until the cyclic GC runs.
+    """
+    seen: set[int] = set()
+    while error is not None and depth > 0 and id(error) not in seen:
+        seen.add(id(error))
+        traceback.clear_frames(error.__traceback__)  # frames still running are left alone
+        error = error.__cause__ or error.__context__
+        depth -= 1
+
+
 def malloc_trim() -> Callable[[int], int] | None:
     """glibc's malloc_trim (gives free heap pages back to the OS), or None elsewhere."""
     try:
@@ -186,16 +167,24 @@ class LimitedRequestHandler(web_protocol.RequestHandler):
     ):
         super().__init__(manager, **kwargs)
         self._lm_slots, self._lm_max_header_bytes, self._lm_count_error = slots, int(max_header_bytes), count_error
-        self._lm_address: str | None = address  # the slot this connection holds (taken in the lobby)
+        self._lm_address = address  # the slot this connection holds (taken in the lobby)
+        self._lm_lost = False
         self._lm_header_bytes = 0  # bytes of the request line and headers received so far
         self._lm_head_reads = 0  # reads that brought bytes of the current request's head
         self._lm_payload: Any = None  # the body stream of the latest parsed request
 
+    def evict(self) -> None:
+        """Close now (a newcomer from a smaller network takes the slot): the slot is free at once."""
+        self._lm_slots.release(self._lm_address, self)
+        transport = self.transport
+        if transport is not None:
+            transport.abort()
+
     def connection_lost(self, exc: BaseException | None) -> None:
-        if self._lm_address is None:
+        if self._lm_lost:
             return
-        self._lm_slots.release(self._lm_address)
-        self._lm_address = None
+        self._lm_lost = True
+        self._lm_slots.release(self._lm_address, self)
         payload = self._lm_payload
         super().connection_lost(exc)
         # A closed connection sits in reference cycles (protocol, request, streams) until the cyclic
@@ -278,7 +267,7 @@ class Lobby(asyncio.Protocol):
     def connection_made(self, transport: Any) -> None:
         peer = transport.get_extra_info("peername")
         address = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
-        if not self.server.slots.admit(address):
+        if not self.server.slots.admit(address, self):
             transport.abort()  # closed on arrival: costs no buffers
             return
         self.transport, self.address = transport, address
@@ -300,9 +289,17 @@ class Lobby(asyncio.Protocol):
         return False  # the peer sent FIN before a whole head: close (as aiohttp does with no request)
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        if self.transport is not None:  # still here: neither refused nor handed on
+        if self.transport is not None:  # still here: neither refused, evicted nor handed on
             self.transport = None
             self.server.leave_lobby(self)
+
+    def evict(self) -> None:
+        """Close now (a newcomer from a smaller network takes the slot): the slot is free at once."""
+        transport = self.transport
+        if transport is not None:
+            self.transport = None
+            self.server.leave_lobby(self)
+            transport.abort()
 
 
 class LimitedServer(web_server.Server):
@@ -324,7 +321,7 @@ class LimitedServer(web_server.Server):
 
     def leave_lobby(self, lobby: Lobby) -> None:
         self.lobby.pop(lobby, None)
-        self.slots.release(lobby.address)
+        self.slots.release(lobby.address, lobby)
 
     def promote(self, lobby: Lobby) -> None:
         """Hand a lobby's connection, with the bytes it sent, to aiohttp's handler; its slot goes along."""
@@ -333,6 +330,7 @@ class LimitedServer(web_server.Server):
         handler = LimitedRequestHandler(self, loop=self._loop, address=lobby.address, slots=self.slots,
                                         max_header_bytes=self.max_header_bytes, count_error=self.count_error,
                                         **self._kwargs)
+        self.slots.transfer(lobby.address, lobby, handler)
         transport.set_protocol(handler)
         handler.connection_made(transport)
         handler.data_received(bytes(lobby.head))

@@ -25,7 +25,7 @@ import logging
 import threading
 import time
 from concurrent.futures import Future
-from typing import Sequence
+from typing import Hashable, Sequence
 
 import torch
 
@@ -186,10 +186,11 @@ class KeptForwards:
         return True
 
     # ---- the backward side (HTTP threads) --------------------------------------------------
-    def backward(self, key: str, grads: Sequence[torch.Tensor]) -> Future | None:
+    def backward(self, key: str, grads: Sequence[torch.Tensor], group: Hashable = None) -> Future | None:
         """A Future of the input gradients of the kept request ``key``; None if it is not kept (any more).
 
-        Raises ValueError if ``grads`` do not have the request's rows.
+        Raises ValueError if ``grads`` do not have the request's rows. ``group``: the client's network, whose share
+        a recomputed backward takes in the backward pool.
         """
         store = self.store
         with store._lock:
@@ -211,7 +212,7 @@ class KeptForwards:
                 inputs = batch.inputs_of(key)
                 self._forget_if_done(batch_id, batch)
                 store.counters["recomputed"] += 1
-                return self.backend.backward_pool.submit(*inputs, *grads)
+                return self.backend.backward_pool.submit(*inputs, *grads, group=group)
             future = Future()
             batch.arrived[key] = (tuple(grads), future)
             if batch.first_arrival is None:
@@ -234,6 +235,15 @@ class KeptForwards:
             return None
         with self.store._lock:
             return min((self._ready[i].first_arrival for i in self._due()), default=None)
+
+    @property
+    def turn_time(self) -> float | None:
+        """As :attr:`oldest_submit_time`: a kept batch's backward serves all its requests at once, whoever sent them."""
+        return self.oldest_submit_time
+
+    def group_submit_time(self, group: Hashable) -> float | None:
+        """As :attr:`oldest_submit_time`, for every group: all wait behind the kept batches that are due."""
+        return self.oldest_submit_time
 
     @property
     def deferred_submit_time(self) -> float | None:

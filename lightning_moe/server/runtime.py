@@ -6,7 +6,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Protocol, Sequence
+from typing import Hashable, Protocol, Sequence
 
 import torch
 
@@ -27,6 +27,13 @@ class RuntimePool(Protocol):
         """``time.monotonic()`` when the oldest work that should run now arrived; None if none."""
 
     @property
+    def turn_time(self) -> float | None:
+        """When the work the Runtime owes this pool became due (the pool with the earliest runs first); None if none."""
+
+    def group_submit_time(self, group: Hashable) -> float | None:
+        """When the oldest work of ``group`` (a client's network) that should run now arrived; None if none."""
+
+    @property
     def deferred_submit_time(self) -> float | None:
         """When the oldest work that may wait arrived (run only if no pool has work that should run now); None if none."""
 
@@ -45,7 +52,7 @@ class HostShutdownError(PoolClosedError):
 
 
 class Runtime:
-    """Runs batches from ``pools`` in one thread; the pool whose oldest task waited longest goes first.
+    """Runs batches from ``pools`` in one thread; the pool owed work the longest (its ``turn_time``) goes first.
 
     Sleeps on an Event while every pool is empty (no polling). :meth:`shutdown` lets the batch
     in progress finish, joins the thread and gives every waiting task a HostShutdownError.
@@ -60,6 +67,7 @@ class Runtime:
         self._thread: threading.Thread | None = None
         self.batches_run = 0
         self._queue_age = (0.0, 0.0)  # (when measured, age), so that many requests a millisecond scan the pools once
+        self._group_ages: dict[Hashable, tuple[float, float]] = {}  # the same per client network
         for pool in self.pools:  # a pool serves one running runtime at a time
             pool.wakeup = self._wakeup
 
@@ -78,9 +86,21 @@ class Runtime:
         self._thread.start()
         return self
 
-    def queue_age(self) -> float:
-        """Seconds the oldest task waiting in any pool has waited (0.0 if none waits); measured at most every 10 ms."""
+    def queue_age(self, group: Hashable = None) -> float:
+        """Seconds the oldest task waiting in any pool has waited (0.0 if none waits); measured at most every 10 ms.
+
+        With ``group`` (a client's network): the oldest task of that group, which is what its next request would
+        wait behind, as the pools share their batches fairly between groups."""
         now = time.monotonic()
+        if group is not None:
+            measured, age = self._group_ages.get(group, (0.0, 0.0))
+            if now - measured > 0.01:
+                times = [t for t in (pool.group_submit_time(group) for pool in self.pools) if t is not None]
+                age = max(now - min(times), 0.0) if times else 0.0
+                if len(self._group_ages) >= 4096:  # bounded: the groups of the last few seconds' requests
+                    self._group_ages.clear()
+                self._group_ages[group] = (now, age)
+            return age
         measured, age = self._queue_age
         if now - measured > 0.01:
             oldest = _oldest(self.pools, lambda p: p.oldest_submit_time)
@@ -90,8 +110,8 @@ class Runtime:
         return age
 
     def _pick(self) -> RuntimePool | None:
-        """The pool whose oldest task waited longest; if none waits, the one with the oldest deferred work."""
-        pool = _oldest(self.pools, lambda p: p.oldest_submit_time)
+        """The pool owed work the longest; if none is, the one with the oldest deferred work."""
+        pool = _oldest(self.pools, lambda p: p.turn_time)
         return pool if pool is not None else _oldest(self.pools, lambda p: p.deferred_submit_time)
 
     def _run(self) -> None:

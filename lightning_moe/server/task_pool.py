@@ -1,8 +1,14 @@
 """TaskPool: collects tasks from many threads and forms batches of at most ``max_batch_size`` rows.
 
-A task is a tuple of tensors that share their first (batch) dimension, plus a Future. Tasks are
-served first come, first served; a task larger than the room left in a batch is split, so no
-batch ever exceeds the limit. The Future of a split task gets the concatenated outputs of its
+A task is a tuple of tensors that share their first (batch) dimension, plus a Future, and the
+group it comes from (the client's network, :func:`lightning_moe.net.netgroup`; None for local
+callers). Groups share the batches by deficit round robin over rows: each batch gives every group
+with waiting work a share of about ``max_batch_size / groups`` rows, so a flood from one network
+delays another's task by about one batch, not by the flood's length. A batch that several groups
+share ends once it is half full and each had its turn (a group alone fills it): the flooder's next
+turn would only make the others' batch slower. Within a group, the client addresses (``source``) take turns task by
+task, and each address's tasks are served first come, first served; a task larger than
+the room left in a batch is split, so no batch ever exceeds the limit. The Future of a split task gets the concatenated outputs of its
 parts, in order. If processing a batch raises, every task in that batch gets the exception and
 the remaining parts of those tasks are dropped; other tasks are not affected.
 """
@@ -15,7 +21,7 @@ import threading
 import time
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Hashable, Sequence
 
 import torch
 
@@ -40,13 +46,56 @@ def settle(future: Future, result: object = None, error: BaseException | None = 
 
 
 class _Task:
-    __slots__ = ("inputs", "future", "size", "offset", "parts", "submitted", "key")
+    __slots__ = ("inputs", "future", "size", "offset", "parts", "submitted", "key", "group")
 
-    def __init__(self, inputs: tuple[torch.Tensor, ...], future: Future, size: int, key: str | None = None):
-        self.inputs, self.future, self.size, self.key = inputs, future, size, key
+    def __init__(self, inputs: tuple[torch.Tensor, ...], future: Future, size: int, key: str | None = None,
+                 group: Hashable = None):
+        self.inputs, self.future, self.size, self.key, self.group = inputs, future, size, key, group
         self.offset = 0  # rows already put into batches
         self.parts: list[Sequence[torch.Tensor]] = []  # outputs of the parts processed so far
         self.submitted = time.monotonic()
+
+
+class _Group:
+    """The waiting tasks of one group: a queue per source address, the sources in round-robin order."""
+
+    __slots__ = ("sources", "tasks")
+
+    def __init__(self) -> None:
+        self.sources: collections.OrderedDict[Hashable, collections.deque[_Task]] = collections.OrderedDict()
+        self.tasks = 0
+
+    def add(self, task: _Task, source: Hashable) -> None:
+        queue = self.sources.get(source)
+        if queue is None:
+            queue = self.sources[source] = collections.deque()
+        queue.append(task)
+        self.tasks += 1
+
+    def head(self) -> tuple[Hashable, _Task]:
+        """The source whose turn it is and its oldest task, whose rows go next."""
+        source, queue = next(iter(self.sources.items()))
+        return source, queue[0]
+
+    def oldest(self) -> float:
+        """When its oldest waiting task was submitted."""
+        return min(queue[0].submitted for queue in self.sources.values())
+
+    def pop_head(self) -> _Task:
+        source, queue = next(iter(self.sources.items()))
+        self.tasks -= 1
+        task = queue.popleft()
+        if not queue:
+            del self.sources[source]
+        return task
+
+    def turn_over(self, source: Hashable) -> None:
+        """``source`` had its turn: the next source's (a task in progress goes on at its source's next turn)."""
+        if len(self.sources) > 1 and source in self.sources:
+            self.sources.move_to_end(source)
+
+    def all_tasks(self) -> list[_Task]:
+        return [task for queue in self.sources.values() for task in queue]
 
 
 @dataclass
@@ -72,7 +121,10 @@ class TaskPool:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
         self.name, self.process_fn, self.max_batch_size = name, process_fn, int(max_batch_size)
         self.pass_keys = pass_keys
-        self._queue: collections.deque[_Task] = collections.deque()
+        # waiting tasks per group, groups in round-robin order; a group leaves when it has no task left
+        self._groups: collections.OrderedDict[Hashable, _Group] = collections.OrderedDict()
+        self._deficit: dict[Hashable, int] = {}  # rows a group may still take in its current turn
+        self._served_at: dict[Hashable, float] = {}  # when a remote group with waiting tasks last got rows
         self._lock = threading.Lock()
         self._rows = 0
         self._closed: BaseException | None = None
@@ -88,9 +140,11 @@ class TaskPool:
         self._busy_time = 0.0
 
     # ---- producers -------------------------------------------------------------------------
-    def submit(self, *inputs: torch.Tensor, key: str | None = None) -> Future:
-        """Queue one task (``key``: what ``process_fn`` is told the task's rows belong to); returns a Future of its
-        outputs (a tuple of tensors)."""
+    def submit(self, *inputs: torch.Tensor, key: str | None = None, group: Hashable = None,
+               source: Hashable = None) -> Future:
+        """Queue one task (``key``: what ``process_fn`` is told the task's rows belong to; ``group``: whose share it
+        takes, the client's network or None; ``source``: the client's address, which takes turns with the group's
+        other addresses); returns a Future of its outputs (a tuple of tensors)."""
         if not inputs:
             raise ValueError("a task needs at least one tensor")
         size = inputs[0].shape[0] if inputs[0].dim() > 0 else -1
@@ -99,12 +153,15 @@ class TaskPool:
         if size == 0:
             raise ValueError("a task needs at least one row")
         future: Future = Future()
-        task = _Task(inputs, future, size, key)
+        task = _Task(inputs, future, size, key, group)
         with self._lock:
             if self._closed is not None:
                 future.set_exception(self._closed)
                 return future
-            self._queue.append(task)
+            waiting = self._groups.get(group)
+            if waiting is None:
+                waiting = self._groups[group] = _Group()
+            waiting.add(task, source)
             self._rows += size
             self._counters["tasks"] += 1
             self._counters["rows"] += size
@@ -118,7 +175,23 @@ class TaskPool:
     def oldest_submit_time(self) -> float | None:
         """``time.monotonic()`` at which the oldest waiting task was submitted; None if the queue is empty."""
         with self._lock:
-            return self._queue[0].submitted if self._queue else None
+            return min((waiting.oldest() for waiting in self._groups.values()), default=None)
+
+    def group_submit_time(self, group: Hashable) -> float | None:
+        """When the oldest waiting task of ``group`` was submitted; None if it has none."""
+        with self._lock:
+            waiting = self._groups.get(group)
+            return waiting.oldest() if waiting is not None else None
+
+    @property
+    def turn_time(self) -> float | None:
+        """When the work the Runtime owes this pool became due: the earliest over its groups of the later of the
+        group's oldest task and the last time the group got rows here (a remote group just served is not owed
+        its age again, so a flood on one expert cannot hold the Runtime from another's newer work); None if empty."""
+        with self._lock:
+            served = self._served_at
+            return min((max(waiting.oldest(), served.get(group, 0.0)) for group, waiting in self._groups.items()),
+                       default=None)
 
     @property
     def deferred_submit_time(self) -> float | None:
@@ -139,7 +212,7 @@ class TaskPool:
     @property
     def queued_tasks(self) -> int:
         """Tasks with rows waiting (a split task counts while its last part waits)."""
-        return len(self._queue)
+        return sum(waiting.tasks for waiting in self._groups.values())
 
     def stats(self) -> dict:
         """Counters: tasks, rows, batches, batch sizes, queue wait (seconds), errors, busy time."""
@@ -148,7 +221,8 @@ class TaskPool:
             batches = out["batches"]
             out.update(
                 queued_rows=self._rows,
-                queued_tasks=len(self._queue),
+                queued_tasks=sum(waiting.tasks for waiting in self._groups.values()),
+                queued_groups=len(self._groups),
                 mean_batch_size=out["rows_processed"] / batches if batches else 0.0,
                 max_batch_size_seen=self._max_batch_seen,
                 mean_queue_wait=self._wait_total / self._wait_count if self._wait_count else 0.0,
@@ -159,32 +233,52 @@ class TaskPool:
 
     # ---- the consumer (one thread) ---------------------------------------------------------
     def _take(self) -> Batch | None:
+        """Rows for one batch, by deficit round robin over the groups with waiting tasks (their sources in turn)."""
         parts: list[tuple[_Task, int, int]] = []
         room = self.max_batch_size
         now = time.monotonic()
         with self._lock:
-            while self._queue and room > 0:
-                task = self._queue[0]
+            groups, deficit = self._groups, self._deficit
+            quantum = max(1, self.max_batch_size // max(1, len(groups)))  # a turn's share of rows
+            served: set[Hashable] = set()  # groups with rows in this batch
+            while groups and room > 0:
+                group, waiting = next(iter(groups.items()))
+                credit = deficit.get(group, 0)
+                if credit <= 0 and group in served and len(served) > 1 and 2 * room <= self.max_batch_size:
+                    break  # half full, and every waiting group had its share: a shorter batch answers the others sooner
+                source, task = waiting.head()
                 if task.offset == 0:
                     if not task.future.set_running_or_notify_cancel():  # cancelled while it waited
-                        self._drop_head(task)
+                        self._drop_head(group, waiting)
                         continue
                     wait = now - task.submitted
                     self._wait_total += wait
                     self._wait_count += 1
                     self._wait_max = max(self._wait_max, wait)
                 elif task.future.done():  # an earlier part failed
-                    self._drop_head(task)
+                    self._drop_head(group, waiting)
                     continue
-                take = min(room, task.size - task.offset)
+                if credit <= 0:  # a new turn
+                    credit += quantum
+                served.add(group)
+                take = min(room, credit, task.size - task.offset)
                 parts.append((task, task.offset, task.offset + take))
                 if take < task.size and task.offset == 0:
                     self._counters["split_tasks"] += 1
                 task.offset += take
                 room -= take
                 self._rows -= take
+                deficit[group] = credit - take
+                if group is not None:
+                    self._served_at[group] = now
                 if task.offset == task.size:
-                    self._queue.popleft()
+                    waiting.pop_head()
+                if not waiting.tasks:
+                    self._forget(group)
+                    continue
+                waiting.turn_over(source)
+                if deficit[group] <= 0:
+                    groups.move_to_end(group)  # its turn is over
         return Batch(parts, [], self.max_batch_size - room) if parts else None
 
     def _gather(self, batch: Batch) -> list[torch.Tensor]:
@@ -208,9 +302,17 @@ class TaskPool:
             offset += stop - start
         return keys
 
-    def _drop_head(self, task: _Task) -> None:
-        self._queue.popleft()
+    def _drop_head(self, group: Hashable, waiting: _Group) -> None:
+        task = waiting.pop_head()
         self._rows -= task.size - task.offset
+        if not waiting.tasks:
+            self._forget(group)
+
+    def _forget(self, group: Hashable) -> None:
+        """A group whose queue emptied leaves the round (lock held): its unused share and its turn time go."""
+        del self._groups[group]
+        self._deficit.pop(group, None)
+        self._served_at.pop(group, None)
 
     def deliver(self, batch: Batch, outputs: Sequence[torch.Tensor]) -> None:
         """Hand each task its rows of ``outputs``; a task's Future is set when its last part is done."""
@@ -292,8 +394,10 @@ class TaskPool:
         error = error if error is not None else PoolClosedError(f"pool {self.name} is closed")
         with self._lock:
             self._closed = error
-            waiting = list(self._queue)
-            self._queue.clear()
+            waiting = [task for group in self._groups.values() for task in group.all_tasks()]
+            self._groups.clear()
+            self._deficit.clear()
+            self._served_at.clear()
             self._rows = 0
         for task in waiting:
             task.parts = []
