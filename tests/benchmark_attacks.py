@@ -1,13 +1,14 @@
 """Attacks on a real host and real DHT nodes over 127.0.0.1, and what a legitimate client sees.
 
-    python tests/benchmark_attacks.py [--quick]
+    python tests/benchmark_attacks.py [--quick] [--dht-only]
 
 For each attack: the legitimate client's success rate and p50/p99 latency before, during and after,
 the host's RSS before, at its peak during, and after, and the CPU used by the host and the attacker
 (which share this machine's cores). Goals: success >= 99 % during every attack,
 p99 during <= 3x before, RSS after within 10 % of before. The host runs in its own process, each
 attacker in another, the client here. Then the DHT attacks of tests/dht_attacks.py (amplification,
-eclipse, store flood). The last two lines are the worst success during an HTTP attack and the DHT
+eclipse, store flood) and of tests/sybil_attacks.py (an eclipse from 240 addresses, fakes next to an honest host;
+each with the nodes' endpoint checks off, then on), alone with ``--dht-only``. The last two lines are the worst success during an HTTP attack and the DHT
 amplification factor (bytes sent per byte received from unverified addresses; goal <= 2).
 """
 
@@ -23,6 +24,7 @@ from typing import Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import dht_attacks  # noqa: E402
+import sybil_attacks  # noqa: E402
 from attack_tools import Attacker, HostProcess, LegitClient, captured_request, cpu_seconds, huge_rows_request, summarize  # noqa: E402
 
 SECRET = "benchmark secret"
@@ -123,17 +125,21 @@ def report_http(results: list[dict]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer connections, shorter phases")
+    parser.add_argument("--dht-only", action="store_true", help="only the DHT attacks")
     parser.add_argument("--rate", type=float, default=RATE / (1 << 20),
                         help="MiB/s that each flooding attacker sends in all (0: as fast as loopback takes)")
     args = parser.parse_args()
     started = time.monotonic()
     rate = int(args.rate * (1 << 20))
-    print(f"HTTP attacks on 127.0.0.1; flooding attackers send {'unthrottled' if not rate else f'{args.rate:g} MiB/s'}")
-    worst = report_http(http_attacks(args.quick, rate))
+    worst = None
+    if not args.dht_only:
+        print(f"HTTP attacks on 127.0.0.1; flooding attackers send {'unthrottled' if not rate else f'{args.rate:g} MiB/s'}")
+        worst = report_http(http_attacks(args.quick, rate))
     print("\nDHT attacks on 127.0.0.1")
     amplification = dht_attacks.report()
+    sybil_attacks.report()
     print(f"(took {time.monotonic() - started:.0f} s)", file=sys.stderr)
-    print(f"worst legitimate success during an attack: {worst:.1f}%")
+    print(f"worst legitimate success during an attack: {'skipped (--dht-only)' if worst is None else f'{worst:.1f}%'}")
     print(f"DHT amplification: {amplification:.3f}")
 
 

@@ -216,7 +216,8 @@ class DHT:
         ``bytes_sent`` / ``bytes_received`` and their ``_unverified`` parts (to and from addresses
         that have not proved they receive what is sent there), ``challenges_sent``,
         ``entries_evicted_by_source_quota``, ``entries_evicted_by_storage_cap``,
-        ``stragglers_abandoned``, ``entries_dropped_by_size_cap``, ..."""
+        ``stragglers_abandoned``, ``entries_dropped_by_size_cap``, ``unverified_entries_refused`` / ``_dropped``,
+        ``endpoint_checks_ok`` / ``_failed`` / ``_rate_limited`` / ``_dropped`` (``dht.verify``), ..."""
         if self.is_alive and threading.current_thread() is not self._thread:
             try:  # copy on the loop thread, which is the only one that writes the counters
                 return self._call(_copy_counter(self._stats), self.wait_timeout)
