@@ -65,8 +65,12 @@ def test_verifying_nodes_do_not_serve_fakes_next_to_the_honest_host():
 class FakeVerifier:
     """Verdicts from a dict ``endpoint -> VERIFIED | FAILED`` (others UNKNOWN); counts the checks asked for."""
 
-    def __init__(self, known: dict[str, str]):
+    def __init__(self, known: dict[str, str], ages: dict[str, float] | None = None):
         self.known, self.requested, self.generation, self.listeners = dict(known), [], 0, []
+        self.ages = ages or {}
+
+    def verified_for(self, endpoint: str) -> float:
+        return self.ages.get(endpoint, 0.0)
 
     def verdict(self, dkey: bytes, coord: int, endpoint: str) -> str:
         return self.known.get(endpoint, UNKNOWN)
@@ -124,6 +128,22 @@ def test_a_full_record_evicts_unverified_entries_first_then_the_largest_network(
     kept = storage.get_record(KEY)
     assert set(honest) <= set(kept)
     assert 0 < sum("@10.7.7." in sk for sk in kept) < 250
+
+
+def test_a_full_record_keeps_long_lived_endpoints_over_ones_verified_lately():
+    """Real hosts that strangers start on many networks, verified lately, cannot push out a host verified long ago,
+    even when its network holds the most bytes of the record."""
+    verifier = FakeVerifier({"10.0.0.1:80": VERIFIED}, ages={"10.0.0.1:80": 3600.0})
+    storage = SubkeyStorage(Counter(), verifier=verifier)
+    far = time.time() + 200
+    honest = {f"{c}@10.0.0.1:80": (None, far - 100) for c in range(16)}
+    assert storage.merge(KEY, honest, source="10.0.0.1:5000")
+    newcomers = [f"10.{1 + i // 200}.{i % 200}.1" for i in range(300)]  # each alone in its /24
+    verifier.known.update({f"{ip}:1": VERIFIED for ip in newcomers})
+    for i, ip in enumerate(newcomers):
+        storage.merge(KEY, {f"{i % 16}@{ip}:1": (None, far)}, source=f"{ip}:1")
+    assert storage.stats["entries_dropped_by_size_cap"] > 0
+    assert set(honest) <= set(storage.get_record(KEY))
 
 
 def test_netgroup_is_the_24_or_the_48():

@@ -227,7 +227,7 @@ class Dispatcher:
             for other in [endpoint, *children.get(parent, {}).get(int(coord), [])]:
                 if uid not in serving.setdefault(other, []):
                     serving[other].append(uid)
-        order = sorted(serving, key=lambda e: (health.badness(serving[e][0], e) > 0, -len(serving[e]), e))
+        order = sorted(serving, key=lambda e: (health.badness(serving[e][0], e) > 0, -len(serving[e])))  # ties: grid order
         for endpoint in order[:MAX_INFO_HOSTS]:
             uid = serving[endpoint][0]
             timeout = self.expert_info_timeout if deadline is None else min(self.expert_info_timeout, _left(deadline))

@@ -28,10 +28,12 @@ is served only once its endpoint answered that it serves an expert there: until 
 and a store asks for at most one check. Entries whose endpoint failed its check are refused and dropped
 (``unverified_entries_refused``, ``unverified_entries_dropped``). Evictions take entries not verified first, and
 group writers by network (``net.addresses.netgroup``: /24, /48) before address, so many addresses of one network
-weigh as one. This node's own writes are trusted.
+weigh as one; of verified entries, those of endpoints that have answered well for ``LONG_LIVED`` go last. This
+node's own writes are trusted.
 """
 from __future__ import annotations
 
+import functools
 import heapq
 import time
 from collections import Counter, OrderedDict
@@ -47,6 +49,7 @@ ENTRY_OVERHEAD = 400  # CPython objects per entry beyond its msgpack bytes (dict
 KEY_OVERHEAD = 800  # per key: its dicts and bookkeeping
 BLOB_CACHE_KEYS = 256
 LOCAL = ""  # the source of this node's own writes
+LONG_LIVED = 600.0  # seconds an endpoint has answered well before its entries are the last a full record evicts
 
 
 class _Meta:
@@ -56,6 +59,7 @@ class _Meta:
         self.source, self.size = source, size
 
 
+@functools.lru_cache(maxsize=4096)
 def _network(source: str) -> str:
     return netgroup(source.rpartition(":")[0])
 
@@ -125,6 +129,16 @@ class SubkeyStorage:
 
     def _serves(self, key: bytes, subkey: str) -> bool:
         return self._verdict(key, subkey, self._meta[key][subkey].source) == VERIFIED
+
+    def _rank(self, key: bytes, subkey: str) -> int:
+        """Which entries a full record keeps last: 0 not verified, 1 verified lately, 2 verified for
+        ``LONG_LIVED`` seconds or more (and this node's own writes, and anything not an expert declaration)."""
+        child = self._child(subkey, self._meta[key][subkey].source)
+        if child is None:
+            return 2
+        if self.verifier.verdict(key, child[0], child[1]) != VERIFIED:
+            return 0
+        return 2 if self.verifier.verified_for(child[1]) >= LONG_LIVED else 1
 
     def revisit(self, endpoint: str) -> None:
         """``endpoint`` was checked: drop its entries that failed (the listener of the verifier)."""
@@ -203,21 +217,21 @@ class SubkeyStorage:
                 exhausted.add(biggest)
 
     def _fair_cap(self, key: bytes) -> None:
-        """Fit the record under ``key`` in MAX_RECORD_BYTES: evict entries not verified first, then verified ones;
-        of those, from the network holding the most bytes of them, its largest source, that source's
-        soonest-expiring entry (ties: larger sub-key)."""
+        """Fit the record under ``key`` in MAX_RECORD_BYTES: evict entries not verified first, then those verified
+        lately, then long-lived ones (``_rank``); within a rank, from the network holding the most bytes of it, its
+        largest source, that source's soonest-expiring entry (ties: larger sub-key)."""
         record, meta = self._data[key], self._meta[key]
         total = _header(len(record)) + sum(m.size for m in meta.values())
         if total <= MAX_RECORD_BYTES:
             return
-        ranks: dict[bool, tuple[Counter, Counter, dict[str, list]]] = {}
+        ranks: dict[int, tuple[Counter, Counter, dict[str, list]]] = {}
         for subkey, m in meta.items():
-            net_bytes, src_bytes, queues = ranks.setdefault(self._serves(key, subkey), (Counter(), Counter(), {}))
+            net_bytes, src_bytes, queues = ranks.setdefault(self._rank(key, subkey), (Counter(), Counter(), {}))
             net_bytes[_network(m.source)] += m.size
             src_bytes[m.source] += m.size
             queues.setdefault(m.source, []).append((record[subkey][1], [-ord(c) for c in subkey], subkey))
-        for served in (False, True):
-            net_bytes, src_bytes, queues = ranks.get(served, (Counter(), Counter(), {}))
+        for rank in sorted(ranks):
+            net_bytes, src_bytes, queues = ranks[rank]
             for queue in queues.values():
                 queue.sort(reverse=True)  # soonest expiring last
             while total > MAX_RECORD_BYTES and net_bytes:

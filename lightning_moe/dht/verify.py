@@ -46,10 +46,11 @@ NONCE_HEX = 32
 class Listing:
     """One endpoint's answer: ``ok`` and the (key digest, coordinate) pairs it serves, or why it failed."""
 
-    __slots__ = ("ok", "pairs", "at", "reason", "host_id")
+    __slots__ = ("ok", "pairs", "at", "since", "reason", "host_id")
 
     def __init__(self, ok: bool, pairs: frozenset = frozenset(), reason: str = "", host_id: str = "", at: float = 0.0):
         self.ok, self.pairs, self.reason, self.host_id, self.at = ok, pairs, reason, host_id, at
+        self.since = at  # when the endpoint's answers started being good without a failure in between
 
 
 def failed(reason: str) -> Listing:
@@ -191,8 +192,16 @@ class EndpointVerifier:
             if self._pending_nets[network] <= 0:
                 del self._pending_nets[network]
 
+    def verified_for(self, endpoint: str) -> float:
+        """Seconds that ``endpoint`` has answered well, every check since the first (0: not now)."""
+        answer = self._answers.get(endpoint)
+        return self.clock() - answer.since if answer is not None and answer.ok else 0.0
+
     def _remember(self, endpoint: str, answer: Listing) -> None:
-        answer.at = self.clock()
+        answer.at = answer.since = self.clock()
+        previous = self._answers.get(endpoint)
+        if answer.ok and previous is not None and previous.ok:
+            answer.since = previous.since
         self._answers[endpoint] = answer
         self._answers.move_to_end(endpoint)
         while len(self._answers) > self.max_cached:
