@@ -41,7 +41,7 @@ from typing import Any, Iterator, Optional
 
 from ..net.addresses import netgroup
 from .records import MAX_RECORD_BYTES, MAX_TTL, Record, decode_record, encode_record, entry_size, parse_child_subkey
-from .verify import FAILED, UNKNOWN, VERIFIED, EndpointVerifier
+from .verify import FAILED, VERIFIED, EndpointVerifier
 
 MAX_STORAGE_BYTES = 64 * 1024 * 1024
 MAX_BYTES_PER_SOURCE = 2 * 1024 * 1024

@@ -25,7 +25,7 @@ import logging
 import secrets
 import time
 from collections import Counter, OrderedDict
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 from kademlia.utils import digest
 
