@@ -65,6 +65,9 @@ class DHTConfig:
                                         "volunteer's node joining remote peers asks them to dial its port back and "
                                         "answers only if strangers reach it (a trainer's node is always a client)",
                                         default=None)
+    verify_endpoints: bool = _help("serve a stranger's expert declaration only once its endpoint answered GET /info "
+                                   "listing that expert (and in a private swarm proved the secret); checks are "
+                                   "bounded in number, rate and time, answers cached per endpoint", default=True)
 
     def __post_init__(self) -> None:
         self.check()

@@ -7,7 +7,8 @@ the host's RSS before, at its peak during, and after, and the CPU used by the ho
 (which share this machine's cores). Goals: success >= 99 % during every attack,
 p99 during <= 3x before, RSS after within 10 % of before. The host runs in its own process, each
 attacker in another, the client here. Then the DHT attacks of tests/dht_attacks.py (amplification,
-eclipse, store flood). Then the Sybil attacks, from many addresses: connection slots taken from 64
+eclipse, store flood) and of tests/dht_sybil.py (an eclipse from 240 addresses, fakes next to an honest
+host; each with the nodes' endpoint checks off, then on). Then the Sybil attacks on the host, from many addresses: connection slots taken from 64
 addresses in one /24 and from 64 addresses each in a /16 of its own (16,384 connections, the host's
 limit, reopened whenever the host closes them; the legitimate client opens a new connection per
 call), 60 MB bodies cut short by a byte, fake-signed bodies and answers the client does not read
@@ -30,6 +31,7 @@ from typing import Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import dht_attacks  # noqa: E402
+import dht_sybil  # noqa: E402
 from attack_tools import (  # noqa: E402
     Attacker, HostProcess, LegitClient, captured_request, cpu_seconds, huge_rows_request, summarize, sybil_addresses,
 )
@@ -192,6 +194,7 @@ def main() -> None:
     if "dht" in sections:
         print("\nDHT attacks on 127.0.0.1")
         amplification = dht_attacks.report()
+        dht_sybil.report()
     if "sybil" in sections:
         print("\nSybil attacks: many addresses and networks in 127/8; the legitimate client on 127.0.0.1")
         results, kept = sybil_attacks(args.quick, rate)

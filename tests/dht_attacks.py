@@ -41,10 +41,10 @@ class RawPeer:
     ``send`` fires requests without waiting; ``call`` does the cookie handshake like an honest
     node (so this peer's own address is verified) and returns the response or None."""
 
-    def __init__(self) -> None:
+    def __init__(self, ip: str = "127.0.0.1", rcvbuf: int = 4 * 1024 * 1024) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
-        self.sock.bind(("127.0.0.1", 0))
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.bind((ip, 0))
         self.sent = self.received = 0
         self.cookies: dict[tuple, bytes] = {}
 

@@ -146,22 +146,21 @@ def test_training_goes_on_next_to_a_hostile_node(monkeypatch, closing):
     moe = DecentralizedMoE(HID, GRID, "ffn", k_best=4, initial_peers=swarm.initial_peers, cache_ttl=0.5)
     closing(moe.dht)
 
-    # the hosts' declarations are all still there, next to the hostile ones: nothing was hidden
+    # the hosts' declarations are all still there: nothing was hidden. The swarm's nodes check endpoints
+    # (dht.verify_endpoints), so they do not serve the closed ports; only the hostile node itself may
     children = moe.dht.get_active_children([f"ffn.{i}" for i in range(GRID[0])], all_endpoints=True)
     for uid in grid_uids("ffn", GRID):
         _, row, col = uid.split(".")
         endpoints = children[f"ffn.{row}"][int(col)]
         assert set(endpoints) & set(swarm.endpoints), (uid, endpoints)
-        if uid in hijacked:
-            assert endpoints[0] in closed  # the far-future declaration comes first
-
     for uid, endpoints in zip(grid_uids("ffn", GRID), moe.dht.get_experts(grid_uids("ffn", GRID), all_endpoints=True)):
-        assert set(endpoints) & set(swarm.endpoints) and (uid not in hijacked or endpoints[0] in closed), (uid, endpoints)
+        assert set(endpoints) & set(swarm.endpoints), (uid, endpoints)
+    checked = swarm.dht.stats
+    assert checked["endpoint_checks_failed"] > 0, checked
+    assert checked["unverified_entries_refused"] + checked["unverified_entries_dropped"] > 0, checked
 
     history = train(moe)
-    failed = sum(step["failed"] for step in history)
-    assert failed > 0, "the closed ports were never tried: the test did not test anything"
-    assert all(step["timed_out"] == 0 for step in history), history  # refused at once, not timed out
+    assert all(step["timed_out"] == 0 for step in history), history  # a closed port tried is refused at once
     assert history[-1]["failed"] == 0, history  # by then every closed endpoint is banned
     leaf = moe.lookup.get_active_children([f"ffn.{i}" for i in range(GRID[0])])
     assert not {e for row in leaf.values() for e in row.values()} & set(closed), leaf
@@ -183,8 +182,7 @@ def test_training_goes_on_when_every_uid_is_hijacked(monkeypatch, closing):
     hostile.attack(grid_uids("ffn", GRID), closed)
     moe = DecentralizedMoE(HID, GRID, "ffn", k_best=4, initial_peers=swarm.initial_peers, cache_ttl=0.5)
     closing(moe.dht)
-    history = train(moe)
-    assert sum(step["failed"] for step in history) > 0, "the closed ports were never tried"
+    history = train(moe)  # closed ports that the hostile node still serves cost a failed call each, then are excluded
     assert history[-1]["failed"] == 0 and history[-1]["answered"] > 0, history
 
 

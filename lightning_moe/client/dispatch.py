@@ -21,8 +21,8 @@ from lightning_moe.client import parallel_call
 from lightning_moe.client.beam_search import beam_search, live_experts
 from lightning_moe.client.dht_cache import CachedExpertLookup
 from lightning_moe.client.health import HealthRegistry
-from lightning_moe.client.parallel_call import (ExpertCall, GivenUp, NotEnoughExpertsError, plan_calls, record_outcome,
-                                                split_calls)
+from lightning_moe.client.parallel_call import (ExpertCall, GivenUp, NotEnoughExpertsError, is_refused, plan_calls,
+                                                record_outcome, split_calls)
 from lightning_moe.client.speed import SLOW_FACTOR, StragglerWait, WaitBudget, prefer_fast
 from lightning_moe.client.remote_expert import RemoteExpert, RemoteExpertError, new_keep_id
 from lightning_moe.config import MOE_COMPRESSIONS, DHTConfig, HealthConfig, grid_uids, to_dataclass
@@ -31,7 +31,11 @@ from lightning_moe.shared import process_dht, process_health, release_process_dh
 logger = logging.getLogger(__name__)
 
 #: Hosts asked for the experts' schemas (``/info``) before a forward gives up.
-MAX_INFO_HOSTS = 8
+MAX_INFO_HOSTS = 32
+
+#: Rounds of re-routing in one forward, counting the rounds whose every failure was a refused connection (an endpoint
+#: nobody listens on, excluded at once: each costs one failed call); other rounds count against ``max_retries``.
+MAX_ROUNDS = 12
 
 
 @dataclass
@@ -220,32 +224,35 @@ class Dispatcher:
 
     def expert_info(self, deadline: float | None) -> dict:
         """Input and output schemas of this layer's experts, read once from any host that serves a live one (found
-        in the DHT cache, least bad first). A host that does not answer counts against its health; the next is asked."""
+        in the DHT cache). Hosts are asked in order: not excluded first, then those declared for the most experts (an
+        honest host serves many; a stranger's record pointing at a closed port names one), every endpoint of every
+        live expert in turn, at most ``MAX_INFO_HOSTS`` of them. A host that does not answer counts against its
+        health (a refused connection excludes it at once), so each dead endpoint costs one failed call."""
         if self._expert_info is not None:
             return self._expert_info
         lookup, health = self.lookup, self.health
         errors: list[str] = []
-        tried: set[str] = set()
-        for _ in range(2):  # once more after failures: excluded hosts change which endpoint of a uid is least bad
-            found = live_experts(lookup.least_bad_view(), self.uid_prefix, len(self.grid_size), timeout=_left(deadline))
-            by_host: dict[str, str] = {}  # endpoint -> an expert of it
-            for uid, endpoint in sorted(found, key=lambda pair: health.badness(*pair)):
-                if endpoint not in tried:
-                    by_host.setdefault(endpoint, uid)
-            if not by_host and not tried:
-                raise NotEnoughExpertsError(f"no live experts under prefix {self.uid_prefix!r} in the DHT "
-                                            f"(peers {list(self.dht_config.initial_peers)})")
-            for endpoint, uid in list(by_host.items())[:MAX_INFO_HOSTS]:
-                tried.add(endpoint)
-                timeout = self.expert_info_timeout if deadline is None else min(self.expert_info_timeout, _left(deadline))
-                try:
-                    self._expert_info = RemoteExpert(uid, endpoint, secret=self.secret).info(timeout=max(timeout, 1e-3))
-                    return self._expert_info
-                except RemoteExpertError as e:
-                    errors.append(str(e))
-                    record_outcome(health, uid, endpoint, e)
-                if deadline is not None and time.monotonic() >= deadline:
-                    break
+        found = live_experts(lookup.least_bad_view(), self.uid_prefix, len(self.grid_size), timeout=_left(deadline))
+        if not found:
+            raise NotEnoughExpertsError(f"no live experts under prefix {self.uid_prefix!r} in the DHT "
+                                        f"(peers {list(self.dht_config.initial_peers)})")
+        children = lookup.all_children(sorted({uid.rpartition(".")[0] for uid, _ in found}), timeout=_left(deadline))
+        serving: dict[str, list[str]] = {}  # endpoint -> the experts declared there
+        for uid, endpoint in found:
+            parent, _, coord = uid.rpartition(".")
+            for other in [endpoint, *children.get(parent, {}).get(int(coord), [])]:
+                if uid not in serving.setdefault(other, []):
+                    serving[other].append(uid)
+        order = sorted(serving, key=lambda e: (health.badness(serving[e][0], e) > 0, -len(serving[e])))  # ties: grid order
+        for endpoint in order[:MAX_INFO_HOSTS]:
+            uid = serving[endpoint][0]
+            timeout = self.expert_info_timeout if deadline is None else min(self.expert_info_timeout, _left(deadline))
+            try:
+                self._expert_info = RemoteExpert(uid, endpoint, secret=self.secret).info(timeout=max(timeout, 1e-3))
+                return self._expert_info
+            except RemoteExpertError as e:
+                errors.append(str(e))
+                record_outcome(health, uid, endpoint, e)
             if deadline is not None and time.monotonic() >= deadline:
                 break
         raise NotEnoughExpertsError("could not read expert schemas from any host:\n" + "\n".join(errors))
@@ -272,13 +279,17 @@ class Dispatcher:
         tried: list[tuple[ExpertCall, BaseException | None]] = []
         asked: dict[int, set[tuple[str, str]]] = {}  # sample -> (uid, endpoint) asked for it
         candidates = dict(enumerate(chosen))
-        for attempt in range(self.max_retries + 1):
+        retries = 0
+        for _ in range(MAX_ROUNDS):
             calls = plan_calls(candidates, mask, coords, asked)
             if not calls:
                 break
-            tried += self._call_forward(calls, x, outputs, mask, deadline, keep)
+            sent = self._call_forward(calls, x, outputs, mask, deadline, keep)
+            tried += sent
             short = (mask.sum(1) < self.k_min).nonzero().flatten().tolist()
-            if not short or attempt == self.max_retries or (deadline is not None and time.monotonic() >= deadline):
+            errors = [error for _, error in sent if error is not None]
+            retries += not (errors and all(is_refused(error) for error in errors))  # only dead endpoints: a free round
+            if not short or retries > self.max_retries or (deadline is not None and time.monotonic() >= deadline):
                 break
             logger.info("%s: %d samples short of k_min=%d after failures at %s; asking the next-best experts", self.uid_prefix,
                         len(short), self.k_min, sorted(self.stats.failed_endpoints))

@@ -68,11 +68,17 @@ def record_outcome(health: HealthRegistry, uid: str, endpoint: str, result: Any)
     elif isinstance(result, RemoteExpertError) and result.status is not None and result.status not in (503, 504):
         health.expert_failure(uid, endpoint, str(result))
     else:
-        cause = result.__cause__
-        while isinstance(cause, RemoteExpertError):  # re-raised with the expert's uid
-            cause = cause.__cause__
-        refused = isinstance(cause, TransportError) and cause.refused
-        health.host_failure(endpoint, str(result), refused=refused)
+        refused = is_refused(result)
+        health.host_failure(endpoint, f"endpoint {endpoint} refused the connection" if refused else str(result), refused=refused)
+
+
+def is_refused(error: BaseException) -> bool:
+    """True when ``error`` is (or was caused by) a refused connection: nobody listens at the endpoint (a host that
+    left, or a stranger's record pointing at a closed port)."""
+    cause: BaseException | None = error
+    while cause is not None and not isinstance(cause, TransportError):
+        cause = cause.__cause__
+    return cause is not None and cause.refused
 
 
 def call_in_parallel(

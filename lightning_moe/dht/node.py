@@ -68,7 +68,9 @@ class DHT:
     :param max_ttl: the furthest ahead (seconds) an expiration time may be; entries beyond it
         are invalid, here and on every node with this setting (default ``records.MAX_TTL``).
     Further keyword arguments go to ``server.DHTServer`` and its ``storage.SubkeyStorage``
-    (``max_bytes``, ``max_bytes_per_source``, ``max_keys``, ``failed_ttl``, ...).
+    (``max_bytes``, ``max_bytes_per_source``, ``max_keys``, ``failed_ttl``, ``verify_endpoints``: serve strangers'
+    expert declarations only once their endpoint answered /info listing the expert, see ``dht.verify``; off here,
+    on in ``DHTConfig``; ``verifier_kwargs`` for its limits).
 
     Every method is thread-safe and may be called from any thread except the node's own
     loop thread. Expiration times are absolute ``time.time()`` seconds. A call that runs
@@ -118,7 +120,8 @@ class DHT:
             binding.host in ALL_INTERFACES
         try:
             node = cls(initial_peers=config.initial_peers, host=config.host, port=port, announce_host=config.announce_host,
-                       client_mode=client_mode or bool(config.client_mode) or discover, secret=config.secret, **kwargs)
+                       client_mode=client_mode or bool(config.client_mode) or discover, secret=config.secret,
+                       **{"verify_endpoints": config.verify_endpoints, **kwargs})
         except OSError as e:
             if e.errno in (errno.EADDRINUSE, errno.EACCES):
                 raise ConfigError(f"dht.port={port}: cannot bind {config.host or 'the auto address'}:{port} "
@@ -213,7 +216,8 @@ class DHT:
         ``bytes_sent`` / ``bytes_received`` and their ``_unverified`` parts (to and from addresses
         that have not proved they receive what is sent there), ``challenges_sent``,
         ``entries_evicted_by_source_quota``, ``entries_evicted_by_storage_cap``,
-        ``stragglers_abandoned``, ``entries_dropped_by_size_cap``, ..."""
+        ``stragglers_abandoned``, ``entries_dropped_by_size_cap``, ``unverified_entries_refused`` / ``_dropped``,
+        ``endpoint_checks_ok`` / ``_failed`` / ``_rate_limited`` / ``_dropped`` (``dht.verify``), ..."""
         if self.is_alive and threading.current_thread() is not self._thread:
             try:  # copy on the loop thread, which is the only one that writes the counters
                 return self._call(_copy_counter(self._stats), self.wait_timeout)

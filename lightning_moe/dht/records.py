@@ -336,16 +336,26 @@ def parent_and_coordinate(uid: str) -> tuple[str, int]:
     return ".".join([prefix, *map(str, coords[:-1])]), coords[-1]
 
 
+def parse_child_subkey(subkey: Any) -> Optional[tuple[int, str]]:
+    """``"14@127.0.0.1:7000"`` -> ``(14, "127.0.0.1:7000")``: a prefix record's entry; None for any other sub-key."""
+    if not isinstance(subkey, str):
+        return None
+    coord, _, endpoint = subkey.partition("@")
+    if not _COORD_RE.match(coord) or int(coord) >= MAX_COORDINATE or not is_valid_endpoint(endpoint):
+        return None
+    return int(coord), endpoint
+
+
 def parse_children_endpoints(record: Mapping[str, tuple], stats: Optional[Counter] = None) -> dict[int, list[str]]:
     """``{coordinate: [endpoint, ...]}`` from a ``prefix:`` record, latest-expiring first,
     skipping (and counting as ``invalid_prefix_entries``) entries whose sub-key is not
     ``"coord@endpoint"``. Values are ignored (see the module docstring)."""
     found: dict[int, list[tuple[float, str]]] = {}
     for subkey, entry in record.items():
-        coord, _, endpoint = subkey.partition("@") if isinstance(subkey, str) else ("", "", "")
-        if not _COORD_RE.match(coord) or int(coord) >= MAX_COORDINATE or not is_valid_endpoint(endpoint):
+        child = parse_child_subkey(subkey)
+        if child is None:
             if stats is not None:
                 stats["invalid_prefix_entries"] += 1
             continue
-        found.setdefault(int(coord), []).append((entry[1], endpoint))
+        found.setdefault(child[0], []).append((entry[1], child[1]))
     return {coord: [e for _, e in sorted(found[coord], key=lambda pair: (-pair[0], pair[1]))] for coord in sorted(found)}

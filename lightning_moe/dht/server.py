@@ -42,6 +42,7 @@ from .protocol import MAX_REMEMBERED, Address, RPCProtocol, nearest_nodes, pack_
 from .reachability import Dialer
 from .records import MAX_TTL, Record, decode_record, encode_record, merge_records, sign_record, split_record
 from .storage import SubkeyStorage
+from .verify import EndpointVerifier
 
 logger = logging.getLogger(__name__)
 
@@ -61,13 +62,16 @@ class DHTServer:
                  client_mode: bool = False, min_patience: float = 0.05, failed_ttl: float = 60.0,
                  refresh_interval: float = 3600.0, maintenance_interval: float = 30.0,
                  max_concurrent_lookups: int = 64, initial_peers: Sequence[tuple[str, int]] = (),
-                 secret: Optional[bytes] = None, max_ttl: float = MAX_TTL, **storage_kwargs: Any):
+                 secret: Optional[bytes] = None, max_ttl: float = MAX_TTL, verify_endpoints: bool = False,
+                 verifier_kwargs: Optional[dict] = None, **storage_kwargs: Any):
         self.stats, self.secret, self.max_ttl = stats, secret, float(max_ttl)
         # a node id from os.urandom: `random` is often seeded identically in DDP ranks (seed_everything)
         self.node = Node(os.urandom(20))
         self.ksize, self.alpha, self.rpc_timeout = ksize, alpha, rpc_timeout
         self.router = RoutingTable(self, ksize, self.node)
-        self.storage = SubkeyStorage(stats, secret=secret, max_ttl=self.max_ttl, **storage_kwargs)
+        # strangers' expert declarations are served once their endpoint answered (verify.py)
+        self.verifier = EndpointVerifier(stats, secret, **(verifier_kwargs or {})) if verify_endpoints else None
+        self.storage = SubkeyStorage(stats, secret=secret, max_ttl=self.max_ttl, verifier=self.verifier, **storage_kwargs)
         self.protocol = RPCProtocol(self.handle_request, stats, rpc_timeout, client_mode)
         self.num_replicas = min(num_replicas, ksize)
         self.response_neighbours = min(ksize, 2 * self.num_replicas)
@@ -141,6 +145,8 @@ class DHTServer:
             handle.cancel()
         for task in list(self._tasks):
             task.cancel()
+        if self.verifier is not None:
+            self.verifier.close()
         self.protocol.close()
 
     # ------------------------------------------------------------------ peers

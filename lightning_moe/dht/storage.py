@@ -22,15 +22,26 @@ invalid (``records.decode_record``), so nothing lingers longer than that unless 
 
 With a ``secret`` (a private swarm), only entries whose tag verifies are stored; the rest are
 counted as ``unauthenticated_entries`` and a store left with none is refused.
+
+With a ``verifier`` (``verify.EndpointVerifier``), a stranger's expert declaration (a ``"coord@endpoint"`` sub-key)
+is served only once its endpoint answered that it serves an expert there: until then it is stored but not served,
+and a store asks for at most one check. Entries whose endpoint failed its check are refused and dropped
+(``unverified_entries_refused``, ``unverified_entries_dropped``). Evictions take entries not verified first, and
+group writers by network (``net.addresses.netgroup``: /24, /48) before address, so many addresses of one network
+weigh as one; of verified entries, those of endpoints that have answered well for ``LONG_LIVED`` go last. This
+node's own writes are trusted.
 """
 from __future__ import annotations
 
+import functools
 import heapq
 import time
 from collections import Counter, OrderedDict
 from typing import Any, Iterator, Optional
 
-from .records import MAX_RECORD_BYTES, MAX_TTL, Record, decode_record, encode_record, entry_size
+from ..net.addresses import netgroup
+from .records import MAX_RECORD_BYTES, MAX_TTL, Record, decode_record, encode_record, entry_size, parse_child_subkey
+from .verify import FAILED, VERIFIED, EndpointVerifier
 
 MAX_STORAGE_BYTES = 64 * 1024 * 1024
 MAX_BYTES_PER_SOURCE = 2 * 1024 * 1024
@@ -38,6 +49,7 @@ ENTRY_OVERHEAD = 400  # CPython objects per entry beyond its msgpack bytes (dict
 KEY_OVERHEAD = 800  # per key: its dicts and bookkeeping
 BLOB_CACHE_KEYS = 256
 LOCAL = ""  # the source of this node's own writes
+LONG_LIVED = 600.0  # seconds an endpoint has answered well before its entries are the last a full record evicts
 
 
 class _Meta:
@@ -47,8 +59,9 @@ class _Meta:
         self.source, self.size = source, size
 
 
-def _ip(source: str) -> str:
-    return source.rpartition(":")[0]
+@functools.lru_cache(maxsize=4096)
+def _network(source: str) -> str:
+    return netgroup(source.rpartition(":")[0])
 
 
 def _header(n: int) -> int:
@@ -62,18 +75,22 @@ class SubkeyStorage:
 
     def __init__(self, stats: Optional[Counter] = None, max_keys: int = 100_000, secret: Optional[bytes] = None,
                  max_bytes: int = MAX_STORAGE_BYTES, max_bytes_per_source: int = MAX_BYTES_PER_SOURCE,
-                 max_ttl: float = MAX_TTL):
+                 max_ttl: float = MAX_TTL, verifier: Optional[EndpointVerifier] = None):
         self.stats = stats if stats is not None else Counter()
         self.max_keys, self.secret = max_keys, secret
         self.max_bytes, self.max_bytes_per_source, self.max_ttl = max_bytes, max_bytes_per_source, max_ttl
         self._data: dict[bytes, Record] = {}
         self._meta: dict[bytes, dict[str, _Meta]] = {}
         self._written: dict[bytes, float] = {}  # monotonic time of the last write, for republish
-        self._blobs: "OrderedDict[bytes, tuple[bytes, float]]" = OrderedDict()  # LRU of encodings
+        self._blobs: "OrderedDict[bytes, tuple]" = OrderedDict()  # LRU of (encoding, expiry, verifier generation)
         self._source_bytes: Counter = Counter()
         self._key_owner: dict[bytes, str] = {}
         self._by_source: dict[str, list] = {}  # source -> heap of (expiration, key, subkey), lazily pruned
         self.bytes_used = 0
+        self.verifier = verifier
+        self._by_endpoint: dict[str, set[tuple[bytes, str]]] = {}  # strangers' declarations, per endpoint
+        if verifier is not None:
+            verifier.listeners.append(self.revisit)
 
     # ------------------------------------------------------------------ accounting
     def _add(self, key: bytes, subkey: str, entry: tuple, source: str) -> None:
@@ -89,6 +106,9 @@ class SubkeyStorage:
         record[subkey] = entry
         self._blobs.pop(key, None)  # the cached encoding lacks the new entry
         meta[subkey] = _Meta(source, size)
+        child = self._child(subkey, source)
+        if child is not None:
+            self._by_endpoint.setdefault(child[1], set()).add((key, subkey))
         self.bytes_used += size + ENTRY_OVERHEAD
         self._source_bytes[source] += size + ENTRY_OVERHEAD
         heap = self._by_source.setdefault(source, [])
@@ -96,6 +116,37 @@ class SubkeyStorage:
         if len(heap) > 64 and len(heap) > 3 * self._source_bytes[source] // ENTRY_OVERHEAD:
             self._by_source[source] = [item for item in heap if self._owns(source, *item)]
             heapq.heapify(self._by_source[source])
+
+    def _child(self, subkey: str, source: str) -> Optional[tuple[int, str]]:
+        """(coordinate, endpoint) of a stranger's expert declaration that must be checked; None for anything else."""
+        if self.verifier is None or source == LOCAL:
+            return None
+        return parse_child_subkey(subkey)
+
+    def _verdict(self, key: bytes, subkey: str, source: str) -> str:
+        child = self._child(subkey, source)
+        return VERIFIED if child is None else self.verifier.verdict(key, child[0], child[1])
+
+    def _serves(self, key: bytes, subkey: str) -> bool:
+        return self._verdict(key, subkey, self._meta[key][subkey].source) == VERIFIED
+
+    def _rank(self, key: bytes, subkey: str) -> int:
+        """Which entries a full record keeps last: 0 not verified, 1 verified lately, 2 verified for
+        ``LONG_LIVED`` seconds or more (and this node's own writes, and anything not an expert declaration)."""
+        child = self._child(subkey, self._meta[key][subkey].source)
+        if child is None:
+            return 2
+        if self.verifier.verdict(key, child[0], child[1]) != VERIFIED:
+            return 0
+        return 2 if self.verifier.verified_for(child[1]) >= LONG_LIVED else 1
+
+    def revisit(self, endpoint: str) -> None:
+        """``endpoint`` was checked: drop its entries that failed (the listener of the verifier)."""
+        for key, subkey in list(self._by_endpoint.get(endpoint, ())):
+            if key in self._data and subkey in self._data[key] and \
+                    self._verdict(key, subkey, self._meta[key][subkey].source) == FAILED:
+                self._remove(key, subkey)
+                self.stats["unverified_entries_dropped"] += 1
 
     def _owns(self, source: str, expiration: float, key: bytes, subkey: str) -> bool:
         record = self._data.get(key)
@@ -106,6 +157,13 @@ class SubkeyStorage:
         record, meta = self._data[key], self._meta[key]
         del record[subkey]
         m = meta.pop(subkey)
+        child = self._child(subkey, m.source)
+        if child is not None:
+            entries = self._by_endpoint.get(child[1])
+            if entries is not None:
+                entries.discard((key, subkey))
+                if not entries:
+                    del self._by_endpoint[child[1]]
         self.bytes_used -= m.size + ENTRY_OVERHEAD
         self._source_bytes[m.source] -= m.size + ENTRY_OVERHEAD
         if self._source_bytes[m.source] <= 0:
@@ -148,42 +206,48 @@ class SubkeyStorage:
             candidates = [s for s in self._source_bytes if s not in exhausted]
             if not candidates:
                 break
-            biggest = max(candidates, key=self._source_bytes.__getitem__)
+            networks: Counter = Counter()
+            for s in candidates:
+                networks[_network(s)] += self._source_bytes[s]
+            net = max(networks, key=networks.__getitem__)
+            biggest = max((s for s in candidates if _network(s) == net), key=self._source_bytes.__getitem__)
             if self._evict_from(biggest):
                 self.stats["entries_evicted_by_storage_cap"] += 1
             else:
                 exhausted.add(biggest)
 
     def _fair_cap(self, key: bytes) -> None:
-        """Fit the record under ``key`` in MAX_RECORD_BYTES: evict from the IP holding the most bytes
-        of it, its largest source, that source's soonest-expiring entry (ties: larger sub-key)."""
+        """Fit the record under ``key`` in MAX_RECORD_BYTES: evict entries not verified first, then those verified
+        lately, then long-lived ones (``_rank``); within a rank, from the network holding the most bytes of it, its
+        largest source, that source's soonest-expiring entry (ties: larger sub-key)."""
         record, meta = self._data[key], self._meta[key]
         total = _header(len(record)) + sum(m.size for m in meta.values())
         if total <= MAX_RECORD_BYTES:
             return
-        ip_bytes: Counter = Counter()
-        src_bytes: Counter = Counter()
-        queues: dict[str, list] = {}
+        ranks: dict[int, tuple[Counter, Counter, dict[str, list]]] = {}
         for subkey, m in meta.items():
-            ip_bytes[_ip(m.source)] += m.size
+            net_bytes, src_bytes, queues = ranks.setdefault(self._rank(key, subkey), (Counter(), Counter(), {}))
+            net_bytes[_network(m.source)] += m.size
             src_bytes[m.source] += m.size
             queues.setdefault(m.source, []).append((record[subkey][1], [-ord(c) for c in subkey], subkey))
-        for queue in queues.values():
-            queue.sort(reverse=True)  # soonest expiring last
-        while total > MAX_RECORD_BYTES and record:
-            ip = max(ip_bytes, key=lambda i: (ip_bytes[i], i))
-            source = max((s for s in src_bytes if _ip(s) == ip), key=lambda s: (src_bytes[s], s))
-            subkey = queues[source].pop()[2]
-            size = meta[subkey].size
-            self._remove(key, subkey, drop_empty=False)
-            total += _header(len(record)) - _header(len(record) + 1) - size
-            ip_bytes[ip] -= size
-            src_bytes[source] -= size
-            if not ip_bytes[ip]:
-                del ip_bytes[ip]
-            if not src_bytes[source]:
-                del src_bytes[source]
-            self.stats["entries_dropped_by_size_cap"] += 1
+        for rank in sorted(ranks):
+            net_bytes, src_bytes, queues = ranks[rank]
+            for queue in queues.values():
+                queue.sort(reverse=True)  # soonest expiring last
+            while total > MAX_RECORD_BYTES and net_bytes:
+                net = max(net_bytes, key=lambda n: (net_bytes[n], n))
+                source = max((s for s in src_bytes if _network(s) == net), key=lambda s: (src_bytes[s], s))
+                subkey = queues[source].pop()[2]
+                size = meta[subkey].size
+                self._remove(key, subkey, drop_empty=False)
+                total += _header(len(record)) - _header(len(record) + 1) - size
+                net_bytes[net] -= size
+                src_bytes[source] -= size
+                if not net_bytes[net]:
+                    del net_bytes[net]
+                if not src_bytes[source]:
+                    del src_bytes[source]
+                self.stats["entries_dropped_by_size_cap"] += 1
 
     # ------------------------------------------------------------------ writes
     def merge(self, key: bytes, record: Record, now: Optional[float] = None, source: str = LOCAL) -> bool:
@@ -194,9 +258,18 @@ class SubkeyStorage:
             return False
         self._live(key, now)
         current = self._data.get(key, {})
-        changed = False
+        changed, asked = False, False
         for subkey, entry in record.items():
             if entry[1] > now and (subkey not in current or entry[1] > current[subkey][1]):
+                child = self._child(subkey, source)
+                if child is not None:
+                    verdict = self.verifier.verdict(key, *child)
+                    if verdict == FAILED:
+                        self.stats["unverified_entries_refused"] += 1
+                        continue
+                    if not asked and self.verifier.due(child[1]):  # one check per store (per datagram) at most
+                        asked = True
+                        self.verifier.request(child[1])
                 self._add(key, subkey, tuple(entry), source)
                 current = self._data[key]
                 changed = True
@@ -230,21 +303,26 @@ class SubkeyStorage:
         return dict(record) if key in self._data else None
 
     def get_record(self, key: bytes, now: Optional[float] = None) -> Optional[Record]:
-        """Live entries under ``key`` as a dict, or None."""
-        return self._live(key, time.time() if now is None else now)
+        """Live entries under ``key`` that this node serves (strangers' declarations: once verified) as a dict, or None."""
+        record = self._live(key, time.time() if now is None else now)
+        if record is None or self.verifier is None:
+            return record
+        served = {subkey: entry for subkey, entry in record.items() if self._serves(key, subkey)}
+        return served or None
 
     def get(self, key: bytes, default: Any = None) -> Any:
         """The encoded live record (what is sent to peers), or ``default``."""
         now = time.time()
+        generation = None if self.verifier is None else self.verifier.generation
         cached = self._blobs.get(key)
-        if cached is not None and cached[1] > now:
+        if cached is not None and cached[1] > now and cached[2] == generation:
             self._blobs.move_to_end(key)
             return cached[0]
-        record = self._live(key, now)
+        record = self.get_record(key, now)
         if not record:
             return default
         blob = encode_record(record)
-        self._blobs[key] = (blob, min(entry[1] for entry in record.values()))
+        self._blobs[key] = (blob, min(entry[1] for entry in record.values()), generation)
         while len(self._blobs) > BLOB_CACHE_KEYS:
             self._blobs.popitem(last=False)
         return blob

@@ -35,7 +35,7 @@ from lightning_moe import wire
 from lightning_moe.config import HostLimits
 from lightning_moe.net.addresses import netgroup
 from lightning_moe.net.reachability import NONCE_BYTES, PROBES
-from lightning_moe.net.signing import RequestVerifier, SignatureError
+from lightning_moe.net.signing import RequestVerifier, SignatureError, info_proof
 from lightning_moe.server.backend import ExpertBackend
 from lightning_moe.server.handover import encode_state
 from lightning_moe.server.http_protocol import (
@@ -46,6 +46,7 @@ from lightning_moe.server.slots import ConnectionSlots
 from lightning_moe.server.task_pool import PoolClosedError
 
 logger = logging.getLogger(__name__)
+_NONCE_RE = re.compile(r"[0-9a-f]{16,64}")  # a DHT node's /info challenge
 
 DIRECTIONS = ("forward", "backward")
 KEEP_ID = re.compile(r"[0-9a-f]{16,64}")  # a request id whose forward the trainer asks the host to keep
@@ -266,7 +267,7 @@ class ExpertHTTPServer:
                 raise RequestError(400, f"GET /{route} takes no body", None, close=True)
             self._verify(request, b"")
             if route == "info":
-                body = self.info_bytes
+                body = self._info_answer(request.rel_url.query.get("nonce", ""))
             else:
                 body = json.dumps(self.stats_fn() if self.stats_fn is not None else {}).encode()
             self.count_request(route, None)
@@ -314,6 +315,14 @@ class ExpertHTTPServer:
             self.state_requests -= 1
         self.count_request("state", uid)
         return await self._answer(request, parts, time.monotonic() - started)
+
+    def _info_answer(self, nonce: str) -> bytes:
+        """``/info``; in a private swarm, asked with ``?nonce=N`` (a DHT node checking this endpoint), also the nonce
+        and a proof that this host holds the swarm's secret (``net.signing.info_proof``)."""
+        if self.secret is None or not _NONCE_RE.fullmatch(nonce):
+            return self.info_bytes
+        proof = info_proof(self.secret, nonce, self.host_id)
+        return self.info_bytes[:-1] + f', "nonce": "{nonce}", "proof": "{proof}"}}'.encode()
 
     @staticmethod
     async def _answer(request: web.BaseRequest, parts: list, host_seconds: float) -> web.StreamResponse:
