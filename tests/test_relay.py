@@ -5,7 +5,6 @@ Across NAT routers in network namespaces, see tests/test_nat.py.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import json
 import socket

@@ -105,15 +105,3 @@ def resolve_binding(host: str | None, announce: str | None, peers: Sequence[str]
             announce = found or LOOPBACK
     return Binding(host, announce)
 
-
-def netgroup(ip: str) -> str:
-    """The network an address belongs to for fairness between strangers: its /24 for IPv4 (``"10.1.2.0/24"``), its
-    /48 for IPv6; anything that is not an IP address (a host name, ``""``) is its own group."""
-    try:
-        address = ipaddress.ip_address(ip.strip("[]"))
-    except ValueError:
-        return ip
-    if address.version == 6 and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    prefix = 24 if address.version == 4 else 48
-    return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))
