@@ -121,6 +121,7 @@ def _join(processes) -> None:
             process.join(5)
 
 
+@pytest.mark.soak  # 25 s; averaging is also tested by the DDP and killed-peer tests (10-minute budget of the default run)
 def test_three_trainers_converge_and_a_joiner_starts_from_the_swarm():
     ctx = mp.get_context("spawn")
     go, hold, results = ctx.Event(), ctx.Event(), ctx.Queue()

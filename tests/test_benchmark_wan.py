@@ -7,7 +7,7 @@ import pytest
 import benchmark_wan
 
 
-@pytest.mark.slow
+@pytest.mark.soak  # 20 s: a run of the benchmark itself
 def test_benchmark_wan_runs_every_part_and_gives_sane_figures(capsys):
     args = benchmark_wan.parse_args(["--rtts", "20", "--bandwidths", "inf", "--steps", "2", "--trainers", "2",
                                      "--swarm-seconds", "3", "--repeats", "1", "--dht-nodes", "6", "--dht-rounds", "2"])

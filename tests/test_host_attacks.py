@@ -52,7 +52,7 @@ def all_succeed(client: LegitClient, calls: int) -> int:
     return sum(client.call()[0] for _ in range(calls))
 
 
-@pytest.mark.slow
+@pytest.mark.soak  # 20 s; tests/test_sybil_attacks.py also fills the slots, benchmark_attacks.py runs this at scale
 def test_ten_thousand_idle_and_slowloris_connections_do_not_lock_out_clients():
     with HostProcess(idle_timeout=10.0) as host:
         client = LegitClient(host.endpoint)
@@ -187,7 +187,7 @@ def test_the_heap_is_frozen_while_a_host_serves():
     assert gc.get_freeze_count() == 0
 
 
-@pytest.mark.slow
+@pytest.mark.soak  # 10 s; memory after aborted requests: tests/test_sybil_attacks.py
 def test_header_flood_leaves_memory_as_it_was():
     with HostProcess() as host:
         client = LegitClient(host.endpoint)
