@@ -13,10 +13,11 @@ import torch
 from lightning_moe import DecentralizedMoE, wire
 from lightning_moe.client import speed
 from lightning_moe.client.speed import HostSpeeds, StragglerWait, WaitBudget, prefer_fast
-from lightning_moe.config import HostConfig, HostLimits, LocalSwarmConfig
+from lightning_moe.config import DHTConfig, HostConfig, HostLimits, LocalSwarmConfig
 from lightning_moe.server import ExpertBackend, ExpertHost, make_expert
 from lightning_moe.swarm import LocalSwarm
 from lightning_moe.swarm_view import fetch_stats
+from lightning_moe.volunteer import start_volunteer
 
 HID = 16
 GRID = (4, 4)
@@ -201,3 +202,27 @@ def test_a_shedding_host_is_left_alone_for_its_retry_after_not_counted_as_failin
     exclusion = health.excluded("ffn.0.0", "h:1")
     assert exclusion is not None and "behind" in exclusion.describe() and "failures" not in exclusion.describe()
     assert 1.5 < health.badness("ffn.0.0", "h:1") <= 2.0  # for its Retry-After, not a doubling ban
+
+
+@pytest.mark.slow
+def test_samples_short_of_k_min_wait_for_a_slow_host_that_is_their_only_way():
+    """A fast host with 4 cells and a slow one with the other 12 (as a volunteer's own in-process experts next to one
+    public host): samples that stragglers left short are re-routed, and those calls are waited for, so no step fails."""
+    def config(cells: list[str], delay: float) -> HostConfig:
+        return HostConfig(expert=functools.partial(make_expert, "ffn", HID), in_features=HID, grid_size=[4, 4], cells=cells,
+                          optimizer=functools.partial(torch.optim.SGD, lr=0.01), stats_every=0, update_period=2.0,
+                          delay=delay)
+    uids = [f"ffn.{i}.{j}" for i in range(4) for j in range(4)]
+    with start_volunteer(config(uids[:4], 0.0), DHTConfig()) as fast, \
+            start_volunteer(config(uids[4:], 0.1), DHTConfig(initial_peers=[fast.dht.address])):
+        moe = DecentralizedMoE(HID, (4, 4), "ffn", k_best=4, k_min=1, max_retries=2, initial_peers=[fast.dht.address])
+        torch.manual_seed(0)
+        try:
+            history = []
+            for _ in range(5):
+                moe(torch.randn(64, HID)).sum().backward()  # NotEnoughExpertsError if the re-routed calls were given up
+                history.append(moe.last_stats)
+            assert sum(s.given_up for s in history) > 0, "the slow host was always waited for: the test proves nothing"
+            assert all(s.failed == 0 for s in history), [s.errors for s in history]
+        finally:
+            moe.close()

@@ -247,11 +247,11 @@ class Dispatcher:
         asked: dict[int, set[tuple[str, str]]] = {}  # sample -> (uid, endpoint) asked for it
         candidates = dict(enumerate(chosen))
         retries = 0
-        for _ in range(MAX_ROUNDS):
+        for round_ in range(MAX_ROUNDS):
             calls = plan_calls(candidates, mask, coords, asked)
             if not calls:
                 break
-            sent = self._call_forward(calls, x, outputs, mask, deadline, keep)
+            sent = self._call_forward(calls, x, outputs, mask, deadline, keep, patient=round_ > 0)
             tried += sent
             short = (mask.sum(1) < self.k_min).nonzero().flatten().tolist()
             errors = [error for _, error in sent if error is not None]
@@ -269,15 +269,19 @@ class Dispatcher:
         return outputs, mask, coords, [call for call, error in tried if error is None]
 
     def _call_forward(self, calls: list[ExpertCall], x: torch.Tensor, outputs: torch.Tensor, mask: torch.Tensor,
-                      deadline: float | None, keep: bool) -> list[tuple[ExpertCall, BaseException | None]]:
+                      deadline: float | None, keep: bool, patient: bool = False) -> list[tuple[ExpertCall, BaseException | None]]:
         """Send every call at once (split to at most ``max_call_bytes`` each) and write the answers into their rows'
-        slots of ``outputs`` and ``mask``. Returns each call sent with its error (None: it answered)."""
+        slots of ``outputs`` and ``mask``. Returns each call sent with its error (None: it answered).
+
+        ``patient`` (the re-routing rounds, whose rows all belong to samples still short of ``k_min``): wait for every
+        answer until the timeout, as a slow host may be such a sample's only way to an answer (say, a volunteer's own
+        in-process experts answer first and make the only other host look slow)."""
         calls = split_calls(calls, max(self.max_call_bytes // max(x[0].numel() * x.element_size(), 1), 1))
         for call in calls:
             call.keep = new_keep_id() if keep else None
         begin = time.monotonic()
         health = self.health
-        wait = StragglerWait(self.timeout_after_k_min, health.speeds, self.wait_budget)
+        wait = StragglerWait(None if patient else self.timeout_after_k_min, health.speeds, self.wait_budget)
         codecs = self.codecs(calls, self.stats)
         results = parallel_call.call_in_parallel(calls, "forward", [[x[call.rows]] for call in calls], self.forward_timeout,
                                                  wait, codecs, self.secret, deadline, health.links)
