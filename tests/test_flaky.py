@@ -57,7 +57,7 @@ def test_breakers_open_by_error_rate_back_off_and_probe(monkeypatch):
 
 
 # ---- against real hosts --------------------------------------------------------------------------
-@pytest.mark.slow
+@pytest.mark.soak  # 17 s (10-minute budget of the default run); faults per expert and host: the unit tests above
 def test_ten_percent_failures_on_every_host_for_40_steps_of_a_4_layer_model():
     swarm = LocalSwarm(host_config(num_layers=4, fault_rate=0.1), LocalSwarmConfig(num_hosts=2, update_period=2.0)).start()
     layers = [layer(prefix, initial_peers=swarm.initial_peers) for prefix in layer_prefixes("ffn", 4)]

@@ -274,14 +274,15 @@ class Dispatcher:
         slots of ``outputs`` and ``mask``. Returns each call sent with its error (None: it answered).
 
         ``patient`` (the re-routing rounds, whose rows all belong to samples still short of ``k_min``): wait for every
-        answer until the timeout, as a slow host may be such a sample's only way to an answer (say, a volunteer's own
-        in-process experts answer first and make the only other host look slow)."""
+        answer up to ``timeout_after_k_min`` from the start, whatever the estimates say, as a host that looks slow may
+        be such a sample's only way to an answer (say, a volunteer's own in-process experts answer first and make the
+        only other host look slow)."""
         calls = split_calls(calls, max(self.max_call_bytes // max(x[0].numel() * x.element_size(), 1), 1))
         for call in calls:
             call.keep = new_keep_id() if keep else None
         begin = time.monotonic()
         health = self.health
-        wait = StragglerWait(None if patient else self.timeout_after_k_min, health.speeds, self.wait_budget)
+        wait = StragglerWait(self.timeout_after_k_min, health.speeds, self.wait_budget, patient=patient)
         codecs = self.codecs(calls, self.stats)
         results = parallel_call.call_in_parallel(calls, "forward", [[x[call.rows]] for call in calls], self.forward_timeout,
                                                  wait, codecs, self.secret, deadline, health.links)

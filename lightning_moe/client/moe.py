@@ -53,7 +53,7 @@ class DecentralizedMoE(nn.Module):
             hosts known to be slow, and never longer than this or that (see
             :class:`~lightning_moe.client.speed.StragglerWait`); None: every answer is waited for. Samples
             that stragglers leave short of ``k_min`` are re-routed to the next-best experts not tried yet, and those
-            calls are waited for until the timeout; a straggler is counted as slow (``stats["given_up"]``), not as
+            calls are waited for up to this long, whatever the estimates say; a straggler is counted as slow (``stats["given_up"]``), not as
             failing, so a slow host stalls only steps in which a sample has no faster way to ``k_min`` answers.
         backward_k_min: expert gradients a sample should get; fewer is logged as a warning and counted.
         backward_timeout: seconds for all backward calls; experts that do not answer are dropped and counted.

@@ -182,11 +182,13 @@ class StragglerWait:
     answer; one known to be slow is not waited for at all: once only slow hosts are out, the batch stops waiting,
     unless the ``budget`` pays for waiting once for the slowest of them. Nothing is waited for past
     ``first + max(plain wait, cap)``. ``cap`` None: every answer is waited for (until the caller's timeout).
+    ``patient``: every answer is waited for until ``start + cap`` whatever the estimates (calls that are some sample's
+    last way to ``k_min`` answers).
     """
 
     def __init__(self, cap: float | None, speeds: HostSpeeds | None = None, budget: WaitBudget | None = None,
-                 method: str = "forward"):
-        self.cap, self.speeds, self.budget, self.method = cap, speeds, budget, method
+                 method: str = "forward", patient: bool = False):
+        self.cap, self.speeds, self.budget, self.method, self.patient = cap, speeds, budget, method, patient
         self._paid_until: float | None = None  # the budget is asked once per batch
 
     @property
@@ -199,6 +201,8 @@ class StragglerWait:
         out)."""
         if self.cap is None:
             return math.inf
+        if self.patient:
+            return start + self.cap
         plain = max(MIN_WAIT, WAIT_RATIO * (first - start))
         limit = first + max(plain, self.cap)
         horizon = first + SOON * plain
