@@ -23,6 +23,7 @@ import time
 import torch
 
 from lightning_moe.client.remote_expert import call_backward, call_expert, new_keep_id
+from lightning_moe.config import HostConfig, HostLimits
 from lightning_moe.server import ExpertBackend, ExpertHost
 from lightning_moe.server.experts import make_expert
 
@@ -67,7 +68,9 @@ def client_process(endpoint: str, uids: list[str], args: argparse.Namespace, see
 def measure_remote(args: argparse.Namespace) -> float:
     """Samples per second through a real host on loopback, clients in separate processes."""
     ctx = mp.get_context("spawn")
-    with ExpertHost(make_backends(args)) as host:
+    # a saturation benchmark: every client sends back to back, so the queue is as deep as they make it; shedding
+    # (limits.max_queue_wait, for answers a trainer would no longer wait for) would refuse them
+    with ExpertHost(make_backends(args), HostConfig(limits=HostLimits(max_queue_wait=None))) as host:
         uids = sorted(host.backends)
         ready, start, results = ctx.Semaphore(0), ctx.Event(), ctx.Queue()
         clients = [
