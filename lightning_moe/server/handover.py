@@ -102,7 +102,7 @@ def decode_state(tensors: Sequence[torch.Tensor], backend: ExpertBackend) -> dic
         _fail(isinstance(name, str) and name in wire.DTYPES and buffer.dtype == wire.DTYPES[name] and buffer.dim() == 1,
               f"buffer {str(name)[:20]!r} is not a flat {str(name)[:20]} tensor")
         buffers[name] = buffer
-    own = backend.state_dict()
+    own = {"expert": backend.expert.state_dict(), "counters": backend.counters()}  # names and shapes: no copies
     params = [p for group in backend.optimizer.param_groups for p in group["params"]] if backend.optimizer else []
     expert: dict[str, torch.Tensor] = {}
     moments: dict[int, dict[str, Any]] = {}
@@ -138,8 +138,8 @@ def decode_state(tensors: Sequence[torch.Tensor], backend: ExpertBackend) -> dic
     _fail(isinstance(counters, dict) and all(k in own["counters"] and isinstance(v, int) and v >= 0
                                              for k, v in counters.items()), "bad counters")
     optimizer = None
-    if own["optimizer"] is not None:
-        optimizer = {"state": moments, "param_groups": own["optimizer"]["param_groups"]}
+    if backend.optimizer is not None:
+        optimizer = {"state": moments, "param_groups": backend.optimizer.state_dict()["param_groups"]}
     return {"expert": expert, "optimizer": optimizer, "counters": counters}
 
 
