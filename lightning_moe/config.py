@@ -257,7 +257,8 @@ class LocalSwarmConfig:
     dht.initial_peers is empty, and tests'. Its hosts serve the `host` group's experts, except for these keys."""
 
     num_hosts: int = _help("host processes to start; host i serves every num_hosts-th cell of each layer's grid from "
-                           "cell i, with seed host.seed + i", default=2)
+                           "cell i (and from the replicas - 1 cells before it), with seed host.seed + i", default=2)
+    replicas: int = _help("local hosts that serve each cell at start (host.replicas is what joiners aim for)", default=1)
     num_threads: Optional[int] = _help("each host's torch threads, replacing host.num_threads (the hosts share this "
                                        "machine); null: torch's default", default=1)
     update_period: float = _help("seconds between each host's DHT declarations, replacing host.update_period",
@@ -272,6 +273,8 @@ class LocalSwarmConfig:
     def check(self, prefix: str = "local_swarm") -> None:
         """Ranges and relations; raises :class:`ConfigError` naming the key."""
         _require(self.num_hosts >= 1, f"{prefix}.num_hosts", "must be at least 1 (a swarm needs a host)", self.num_hosts)
+        _require(1 <= self.replicas <= self.num_hosts, f"{prefix}.replicas",
+                 f"must be between 1 and {prefix}.num_hosts={self.num_hosts}", self.replicas)
         _require(self.num_threads is None or self.num_threads >= 1, f"{prefix}.num_threads", "must be null or positive",
                  self.num_threads)
         from lightning_moe.dht.records import MAX_TTL

@@ -36,9 +36,9 @@ def _host_process(index: int, config: HostConfig, dht: DHTConfig, ready: Any, re
     try:
         volunteer = start_volunteer(config, dht)
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it
-        ready.put((index, None, None, f"{type(e).__name__}: {e}"))
+        ready.put((index, None, {}, f"{type(e).__name__}: {e}"))
         raise
-    ready.put((index, volunteer.endpoint, volunteer.dht.address, None))
+    ready.put((index, volunteer.endpoint, volunteer.adopted, None))
     stop.wait()
     results.put((index, volunteer.stop()))
 
@@ -82,6 +82,7 @@ class LocalSwarm:
         self.final_stats: dict[int, dict] = {}
         self.processes: list[Any] = []
         self.endpoints: list[str | None] = []
+        self.adopted: list[dict[str, str]] = []  # per host: uid -> the replica whose state it adopted at start
         self.dht: Any = None
 
     @property
@@ -109,18 +110,23 @@ class LocalSwarm:
         """Start the DHT node and all hosts in parallel; returns once every host serves."""
         self.start_dht()
         num_hosts, delays = self.config.num_hosts, self.config.host_delays
-        layers = [grid_uids(prefix, self.grid_size) for prefix in self.host_config.layer_prefixes()]
         try:
             for i in range(num_hosts):
                 delay = delays[i] if i < len(delays) else self.host_config.delay
-                uids = [uid for layer in layers for uid in layer[i :: num_hosts]]
-                self.add_host(uids, seed=(self.host_config.seed or 0) + i, delay=delay, wait=False)
+                self.add_host(self.host_cells(i), seed=(self.host_config.seed or 0) + i, delay=delay, wait=False)
             self._wait_ready(range(num_hosts))
         except BaseException:
             self.shutdown()
             raise
         logger.info("local swarm: DHT at %s, %d hosts at %s", self.dht.address, num_hosts, self.endpoints)
         return self
+
+    def host_cells(self, i: int) -> list[str]:
+        """The cells host ``i`` of the first ``num_hosts`` serves: of each layer, cell j when i is one of the
+        ``replicas`` hosts from ``j mod num_hosts`` on."""
+        num_hosts, replicas = self.config.num_hosts, self.config.replicas
+        return [uid for prefix in self.host_config.layer_prefixes()
+                for j, uid in enumerate(grid_uids(prefix, self.grid_size)) if (i - j) % num_hosts < replicas]
 
     def add_host(self, uids: Sequence[str], seed: int | None = None, delay: float = 0.0, wait: bool = True) -> int:
         """Start one more host process serving ``uids``; returns its index."""
@@ -133,6 +139,7 @@ class LocalSwarm:
         process.start()
         self.processes.append(process)
         self.endpoints.append(None)
+        self.adopted.append({})
         if wait:
             self._wait_ready([index])
         return index
@@ -146,7 +153,7 @@ class LocalSwarm:
                 raise TimeoutError(f"hosts {sorted(waiting)} did not start within {self.config.start_timeout} s "
                                    "(local_swarm.start_timeout)")
             try:
-                index, endpoint, _, error = self._ready.get(timeout=min(remaining, 1.0))
+                index, endpoint, adopted, error = self._ready.get(timeout=min(remaining, 1.0))
             except Exception:  # queue.Empty
                 dead = [i for i in waiting if not self.processes[i].is_alive()]
                 if dead:
@@ -154,7 +161,7 @@ class LocalSwarm:
                 continue
             if error is not None:
                 raise RuntimeError(f"host process {index} failed to start: {error}")
-            self.endpoints[index] = endpoint
+            self.endpoints[index], self.adopted[index] = endpoint, adopted
             waiting.discard(index)
 
     def _collect_stats(self, wait: float) -> None:

@@ -117,8 +117,9 @@ class Volunteer:
     """
 
     def __init__(self, config: HostConfig, host: ExpertHost, dht: Any, owns_dht: bool, checkpoint: Path | None,
-                 restored: int, presence: Presence, threads_before: int | None = None):
+                 restored: int, presence: Presence, threads_before: int | None = None, adopted: dict[str, str] | None = None):
         self.config, self.host, self.dht, self.checkpoint, self.restored = config, host, dht, checkpoint, restored
+        self.adopted = dict(adopted or {})  # uid -> the replica whose state the cell adopted when it started
         self.presence = presence
         self._owns_dht, self._threads_before = owns_dht, threads_before
         self._stop = threading.Event()
@@ -242,12 +243,15 @@ def start_volunteer(config: HostConfig, dht: DHTConfig | Any, device: str | torc
             uids = list(live)
         else:
             uids = sorted(config.cells)
+            if config.replicas > 1:  # cells named by hand: adopt their state too where a replica lives
+                live = dict(zip(uids, node.get_experts(uids, all_endpoints=True)))
         backends = make_backends(uids, config.make_expert(), config.make_optimizer(), config.in_features,
                                  config.max_batch_size, config.update_every, dtype=getattr(torch, config.dtype), seed=config.seed)
         for uid, backend in backends.items():
             backend.before_batch = injected_trouble(config, uid)
+        adopted: dict[str, str] = {}
         if config.replicas > 1 and any(live.values()):  # before the cells are declared: trainers never see fresh weights
-            adopt_states(backends, live, node.secret)
+            adopted = adopt_states(backends, live, node.secret)
         resolved = dataclasses.replace(config, host=binding.host, announce_host=binding.announce)
         host = ExpertHost(backends, resolved, dht=node, device=device, secret=node.secret)
         if state:
@@ -274,7 +278,8 @@ def start_volunteer(config: HostConfig, dht: DHTConfig | Any, device: str | torc
             shared.register_process_dht(node)
         logger.info("hosting %d cells of %s%s at %s: %s%s", len(uids), ",".join(config.layer_prefixes()), list(config.grid_size),
                     host.endpoint, ", ".join(uids), f" (restored {len(state)} experts)" if state else "")
-        return Volunteer(config, host, node, owns_dht, checkpoint, len(state) if state else 0, presence, threads_before)
+        return Volunteer(config, host, node, owns_dht, checkpoint, len(state) if state else 0, presence, threads_before,
+                         adopted)
     except BaseException:
         if presence is not None:
             presence.stop()

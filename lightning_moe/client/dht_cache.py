@@ -6,10 +6,11 @@ from __future__ import annotations
 import concurrent.futures
 import inspect
 import logging
+import random
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 from lightning_moe.client.health import HealthRegistry
@@ -82,6 +83,7 @@ class CachedExpertLookup:
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)  # notified when no refresh is in flight
         self._futures = _accepts_return_future(dht)
+        self._rng = random.Random()  # picks among a cell's replicas
 
     @property
     def wait_timeout(self) -> float:
@@ -99,10 +101,6 @@ class CachedExpertLookup:
             counts = {name: self._counts[name] for name in STAT_NAMES}
             counts["in_flight"] = len(self._in_flight)
         return counts
-
-    def least_bad_view(self) -> "LeastBadView":
-        """The same cache, answering with excluded experts too (least bad first)."""
-        return LeastBadView(self)
 
     def all_children(self, prefixes: Sequence[str], timeout: float | None = None) -> dict[str, Children]:
         """Every endpoint of each live child of each prefix, unfiltered; cached, refreshed in the background."""
@@ -136,20 +134,34 @@ class CachedExpertLookup:
     def get_active_children(self, prefixes: Sequence[str], timeout: float | None = None) -> dict[str, dict[int, str]]:
         """Live children of each prefix, as the DHT's method of the same name; cached.
 
-        A leaf child declared by several hosts answers with the first one not excluded, so a dead
-        host (or a stranger's record pointing at a closed port) does not hide the others.
+        A leaf child declared by several hosts (replicas, or a stranger's record pointing at a closed port) answers
+        with one of those not excluded, picked at random in proportion to its speed (:meth:`HostSpeeds.pick`), so
+        a cell's load spreads over its replicas and a dead host does not hide the others.
         """
         return self._answer(prefixes, timeout, self.least_bad)
 
-    def _answer(self, prefixes: Sequence[str], timeout: float | None, least_bad: bool) -> dict[str, dict[int, str]]:
+    def least_bad_view(self) -> "LookupView":
+        """The same cache, answering with excluded experts too (least bad first)."""
+        return LookupView(self, least_bad=True)
+
+    def avoiding(self, endpoints: Collection[str]) -> "LookupView":
+        """The same cache, answering a leaf child only with endpoints other than ``endpoints`` (those that failed a
+        forward: its re-routing round tries another replica of the same expert before another expert)."""
+        return LookupView(self, least_bad=self.least_bad, avoid=frozenset(endpoints))
+
+    def _answer(self, prefixes: Sequence[str], timeout: float | None, least_bad: bool,
+                avoid: frozenset[str] = frozenset()) -> dict[str, dict[int, str]]:
         answer: dict[str, dict[int, str]] = {}
         for prefix, children in self.all_children(prefixes, timeout).items():
             leaf = prefix.count(".") == self.leaf_depth
             answer[prefix] = {}
             for coord, endpoints in children.items():
-                usable = self._usable(f"{prefix}.{coord}", endpoints, least_bad) if leaf else endpoints
+                if not leaf:
+                    answer[prefix][coord] = endpoints[0]
+                    continue
+                usable = [e for e in self._usable(f"{prefix}.{coord}", endpoints, least_bad) if e not in avoid]
                 if usable:
-                    answer[prefix][coord] = usable[0]
+                    answer[prefix][coord] = usable[0] if least_bad else self.health.speeds.pick(usable, self._rng)
         return answer
 
     def _usable(self, uid: str, endpoints: list[str], least_bad: bool) -> list[str]:
@@ -277,19 +289,20 @@ STAT_NAMES = ("blocking_lookups", "blocking_prefixes", "fresh_hits", "stale_hits
               "refresh_empty", "refresh_failures", "refreshes_skipped")
 
 
-class LeastBadView:
-    """A :class:`CachedExpertLookup` that answers with excluded experts too, least bad first (same cache)."""
+class LookupView:
+    """A :class:`CachedExpertLookup` (same cache) that answers with excluded experts too, least bad first
+    (``least_bad``), or leaves ``avoid``'s endpoints out."""
 
-    def __init__(self, lookup: CachedExpertLookup):
-        self.lookup = lookup
+    def __init__(self, lookup: CachedExpertLookup, least_bad: bool = False, avoid: frozenset[str] = frozenset()):
+        self.lookup, self.least_bad, self.avoid = lookup, least_bad, avoid
 
     @property
     def wait_timeout(self) -> float:
         return self.lookup.wait_timeout
 
     def get_active_children(self, prefixes: Sequence[str], timeout: float | None = None) -> dict[str, dict[int, str]]:
-        """As :meth:`CachedExpertLookup.get_active_children`, excluded endpoints last instead of left out."""
-        return self.lookup._answer(prefixes, timeout, least_bad=True)
+        """As :meth:`CachedExpertLookup.get_active_children`, with this view's rules."""
+        return self.lookup._answer(prefixes, timeout, self.least_bad, self.avoid)
 
 
 def _accepts_return_future(dht: Any) -> bool:

@@ -9,7 +9,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -21,8 +21,8 @@ from lightning_moe.client.beam_search import beam_search, live_experts
 from lightning_moe.client.call_stats import CallStats
 from lightning_moe.client.dht_cache import CachedExpertLookup
 from lightning_moe.client.health import HealthRegistry
-from lightning_moe.client.parallel_call import (ExpertCall, GivenUp, NotEnoughExpertsError, is_refused, plan_calls,
-                                                record_outcome, split_calls)
+from lightning_moe.client.parallel_call import (ExpertCall, GivenUp, NotEnoughExpertsError, forget_uid, is_refused,
+                                                plan_calls, record_outcome, split_calls)
 from lightning_moe.client.speed import SLOW_FACTOR, StragglerWait, WaitBudget, prefer_fast
 from lightning_moe.client.remote_expert import RemoteExpert, RemoteExpertError, new_keep_id
 from lightning_moe.config import MOE_COMPRESSIONS, DHTConfig, HealthConfig, grid_uids, to_dataclass
@@ -168,16 +168,19 @@ class Dispatcher:
             stats.compressed += sum(codec != "none" for codec in codecs)
         return codecs
 
-    def choose(self, scores: Sequence[torch.Tensor], k: int, deadline: float | None) -> list[list[tuple[str, str]]]:
+    def choose(self, scores: Sequence[torch.Tensor], k: int, deadline: float | None,
+               avoid: Collection[str] = ()) -> list[list[tuple[str, str]]]:
         """The ``k`` best experts of each sample (``scores``: one ``[batch, grid_size_d]`` tensor per grid dimension)
-        that are alive and not excluded, as (uid, endpoint), best first.
+        that are alive and not excluded, as (uid, endpoint), best first. Of an expert's replicas, one is picked by
+        speed; none at the endpoints in ``avoid``.
 
         Samples left with fewer than ``k_min`` get the least-bad excluded experts too: a layer never
         has an empty candidate set while the DHT knows experts.
         """
         slow = self.health.speeds.slow_hosts(SLOW_FACTOR) if self.latency_margin > 0 else set()
         wanted = k + max(2, k // 2) if slow else k  # alternatives to the slow hosts' experts
-        chosen = beam_search(self.lookup, self.uid_prefix, scores, wanted, timeout=_left(deadline), return_endpoints=True)
+        lookup = self.lookup.avoiding(avoid) if avoid else self.lookup
+        chosen = beam_search(lookup, self.uid_prefix, scores, wanted, timeout=_left(deadline), return_endpoints=True)
         if slow:
             chosen = prefer_fast(chosen, scores, k, slow, self.latency_margin)
             self.stats.slow_hosts = len(slow)
@@ -244,7 +247,7 @@ class Dispatcher:
         mask = torch.zeros(batch, self.k_best, dtype=torch.bool)
         coords = torch.zeros(batch, self.k_best, len(self.grid_size), dtype=torch.long)
         tried: list[tuple[ExpertCall, BaseException | None]] = []
-        asked: dict[int, set[tuple[str, str]]] = {}  # sample -> (uid, endpoint) asked for it
+        asked: dict[int, set[Any]] = {}  # sample -> (uid, endpoint) pairs and uids asked for it
         candidates = dict(enumerate(chosen))
         retries = 0
         for round_ in range(MAX_ROUNDS):
@@ -258,10 +261,14 @@ class Dispatcher:
             retries += not (errors and all(is_refused(error) for error in errors))  # only dead endpoints: a free round
             if not short or retries > self.max_retries or (deadline is not None and time.monotonic() >= deadline):
                 break
-            logger.info("%s: %d samples short of k_min=%d after failures at %s; asking the next-best experts", self.uid_prefix,
-                        len(short), self.k_min, sorted(self.stats.failed_endpoints))
-            wanted = self.k_best + max(len(asked.get(sample, ())) for sample in short)  # more than were tried
-            candidates = dict(zip(short, self.choose([s[short] for s in scores], wanted, deadline)))
+            logger.info("%s: %d samples short of k_min=%d after failures at %s; asking other replicas or the next-best "
+                        "experts", self.uid_prefix, len(short), self.k_min, sorted(self.stats.failed_endpoints))
+            wanted = self.k_best + max(sum(isinstance(a, tuple) for a in asked[sample]) for sample in short)  # > tried
+            failed = {call.endpoint for call, error in tried if error is not None}
+            for call, error in sent:
+                if error is not None:
+                    forget_uid(asked, call)  # another replica of this expert may answer for these rows
+            candidates = dict(zip(short, self.choose([s[short] for s in scores], wanted, deadline, avoid=failed)))
         after = self.lookup.stats
         self.stats.lookups = {k: v - self._lookups_before.get(k, 0) for k, v in after.items() if k != "in_flight"}
         if not self.allow_zero_outputs:

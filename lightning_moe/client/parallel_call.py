@@ -187,10 +187,11 @@ def _measure_late(speeds: HostSpeeds, call: ExpertCall, method: str, start: floa
 
 
 def plan_calls(candidates: dict[int, list[tuple[str, str]]], mask: torch.Tensor, coords: torch.Tensor,
-               asked: dict[int, set[tuple[str, str]]]) -> list[ExpertCall]:
+               asked: dict[int, set[Any]]) -> list[ExpertCall]:
     """One call per expert with the rows routed to it: each sample's candidates ``(uid, endpoint)``, best first, go to
-    its free slots (``~mask[sample]``) unless ``asked[sample]`` holds them already. Records the slots' grid cells in
-    ``coords`` and the new candidates in ``asked``."""
+    its free slots (``~mask[sample]``) unless ``asked[sample]`` holds the pair or its uid already (an expert is asked
+    once per sample, at one of its replicas, unless :func:`forget_uid` let another replica be asked). Records the
+    slots' grid cells in ``coords`` and the new candidates (pair and uid) in ``asked``."""
     samples, slots, keys = [], [], []
     free_rows = (~mask).tolist()  # one conversion, not a tensor op per sample
     for sample, pairs in candidates.items():
@@ -200,12 +201,12 @@ def plan_calls(candidates: dict[int, list[tuple[str, str]]], mask: torch.Tensor,
         for pair in pairs:
             if taken == len(free):
                 break
-            if pair in tried:
+            if pair in tried or pair[0] in tried:
                 continue
             samples.append(sample)
             slots.append(free[taken])
             keys.append(pair)
-            tried.add(pair)
+            tried.update((pair, pair[0]))
             taken += 1
     if not keys:
         return []
@@ -221,6 +222,12 @@ def plan_calls(candidates: dict[int, list[tuple[str, str]]], mask: torch.Tensor,
         ExpertCall(uid, endpoint, rows, expert_slots)
         for (uid, endpoint), rows, expert_slots in zip(experts, samples_t[order].split(counts), slots_t[order].split(counts))
     ]
+
+
+def forget_uid(asked: dict[int, set[Any]], call: ExpertCall) -> None:
+    """The call failed: its rows may ask its expert again at another replica (never at the same endpoint)."""
+    for sample in call.rows.tolist():
+        asked.get(sample, set()).discard(call.uid)
 
 
 def split_calls(calls: list[ExpertCall], max_rows: int) -> list[ExpertCall]:

@@ -18,6 +18,7 @@ experts keep learning.
 from __future__ import annotations
 
 import math
+import random
 import threading
 import time
 from collections import OrderedDict
@@ -138,6 +139,18 @@ class HostSpeeds:
         with self._lock:
             return {key for key, s in self._hosts.items() if " " not in key and now - s.updated <= STALE_AFTER
                     and s.expected() > factor * max(typical, SLOW_FLOOR)}
+
+    def pick(self, endpoints: Sequence[str], rng: random.Random) -> str:
+        """One of ``endpoints`` (the replicas of one expert), at random in proportion to its speed: weight 1 / its
+        expected forward answer time, which holds its queue too. A replica not measured yet weighs as much as the
+        fastest measured one, so it gets measured; with none measured, each is as likely."""
+        if len(endpoints) == 1:
+            return endpoints[0]
+        expected = [self.expected(endpoint) for endpoint in endpoints]
+        known = [e for e in expected if e is not None]
+        fastest = max(min(known), SLOW_FLOOR) if known else 1.0
+        weights = [1.0 / max(fastest if e is None else e, SLOW_FLOOR) for e in expected]
+        return rng.choices(list(endpoints), weights)[0]
 
     def is_slow(self, endpoint: str, factor: float, method: str = "forward") -> bool:
         """Whether the host is expected to answer more than ``factor`` times slower than the typical host."""
