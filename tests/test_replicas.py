@@ -20,6 +20,7 @@ from lightning_moe.client.remote_expert import call_expert
 from lightning_moe.config import ConfigError, DHTConfig, HostConfig
 from lightning_moe.server import ExpertBackend, ExpertHost, make_expert
 from lightning_moe.server.replica_sync import aggregate
+from lightning_moe.swarm_view import format_survey, survey
 from lightning_moe.volunteer import start_volunteer
 
 HID = 8
@@ -91,6 +92,9 @@ def test_two_replicas_trained_apart_drift_and_match_after_one_averaging_round(ca
         assert report["cells"]["ffn.0.0"]["distance"] == pytest.approx(before["ffn.0.0"], rel=1e-6)
         assert first.host.load_report()["replica_sync"]["answered"] == 2
         assert first.host.server.requests["replica", "ffn.0.0"] == 1
+        views, hosts = survey(second.dht, [("ffn", (1, 2))], timeout=10.0)  # `lightning-moe swarm`
+        table = format_survey(views, hosts)
+        assert "ffn.0.0:2" in table and table.count("replicas averaged") == 2, table
 
 
 def test_a_joiner_adopts_the_cells_state_and_after_periodic_sync_matches_the_live_replica():
