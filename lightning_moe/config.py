@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 WIRE_COMPRESSIONS = ("none", "float16", "uint8", "int8", "int4")  # lightning_moe.wire.COMPRESSIONS, without importing torch
 MOE_COMPRESSIONS = (*WIRE_COMPRESSIONS, "auto")  # auto: chosen per host from its measured link (client/links.py)
+REPLICA_AGGREGATES = ("mean", "median", "trimmed_mean")  # lightning_moe.server.replica_sync.AGGREGATES
 
 
 class ConfigError(ValueError):
@@ -139,7 +140,8 @@ class HostConfig:
 
     :func:`~lightning_moe.volunteer.start_volunteer` reads every key; an
     :class:`~lightning_moe.server.ExpertHost` given ready backends reads the serving keys (where it listens and
-    announces, ``limits``, ``compression``, ``kept_forwards_mb``, ``device``, ``update_period``).
+    announces, ``limits``, ``compression``, ``kept_forwards_mb``, ``device``, ``update_period``, ``replicas`` and
+    ``replica_*``: the averaging of a cell's replicas).
     """
 
     expert: Any = _help("factory of one expert: a `_target_` config (`_partial_: true`) or, in Python, a callable "
@@ -155,7 +157,20 @@ class HostConfig:
                        "or a list of uids", default=4)
     replicas: int = _help("the swarm's replication target (hosts per cell): a joiner warns when it takes cells that "
                           "already have as many; above 1 it first downloads a busy cell's state from a live replica "
-                          "(1: a busy cell starts from fresh weights)", default=2)
+                          "(1: a busy cell starts from fresh weights, and replicas never average)", default=2)
+    replica_average_period: float = _help("seconds between averagings of each served cell's parameters with its other "
+                                          "live replicas (DHT), when host.replicas > 1; 0: never. 5 s held two "
+                                          "replicas trained apart at 8% relative L2, against 20% after 60 s without "
+                                          "averaging, for 53 KB/s per cell of hid 64 (README, Replicas); raise it for "
+                                          "large experts on slow links", default=5.0)
+    replica_average_timeout: float = _help("seconds one replica may take to answer an averaging exchange; a replica "
+                                           "that does not answer in time is skipped for that round", default=10.0)
+    replica_aggregate: str = _help("how a cell's replicas' parameters are combined: mean, or the robust median "
+                                   "(coordinate-wise) or trimmed_mean (drops the lowest and highest quarter per "
+                                   "coordinate); with 2 replicas all three are the mean", default="mean")
+    replica_max_distance: float = _help("refuse a replica whose parameters are farther than this from ours "
+                                        "(||theirs - ours|| / ||ours||): the most one averaging can move a cell",
+                                        default=0.5)
     max_batch_size: int = _help("rows per batch the host forms from all trainers' requests", default=4096)
     update_every: int = _help("0: step each expert's optimizer after every backward batch; N: after N samples", default=0)
     host: Optional[str] = _help("interface the HTTP server binds (0.0.0.0: all); null: as dht.host would (loopback "
@@ -233,6 +248,14 @@ class HostConfig:
                  self.num_threads)
         _require(self.checkpoint_every > 0, f"{prefix}.checkpoint_every", "must be positive", self.checkpoint_every)
         _require(self.replicas >= 1, f"{prefix}.replicas", "must be positive", self.replicas)
+        _require(self.replica_average_period >= 0, f"{prefix}.replica_average_period", "must be 0 (never) or positive",
+                 self.replica_average_period)
+        _require(self.replica_average_timeout > 0, f"{prefix}.replica_average_timeout", "must be positive",
+                 self.replica_average_timeout)
+        _require(self.replica_aggregate in REPLICA_AGGREGATES, f"{prefix}.replica_aggregate",
+                 f"must be one of {list(REPLICA_AGGREGATES)}", self.replica_aggregate)
+        _require(self.replica_max_distance > 0, f"{prefix}.replica_max_distance", "must be positive",
+                 self.replica_max_distance)
         _require(self.stats_every >= 0, f"{prefix}.stats_every", "must be 0 or positive", self.stats_every)
         _require(self.delay >= 0, f"{prefix}.delay", "must be 0 or positive", self.delay)
         if volunteer:

@@ -105,7 +105,16 @@ def _load(stats: dict | None) -> str:
     shed = stats.get("shed_forwards", 0)
     return (f"{stats.get('requests', 0)} requests, {stats.get('samples_per_second', 0.0):.1f} samples/s, "
             f"{stats.get('queued_rows', 0)} rows queued, {stats.get('errors', 0)} errors"
-            f"{f', {shed} forwards shed' if shed else ''}, up {stats.get('uptime', 0.0):.0f} s")
+            f"{f', {shed} forwards shed' if shed else ''}, up {stats.get('uptime', 0.0):.0f} s{_replica_sync(stats)}")
+
+
+def _replica_sync(stats: dict) -> str:
+    """``, replicas averaged 3 s ago`` (the oldest of the host's cells that were averaged), from ``/stats``."""
+    sync = stats.get("replica_sync")
+    cells = sync.get("cells") if isinstance(sync, dict) else None
+    ages = [c.get("age") for c in cells.values() if isinstance(c, dict)] if isinstance(cells, dict) else []
+    ages = [a for a in ages if isinstance(a, (int, float))]
+    return f", replicas averaged {max(ages):.0f} s ago" if ages else ""
 
 
 def format_survey(views: Sequence[LayerView], hosts: dict[str, HostView]) -> str:

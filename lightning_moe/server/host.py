@@ -19,6 +19,7 @@ from lightning_moe.net.addresses import LOOPBACK
 from lightning_moe.server.backend import ExpertBackend
 from lightning_moe.server.http import DIRECTIONS, ExpertHTTPServer
 from lightning_moe.server.kept_forwards import KeptForwards, KeptStore
+from lightning_moe.server.replica_sync import ReplicaSync
 from lightning_moe.server.runtime import Runtime, RuntimePool
 
 logger = logging.getLogger(__name__)
@@ -31,7 +32,8 @@ class ExpertHost:
         backends: ``{uid: ExpertBackend}`` or a list of backends (keyed by their names).
         config: how to serve them (:class:`~lightning_moe.config.HostConfig`; None: its defaults). The host
             reads ``host``, ``port`` (0: any free port), ``announce_host``, ``announce_port``, ``update_period``,
-            ``limits``, ``compression``, ``kept_forwards_mb`` and ``device``; the keys that make experts are
+            ``limits``, ``compression``, ``kept_forwards_mb``, ``device``, and ``replicas`` with ``replica_*`` (with
+            a DHT and ``replicas`` > 1 the replicas of each cell average, :mod:`.replica_sync`); the keys that make experts are
             :func:`~lightning_moe.volunteer.start_volunteer`'s. ``host`` None binds loopback (start_volunteer
             resolves it from the DHT peers first). ``limits.max_connections`` is capped by the process's
             open-files limit, which start() raises to its hard limit.
@@ -86,6 +88,12 @@ class ExpertHost:
         self._lifecycle = threading.Lock()
         self._started = self._stopped = False
         self._announced: str | None = None  # set by announce_at; "" while withheld
+        # replicas of a cell average their parameters (host.replicas > 1 and a DHT); r=1: nothing runs, /replica is 404
+        self.replica_sync: ReplicaSync | None = None
+        if config.replicas > 1 and config.replica_average_period > 0 and dht is not None:
+            self.replica_sync = ReplicaSync(self.backends, dht, lambda: self.endpoint, config.replica_average_period,
+                                            config.replica_average_timeout, config.replica_aggregate,
+                                            config.replica_max_distance, self.secret)
 
     # ---- lifecycle -------------------------------------------------------------------------
     def start(self) -> "ExpertHost":
@@ -98,7 +106,7 @@ class ExpertHost:
             limits = dataclasses.replace(limits, max_connections=min(limits.max_connections, _raise_open_files_limit() - 64))
             server = ExpertHTTPServer((self.host, self.port), self.backends, limits, self.secret,
                                       compression=self.config.compression, stats_fn=self.load_report,
-                                      queue_age=self.runtime.queue_age)
+                                      queue_age=self.runtime.queue_age, replica=self.replica_sync)
             self.runtime.start()
             try:
                 server.start()
@@ -114,6 +122,8 @@ class ExpertHost:
                 self._declare()  # once now, so that the experts are findable when start() returns
                 self._declare_thread = threading.Thread(target=self._declare_loop, name="lightning_moe-declare", daemon=True)
                 self._declare_thread.start()
+            if self.replica_sync is not None:
+                self.replica_sync.start()
         logger.info("serving %d experts at http://%s on %s", len(self.backends), self.endpoint, self.device)
         return self
 
@@ -124,6 +134,8 @@ class ExpertHost:
                 return
             self._stopped = True
             self._stop.set()
+            if self.replica_sync is not None:
+                self.replica_sync.stop(timeout)
             if self.server is not None:
                 self.server.stop_accepting()  # no new connections
             self.runtime.shutdown(timeout)  # waiting requests get 503
@@ -251,6 +263,8 @@ class ExpertHost:
               "errors_by_status": {"401": int, ...},            # every error answer, by HTTP status
               "kept_forwards": {"kept", "hits", "misses", "graph_backwards", "recomputed", "evicted",
                                 "used_bytes", "budget_bytes", ...},   # forwards kept for their backward
+              "replica_sync": {"rounds", "initiated", "answered", "skipped", "refused", "busy", "bytes", "period",
+                               "cells": {uid: {"age", "distance"}}},  # replicas' averaging (absent when off)
               "experts": {
                 uid: {
                   "updates": int,             # optimizer steps
@@ -283,6 +297,7 @@ class ExpertHost:
             "device": str(self.device), "uptime": now - self._started_at if self._started_at else 0.0,
             "samples_per_second": (totals["samples"] - samples_then) / (now - then) if now > then else 0.0,
             "interval": now - then, **totals, **http, "kept_forwards": self.kept.stats(), "experts": per_expert,
+            **({"replica_sync": self.replica_sync.report()} if self.replica_sync is not None else {}),
         }
 
     # ---- checkpoints -----------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The host's HTTP endpoints on aiohttp: ``GET /info``, ``GET /stats``, ``POST /forward/<uid>``, ``POST /backward/<uid>``.
+"""The host's HTTP endpoints on aiohttp: ``GET /info``, ``GET /stats``, ``POST /forward/<uid>``, ``POST /backward/<uid>``;
+``GET /state/<uid>`` (handover) and ``POST /replica/<uid>`` (replicas' averaging, :mod:`.replica_sync`).
 
 One asyncio loop in one background thread serves every connection (an idle connection costs a
 few KiB, no thread). Handlers read, check, queue and write; compute happens in the Runtime thread,
@@ -73,6 +74,8 @@ class ExpertHTTPServer:
         stats_fn: what ``GET /stats`` answers.
         queue_age: seconds the oldest queued work of a client network has waited (the runtime's); forwards
             are shed past ``limits.max_queue_wait``.
+        replica: what answers ``POST /replica/<uid>``, a replica's averaging exchange
+            (:class:`~lightning_moe.server.replica_sync.ReplicaSync`); None: no such path.
     """
 
     def __init__(
@@ -84,6 +87,7 @@ class ExpertHTTPServer:
         compression: str | None = None,
         stats_fn: Callable[[], dict] | None = None,
         queue_age: Callable[[str | None], float] | None = None,
+        replica: Any = None,
     ):
         self.address = address
         self.backends = dict(backends)
@@ -95,6 +99,7 @@ class ExpertHTTPServer:
         self.slots = ConnectionSlots(limits.max_connections, limits.max_connections_per_address,
                                      limits.max_connections_per_network)
         self.stats_fn, self.queue_age = stats_fn, queue_age
+        self.replica = replica  # answers POST /replica/<uid> (server.replica_sync.ReplicaSync); None: 404
         self.shed = 0  # forwards refused because the queue was too old
         self.state_requests = 0  # GET /state snapshots in progress (touched only on the loop thread)
         self.host_id = secrets.token_hex(16)  # new at every start: signatures for another instance do not verify here
@@ -274,6 +279,8 @@ class ExpertHTTPServer:
             return web.Response(body=body, content_type="application/json")
         if len(parts) == 3 and parts[0] == "" and parts[1] == "state" and request.method == "GET":
             return await self._state(request, unquote(parts[2])[:200])
+        if len(parts) == 3 and parts[0] == "" and parts[1] == "replica" and self.replica is not None:
+            return await self.replica.handle(self, request, unquote(parts[2])[:200])
         if len(parts) == 3 and parts[1] == "reachability":  # a peer's dial-back (lightning_moe.net.reachability)
             arrived = PROBES.arrived(parts[2][:2 * NONCE_BYTES], f"tcp:{self.server_port}")
             return web.Response(status=204 if arrived else 404)
