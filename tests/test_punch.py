@@ -139,12 +139,18 @@ def test_a_host_refuses_malformed_and_excess_punch_requests_with_reasons(volunte
         stop_relay(relay)
 
 
-@pytest.mark.parametrize("key", ["hole_punch"])
-def test_hole_punch_is_a_documented_key_of_host_and_moe_configs(key):
-    from dataclasses import fields
+def test_hole_punch_keys_compose_from_yaml_and_a_wrong_key_fails_by_name():
+    from hydra import compose, initialize_config_module
+    from hydra.errors import ConfigCompositionException
 
-    from lightning_moe.config import DecentralizedMoEConfig, HostConfig
+    from lightning_moe.config import HostConfig, to_dataclass
 
-    host = {f.name: f for f in fields(HostConfig)}
-    assert host[key].default is True and "relay" in host[key].metadata["help"]
-    assert {f.name: f for f in fields(DecentralizedMoEConfig)}[key].default is True
+    with initialize_config_module("lightning_moe.conf", version_base="1.3"):
+        defaults = compose("config", overrides=["moe=decentralized"])
+        off = compose("config", overrides=["moe=decentralized", "host.hole_punch=false", "moe.hole_punch=false"])
+        with pytest.raises(ConfigCompositionException, match="hole_punching"):
+            compose("config", overrides=["host.hole_punching=false"])
+        with pytest.raises(ConfigCompositionException, match="hole_punchh"):
+            compose("config", overrides=["moe=decentralized", "moe.hole_punchh=false"])
+    assert defaults.host.hole_punch is True and defaults.moe.hole_punch is True
+    assert to_dataclass(off.host, HostConfig).hole_punch is False and off.moe.hole_punch is False

@@ -99,8 +99,8 @@ def parse_address(text: Any, loopback: bool) -> tuple[str, int]:
 
 
 async def observe(relay: tuple[str, int], port: int, timeout: float) -> tuple[socket.socket, str]:
-    """Bind a socket to ``port`` (0: any) and ask ``relay`` from it which address it sees; returns the socket's local
-    port kept bound by a fresh socket, and the observed ``ip:port``."""
+    """Bind a socket to ``port`` (0: any) and ask ``relay`` from it which address it sees; returns a fresh socket bound
+    to the same local port (to dial from), and the observed ``ip:port``."""
     loop = asyncio.get_running_loop()
     sock = reuse_socket(port)
     try:
@@ -303,7 +303,10 @@ class PunchService:
         if relay is None:
             raise PunchRefused(404, "this host is not relayed now: connect to it directly")
         relay_host, _, relay_port = relay.rpartition(":")
-        loopback = ipaddress.ip_address(relay_host).is_loopback
+        try:
+            loopback = ipaddress.ip_address(relay_host).is_loopback
+        except ValueError:  # a relay declared by name
+            loopback = False
         try:
             request = json.loads(body)
             attempt = str(request["id"])
@@ -318,26 +321,30 @@ class PunchService:
         except (ValueError, KeyError, TypeError) as e:
             raise PunchRefused(400, f"punch: {e}") from None
         self._admit(targets)
-        self._running += 1
+        self._running += 1  # until _dial_all ends, or here if it never starts (also when this request is cancelled)
         self.stats["attempts"] += 1
-        seen = await asyncio.gather(*(observe((relay_host, int(relay_port)), 0, 3.0) for _ in targets),
-                                    return_exceptions=True)
-        sockets = [found[0] for found in seen if not isinstance(found, BaseException)]
-        errors = [found for found in seen if isinstance(found, BaseException)]
-        if errors:
-            self._running -= 1
-            for sock in sockets:
-                sock.close()
-            self.stats["observe_failed"] += 1
-            if not isinstance(errors[0], (OSError, ValueError, asyncio.TimeoutError)):
-                raise errors[0]
-            raise PunchRefused(503, f"punch: observing this host's address through relay {relay} failed: "
-                                    f"{errors[0] or type(errors[0]).__name__}")
-        observed = [found[1] for found in seen]
-        task = asyncio.ensure_future(self._dial_all(attempt, sockets, targets))
+        dialing = False
+        try:
+            seen = await asyncio.gather(*(observe((relay_host, int(relay_port)), 0, 3.0) for _ in targets),
+                                        return_exceptions=True)
+            sockets = [found[0] for found in seen if not isinstance(found, BaseException)]
+            errors = [found for found in seen if isinstance(found, BaseException)]
+            if errors:
+                for sock in sockets:
+                    sock.close()
+                self.stats["observe_failed"] += 1
+                if not isinstance(errors[0], (OSError, ValueError, asyncio.TimeoutError)):
+                    raise errors[0]
+                raise PunchRefused(503, f"punch: observing this host's address through relay {relay} failed: "
+                                        f"{errors[0] or type(errors[0]).__name__}")
+            task = asyncio.ensure_future(self._dial_all(attempt, sockets, targets))
+            dialing = True
+        finally:
+            if not dialing:
+                self._running -= 1
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        return {"addresses": observed}
+        return {"addresses": [found[1] for found in seen]}
 
     async def _dial_all(self, attempt: str, sockets: list[socket.socket], targets: list[tuple[str, int]]) -> None:
         loop = asyncio.get_running_loop()
