@@ -183,6 +183,9 @@ class HostConfig:
                                          "a proxy)", default=None)
     update_period: float = _help("seconds between DHT declarations (records live two periods)", default=10.0)
     relay: bool = _help("a host that strangers reach relays for hosts behind NAT (bounded; false: never)", default=True)
+    hole_punch: bool = _help("a host served through a relay answers trainers that call it often and ask for a direct "
+                             "path: both connect at once through their NATs (TCP simultaneous open, bounded per "
+                             "address and in all); false: always through the relay", default=True)
     limits: HostLimits = _help("what a stranger can make the host spend (the host.limits.* keys)",
                                default_factory=HostLimits)
     kept_forwards_mb: float = _help("MiB of forward graphs kept for their backward, so a backward needs no second "
@@ -342,6 +345,7 @@ class DecentralizedMoEConfig(MoEConfig):
     health: HealthConfig = field(default_factory=HealthConfig)
     slow_wait_budget: float = 0.1
     latency_margin: float = 1.0
+    hole_punch: bool = True
 
 
 @dataclass

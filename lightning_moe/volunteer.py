@@ -267,11 +267,14 @@ def start_volunteer(config: HostConfig, dht: DHTConfig | Any, device: str | torc
                                   "choose another port or 0 for any free one") from e
             raise
         presence = Presence(node, (binding.host, host.port), None if discover else host.endpoint, host.announce_at,
-                            secret=host.secret, relay=config.relay, update_period=config.update_period)
+                            secret=host.secret, relay=config.relay, update_period=config.update_period,
+                            hole_punch=config.hole_punch)
         if discover:
             host.announce_at(presence.start())
         else:
             presence.start()
+        if presence.punch is not None and host.server is not None:
+            host.server.punch = presence.punch  # relayed: trainers may ask for a direct path (GET/POST /punch)
         if checkpoint is not None:
             checkpoint.parent.mkdir(parents=True, exist_ok=True)
         if owns_dht:

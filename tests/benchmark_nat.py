@@ -10,9 +10,16 @@ each prefix (the example's batch: 2,048 rows, k_best 4), interleaved: direct, re
 
 Prints every round, then the relayed / direct ratio (median and spread), and the relay's CPU per MB
 it relayed: the CPU time of A's whole process (relay, DHT node, one expert) during the run divided by
-the bytes that crossed H's router in both directions.
+the bytes that crossed H's router in both directions. B does not punch holes (``hole_punch=False``): its
+calls to H stay relayed.
 
-    sudo python tests/benchmark_nat.py                   # about 3 minutes
+Then hole punching, pair by pair: two trainers at home (T, U, behind MASQUERADE routers) call the
+experts of three volunteers at home reached through A's relay, H (``ffr``) and G (``ffg``) behind
+MASQUERADE routers and S (``ffs``) behind a router that picks a random port per connection
+(``--random-fully``, a symmetric NAT, where punching cannot work), until each trainer's attempts for
+each host ended. A pair counts when its attempts made a direct connection and calls then went over it.
+
+    sudo python tests/benchmark_nat.py                   # about 4 minutes
     sudo python tests/benchmark_nat.py --mbit 20 --rounds 5 --steps 10
 """
 
@@ -41,8 +48,8 @@ def trainer(args: argparse.Namespace) -> None:
 
     from lightning_moe import DecentralizedMoE
 
-    layers = {name: DecentralizedMoE(HID, (4, 4), name, k_best=4, initial_peers=[args.peer], cache_ttl=30.0)
-              for name in ("ffn", "ffr")}
+    layers = {name: DecentralizedMoE(HID, (4, 4), name, k_best=4, initial_peers=[args.peer], cache_ttl=30.0,
+                                     hole_punch=False) for name in ("ffn", "ffr")}
     x = torch.randn(ROWS, HID)
 
     def samples_per_second(name: str) -> float:
@@ -62,6 +69,80 @@ def trainer(args: argparse.Namespace) -> None:
                          "direct {i}", "relayed {i}", lambda v: f"{v:.0f} samples/s", "relayed / direct",
                          report=lambda line: print(json.dumps({"line": line}), flush=True))
     print(json.dumps({"ratios": figures.ratios}), flush=True)
+
+
+PAIR_PREFIXES = ("ffr", "ffg", "ffs")
+
+
+def pair_trainer(args: argparse.Namespace) -> None:
+    """In T's or U's namespace: call each home host's experts until every hole-punching attempt ended, then a few
+    steps more; one JSON line: per endpoint, direct connections made (-1: not relayed) and calls direct / other."""
+    import torch
+
+    from lightning_moe import DecentralizedMoE
+    from lightning_moe.client.direct import direct_paths
+    from lightning_moe.net import http_client
+
+    endpoints = args.endpoints.split(",")
+    layers = [DecentralizedMoE(HID, (4, 4), name, k_best=4, initial_peers=[args.peer], cache_ttl=30.0)
+              for name in PAIR_PREFIXES]
+    failed, errors = 0, []
+
+    def steps(n: int) -> None:
+        nonlocal failed
+        for _ in range(n):
+            for layer in layers:
+                layer(torch.randn(64, HID, requires_grad=True)).sum().backward()
+                failed += int(layer.stats["failed"] + layer.stats["backward_failed"])
+                if layer.stats["failed"] + layer.stats["backward_failed"]:
+                    errors.extend(layer.last_stats.errors[:3])
+
+    paths, deadline = direct_paths(), time.monotonic() + 90
+    steps(2)
+    for _ in range(200):
+        if all(e in paths.outcomes for e in endpoints) or time.monotonic() > deadline:
+            break
+        steps(1)
+    before = {e: http_client.request_counts(e) for e in endpoints}
+    steps(3)
+    after = {e: http_client.request_counts(e) for e in endpoints}
+    print(json.dumps({"failed": failed, "errors": errors[:5], "outcomes": {e: paths.outcomes.get(e) for e in endpoints},
+                      "direct": {e: after[e][0] - before[e][0] for e in endpoints},
+                      "other": {e: after[e][1] - before[e][1] for e in endpoints}}), flush=True)
+
+
+def measure_pairs(internet: Internet, home_host: subprocess.Popen, peer: str, work: Path) -> tuple[int, int]:
+    """Hole punching between trainers at home and volunteers at home (see the module); (direct pairs, pairs)."""
+    homes = {"ffg": internet.home("G"), "ffs": internet.home("S", symmetric=True)}
+    started = {prefix: machine.popen(CLI + ["host", f"dht.initial_peers=[{peer}]", "host.cells=16",
+                                            f"moe.uid_prefix={prefix}"], work / f"{prefix}.log", cwd=work)
+               for prefix, machine in homes.items()}
+    started["ffr"] = home_host
+    endpoints = {}
+    for prefix in PAIR_PREFIXES:
+        log = work / ("H.log" if prefix == "ffr" else f"{prefix}.log")
+        line = wait_for_line(log, "reachable through relay", started[prefix], 180)
+        endpoints[prefix] = line.split("reachable through relay ")[1].split(" at ")[1].split()[0]
+    trainers = {name: internet.home(name) for name in ("T", "U")}
+    runs = {name: machine.popen([sys.executable, __file__, "--pair-trainer", f"--peer={peer}",
+                                 f"--endpoints={','.join(endpoints.values())}"], work / f"{name}.log",
+                                cwd=Path(__file__).parent) for name, machine in trainers.items()}
+    direct = pairs = 0
+    for name, run in runs.items():
+        log = work / f"{name}.log"
+        if run.wait(timeout=600) != 0:
+            sys.exit(f"pair trainer {name} failed:\n{log.read_text()[-3000:]}")
+        record = json.loads(log.read_text().strip().splitlines()[-1])
+        for prefix, endpoint in endpoints.items():
+            made, calls = record["outcomes"][endpoint], record["direct"][endpoint]
+            pairs += 1
+            direct += bool(made and made > 0 and calls > 0)
+            REPORT(f"trainer {name} (home) x host {prefix} ({'symmetric NAT' if prefix == 'ffs' else 'MASQUERADE'}): "
+                   f"{made} direct connections made; after them {calls} calls direct, {record['other'][endpoint]} "
+                   f"relayed")
+        if record["failed"]:
+            REPORT(f"trainer {name}: {record['failed']} failed calls ({'; '.join(record['errors'][:3])})")
+    return direct, pairs
 
 
 def process_cpu(pid: int) -> float:
@@ -87,10 +168,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--trainer", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--pair-trainer", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--peer", help=argparse.SUPPRESS)
+    parser.add_argument("--endpoints", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.trainer:
         return trainer(args)
+    if args.pair_trainer:
+        return pair_trainer(args)
     reason = unavailable(nat=True)
     if reason:
         sys.exit(f"benchmark_nat needs network namespaces and iptables: {reason}")
@@ -104,7 +189,8 @@ def main() -> None:
                           f"dht.announce_host={a.address}", "dht.port=31337", "moe.uid_prefix=boot", "host.cells=1"],
                       work / "A.log", work)
         start(d, ["host", f"dht.initial_peers=[{peer}]", "host.cells=16", "host.relay=false"], work / "D.log", work)
-        start(h, ["host", f"dht.initial_peers=[{peer}]", "host.cells=16", "moe.uid_prefix=ffr"], work / "H.log", work)
+        home_host = start(h, ["host", f"dht.initial_peers=[{peer}]", "host.cells=16", "moe.uid_prefix=ffr"],
+                          work / "H.log", work)
         relayed_at = wait_for_line(work / "H.log", "reachable through relay", relay, 5).split("reachable through relay ")[1]
         REPORT(f"uplinks {args.mbit:g} Mbit/s; direct host D at {d.address}, home host H behind {h.public_address} "
                f"reached through relay {relayed_at}")
@@ -125,8 +211,10 @@ def main() -> None:
                 errors += record.get("errors", [])
                 ratios = record.get("ratios", ratios)
         REPORT(f"failed calls: {failed}{' (' + '; '.join(errors[:3]) + ')' if errors else ''}; relayed {relayed_mb:.1f} MB through H's router; relay host CPU {cpu:.2f} s")
+        direct, pairs = measure_pairs(internet, home_host, peer, work)
         REPORT(f"relayed / direct throughput: {spread(ratios)}")
         REPORT(f"relay CPU per relayed MB: {1000 * cpu / max(relayed_mb, 1e-9):.2f} ms")
+        REPORT(f"direct connections after upgrade: {direct} of {pairs} pairs")
 
 
 if __name__ == "__main__":

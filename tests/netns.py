@@ -173,8 +173,12 @@ class Internet:
         self._plug(ns, address)
         return Machine(self, name, ns, address)
 
-    def home(self, name: str) -> Machine:
-        """A machine behind a home router that masquerades its LAN and drops unsolicited inbound traffic."""
+    def home(self, name: str, symmetric: bool = False) -> Machine:
+        """A machine behind a home router that masquerades its LAN and drops unsolicited inbound traffic.
+
+        ``symmetric``: the router picks a random public port for every new connection (MASQUERADE
+        ``--random-fully``), as a symmetric NAT does, instead of keeping the source port where it is free:
+        the address a peer observed is not the one the next connection gets, so hole punching fails."""
         index = next(self._homes)
         router = Router(self._namespace(f"{name}r"), f"{PUBLIC}.{100 + index}")
         self._plug(router.ns, router.address, "wan")
@@ -187,7 +191,8 @@ class Internet:
         _ip("-n", ns, "link", "set", "eth0", "up")
         _ip("-n", ns, "route", "add", "default", "via", lan)
         _netns_exec(router.ns, "sysctl", "-qw", "net.ipv4.ip_forward=1")
-        for rule in (["-t", "nat", "-A", "POSTROUTING", "-o", "wan", "-j", "MASQUERADE"],
+        masquerade = ["-t", "nat", "-A", "POSTROUTING", "-o", "wan", "-j", "MASQUERADE"] + (["--random-fully"] if symmetric else [])
+        for rule in (masquerade,
                      ["-A", "FORWARD", "-i", "wan", "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"],
                      ["-A", "FORWARD", "-i", "wan", "-j", "DROP"],
                      ["-A", "INPUT", "-i", "wan", "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"],

@@ -1,8 +1,9 @@
 """Volunteers behind home NATs, across real network stacks (tests/netns.py): public addresses learned from
-peers, dial-backs that tell a reachable node from one behind NAT, and relays."""
+peers, dial-backs that tell a reachable node from one behind NAT, relays, and hole punching past them."""
 
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
@@ -92,6 +93,82 @@ def test_a_home_volunteer_with_no_address_flags_serves_public_and_natted_trainer
         relayed_at = text.split("reachable through relay ")[1].split(" at ")[1].split()[0]
         assert relayed_at in listing and "16 of 16 cells alive" in listing, listing
         assert served(volunteer, log) > 0
+
+
+PUNCH_TRAIN = """
+import json, time
+import torch
+from lightning_moe import DecentralizedMoE
+from lightning_moe.client.direct import direct_paths
+from lightning_moe.net import http_client
+homes = {homes}
+layers = {{p: DecentralizedMoE(16, (4, 4), p, k_best=4, initial_peers=["{peer}"], cache_ttl=1.0) for p in ("ffn", "ffr")}}
+answered = failed = 0
+def steps(n):
+    global answered, failed
+    for _ in range(n):
+        for moe in layers.values():
+            moe(torch.randn(32, 16, requires_grad=True)).sum().backward()
+            answered += int(moe.stats["answered"]); failed += int(moe.stats["failed"] + moe.stats["backward_failed"])
+paths = direct_paths()
+deadline = time.monotonic() + 40
+steps(2)
+for _ in range(100):  # until both homes' attempts ended (each starts after 16 calls)
+    if all(e in paths.outcomes for e in homes) or time.monotonic() > deadline:
+        break
+    steps(1)
+before = {{e: http_client.request_counts(e) for e in homes}}
+steps(6)
+after = {{e: http_client.request_counts(e) for e in homes}}
+print(json.dumps({{"answered": answered, "failed": failed, "outcomes": {{e: paths.outcomes.get(e) for e in homes}},
+                  "direct": {{e: after[e][0] - before[e][0] for e in homes}}, "other": {{e: after[e][1] - before[e][1] for e in homes}}}}))
+for moe in layers.values():
+    moe.close()
+"""
+
+
+@pytest.fixture(scope="module")
+def punched(tmp_path_factory):
+    """A trainer behind one NAT calls experts of a home volunteer behind another NAT (H, ffn) and of one behind a
+    symmetric NAT (S, ffr), both reached through A's relay: what its hole punching made of each."""
+    tmp_path = tmp_path_factory.mktemp("punch")
+    with Internet() as internet:
+        a, trainer = internet.machine("A"), internet.home("T")
+        home, symmetric = internet.home("H"), internet.home("S", symmetric=True)
+        public_host(a, tmp_path, "host.cells=1", "moe.uid_prefix=boot")  # the swarm's first node; it relays
+        peer = f"{a.address}:31337"
+        logs = {}
+        for machine, prefix in ((home, "ffn"), (symmetric, "ffr")):
+            logs[machine.name] = log = tmp_path / f"{machine.name}-host.log"
+            process = machine.popen(CLI + ["host", f"dht.initial_peers=[{peer}]", "model.hid_dim=16", "host.cells=16",
+                                           "host.update_period=2", f"moe.uid_prefix={prefix}"], log, cwd=tmp_path)
+            logs[machine.name] = (log, process)
+        endpoints = {}
+        for name, (log, process) in logs.items():
+            line = wait_for_line(log, "reachable through relay", process, timeout=120)
+            endpoints[name] = line.split("reachable through relay ")[1].split(" at ")[1].split()[0]
+        out = trainer.python(PUNCH_TRAIN.format(peer=peer, homes=sorted(endpoints.values())), timeout=150)
+        result = json.loads(out.strip().splitlines()[-1])
+        yield result, endpoints, {name: log.read_text() for name, (log, _) in logs.items()}
+
+
+def test_a_natted_trainer_and_a_home_volunteer_behind_another_nat_go_direct_after_hole_punching(punched):
+    result, endpoints, logs = punched
+    home = endpoints["H"]
+    assert result["outcomes"][home] >= 4, (result, logs["H"][-3000:])  # direct connections punched
+    assert result["failed"] == 0 and result["answered"] > 0, result
+    # more calls at once than 4 connections: more attempts while calls still go through the relay
+    assert result["direct"][home] >= 40 and result["direct"][home] > 2 * result["other"][home], result
+    assert "direct path to" in logs["H"] and "4 of 4 connections hole-punched" in logs["H"], logs["H"][-3000:]
+
+
+def test_behind_a_symmetric_nat_hole_punching_fails_and_calls_go_on_through_the_relay(punched):
+    result, endpoints, logs = punched
+    symmetric = endpoints["S"]
+    assert result["outcomes"][symmetric] == 0, result  # tried, and no connection made
+    assert result["direct"][symmetric] == 0 and result["other"][symmetric] >= 40, result
+    assert result["failed"] == 0, result  # no call failed meanwhile
+    assert "no direct path to" in logs["S"], logs["S"][-3000:]
 
 
 @pytest.mark.soak

@@ -16,7 +16,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from lightning_moe import auth, wire
-from lightning_moe.client import parallel_call
+from lightning_moe.client import direct, parallel_call
 from lightning_moe.client.beam_search import beam_search, live_experts
 from lightning_moe.client.call_stats import CallStats
 from lightning_moe.client.dht_cache import CachedExpertLookup
@@ -49,7 +49,7 @@ class Dispatcher:
                  backward_timeout_after_k_min: float | None, dht: Any, initial_peers: Sequence[str], compression: str,
                  cache_ttl: float, expert_info_timeout: float, secret: str | bytes | None, max_retries: int,
                  allow_zero_outputs: bool, health: HealthRegistry | HealthConfig | Mapping[str, Any] | None, max_call_bytes: int,
-                 slow_wait_budget: float = 0.1, latency_margin: float = 1.0):
+                 slow_wait_budget: float = 0.1, latency_margin: float = 1.0, hole_punch: bool = True):
         if compression not in MOE_COMPRESSIONS:
             raise ValueError(f"compression must be one of {MOE_COMPRESSIONS}, got {compression!r}")
         if not 1 <= k_min <= k_best:
@@ -82,6 +82,7 @@ class Dispatcher:
         self.compression, self.secret, self.max_call_bytes = compression, auth.resolve_secret(secret), int(max_call_bytes)
         self.cache_ttl, self.expert_info_timeout = cache_ttl, expert_info_timeout
         self.latency_margin, self.wait_budget = latency_margin, WaitBudget(slow_wait_budget)
+        self.hole_punch = bool(hole_punch)
         self.health_config = health if isinstance(health, HealthConfig) else None
         self._health = health if isinstance(health, HealthRegistry) else None
         self._dht, self._owns_dht_ref, self._lookup = dht, False, None
@@ -293,6 +294,7 @@ class Dispatcher:
         codecs = self.codecs(calls, self.stats)
         results = parallel_call.call_in_parallel(calls, "forward", [[x[call.rows]] for call in calls], self.forward_timeout,
                                                  wait, codecs, self.secret, deadline, health.links)
+        self._note_calls(calls, results)
         stats, out_shape = self.stats, tuple(outputs.shape[2:])
         stats.latency += time.monotonic() - begin
         self.wait_budget.add_elapsed(time.monotonic() - begin)
@@ -322,6 +324,11 @@ class Dispatcher:
             tried.append((call, None))
         return tried
 
+    def _note_calls(self, calls: list[ExpertCall], results: list) -> None:
+        """Count answered calls per endpoint: a relayed host called often is asked for a direct path (client/direct.py)."""
+        if self.hole_punch:
+            direct.note_calls([c.endpoint for c, r in zip(calls, results) if not isinstance(r, BaseException)], self.secret)
+
     def _check_k_min(self, mask: torch.Tensor, tried: list[tuple[ExpertCall, BaseException | None]]) -> None:
         """Raise NotEnoughExpertsError if a sample has fewer than ``k_min`` answers, naming what was tried
         for it and why each failed, or, if nothing was tried, what is excluded and why."""
@@ -350,6 +357,7 @@ class Dispatcher:
         results = parallel_call.call_in_parallel(calls, "backward", payloads, self.backward_timeout, wait,
                                                  self.codecs(calls), self.secret, links=health.links)
         self.wait_budget.add_elapsed(time.monotonic() - begin)
+        self._note_calls(calls, results)
         grad_x = torch.zeros_like(x)
         answers = torch.zeros(x.shape[0], dtype=torch.long)
         for call, result in zip(calls, results):

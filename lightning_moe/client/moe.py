@@ -92,6 +92,9 @@ class DecentralizedMoE(nn.Module):
             this much of its score (in gating logits) when the layer chooses experts, so a faster expert that scores
             close takes its place; a quarter of the slow host's candidates keep their score (0: routing ignores
             speed).
+        hole_punch: a host behind NAT that the layer calls often through a relay is asked for a direct path (TCP
+            hole punching, :mod:`lightning_moe.client.direct`); calls use it once made and go on through the relay
+            when it fails or closes. False: always through the relay.
     """
 
     # the constructor arguments that the dispatcher holds (a change applies from the next forward)
@@ -99,7 +102,7 @@ class DecentralizedMoE(nn.Module):
     forward_timeout, timeout_after_k_min, max_retries, allow_zero_outputs = _Held(), _Held(), _Held(), _Held()
     backward_k_min, backward_timeout, backward_timeout_after_k_min = _Held(), _Held(), _Held()
     compression, secret, max_call_bytes, cache_ttl, expert_info_timeout = _Held(), _Held(), _Held(), _Held(), _Held()
-    latency_margin = _Held()
+    latency_margin, hole_punch = _Held(), _Held()
     dht_config = _Held()  # where the layer joins the swarm (made from ``dht`` / ``initial_peers`` / ``secret``)
 
     def __init__(
@@ -127,6 +130,7 @@ class DecentralizedMoE(nn.Module):
         max_call_bytes: int = 128 * 1024,
         slow_wait_budget: float = 0.1,
         latency_margin: float = 1.0,
+        hole_punch: bool = True,
     ):
         super().__init__()
         self.dispatcher = Dispatcher(
@@ -135,7 +139,7 @@ class DecentralizedMoE(nn.Module):
             backward_timeout_after_k_min=backward_timeout_after_k_min, dht=dht, initial_peers=initial_peers,
             compression=compression, cache_ttl=cache_ttl, expert_info_timeout=expert_info_timeout, secret=secret,
             max_retries=max_retries, allow_zero_outputs=allow_zero_outputs, health=health, max_call_bytes=max_call_bytes,
-            slow_wait_budget=slow_wait_budget, latency_margin=latency_margin)
+            slow_wait_budget=slow_wait_budget, latency_margin=latency_margin, hole_punch=hole_punch)
         self.in_features, self.jitter = in_features, jitter
         self.proj = nn.Linear(in_features, sum(self.grid_size))
         self.aux_loss: torch.Tensor | None = None

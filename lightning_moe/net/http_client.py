@@ -6,6 +6,8 @@ experts answered, or its deadline passed) :meth:`CallHandle.cancel` shuts the ca
 down, so the worker returns now instead of at the end of the request timeout, and a hung host
 cannot fill the caller's thread pool. Answers are read into one preallocated buffer (no copy).
 Idle connections are kept per endpoint and process and reused; :func:`warm_up` opens some ahead.
+A *direct* connection (:func:`add_direct`: hole-punched past the relay that ``endpoint`` names,
+:mod:`lightning_moe.client.direct`) is taken before any other connection to that endpoint.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import math
 import select
 import socket
 import threading
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -86,25 +89,43 @@ class _Pool:
 
     def __init__(self) -> None:
         self.idle: dict[str, list[http.client.HTTPConnection]] = {}
+        self.direct: dict[str, list[http.client.HTTPConnection]] = {}  # idle direct connections
+        self.direct_open: Counter = Counter()  # endpoint -> direct connections open (idle or in use)
+        self.requests: Counter = Counter()  # (endpoint, "direct" | "other") -> requests answered
         self.lock = threading.Lock()
 
     def take(self, endpoint: str) -> http.client.HTTPConnection | None:
         with self.lock:
-            idle = self.idle.get(endpoint)
-            while idle:
-                conn = idle.pop()
-                if _still_open(conn):
-                    return conn
-                conn.close()
+            for idle in (self.direct.get(endpoint), self.idle.get(endpoint)):
+                while idle:
+                    conn = idle.pop()
+                    if _still_open(conn):
+                        return conn
+                    self._discard(endpoint, conn)
         return None
 
     def give_back(self, endpoint: str, conn: http.client.HTTPConnection) -> None:
         with self.lock:
+            if getattr(conn, "direct", False):
+                self.direct.setdefault(endpoint, []).append(conn)  # bounded by add_direct's count
+                return
             idle = self.idle.setdefault(endpoint, [])
             if len(idle) < MAX_IDLE_PER_ENDPOINT:
                 idle.append(conn)
                 return
         conn.close()
+
+    def discard(self, endpoint: str, conn: http.client.HTTPConnection) -> None:
+        with self.lock:
+            self._discard(endpoint, conn)
+
+    def _discard(self, endpoint: str, conn: http.client.HTTPConnection) -> None:
+        conn.close()
+        if getattr(conn, "direct", False):
+            conn.direct = False
+            self.direct_open[endpoint] -= 1
+            if self.direct_open[endpoint] <= 0:
+                del self.direct_open[endpoint]
 
     def count(self, endpoint: str) -> int:
         with self.lock:
@@ -158,18 +179,20 @@ def request(endpoint: str, method: str, path: str, body: bytes | bytearray | mem
         try:
             answer = _exchange(conn, method, path, body, headers or {}, timeout, handle, max_answer_bytes)
         except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as e:
-            conn.close()
+            pool.discard(endpoint, conn)
             if reused and not (handle is not None and handle.cancelled):
-                continue  # the host closed an idle connection as we reused it
+                continue  # the host closed an idle connection as we reused it (a direct one: the next goes relayed)
             raise _error(e, handle, endpoint) from e
         except (OSError, http.client.HTTPException) as e:
-            conn.close()
+            pool.discard(endpoint, conn)
             raise _error(e, handle, endpoint) from e
         finally:
             if handle is not None:
                 handle._attach(None)
+        with pool.lock:
+            pool.requests[endpoint, "direct" if getattr(conn, "direct", False) else "other"] += 1
         if answer.headers.get("connection", "").lower() == "close":
-            conn.close()
+            pool.discard(endpoint, conn)
         else:
             pool.give_back(endpoint, conn)
         if handle is not None:
@@ -221,6 +244,35 @@ def _error(e: BaseException, handle: CallHandle | None, endpoint: str) -> Transp
     if isinstance(e, ConnectionRefusedError):
         return TransportError(f"connection to {endpoint} refused: nobody listens there", refused=True)
     return TransportError(f"{type(e).__name__}: {e}")
+
+
+def add_direct(endpoint: str, sock: socket.socket) -> None:
+    """Use the connected socket ``sock`` (a direct path to the host that ``endpoint`` reaches through a relay) for the
+    next requests to ``endpoint``, before its other connections; it is dropped like any other when it fails."""
+    host, port = _split(endpoint)
+    conn = http.client.HTTPConnection(host, port)
+    sock.setblocking(True)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    conn.sock = sock
+    conn.direct = True  # type: ignore[attr-defined]
+    pool = _pool()
+    with pool.lock:
+        pool.direct_open[endpoint] += 1
+        pool.direct.setdefault(endpoint, []).append(conn)
+
+
+def direct_connections(endpoint: str) -> int:
+    """Direct connections to ``endpoint`` open now (idle or in use)."""
+    pool = _pool()
+    with pool.lock:
+        return pool.direct_open.get(endpoint, 0)
+
+
+def request_counts(endpoint: str) -> tuple[int, int]:
+    """Requests to ``endpoint`` answered over a direct connection, and over any other, in this process."""
+    pool = _pool()
+    with pool.lock:
+        return pool.requests[endpoint, "direct"], pool.requests[endpoint, "other"]
 
 
 def warm_up(endpoint: str, connections: int, timeout: float | None = 5.0) -> int:

@@ -8,7 +8,8 @@
   unless told not to, runs a :class:`~lightning_moe.net.relay.Relay` for hosts that are not reachable,
   declared in the DHT under ``relays``; not reached (a home NAT), it registers with a relay found there
   (:class:`~lightning_moe.net.relay_client.RelayClient`) and announces the relay's allocation, moving
-  to another relay when that one dies.
+  to another relay when that one dies. While relayed, with ``hole_punch``, it answers trainers that ask for a
+  direct path (:class:`~lightning_moe.net.punch.PunchService`, ``punch``).
 
 ``on_endpoint(endpoint | None)`` tells the owner (the host, which re-declares its experts at once)
 where strangers reach it now.
@@ -25,6 +26,7 @@ from typing import Any
 from lightning_moe.dht.records import parse_endpoint
 from lightning_moe.net import loop as net_loop
 from lightning_moe.net.addresses import is_loopback
+from lightning_moe.net.punch import PunchService
 from lightning_moe.net.relay import Relay, RelayLimits
 from lightning_moe.net.relay_client import RelayClient
 
@@ -53,7 +55,7 @@ class Presence:
 
     def __init__(self, dht: Any, local: tuple[str, int], announce: str | None, on_endpoint: Callable[[str | None], None],
                  secret: bytes | None = None, relay: bool = True, relay_limits: RelayLimits | None = None,
-                 update_period: float = 10.0):
+                 update_period: float = 10.0, hole_punch: bool = True):
         self.dht, self.local, self.announce, self.on_endpoint = dht, local, announce, on_endpoint
         self.secret, self.relay_enabled, self.relay_limits = secret, relay, relay_limits
         self.update_period = update_period
@@ -62,6 +64,8 @@ class Presence:
         self.relay_endpoint: str | None = None
         self.client: RelayClient | None = None
         self.reachable: bool | None = None
+        self.hole_punch = hole_punch
+        self.punch: PunchService | None = None
 
     def start(self, timeout: float = 10.0) -> str | None:
         """Find how strangers reach the server and start serving that way; the endpoint (None: no relay yet)."""
@@ -83,6 +87,9 @@ class Presence:
                     f" at {public}" if public else "")
         connect_to = ("127.0.0.1", port) if self.local[0] in ("0.0.0.0", "") else self.local
         self.client = RelayClient(connect_to, lambda: find_relays(self.dht), self._moved, secret=self.secret)
+        if self.hole_punch:
+            self.punch = PunchService(lambda: self.client.relay if self.client is not None else None, connect_to,
+                                      secret=self.secret)
         self.client.start(wait=timeout)
         self.endpoint = self.client.endpoint
         return self.endpoint
@@ -109,6 +116,8 @@ class Presence:
             logger.warning("declaring the relay in the DHT failed", exc_info=True)
 
     def stop(self) -> None:
+        if self.punch is not None:
+            self.punch.stop()
         if self.client is not None:
             self.client.stop()
             self.client = None

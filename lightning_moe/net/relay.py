@@ -15,6 +15,8 @@ carries raw bytes::
     relay -> host   {"op": "registered", "port": P, "token": K}  or  {"op": "refused", "error": "..."}
     relay -> host   {"op": "incoming", "id": I}          a stranger connected to port P
     host -> relay   a new connection: {"op": "attach", "id": I, "token": K}, then raw bytes
+    anyone -> relay {"op": "observe"}   answered {"op": "observed", "address": "ip:port"}: the address the relay
+                    sees, then the relay closes (hole punching, lightning_moe/net/punch.py)
     both ways       {"op": "ping"} every PING_PERIOD s; a control connection silent for 3 periods is dead
 
 Everything a stranger can make a relay spend is bounded (:class:`RelayLimits`): relayed hosts in
@@ -184,6 +186,11 @@ class Relay:
                 await self._register(address, message, reader, writer)
             elif message["op"] == "attach":
                 await self._attach(message, reader, writer)
+            elif message["op"] == "observe":
+                self.stats["observed"] += 1
+                peer = writer.get_extra_info("peername") or ("?", 0)
+                write_message(writer, {"op": "observed", "address": f"{peer[0]}:{peer[1]}"})
+                await writer.drain()
             else:
                 raise ValueError(f"unknown op {message['op']!r}")
         except (ValueError, TypeError, KeyError) as e:

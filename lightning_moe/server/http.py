@@ -1,5 +1,6 @@
 """The host's HTTP endpoints on aiohttp: ``GET /info``, ``GET /stats``, ``POST /forward/<uid>``, ``POST /backward/<uid>``;
-``GET /state/<uid>`` (handover) and ``POST /replica/<uid>`` (replicas' averaging, :mod:`.replica_sync`).
+``GET /state/<uid>`` (handover), ``POST /replica/<uid>`` (replicas' averaging, :mod:`.replica_sync`) and
+``GET``/``POST /punch`` for hole punching when the host is relayed (``punch``, :mod:`lightning_moe.net.punch`).
 
 One asyncio loop in one background thread serves every connection (an idle connection costs a
 few KiB, no thread). Handlers read, check, queue and write; compute happens in the Runtime thread,
@@ -35,6 +36,8 @@ import lightning_moe
 from lightning_moe import wire
 from lightning_moe.config import HostLimits
 from lightning_moe.net.addresses import netgroup
+from lightning_moe.net.punch import MAX_BODY as MAX_PUNCH_BODY
+from lightning_moe.net.punch import PunchRefused
 from lightning_moe.net.reachability import NONCE_BYTES, PROBES
 from lightning_moe.net.signing import RequestVerifier, SignatureError, info_proof
 from lightning_moe.server.backend import ExpertBackend
@@ -125,6 +128,7 @@ class ExpertHTTPServer:
         self._housekeeping: list[asyncio.Task] = []
         self._frozen = False  # holds FrozenHeap
         self.server_port = 0
+        self.punch: Any = None  # a net.punch.PunchService while the host is relayed and punches (set by its owner)
 
     # ---- lifecycle (called from the host's thread) ---------------------------------------------
     def start(self) -> None:
@@ -284,6 +288,8 @@ class ExpertHTTPServer:
         if len(parts) == 3 and parts[1] == "reachability":  # a peer's dial-back (lightning_moe.net.reachability)
             arrived = PROBES.arrived(parts[2][:2 * NONCE_BYTES], f"tcp:{self.server_port}")
             return web.Response(status=204 if arrived else 404)
+        if raw_path == "/punch":
+            return await self._punch(request)
         if not (len(parts) == 3 and parts[0] == "" and parts[1] in DIRECTIONS and parts[2]):
             raise RequestError(404, f"no such path: {raw_path[:200]}", None)
         direction, uid = parts[1], unquote(parts[2])[:200]
@@ -322,6 +328,34 @@ class ExpertHTTPServer:
             self.state_requests -= 1
         self.count_request("state", uid)
         return await self._answer(request, parts, time.monotonic() - started)
+
+    async def _punch(self, request: web.BaseRequest) -> web.StreamResponse:
+        """``GET /punch``: the relay to observe through; ``POST /punch``: punch towards a trainer's addresses."""
+        if request.method not in ("GET", "POST"):
+            raise RequestError(405, "use GET or POST for /punch", None, headers={"Allow": "GET, POST"})
+        post = request.method == "POST"
+        self._check_headers(request, post=post)
+        body = b""
+        if post:
+            length = request.content_length
+            if length is None or length > MAX_PUNCH_BODY:
+                raise RequestError(413, f"a punch request is at most {MAX_PUNCH_BODY} bytes with Content-Length", None,
+                                   close=True)
+            try:
+                body = await asyncio.wait_for(request.content.readexactly(length), self.limits.body_timeout)
+            except (asyncio.TimeoutError, asyncio.IncompleteReadError) as e:
+                raise RequestError(408, f"punch: body not received ({type(e).__name__})", None, close=True) from None
+        elif not request.content.is_eof() and not await self._drain(request):
+            raise RequestError(400, "GET /punch takes no body", None, close=True)
+        self._verify(request, body)
+        if self.punch is None:
+            raise RequestError(404, "this host does not punch holes (not relayed, or host.hole_punch=false)", None)
+        self.count_request("punch", None)
+        try:
+            answer = await self.punch.submit(body) if post else self.punch.offer()
+        except PunchRefused as e:
+            raise RequestError(e.status, str(e), None) from None
+        return web.Response(body=json.dumps(answer).encode(), content_type="application/json")
 
     def _info_answer(self, nonce: str) -> bytes:
         """``/info``; in a private swarm, asked with ``?nonce=N`` (a DHT node checking this endpoint), also the nonce
