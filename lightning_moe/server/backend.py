@@ -304,6 +304,12 @@ class ExpertBackend:
             "samples_since_update": self.samples_since_update,
         }
 
+    @property
+    def lock(self) -> threading.RLock:
+        """Held while the expert computes and while its state is read or loaded: hold it to change the weights from
+        another thread (replicas' averaging)."""
+        return self._lock
+
     def state_dict(self) -> dict:
         """A copy of the expert's weights, the optimizer's state and the counters."""
         with self._lock:

@@ -36,31 +36,26 @@ import lightning_moe
 from lightning_moe import wire
 from lightning_moe.config import HostLimits
 from lightning_moe.net.addresses import netgroup
-from lightning_moe.net.punch import MAX_BODY as MAX_PUNCH_BODY
-from lightning_moe.net.punch import PunchRefused
 from lightning_moe.net.reachability import NONCE_BYTES, PROBES
-from lightning_moe.net.signing import RequestVerifier, SignatureError, info_proof
+from lightning_moe.net.signing import RequestVerifier, SignatureError
 from lightning_moe.server.backend import ExpertBackend
-from lightning_moe.server.handover import encode_state
 from lightning_moe.server.http_protocol import (
     FrozenHeap, InflightBudget, LimitedServer, forget_frames, json_error_body, malloc_trim,
 )
-from lightning_moe.server.http_body import RequestError, read_body
+from lightning_moe.server.http_body import RETRY_AFTER, RequestError, read_body, write_answer
+from lightning_moe.server.http_routes import serve_info, serve_punch, serve_state
 from lightning_moe.server.slots import ConnectionSlots
 from lightning_moe.server.task_pool import PoolClosedError
 
 logger = logging.getLogger(__name__)
-_NONCE_RE = re.compile(r"[0-9a-f]{16,64}")  # a DHT node's /info challenge
 
 DIRECTIONS = ("forward", "backward")
 KEEP_ID = re.compile(r"[0-9a-f]{16,64}")  # a request id whose forward the trainer asks the host to keep
 KEEP_MISSED = "backward: this host does not keep the forward of this request (evicted, expired or never kept); send the inputs"
 DRAIN_LIMIT = 1 << 20  # an unwanted body up to this size is read and dropped to keep the connection; larger: close
-RETRY_AFTER = "1"
 ACCEPTS_PER_TICK = 16
 LISTEN_BACKLOG = 4096
 TRIM_PERIOD = 2.0
-MAX_STATE_REQUESTS = 2  # expert state snapshots served at once (each copies an expert's weights and optimizer state)
 GC_AFTER_CLOSES = 1000  # connections closed since the last collection that make the host collect
 GC_PERIOD = 20.0
 
@@ -247,14 +242,14 @@ class ExpertHTTPServer:
         self.count_error(e.status)
         close = e.close
         if not close and not request.content.is_eof():
-            close = not await self._drain(request)
+            close = not await self.drain(request)
         response = web.Response(status=e.status, body=json_error_body(str(e), e.uid), content_type="application/json",
                                 headers=e.headers)
         if close:
             response.force_close()
         return response
 
-    async def _drain(self, request: web.BaseRequest) -> bool:
+    async def drain(self, request: web.BaseRequest) -> bool:
         length = request.content_length
         if length is None or length > DRAIN_LIMIT or request.headers.get("Transfer-Encoding"):
             return False
@@ -268,28 +263,16 @@ class ExpertHTTPServer:
         raw_path = request.raw_path.split("?", 1)[0]
         parts = raw_path.split("/")
         if raw_path in ("/info", "/stats"):
-            route = raw_path[1:]
-            if request.method not in ("GET", "HEAD"):
-                raise RequestError(405, f"use GET for /{route}", None, headers={"Allow": "GET"})
-            self._check_headers(request, post=False)
-            if not request.content.is_eof() and not await self._drain(request):
-                raise RequestError(400, f"GET /{route} takes no body", None, close=True)
-            self._verify(request, b"")
-            if route == "info":
-                body = self._info_answer(request.rel_url.query.get("nonce", ""))
-            else:
-                body = json.dumps(self.stats_fn() if self.stats_fn is not None else {}).encode()
-            self.count_request(route, None)
-            return web.Response(body=body, content_type="application/json")
+            return await serve_info(self, request, raw_path[1:])
         if len(parts) == 3 and parts[0] == "" and parts[1] == "state" and request.method == "GET":
-            return await self._state(request, unquote(parts[2])[:200])
+            return await serve_state(self, request, unquote(parts[2])[:200])
         if len(parts) == 3 and parts[0] == "" and parts[1] == "replica" and self.replica is not None:
             return await self.replica.handle(self, request, unquote(parts[2])[:200])
         if len(parts) == 3 and parts[1] == "reachability":  # a peer's dial-back (lightning_moe.net.reachability)
             arrived = PROBES.arrived(parts[2][:2 * NONCE_BYTES], f"tcp:{self.server_port}")
             return web.Response(status=204 if arrived else 404)
         if raw_path == "/punch":
-            return await self._punch(request)
+            return await serve_punch(self, request)
         if not (len(parts) == 3 and parts[0] == "" and parts[1] in DIRECTIONS and parts[2]):
             raise RequestError(404, f"no such path: {raw_path[:200]}", None)
         direction, uid = parts[1], unquote(parts[2])[:200]
@@ -304,88 +287,7 @@ class ExpertHTTPServer:
         except RequestError:
             self.count_request_error(direction, uid)
             raise
-        return await self._answer(request, parts, host_seconds)
-
-    async def _state(self, request: web.BaseRequest, uid: str) -> web.StreamResponse:
-        """``GET /state/<uid>``: the expert's weights and optimizer state, for a host that joins as its replica
-        (:mod:`lightning_moe.server.handover`); at most ``MAX_STATE_REQUESTS`` snapshots at once."""
-        self._check_headers(request, post=False, uid=uid)
-        if not request.content.is_eof() and not await self._drain(request):
-            raise RequestError(400, "GET /state takes no body", uid, close=True)
-        self._verify(request, b"", uid)
-        backend = self.backends.get(uid)
-        if backend is None:
-            raise RequestError(404, f"no expert {uid!r} on this host", uid)
-        if self.state_requests >= MAX_STATE_REQUESTS:
-            raise RequestError(503, f"state: {self.state_requests} snapshots in progress; retry in {RETRY_AFTER} s", uid,
-                                headers={"Retry-After": RETRY_AFTER})
-        self.state_requests += 1
-        started = time.monotonic()
-        try:
-            parts = await asyncio.get_running_loop().run_in_executor(
-                None, lambda: wire.serialize_parts(encode_state(backend.state_dict())))
-        finally:
-            self.state_requests -= 1
-        self.count_request("state", uid)
-        return await self._answer(request, parts, time.monotonic() - started)
-
-    async def _punch(self, request: web.BaseRequest) -> web.StreamResponse:
-        """``GET /punch``: the relay to observe through; ``POST /punch``: punch towards a trainer's addresses."""
-        if request.method not in ("GET", "POST"):
-            raise RequestError(405, "use GET or POST for /punch", None, headers={"Allow": "GET, POST"})
-        post = request.method == "POST"
-        self._check_headers(request, post=post)
-        body = b""
-        if post:
-            length = request.content_length
-            if length is None or length > MAX_PUNCH_BODY:
-                raise RequestError(413, f"a punch request is at most {MAX_PUNCH_BODY} bytes with Content-Length", None,
-                                   close=True)
-            try:
-                body = await asyncio.wait_for(request.content.readexactly(length), self.limits.body_timeout)
-            except (asyncio.TimeoutError, asyncio.IncompleteReadError) as e:
-                raise RequestError(408, f"punch: body not received ({type(e).__name__})", None, close=True) from None
-        elif not request.content.is_eof() and not await self._drain(request):
-            raise RequestError(400, "GET /punch takes no body", None, close=True)
-        self._verify(request, body)
-        if self.punch is None:
-            raise RequestError(404, "this host does not punch holes (not relayed, or host.hole_punch=false)", None)
-        self.count_request("punch", None)
-        try:
-            answer = await self.punch.submit(body) if post else self.punch.offer()
-        except PunchRefused as e:
-            raise RequestError(e.status, str(e), None) from None
-        return web.Response(body=json.dumps(answer).encode(), content_type="application/json")
-
-    def _info_answer(self, nonce: str) -> bytes:
-        """``/info``; in a private swarm, asked with ``?nonce=N`` (a DHT node checking this endpoint), also the nonce
-        and a proof that this host holds the swarm's secret (``net.signing.info_proof``)."""
-        if self.secret is None or not _NONCE_RE.fullmatch(nonce):
-            return self.info_bytes
-        proof = info_proof(self.secret, nonce, self.host_id)
-        return self.info_bytes[:-1] + f', "nonce": "{nonce}", "proof": "{proof}"}}'.encode()
-
-    @staticmethod
-    async def _answer(request: web.BaseRequest, parts: list, host_seconds: float) -> web.StreamResponse:
-        """Write an answer's wire parts one after another, never joined into one buffer.
-
-        A ``web.Response(body=...)`` would cost a copy of the whole body: aiohttp joins its headers
-        and a body into one bytes object before writing (always, on Python before 3.12.9). Here the
-        HTTP head goes out with the small wire header, and each tensor's buffer, a view of the
-        expert's output, goes to the transport as it is. ``X-Host-Seconds`` says how long the host took from the body
-        read to the answer ready, so that the trainer can tell its link's time apart (``compression="auto"``).
-        """
-        response = web.StreamResponse(headers={"Content-Type": "application/octet-stream",
-                                               "X-Host-Seconds": f"{host_seconds:.6f}"})
-        response.content_length = sum(len(part) for part in parts)
-        await response.prepare(request)
-        try:
-            for part in parts:
-                await response.write(part)
-        except ConnectionError as e:  # the client went away mid-answer: nothing more to send
-            forget_frames(e)  # its traceback's frames (aiohttp's writes) hold the answer's buffers, in a cycle
-            response.force_close()
-        return response
+        return await write_answer(request, parts, host_seconds)
 
     def _content_length(self, request: web.BaseRequest, uid: str) -> int:
         if request.headers.get("Transfer-Encoding"):
@@ -397,14 +299,14 @@ class ExpertHTTPServer:
             raise RequestError(413, f"body of {length} bytes exceeds the limit of {self.max_body_bytes}", uid, close=True)
         return length
 
-    def _check_headers(self, request: web.BaseRequest, post: bool, uid: str | None = None) -> None:
+    def check_headers(self, request: web.BaseRequest, post: bool, uid: str | None = None) -> None:
         """Private swarm: refuse from the headers alone what cannot verify (before any body is read)."""
         try:
             self.verifier.check_headers(request.headers, post)
         except SignatureError as e:
             raise RequestError(401, str(e), uid) from None
 
-    def _verify(self, request: web.BaseRequest, body: bytes | bytearray, uid: str | None = None) -> None:
+    def verify(self, request: web.BaseRequest, body: bytes | bytearray, uid: str | None = None) -> None:
         try:
             self.verifier.verify(request.method, request.raw_path, request.headers, body, post=request.method == "POST")
         except SignatureError as e:
@@ -421,7 +323,7 @@ class ExpertHTTPServer:
         if compression not in wire.COMPRESSIONS:
             raise RequestError(400, f"unknown X-Compression {compression[:40]!r}; choose one of {list(wire.COMPRESSIONS)}", uid)
         length = self._content_length(request, uid)
-        self._check_headers(request, post=True, uid=uid)
+        self.check_headers(request, post=True, uid=uid)
         keep = request.query.get("keep")
         if keep is not None and not KEEP_ID.fullmatch(keep):
             raise RequestError(400, f"{direction}: keep must be 16 to 64 lowercase hex digits, got {keep[:80]!r}", uid)
@@ -443,7 +345,7 @@ class ExpertHTTPServer:
             except RequestError as e:
                 forget_frames(e)  # wait_for's task holds the error, whose traceback holds the task: a cycle
                 raise
-            self._verify(request, body, uid)
+            self.verify(request, body, uid)
             started = time.monotonic()
             try:
                 tensors = wire.deserialize(body, self.max_body_bytes)

@@ -1,4 +1,5 @@
-"""Reading a request's body on the host: the wire header first, checked, then the whole body in one buffer.
+"""Reading a request's body on the host (the wire header first, checked, then the whole body in one buffer), and
+writing an answer's wire parts.
 
 The wire header (at most 8 bytes + 64 KiB) is read before anything is allocated for the tensors: its
 sizes must add up to the Content-Length, what it decodes to must fit the body limit, and its rows
@@ -12,9 +13,12 @@ from __future__ import annotations
 import math
 from typing import Mapping
 
-from aiohttp import StreamReader
+from aiohttp import StreamReader, web
 
 from lightning_moe import wire
+from lightning_moe.server.http_protocol import forget_frames
+
+RETRY_AFTER = "1"  # seconds a client waits after a 503
 
 
 class RequestError(Exception):
@@ -84,3 +88,25 @@ def check_wire_header(head: bytearray, length: int, uid: str, max_rows: int, max
     if rows > max_rows:
         raise RequestError(413, f"{rows} rows exceed the limit of {max_rows} rows per request; split the batch",
                            uid, close=close)
+
+
+async def write_answer(request: web.BaseRequest, parts: list, host_seconds: float) -> web.StreamResponse:
+    """Write an answer's wire parts one after another, never joined into one buffer.
+
+    A ``web.Response(body=...)`` would cost a copy of the whole body: aiohttp joins its headers
+    and a body into one bytes object before writing (always, on Python before 3.12.9). Here the
+    HTTP head goes out with the small wire header, and each tensor's buffer, a view of the
+    expert's output, goes to the transport as it is. ``X-Host-Seconds`` says how long the host took from the body
+    read to the answer ready, so that the trainer can tell its link's time apart (``compression="auto"``).
+    """
+    response = web.StreamResponse(headers={"Content-Type": "application/octet-stream",
+                                           "X-Host-Seconds": f"{host_seconds:.6f}"})
+    response.content_length = sum(len(part) for part in parts)
+    await response.prepare(request)
+    try:
+        for part in parts:
+            await response.write(part)
+    except ConnectionError as e:  # the client went away mid-answer: nothing more to send
+        forget_frames(e)  # its traceback's frames (aiohttp's writes) hold the answer's buffers, in a cycle
+        response.force_close()
+    return response

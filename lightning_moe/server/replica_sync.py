@@ -224,7 +224,7 @@ class ReplicaSync:
         new = aggregate([ours, *theirs], self.method)
         distance = max(state.relative_distance(t, ours) for t in theirs)
         backend = self.backends[uid]
-        with backend._lock:
+        with backend.lock:
             state.apply_delta(backend.expert, self.layouts[uid], [n - o for n, o in zip(new, ours)])
         with self._lock:
             self.stats["rounds"] += 1
@@ -249,7 +249,7 @@ class ReplicaSync:
         if length > limit:
             raise RequestError(413, f"replica: body of {length} bytes exceeds the limit of {limit} (this expert's "
                                     "parameters)", uid, close=True)
-        server._check_headers(request, post=True, uid=uid)
+        server.check_headers(request, post=True, uid=uid)
         if not server.budget.reserve(length):
             raise RequestError(503, "replica: the host is reading too many request bodies; retry later", uid, close=True,
                                headers={"Retry-After": "1"})
@@ -259,7 +259,7 @@ class ReplicaSync:
             except (asyncio.TimeoutError, asyncio.IncompleteReadError):
                 raise RequestError(408, f"replica: the body of {length} bytes did not arrive in time", uid,
                                    close=True) from None
-            server._verify(request, body, uid)
+            server.verify(request, body, uid)
             server.count_request("replica", uid)
             try:
                 answer = await asyncio.get_running_loop().run_in_executor(None, self.answer, uid, body)
@@ -319,5 +319,5 @@ class ReplicaBusy(RuntimeError):
 
 
 def _snapshot(backend: ExpertBackend, layout: Layout) -> list[torch.Tensor]:
-    with backend._lock:
+    with backend.lock:
         return state.snapshot(backend.expert, layout)
