@@ -174,6 +174,21 @@ def test_a_malformed_oversized_or_wrong_shaped_payload_is_refused_saying_why_and
         assert out.shape == (3, HID)
 
 
+def test_asking_again_and_again_moves_a_cell_at_most_once_per_half_period():
+    backend = make_backend()
+    with ExpertHost([backend], HostConfig(replica_average_period=3600.0), dht=StubDHT()) as host:
+        url = f"http://{host.endpoint}/replica/ffn.0.0"
+        ours, layout = params(backend), state.Layout.of(backend.expert)
+        pull = message([f * 1.2 for f in ours], layout)  # within replica_max_distance
+        first = requests.post(url, data=pull, timeout=WAIT)
+        assert first.status_code == 200
+        moved = params(backend)
+        for _ in range(3):
+            again = requests.post(url, data=pull, timeout=WAIT)
+            assert again.status_code == 503 and "at most once per 1800 s" in again.json()["error"], again.text[:300]
+        assert all(torch.equal(a, b) for a, b in zip(params(backend), moved))  # one exchange moved it, no more
+
+
 def test_in_a_private_swarm_replicas_average_signed_and_a_silent_replica_is_skipped_with_a_log_line(caplog):
     caplog.set_level(logging.INFO, logger="lightning_moe")
     dht = StubDHT()

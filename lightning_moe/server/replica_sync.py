@@ -290,6 +290,13 @@ class ReplicaSync:
                 self.stats["busy"] += 1
             raise ReplicaBusy("busy: this cell is averaging with another replica")
         try:
+            with self._lock:
+                since = time.monotonic() - self.last_sync.get(uid, -1e18)
+            if since < self.period / 2:  # anyone may ask: one exchange per half period bounds how far asking moves a cell
+                with self._lock:
+                    self.stats["busy"] += 1
+                raise ReplicaBusy(f"busy: this cell was averaged {since:.1f} s ago (at most once per "
+                                  f"{self.period / 2:g} s)")
             backend = self.backends[uid]
             ours = _snapshot(backend, layout)
             self._check_distance(theirs, ours)
