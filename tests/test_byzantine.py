@@ -70,10 +70,10 @@ def test_each_lying_mode_is_caught_and_its_host_excluded_saying_why(three_replic
     first, second, liar = three_replicas
     torch.manual_seed(0)
     layer = DecentralizedMoE(HID, GRID, "ffn", k_best=2, initial_peers=[first.dht.address], cache_ttl=1.0,
-                             health=HealthRegistry(), spot_check_rate=0.2)
+                             health=HealthRegistry(), spot_check_rate=0.5)
     health = layer.health
     try:
-        steps = train_until(layer, lambda: health.excluded("ffn.0.0", liar.endpoint) is not None, 60)
+        steps = train_until(layer, lambda: health.excluded("ffn.0.0", liar.endpoint) is not None, 100)
         exclusion = health.excluded("ffn.0.0", liar.endpoint)
         assert exclusion is not None, (steps, layer.dispatcher.checks.figures())
         reason = exclusion.describe()
@@ -94,20 +94,20 @@ def test_each_lying_mode_is_caught_and_its_host_excluded_saying_why(three_replic
 @pytest.mark.slow
 def test_honest_replicas_are_never_excluded_over_a_long_run():
     """Three honest replicas trained apart by Adam (lr 3e-3, the host default: they drift a few % between averagings
-    every 5 s), 200 steps with a tenth of the rows spot-checked: disagreements may be counted, nobody is excluded."""
+    every 5 s), 200 steps with half the answers spot-checked: disagreements may be counted, nobody is excluded."""
     adam = functools.partial(torch.optim.Adam, lr=3e-3)
     with start_volunteer(host_config(seed=0, optimizer=adam), DHTConfig()) as first:
         peers = DHTConfig(initial_peers=[first.dht.address])
         with start_volunteer(host_config(seed=1, optimizer=adam), peers), start_volunteer(host_config(seed=2, optimizer=adam), peers):
             torch.manual_seed(1)
             layer = DecentralizedMoE(HID, GRID, "ffn", k_best=2, initial_peers=[first.dht.address], cache_ttl=1.0,
-                                     health=HealthRegistry(), spot_check_rate=0.1)
+                                     health=HealthRegistry(), spot_check_rate=0.5)
             try:
                 for _ in range(200):
                     layer(torch.randn(32, HID)).pow(2).mean().backward()
                     time.sleep(0.05)
                 figures = layer.dispatcher.checks.figures()
-                seen = sorted(layer.dispatcher.checks._agreeing)
+                seen = layer.dispatcher.checks.calibration()
                 print("honest run:", figures, "tolerance", layer.dispatcher.checks.tolerance(), [round(seen[int(q * (len(seen) - 1))], 3) for q in (0.5, 0.9, 0.99, 1)])
                 assert figures.get("compared", 0) > 100, figures
                 assert figures.get("liars_excluded", 0) == 0 and figures.get("outvoted", 0) <= 0.02 * figures["compared"], figures

@@ -21,8 +21,8 @@ from lightning_moe.client.beam_search import beam_search, live_experts
 from lightning_moe.client.call_stats import CallStats
 from lightning_moe.client.dht_cache import CachedExpertLookup
 from lightning_moe.client.health import HealthRegistry
-from lightning_moe.client.parallel_call import (ExpertCall, GivenUp, NotEnoughExpertsError, forget_uid, is_refused,
-                                                plan_calls, record_outcome, split_calls)
+from lightning_moe.client.parallel_call import (ExpertCall, GivenUp, NotEnoughExpertsError, check_k_min, forget_uid,
+                                                is_refused, plan_calls, record_outcome, split_calls)
 from lightning_moe.client.speed import SLOW_FACTOR, StragglerWait, WaitBudget, prefer_fast
 from lightning_moe.client.spot_checks import AnswerChecks
 from lightning_moe.client.remote_expert import RemoteExpert, RemoteExpertError, new_keep_id
@@ -135,8 +135,8 @@ class Dispatcher:
         """The screen and spot checks of the hosts' answers (:mod:`lightning_moe.client.spot_checks`)."""
         health = self.health
         if self._checks is None or self._checks.health is not health:
-            self._checks = AnswerChecks(health, self.replicas, lambda e: self.codecs([ExpertCall("", e, None, None)])[0],
-                                        self.secret, self.spot_check_rate, self.spot_check_tolerance, self.liar_ban_time)
+            self._checks = AnswerChecks(health, self.replicas, self.codec, self.secret, self.spot_check_rate,
+                                        self.spot_check_tolerance, self.liar_ban_time)
         self._checks.rate = self.spot_check_rate
         return self._checks
 
@@ -176,14 +176,16 @@ class Dispatcher:
         self.stats.count_checks(self.checks.figures())
         return None if self.forward_timeout is None else start + self.forward_timeout
 
+    def codec(self, endpoint: str) -> str:
+        """The compression of calls to ``endpoint``: the layer's, or under ``auto`` the host's link's."""
+        return self.compression if self.compression != "auto" else self.health.links.codec(endpoint)
+
     def codecs(self, calls: list[ExpertCall], stats: CallStats | None = None) -> list[str]:
         """Each call's codec: the layer's ``compression``, or under ``auto`` its host's link's (counted in ``stats``:
         ``compressed`` and ``link_mbps``)."""
-        if self.compression != "auto":
-            return [self.compression] * len(calls)
+        codecs = [self.codec(call.endpoint) for call in calls]
         links = self.health.links
-        codecs = [links.codec(call.endpoint) for call in calls]
-        if stats is not None:
+        if stats is not None and self.compression == "auto":
             rates = sorted(r for r in (links.rate(e) for e in {call.endpoint for call in calls}) if r is not None)
             if rates:
                 stats.link_mbps = rates[(len(rates) - 1) // 2] * 8e-6
@@ -294,7 +296,7 @@ class Dispatcher:
         after = self.lookup.stats
         self.stats.lookups = {k: v - self._lookups_before.get(k, 0) for k, v in after.items() if k != "in_flight"}
         if not self.allow_zero_outputs:
-            self._check_k_min(mask, tried)
+            check_k_min(mask, tried, self.k_min, lambda: self.lookup.excluded_experts(self.uid_prefix))
         return outputs, mask, coords, [call for call, error in tried if error is None]
 
     def _call_forward(self, calls: list[ExpertCall], x: torch.Tensor, outputs: torch.Tensor, mask: torch.Tensor,
@@ -352,24 +354,6 @@ class Dispatcher:
         """Count answered calls per endpoint: a relayed host called often is asked for a direct path (client/direct.py)."""
         if self.hole_punch:
             direct.note_calls([c.endpoint for c, r in zip(calls, results) if not isinstance(r, BaseException)], self.secret)
-
-    def _check_k_min(self, mask: torch.Tensor, tried: list[tuple[ExpertCall, BaseException | None]]) -> None:
-        """Raise NotEnoughExpertsError if a sample has fewer than ``k_min`` answers, naming what was tried
-        for it and why each failed, or, if nothing was tried, what is excluded and why."""
-        short = (mask.sum(1) < self.k_min).nonzero().flatten().tolist()
-        if not short:
-            return
-        sample = short[0]
-        lines = [f"  {call.uid} at {call.endpoint}: {error or 'answered'}" for call, error in tried
-                 if bool((call.rows == sample).any())]
-        if not lines:
-            reasons = self.lookup.excluded_experts(self.uid_prefix)
-            lines = (["  none tried: every expert found in the DHT is excluded after errors:"] + [f"    {r}" for r in reasons[:8]]
-                     if reasons else ["  (none found alive in the DHT)"])
-        raise NotEnoughExpertsError(
-            f"{len(short)} of {mask.shape[0]} samples got fewer than k_min={self.k_min} expert answers; "
-            f"sample {sample} got {int(mask[sample].sum())}, experts tried for it:\n" + "\n".join(lines)
-        )
 
     # ------------------------------------------------------------------ its backward
     def backward(self, calls: list[ExpertCall], stats: CallStats, x: torch.Tensor, grad_outputs: torch.Tensor) -> torch.Tensor:

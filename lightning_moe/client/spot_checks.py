@@ -3,18 +3,19 @@ checks of a few rows against other replicas of the same expert. A host caught ly
 registry with the reason (``outputs disagree with 2 replicas of ffn.1.3 ...``).
 
 - *Screen.* Each answer's scale (log of its RMS) is compared with the median of the expert's recent answers on this
-  trainer (``HISTORY`` answers, those that passed); one off by more than ``SCALE_LIMIT`` x is dropped (the call counts
-  as failed, its rows are re-routed) and is a strike against its host. ``STRIKES`` strikes within ``STRIKE_WINDOW``
-  seconds exclude the host, when the expert's history is mostly other hosts' answers (a host cannot be blamed against
-  a history that is its own).
-- *Spot checks.* A random ``rate`` of the answered rows (each answered call's rows independently) also go to up to 2
-  other replicas of the expert, in the background: the step does not wait; a check not answered within
-  ``CHECK_TIMEOUT`` is dropped, and at most ``MAX_IN_FLIGHT`` run at once (more are skipped). The answers are
-  compared by relative L2 difference. The tolerance is calibrated from agreeing replicas: ``TOLERANCE_FACTOR`` x the
-  median difference of recent agreeing pairs, at least ``tolerance`` and at most ``MAX_TOLERANCE``. With 3 answers
-  the closest pair, if it agrees, is the majority, and the third is a liar if it is farther than the tolerance (and
-  than 3x the pair's difference) from both; ``STRIKES_TO_EXCLUDE`` such verdicts exclude its host. With 2 answers a
-  disagreement is counted (``mismatches``) but blames neither: a pair cannot outvote a liar.
+  trainer (``HISTORY`` answers, those that passed). One off by more than ``SCALE_LIMIT`` x, when at least two other
+  hosts' answers back that median, is dropped (the call counts as failed, its rows are re-routed) and is a strike
+  against its host; ``STRIKES`` strikes within ``STRIKE_WINDOW`` seconds exclude it. Non-finite answers are always
+  dropped. With fewer than 3 replicas the screen judges no scale: a pair cannot outvote a liar.
+- *Spot checks.* A random ``rate`` of the answers (one expert's rows in one forward) also send up to ``CHECK_ROWS`` of
+  their rows to up to 2 other replicas of the expert, in the background: the step does not wait; a check not answered
+  within ``CHECK_TIMEOUT`` is dropped, and at most ``MAX_IN_FLIGHT`` run at once (more are skipped). The answers are
+  compared by relative L2 difference. The tolerance is calibrated from honest replicas: ``TOLERANCE_FACTOR`` x the
+  ``TOLERANCE_QUANTILE`` of the closest pair's difference in recent three-way checks, at least ``tolerance`` and at
+  most ``MAX_TOLERANCE``. With 3 answers the closest pair, if it agrees, is the majority, and the third is outvoted if
+  it is farther than the tolerance (and ``TOLERANCE_FACTOR`` x the pair's difference) from both. Nobody is blamed
+  before ``MIN_CALIBRATION`` three-way checks; a host outvoted in ``OUTVOTED_TO_EXCLUDE`` of its last ``VERDICTS``
+  three-way checks is excluded. With 2 answers a disagreement is counted (``mismatches``) but blames neither.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ STRIKE_WINDOW = 60.0
 VERDICTS = 16  # a host's last three-way spot checks remembered
 OUTVOTED_TO_EXCLUDE = 6  # of those, outvoted ones that exclude it (a liar at byzantine_rate >= 0.5 gets there)
 CHECK_TIMEOUT = 10.0
+CHECK_ROWS = 8  # rows of an answer a spot check sends again
 MAX_IN_FLIGHT = 8
 TOLERANCE_FACTOR = 4.0
 TOLERANCE_QUANTILE = 0.9
@@ -67,7 +69,8 @@ class AnswerChecks:
         replicas: the endpoints serving an expert uid (the layer's DHT cache).
         codec: the compression of calls to an endpoint.
         secret: a private swarm's secret, for the checks' requests.
-        rate: the share of answered rows spot-checked (0: none; the screen still runs).
+        rate: the share of answers (one expert's rows in one forward) spot-checked, up to ``CHECK_ROWS`` rows each
+            (0: none; the screen still runs).
         tolerance: the least relative difference between two replicas' answers that counts as disagreement.
         ban_time: seconds a liar stays excluded.
     """
@@ -103,16 +106,25 @@ class AnswerChecks:
             while len(self._history) > MAX_EXPERTS:
                 self._history.popitem(last=False)
             typical = statistics.median(s for _, s in history) if len(history) >= WARMUP else None
-            if finite and (typical is None or abs(scale - typical) <= math.log(SCALE_LIMIT)):
+            if finite and (typical is None or abs(scale - typical) <= math.log(SCALE_LIMIT)
+                           or self._backers(history, endpoint, typical) < 2):  # two other hosts must back the history
                 history.append((endpoint, scale))
                 return None
             self.counts["odd_answers"] += 1
-            others = sum(e != endpoint for e, _ in history)
         reason = (f"answer of {uid} holds non-finite values" if not finite else
-                  f"answer of {uid} is {math.exp(scale - typical):.3g}x the scale of its last {len(history)} answers here")
-        if others * 3 >= 2 * len(history):  # the history is mostly other hosts': this one is the odd one
-            self._strike("screen", endpoint, STRIKES, f"{reason} ({STRIKES} such answers within {STRIKE_WINDOW:g} s)")
+                  f"answer of {uid} is {math.exp(scale - typical):.3g}x the scale of its last {len(history)} answers here, "
+                  f"from other replicas")
+        self._strike("screen", endpoint, STRIKES, f"{reason} ({STRIKES} such answers within {STRIKE_WINDOW:g} s)")
         return reason
+
+    @staticmethod
+    def _backers(history: collections.deque, endpoint: str, typical: float) -> int:
+        """Other hosts whose answers in ``history`` (2 or more) are typically of the scale ``typical``."""
+        scales: dict[str, list[float]] = {}
+        for e, scale in history:
+            if e != endpoint:
+                scales.setdefault(e, []).append(scale)
+        return sum(len(v) >= 2 and abs(statistics.median(v) - typical) <= math.log(SCALE_LIMIT) for v in scales.values())
 
     def _strike(self, kind: str, endpoint: str, needed: int, reason: str) -> None:
         now = time.monotonic()
@@ -124,6 +136,8 @@ class AnswerChecks:
             if len(times) < needed or now - times[0] > STRIKE_WINDOW:
                 return
             times.clear()
+            for uid, history in self._history.items():  # its answers no longer speak for the experts' scale
+                self._history[uid] = collections.deque(((e, v) for e, v in history if e != endpoint), maxlen=HISTORY)
             self.counts["liars_excluded"] += 1
             self.excluded[endpoint] = reason
             while len(self.excluded) > MAX_EXPERTS:
@@ -140,13 +154,11 @@ class AnswerChecks:
         return min(max(TOLERANCE_FACTOR * typical, self.tolerance_floor), MAX_TOLERANCE)
 
     def maybe_check(self, uid: str, endpoint: str, inputs: torch.Tensor, output: torch.Tensor) -> bool:
-        """Perhaps send a random ``rate`` of these rows (``inputs`` answered with ``output`` by ``uid`` at
-        ``endpoint``) to other replicas, in the background; True if a check went out."""
-        if self.rate <= 0 or not len(inputs):
+        """With probability ``rate``, send up to ``CHECK_ROWS`` random rows of this answer (``inputs`` answered with
+        ``output`` by ``uid`` at ``endpoint``) to other replicas, in the background; True if a check went out."""
+        if self.rate <= 0 or not len(inputs) or self.rng.random() >= self.rate:
             return False
-        chosen = [i for i in range(len(inputs)) if self.rng.random() < self.rate]
-        if not chosen:
-            return False
+        chosen = sorted(self.rng.sample(range(len(inputs)), min(CHECK_ROWS, len(inputs))))
         others = [e for e in self.replicas(uid) if e != endpoint and self.health.excluded(uid, e) is None]
         if not others:
             with self._lock:
@@ -236,6 +248,11 @@ class AnswerChecks:
         ``no_replica``."""
         with self._lock:
             return dict(self.counts)
+
+    def calibration(self) -> list[float]:
+        """The closest pairs' relative differences the tolerance is calibrated from, sorted."""
+        with self._lock:
+            return sorted(self._agreeing)
 
     @property
     def in_flight(self) -> int:
