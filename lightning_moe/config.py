@@ -15,6 +15,7 @@ from typing import Any, Optional
 WIRE_COMPRESSIONS = ("none", "float16", "uint8", "int8", "int4")  # lightning_moe.wire.COMPRESSIONS, without importing torch
 MOE_COMPRESSIONS = (*WIRE_COMPRESSIONS, "auto")  # auto: chosen per host from its measured link (client/links.py)
 REPLICA_AGGREGATES = ("mean", "median", "trimmed_mean")  # lightning_moe.server.replica_sync.AGGREGATES
+BYZANTINE_MODES = ("none", "sign_flip", "scale", "noise", "stale")  # lightning_moe.server.byzantine.MODES
 
 
 class ConfigError(ValueError):
@@ -205,6 +206,13 @@ class HostConfig:
     delay: float = _help("extra seconds per batch (a slow volunteer, for tests and demos)", default=0.0)
     fault_rate: float = _help("probability that a batch an expert computes fails with an error (a flaky volunteer, "
                               "for tests and demos; the start-up check is exempt)", default=0.0)
+    byzantine: str = _help("a lying volunteer, for tests and demos: none, sign_flip (answers -y), scale (10 y), noise "
+                           "(y plus noise of its own size) or stale (answers with its weights of when it started); "
+                           "forward outputs and backward input gradients alike", default="none")
+    byzantine_rate: float = _help("the share of its answers (batches) a lying volunteer alters", default=1.0)
+    grad_clip: float = _help("each backward request's output-gradient rows are clipped to this many times the expert's "
+                             "typical row norm (a lower median over trainer addresses), so one trainer's gradients "
+                             "move an expert a bounded amount; 0: no clipping", default=4.0)
 
     def __post_init__(self) -> None:
         if isinstance(self.limits, Mapping):  # from yaml, or a mapping in Python
@@ -261,6 +269,11 @@ class HostConfig:
                  self.replica_max_distance)
         _require(self.stats_every >= 0, f"{prefix}.stats_every", "must be 0 or positive", self.stats_every)
         _require(self.delay >= 0, f"{prefix}.delay", "must be 0 or positive", self.delay)
+        _require(self.byzantine in BYZANTINE_MODES, f"{prefix}.byzantine", f"must be one of {list(BYZANTINE_MODES)}",
+                 self.byzantine)
+        _require(0 <= self.byzantine_rate <= 1, f"{prefix}.byzantine_rate", "must be in [0, 1]", self.byzantine_rate)
+        _require(self.grad_clip == 0 or self.grad_clip >= 1, f"{prefix}.grad_clip", "must be 0 (off) or at least 1",
+                 self.grad_clip)
         if volunteer:
             _require(self.expert is not None, f"{prefix}.expert", "must be a factory of an expert", self.expert)
 
@@ -346,6 +359,10 @@ class DecentralizedMoEConfig(MoEConfig):
     slow_wait_budget: float = 0.1
     latency_margin: float = 1.0
     hole_punch: bool = True
+    spot_check_rate: float = 0.02
+    spot_check_tolerance: float = 0.1
+    liar_ban_time: float = 600.0
+    poison: Optional[float] = None
 
 
 @dataclass
@@ -433,6 +450,11 @@ def check_moe(moe: Any) -> None:
         _require(moe.max_call_bytes >= 1, "moe.max_call_bytes", "must be positive", moe.max_call_bytes)
         _require(0 <= moe.slow_wait_budget < 1, "moe.slow_wait_budget", "must be in [0, 1)", moe.slow_wait_budget)
         _require(moe.latency_margin >= 0, "moe.latency_margin", "must be 0 or positive", moe.latency_margin)
+        _require(0 <= moe.spot_check_rate <= 0.5, "moe.spot_check_rate", "must be in [0, 0.5]", moe.spot_check_rate)
+        _require(0 < moe.spot_check_tolerance < 1, "moe.spot_check_tolerance", "must be in (0, 1)",
+                 moe.spot_check_tolerance)
+        _require(moe.liar_ban_time > 0, "moe.liar_ban_time", "must be positive", moe.liar_ban_time)
+        _require(moe.poison is None or moe.poison > 0, "moe.poison", "must be null or positive", moe.poison)
         try:
             HealthConfig(**moe.health)
         except ValueError as e:

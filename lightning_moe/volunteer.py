@@ -28,6 +28,7 @@ from lightning_moe.net import resolve_binding
 from lightning_moe.net.addresses import ALL_INTERFACES
 from lightning_moe.net.presence import Presence
 from lightning_moe.server import ExpertBackend, ExpertHost
+from lightning_moe.server.byzantine import Liar
 from lightning_moe.server.handover import adopt_states
 
 logger = logging.getLogger(__name__)
@@ -249,6 +250,9 @@ def start_volunteer(config: HostConfig, dht: DHTConfig | Any, device: str | torc
                                  config.max_batch_size, config.update_every, dtype=getattr(torch, config.dtype), seed=config.seed)
         for uid, backend in backends.items():
             backend.before_batch = injected_trouble(config, uid)
+            if config.byzantine != "none":  # a lying volunteer (tests and demos)
+                backend.answers = Liar(config.byzantine, config.byzantine_rate,
+                                       None if config.seed is None else f"{config.seed}:{uid}")
         adopted: dict[str, str] = {}
         if config.replicas > 1 and any(live.values()):  # before the cells are declared: trainers never see fresh weights
             adopted = adopt_states(backends, live, node.secret)
@@ -256,6 +260,9 @@ def start_volunteer(config: HostConfig, dht: DHTConfig | Any, device: str | torc
         host = ExpertHost(backends, resolved, dht=node, device=device, secret=node.secret)
         if state:
             host.load_state_dict(state)
+        for backend in backends.values():
+            if isinstance(backend.answers, Liar):
+                backend.answers.take_snapshot(backend.expert)  # a stale liar answers with the weights it starts with
         discover = config.announce_host is None and binding.host in ALL_INTERFACES
         if discover:
             host.announce_at(None)  # nothing to declare until peers tell how strangers reach it

@@ -24,9 +24,19 @@ class CallStats:
     link_mbps: float = 0.0  # the median measured link rate of the forward's hosts (Mbit/s; 0: none measured yet)
     slow_hosts: int = 0  # hosts known to be slow when this forward chose its experts (routing leaned away)
     typical_latency: float = 0.0  # the median host's expected answer time (seconds; 0 before any was measured)
+    spot_checks: int = 0  # answers of this forward whose rows were also sent to other replicas (client/spot_checks.py)
+    odd_answers: int = 0  # the layer's answers dropped by the screen so far (scale far from the expert's history)
+    spot_check_mismatches: int = 0  # the layer's spot checks so far in which replicas disagreed
+    liars_excluded: int = 0  # hosts the layer excluded so far for what they answered
     errors: list[str] = field(default_factory=list)
     failed_endpoints: set[str] = field(default_factory=set)
     lookups: dict[str, int] = field(default_factory=dict)  # the forward's DHT reads (counts of CachedExpertLookup.stats)
+
+    def count_checks(self, counts: dict[str, int]) -> None:
+        """Take the layer's totals of its answer checks (:meth:`AnswerChecks.figures`)."""
+        self.odd_answers = counts.get("odd_answers", 0)
+        self.spot_check_mismatches = counts.get("mismatches", 0)
+        self.liars_excluded = counts.get("liars_excluded", 0)
 
     def figures(self) -> dict[str, float]:
         """The counts and the latency, and of the DHT reads: ``dht_blocking`` (0 in steady state), ``dht_refreshes``

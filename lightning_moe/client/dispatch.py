@@ -21,9 +21,10 @@ from lightning_moe.client.beam_search import beam_search, live_experts
 from lightning_moe.client.call_stats import CallStats
 from lightning_moe.client.dht_cache import CachedExpertLookup
 from lightning_moe.client.health import HealthRegistry
-from lightning_moe.client.parallel_call import (ExpertCall, GivenUp, NotEnoughExpertsError, forget_uid, is_refused,
-                                                plan_calls, record_outcome, split_calls)
+from lightning_moe.client.parallel_call import (ExpertCall, GivenUp, NotEnoughExpertsError, check_k_min, forget_uid,
+                                                is_refused, plan_calls, record_outcome, split_calls)
 from lightning_moe.client.speed import SLOW_FACTOR, StragglerWait, WaitBudget, prefer_fast
+from lightning_moe.client.spot_checks import AnswerChecks
 from lightning_moe.client.remote_expert import RemoteExpert, RemoteExpertError, new_keep_id
 from lightning_moe.config import MOE_COMPRESSIONS, DHTConfig, HealthConfig, grid_uids, to_dataclass
 from lightning_moe.shared import process_dht, process_health, release_process_dht, usable
@@ -49,7 +50,9 @@ class Dispatcher:
                  backward_timeout_after_k_min: float | None, dht: Any, initial_peers: Sequence[str], compression: str,
                  cache_ttl: float, expert_info_timeout: float, secret: str | bytes | None, max_retries: int,
                  allow_zero_outputs: bool, health: HealthRegistry | HealthConfig | Mapping[str, Any] | None, max_call_bytes: int,
-                 slow_wait_budget: float = 0.1, latency_margin: float = 1.0, hole_punch: bool = True):
+                 slow_wait_budget: float = 0.1, latency_margin: float = 1.0, hole_punch: bool = True,
+                 spot_check_rate: float = 0.02, spot_check_tolerance: float = 0.1, liar_ban_time: float = 600.0,
+                 poison: float | None = None):
         if compression not in MOE_COMPRESSIONS:
             raise ValueError(f"compression must be one of {MOE_COMPRESSIONS}, got {compression!r}")
         if not 1 <= k_min <= k_best:
@@ -83,6 +86,8 @@ class Dispatcher:
         self.cache_ttl, self.expert_info_timeout = cache_ttl, expert_info_timeout
         self.latency_margin, self.wait_budget = latency_margin, WaitBudget(slow_wait_budget)
         self.hole_punch = bool(hole_punch)
+        self.spot_check_rate, self.spot_check_tolerance, self.liar_ban_time = spot_check_rate, spot_check_tolerance, liar_ban_time
+        self.poison, self._checks = poison, None
         self.health_config = health if isinstance(health, HealthConfig) else None
         self._health = health if isinstance(health, HealthRegistry) else None
         self._dht, self._owns_dht_ref, self._lookup = dht, False, None
@@ -93,7 +98,7 @@ class Dispatcher:
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state.update(_dht=None, _lookup=None, _lock=None, _owns_dht_ref=False, _health=None)  # this process's
+        state.update(_dht=None, _lookup=None, _lock=None, _owns_dht_ref=False, _health=None, _checks=None)  # this process's
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -125,6 +130,21 @@ class Dispatcher:
             self._log_swarm()
         return self._lookup
 
+    @property
+    def checks(self) -> AnswerChecks:
+        """The screen and spot checks of the hosts' answers (:mod:`lightning_moe.client.spot_checks`)."""
+        health = self.health
+        if self._checks is None or self._checks.health is not health:
+            self._checks = AnswerChecks(health, self.replicas, self.codec, self.secret, self.spot_check_rate,
+                                        self.spot_check_tolerance, self.liar_ban_time)
+        self._checks.rate = self.spot_check_rate
+        return self._checks
+
+    def replicas(self, uid: str) -> list[str]:
+        """Every endpoint the DHT (cached) lists for the expert ``uid``."""
+        prefix, _, coord = uid.rpartition(".")
+        return list(self.lookup.all_children([prefix], timeout=1.0).get(prefix, {}).get(int(coord), []))
+
     def close(self) -> None:
         """Let go of the DHT node (the process's client node shuts down when its last layer closes)."""
         with self._lock:
@@ -153,16 +173,19 @@ class Dispatcher:
         start = time.monotonic()
         self.stats, self._lookups_before = CallStats(), self.lookup.stats
         self.stats.typical_latency = self.health.speeds.typical() or 0.0
+        self.stats.count_checks(self.checks.figures())
         return None if self.forward_timeout is None else start + self.forward_timeout
+
+    def codec(self, endpoint: str) -> str:
+        """The compression of calls to ``endpoint``: the layer's, or under ``auto`` the host's link's."""
+        return self.compression if self.compression != "auto" else self.health.links.codec(endpoint)
 
     def codecs(self, calls: list[ExpertCall], stats: CallStats | None = None) -> list[str]:
         """Each call's codec: the layer's ``compression``, or under ``auto`` its host's link's (counted in ``stats``:
         ``compressed`` and ``link_mbps``)."""
-        if self.compression != "auto":
-            return [self.compression] * len(calls)
+        codecs = [self.codec(call.endpoint) for call in calls]
         links = self.health.links
-        codecs = [links.codec(call.endpoint) for call in calls]
-        if stats is not None:
+        if stats is not None and self.compression == "auto":
             rates = sorted(r for r in (links.rate(e) for e in {call.endpoint for call in calls}) if r is not None)
             if rates:
                 stats.link_mbps = rates[(len(rates) - 1) // 2] * 8e-6
@@ -273,7 +296,7 @@ class Dispatcher:
         after = self.lookup.stats
         self.stats.lookups = {k: v - self._lookups_before.get(k, 0) for k, v in after.items() if k != "in_flight"}
         if not self.allow_zero_outputs:
-            self._check_k_min(mask, tried)
+            check_k_min(mask, tried, self.k_min, lambda: self.lookup.excluded_experts(self.uid_prefix))
         return outputs, mask, coords, [call for call, error in tried if error is None]
 
     def _call_forward(self, calls: list[ExpertCall], x: torch.Tensor, outputs: torch.Tensor, mask: torch.Tensor,
@@ -307,6 +330,8 @@ class Dispatcher:
                     shape = None if output is None else tuple(output.shape)
                     result = RemoteExpertError(call.uid, call.endpoint, f"forward: answered shape {shape}, expected "
                                                                         f"{(len(call.rows), *out_shape)}", status=200)
+                elif (odd := self.checks.screen(call.uid, call.endpoint, output)) is not None:
+                    result = RemoteExpertError(call.uid, call.endpoint, f"forward: {odd}", status=200)  # dropped
             record_outcome(health, call.uid, call.endpoint, result)
             if isinstance(result, BaseException):
                 shed = isinstance(result, RemoteExpertError) and result.status == 503
@@ -319,6 +344,7 @@ class Dispatcher:
                 tried.append((call, result))
                 continue
             stats.answered += 1
+            stats.spot_checks += self.checks.maybe_check(call.uid, call.endpoint, x[call.rows], output)
             outputs[call.rows, call.slots] = output.to(outputs.dtype)
             mask[call.rows, call.slots] = True
             tried.append((call, None))
@@ -329,29 +355,12 @@ class Dispatcher:
         if self.hole_punch:
             direct.note_calls([c.endpoint for c, r in zip(calls, results) if not isinstance(r, BaseException)], self.secret)
 
-    def _check_k_min(self, mask: torch.Tensor, tried: list[tuple[ExpertCall, BaseException | None]]) -> None:
-        """Raise NotEnoughExpertsError if a sample has fewer than ``k_min`` answers, naming what was tried
-        for it and why each failed, or, if nothing was tried, what is excluded and why."""
-        short = (mask.sum(1) < self.k_min).nonzero().flatten().tolist()
-        if not short:
-            return
-        sample = short[0]
-        lines = [f"  {call.uid} at {call.endpoint}: {error or 'answered'}" for call, error in tried
-                 if bool((call.rows == sample).any())]
-        if not lines:
-            reasons = self.lookup.excluded_experts(self.uid_prefix)
-            lines = (["  none tried: every expert found in the DHT is excluded after errors:"] + [f"    {r}" for r in reasons[:8]]
-                     if reasons else ["  (none found alive in the DHT)"])
-        raise NotEnoughExpertsError(
-            f"{len(short)} of {mask.shape[0]} samples got fewer than k_min={self.k_min} expert answers; "
-            f"sample {sample} got {int(mask[sample].sum())}, experts tried for it:\n" + "\n".join(lines)
-        )
-
     # ------------------------------------------------------------------ its backward
     def backward(self, calls: list[ExpertCall], stats: CallStats, x: torch.Tensor, grad_outputs: torch.Tensor) -> torch.Tensor:
         """The gradient of ``x`` (host inputs) from the experts that answered a forward (``calls``), given the gradient
         of its outputs. An expert whose backward fails drops its contribution, counted in ``stats`` (the forward's)."""
-        payloads = [([x[call.rows]], [grad_outputs[call.rows, call.slots]]) for call in calls]
+        scale = self.poison or 1.0  # a poisoning trainer (tests and demos) sends scaled gradients
+        payloads = [([x[call.rows]], [grad_outputs[call.rows, call.slots] * scale]) for call in calls]
         health, begin = self.health, time.monotonic()
         wait = StragglerWait(self.backward_timeout_after_k_min, health.speeds, self.wait_budget, "backward")
         results = parallel_call.call_in_parallel(calls, "backward", payloads, self.backward_timeout, wait,
@@ -372,7 +381,7 @@ class Dispatcher:
                                     else f"backward: expert {call.uid!r} answered a wrong shape")
                 continue
             stats.backward_answered += 1
-            grad_x.index_add_(0, call.rows, result[0].to(x.dtype))
+            grad_x.index_add_(0, call.rows, result[0].to(x.dtype) / scale)
             answers[call.rows] += 1
         short = int((answers < self.backward_k_min).sum())
         if short:

@@ -118,6 +118,15 @@ class HealthRegistry:
             breaker.open_until = max(breaker.open_until, time.monotonic() + seconds)
             breaker.last_error = message
 
+    def exclude_host(self, endpoint: str, seconds: float, reason: str) -> None:
+        """Exclude a host for ``seconds`` because of what it answered (a liar caught by
+        :mod:`~lightning_moe.client.spot_checks`), saying ``reason``."""
+        with self._lock:
+            breaker = self._breaker(endpoint)
+            breaker.open_until = max(breaker.open_until, time.monotonic() + seconds)
+            breaker.probing, breaker.last_error = False, reason
+            breaker.outcomes.clear()  # no failure count: the reason says why
+
     def _exclusion(self, key: str, now: float, wall: float) -> Exclusion | None:
         breaker = self._breakers.get(key)
         if breaker is None or breaker.open_until == 0.0:

@@ -95,6 +95,14 @@ class DecentralizedMoE(nn.Module):
         hole_punch: a host behind NAT that the layer calls often through a relay is asked for a direct path (TCP
             hole punching, :mod:`lightning_moe.client.direct`); calls use it once made and go on through the relay
             when it fails or closes. False: always through the relay.
+        spot_check_rate: the share of answered rows also sent to up to 2 other replicas of the same expert in the
+            background; a host whose answers disagree with the majority is excluded (:mod:`~lightning_moe.client.
+            spot_checks`, which also screens every answer's scale against the expert's history). 0: no spot checks.
+        spot_check_tolerance: the least relative difference of two replicas' answers that counts as disagreement
+            (the tolerance is calibrated from agreeing replicas, never below this).
+        liar_ban_time: seconds a host caught lying stays excluded.
+        poison: a poisoning trainer, for tests and demos: the output gradients sent to hosts are multiplied by this
+            (the layer's own input gradients are not). None: honest.
     """
 
     # the constructor arguments that the dispatcher holds (a change applies from the next forward)
@@ -103,6 +111,7 @@ class DecentralizedMoE(nn.Module):
     backward_k_min, backward_timeout, backward_timeout_after_k_min = _Held(), _Held(), _Held()
     compression, secret, max_call_bytes, cache_ttl, expert_info_timeout = _Held(), _Held(), _Held(), _Held(), _Held()
     latency_margin, hole_punch = _Held(), _Held()
+    spot_check_rate, spot_check_tolerance, liar_ban_time, poison = _Held(), _Held(), _Held(), _Held()
     dht_config = _Held()  # where the layer joins the swarm (made from ``dht`` / ``initial_peers`` / ``secret``)
 
     def __init__(
@@ -131,6 +140,10 @@ class DecentralizedMoE(nn.Module):
         slow_wait_budget: float = 0.1,
         latency_margin: float = 1.0,
         hole_punch: bool = True,
+        spot_check_rate: float = 0.02,
+        spot_check_tolerance: float = 0.1,
+        liar_ban_time: float = 600.0,
+        poison: float | None = None,
     ):
         super().__init__()
         self.dispatcher = Dispatcher(
@@ -139,7 +152,9 @@ class DecentralizedMoE(nn.Module):
             backward_timeout_after_k_min=backward_timeout_after_k_min, dht=dht, initial_peers=initial_peers,
             compression=compression, cache_ttl=cache_ttl, expert_info_timeout=expert_info_timeout, secret=secret,
             max_retries=max_retries, allow_zero_outputs=allow_zero_outputs, health=health, max_call_bytes=max_call_bytes,
-            slow_wait_budget=slow_wait_budget, latency_margin=latency_margin, hole_punch=hole_punch)
+            slow_wait_budget=slow_wait_budget, latency_margin=latency_margin, hole_punch=hole_punch,
+            spot_check_rate=spot_check_rate, spot_check_tolerance=spot_check_tolerance, liar_ban_time=liar_ban_time,
+            poison=poison)
         self.in_features, self.jitter = in_features, jitter
         self.proj = nn.Linear(in_features, sum(self.grid_size))
         self.aux_loss: torch.Tensor | None = None

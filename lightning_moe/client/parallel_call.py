@@ -9,7 +9,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -222,6 +222,26 @@ def plan_calls(candidates: dict[int, list[tuple[str, str]]], mask: torch.Tensor,
         ExpertCall(uid, endpoint, rows, expert_slots)
         for (uid, endpoint), rows, expert_slots in zip(experts, samples_t[order].split(counts), slots_t[order].split(counts))
     ]
+
+
+def check_k_min(mask: torch.Tensor, tried: list[tuple[ExpertCall, BaseException | None]], k_min: int,
+                excluded: Callable[[], list[str]]) -> None:
+    """Raise NotEnoughExpertsError if a sample has fewer than ``k_min`` answers (``mask``), naming what was ``tried``
+    for it and why each failed, or, if nothing was tried, what is ``excluded()`` and why."""
+    short = (mask.sum(1) < k_min).nonzero().flatten().tolist()
+    if not short:
+        return
+    sample = short[0]
+    lines = [f"  {call.uid} at {call.endpoint}: {error or 'answered'}" for call, error in tried
+             if bool((call.rows == sample).any())]
+    if not lines:
+        reasons = excluded()
+        lines = (["  none tried: every expert found in the DHT is excluded after errors:"] + [f"    {r}" for r in reasons[:8]]
+                 if reasons else ["  (none found alive in the DHT)"])
+    raise NotEnoughExpertsError(
+        f"{len(short)} of {mask.shape[0]} samples got fewer than k_min={k_min} expert answers; "
+        f"sample {sample} got {int(mask[sample].sum())}, experts tried for it:\n" + "\n".join(lines)
+    )
 
 
 def forget_uid(asked: dict[int, set[Any]], call: ExpertCall) -> None:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from lightning_moe import wire
+from lightning_moe.server.grad_bounds import GradientBounds
 from lightning_moe.server.task_pool import TaskPool
 
 logger = logging.getLogger(__name__)
@@ -90,7 +91,9 @@ class ExpertBackend:
             kept graph; not the start-up check), in the runtime thread: an exception fails that batch's requests.
             A volunteer's ``host.delay`` and ``host.fault_rate`` are such a hook.
 
-    ``kept`` (a :class:`GraphKeeper`, None until a host sets it) holds the forwards that requests asked to keep.
+    ``answers`` (an :class:`AnswerFilter`, None: honest) may alter the answers (``host.byzantine``); ``grad_bounds``
+    (a :class:`~lightning_moe.server.grad_bounds.GradientBounds`, None: unbounded) clips each backward request's output
+    gradients before it is queued (:meth:`bound_gradients`; ``host.grad_clip``). ``kept`` (a :class:`GraphKeeper`, None until a host sets it) holds the forwards that requests asked to keep.
     """
 
     def __init__(
@@ -122,6 +125,8 @@ class ExpertBackend:
         self.expert.train()
         self.outputs_schema = self._infer_outputs_schema()
         self.kept: GraphKeeper | None = None
+        self.answers: AnswerFilter | None = None
+        self.grad_bounds: GradientBounds | None = None
         self.forward_pool = TaskPool(f"{name}.forward", self.forward, self.max_batch_size, pass_keys=True)
         self.backward_pool = TaskPool(f"{name}.backward", self.backward, self.max_batch_size)
 
@@ -212,6 +217,15 @@ class ExpertBackend:
             self._check_finite(tensors, "grad_output")
         return tuple(tensors)
 
+    def bound_gradients(self, tensors: Sequence[torch.Tensor], source: Hashable = None) -> tuple[torch.Tensor, ...]:
+        """A validated backward request (``[*inputs, *grad_outputs]``, or only the output gradients of a kept forward)
+        with its output-gradient rows clipped by ``grad_bounds`` (``source``: the trainer's address)."""
+        tensors = tuple(tensors)
+        if self.grad_bounds is None:
+            return tensors
+        split = len(tensors) - len(self.outputs_schema)
+        return tensors[:split] + self.grad_bounds.bound(tensors[split:], source)
+
     def empty_outputs(self, direction: str) -> list[torch.Tensor]:
         """The answer to a request with zero rows, without running the expert."""
         schema = self.outputs_schema if direction == "forward" else self.args_schema
@@ -225,6 +239,8 @@ class ExpertBackend:
         if kept is None:
             with self._lock, torch.no_grad():
                 outputs = _as_tuple(self.expert(*inputs))
+                if self.answers is not None:
+                    outputs = self.answers.forward(self.expert, inputs, outputs)
         else:
             leaves = [x.detach().requires_grad_(x.is_floating_point()) for x in inputs]
             saved = _SavedTensors()
@@ -233,6 +249,9 @@ class ExpertBackend:
             if any(o.requires_grad for o in outputs):
                 kept.keep(keys, leaves, outputs, saved.nbytes)
             outputs = tuple(o.detach() for o in outputs)
+            if self.answers is not None:
+                with self._lock:
+                    outputs = self.answers.forward(self.expert, inputs, outputs)
         self.forward_batches += 1
         self.forward_samples += inputs[0].shape[0]
         return outputs
@@ -273,6 +292,8 @@ class ExpertBackend:
                 else:
                     torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
         grad_inputs = tuple(x.grad if x.grad is not None else torch.zeros_like(x) for x in inputs)
+        if self.answers is not None:
+            grad_inputs = self.answers.backward(self.expert, inputs, grad_outputs, grad_inputs)
         self.backward_batches += 1
         self.backward_samples += batch
         if self.optimizer is not None:

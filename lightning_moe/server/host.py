@@ -17,6 +17,7 @@ from lightning_moe import auth
 from lightning_moe.config import HostConfig
 from lightning_moe.net.addresses import LOOPBACK
 from lightning_moe.server.backend import ExpertBackend
+from lightning_moe.server.grad_bounds import GradientBounds
 from lightning_moe.server.http import DIRECTIONS, ExpertHTTPServer
 from lightning_moe.server.kept_forwards import KeptForwards, KeptStore
 from lightning_moe.server.replica_sync import ReplicaSync
@@ -32,7 +33,7 @@ class ExpertHost:
         backends: ``{uid: ExpertBackend}`` or a list of backends (keyed by their names).
         config: how to serve them (:class:`~lightning_moe.config.HostConfig`; None: its defaults). The host
             reads ``host``, ``port`` (0: any free port), ``announce_host``, ``announce_port``, ``update_period``,
-            ``limits``, ``compression``, ``kept_forwards_mb``, ``device``, and ``replicas`` with ``replica_*`` (with
+            ``limits``, ``compression``, ``kept_forwards_mb``, ``grad_clip``, ``device``, and ``replicas`` with ``replica_*`` (with
             a DHT and ``replicas`` > 1 the replicas of each cell average, :mod:`.replica_sync`); the keys that make experts are
             :func:`~lightning_moe.volunteer.start_volunteer`'s. ``host`` None binds loopback (start_volunteer
             resolves it from the DHT peers first). ``limits.max_connections`` is capped by the process's
@@ -78,6 +79,8 @@ class ExpertHost:
         pools: list[RuntimePool] = []
         for backend in self.backends.values():
             backend.kept = KeptForwards(backend, self.kept)
+            if config.grad_clip > 0 and backend.grad_bounds is None:  # one trainer's gradients move an expert boundedly
+                backend.grad_bounds = GradientBounds(config.grad_clip)
             pools += [backend.forward_pool, backend.backward_pool, backend.kept]
         self.runtime = Runtime(pools, self.device, name="lightning_moe-runtime")
         self.server: ExpertHTTPServer | None = None
@@ -220,6 +223,8 @@ class ExpertHost:
                     "failed_batches": pool_stats["batch_errors"],
                 }
             entry["errors"] = entry["forward"]["errors"] + entry["backward"]["errors"]
+            if backend.grad_bounds is not None:
+                entry["grad_bounds"] = backend.grad_bounds.stats()
             out[uid] = entry
         return out
 

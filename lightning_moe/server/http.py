@@ -353,6 +353,7 @@ class ExpertHTTPServer:
                     tensors = backend.validate_forward(tensors)
                 else:
                     tensors = backend.validate_grads(tensors) if keep else backend.validate_backward(tensors)
+                    tensors = backend.bound_gradients(tensors, request.remote)  # one trainer's pull is bounded
             except ValueError as e:  # WireError is a ValueError
                 raise RequestError(400, f"{direction}: {e}", uid) from None
             outputs = await self._compute(direction, uid, backend, tensors, keep, group, request.remote)
