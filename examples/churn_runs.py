@@ -7,8 +7,8 @@ Three runs per seed, at equal steps:
 - ``churn_r1``: every cell on 1 host under churn; a joiner starts its cells from fresh weights.
 
 The victim is a random host among those replaced the fewest times, so every host is replaced in turn. Without
-``--period``, the period is the steady run's training time divided by ``2 * 6 + 1``: every host is replaced at
-least twice. A joiner takes exactly the dead host's cells (the cells with the fewest live replicas, as a joining
+``--period``, the period is the steady run's training time divided by ``2 * 6 + 2``, so that every host is replaced
+at least twice; the next kill comes a period after the last one, or once its joiner serves if that took longer. A joiner takes exactly the dead host's cells (the cells with the fewest live replicas, as a joining
 volunteer's ``host.cells=N`` chooses them once the dead host's DHT records expire).
 
     python examples/churn_runs.py                                       # 3 runs, seed 0
@@ -80,8 +80,9 @@ class Churn(pl.Callback):
             self.thread.start()
 
     def _churn(self) -> None:
-        joined = 0
-        while not self.stop.wait(self.period):
+        joined, wait = 0, self.period
+        while not self.stop.wait(wait):
+            began = time.monotonic()
             fewest = min(self.report.replaced)
             slot = self.rng.choice([s for s, n in enumerate(self.report.replaced) if n == fewest])
             self.swarm.kill(self.slots[slot])
@@ -93,6 +94,7 @@ class Churn(pl.Callback):
             self.report.lost |= fresh
             logger.warning("host slot %d replaced (%d times): %d of its %d cells adopted a replica's state", slot,
                            self.report.replaced[slot], len(self.cells[slot]) - len(fresh), len(self.cells[slot]))
+            wait = max(self.period - (time.monotonic() - began), 0.0)  # a kill every period, or as soon as a joiner serves
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         self._start = time.perf_counter()
@@ -152,7 +154,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--period", type=float, default=None,
-                        help="seconds between kills (default: the steady run's training time / 13)")
+                        help="seconds between kills (default: the steady run's training time / 14)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run, e.g. trainer.max_steps=200")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -162,7 +164,7 @@ def main() -> None:
         print(f"=== steady (seed {seed}) ===", flush=True)
         steady = run("steady", seed, overrides, None)
         reports.append(steady)
-        period = args.period or steady.train_seconds / (2 * NUM_HOSTS + 1)
+        period = args.period or steady.train_seconds / (2 * NUM_HOSTS + 2)
         for name in ("churn_r2", "churn_r1"):
             print(f"=== {name} (seed {seed}, a host replaced every {period:.1f} s) ===", flush=True)
             reports.append(run(name, seed, overrides, period))
