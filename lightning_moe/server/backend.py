@@ -37,6 +37,19 @@ class GraphKeeper(Protocol):
         is not kept."""
 
 
+class AnswerFilter(Protocol):
+    """What may alter an expert's answers before they leave (:class:`~lightning_moe.server.byzantine.Liar`, a lying
+    volunteer for tests and demos, ``host.byzantine``)."""
+
+    def forward(self, expert: nn.Module, inputs: Sequence[torch.Tensor],
+                outputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """The answer to a forward batch."""
+
+    def backward(self, expert: nn.Module, inputs: Sequence[torch.Tensor], grad_outputs: Sequence[torch.Tensor],
+                 grad_inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """The answer to a backward batch."""
+
+
 def normalize_schema(schema: Sequence[Any]) -> Schema:
     """``[(shape, dtype), ...]`` with dtype a torch dtype or wire name, or ``{"shape", "dtype"}`` dicts."""
     out: Schema = []
