@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from lightning_moe.client.dht_cache import CachedExpertLookup
-from lightning_moe.client.dispatch import CallStats, Dispatcher, RemoteMixtureCall
+from lightning_moe.client.dispatch import CallStats, Dispatcher
+from lightning_moe.client.mixture_call import RemoteMixtureCall
 from lightning_moe.client.gating import load_balancing_loss
 from lightning_moe.client.health import HealthRegistry
 from lightning_moe.config import HealthConfig
