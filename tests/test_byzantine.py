@@ -91,7 +91,7 @@ def test_each_lying_mode_is_caught_and_its_host_excluded_saying_why(three_replic
         layer.close()
 
 
-@pytest.mark.slow
+@pytest.mark.soak  # 22 s of the default run's budget; the default run's spot-check tests check honest hosts too
 def test_honest_replicas_are_never_excluded_over_a_long_run():
     """Three honest replicas trained apart by Adam (lr 3e-3, the host default: they drift a few % between averagings
     every 5 s), 200 steps with half the answers spot-checked: disagreements may be counted, nobody is excluded."""
