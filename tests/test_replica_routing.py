@@ -93,7 +93,7 @@ def test_a_failing_replicas_rows_go_to_another_replica_of_the_same_expert(two_re
         layer.close()
 
 
-@pytest.mark.slow
+@pytest.mark.soak  # 12 s of the default run's budget; examples/churn_runs.py does this at scale
 def test_a_local_swarm_places_replicas_and_a_host_replacing_a_killed_one_adopts_every_cells_state():
     from lightning_moe.swarm import LocalSwarm
 
