@@ -212,7 +212,8 @@ class HostConfig:
     byzantine_rate: float = _help("the share of its answers (batches) a lying volunteer alters", default=1.0)
     grad_clip: float = _help("each backward request's output-gradient rows are clipped to this many times the expert's "
                              "typical row norm (a lower median over trainer addresses), so one trainer's gradients "
-                             "move an expert a bounded amount; 0: no clipping", default=4.0)
+                             "move an expert a bounded amount (16: 4 cost the example 3% val bpc); 0: no clipping",
+                             default=16.0)
 
     def __post_init__(self) -> None:
         if isinstance(self.limits, Mapping):  # from yaml, or a mapping in Python
