@@ -40,6 +40,16 @@ def response_signature(secret: bytes, path: str, nonce: str, timestamp: str, bod
     return auth.sign(secret, b"response", path.encode(), nonce.encode(), timestamp.encode(), body)
 
 
+def signed_answer(secret: bytes | None, path: str, nonce: str, body: bytes) -> web.Response:
+    """An octet-stream answer; in a private swarm with ``X-Timestamp`` and its ``X-Signature``."""
+    headers = {"Content-Type": "application/octet-stream"}
+    if secret is not None:
+        timestamp = f"{time.time():.3f}"
+        headers.update({"X-Timestamp": timestamp,
+                        "X-Signature": response_signature(secret, path, nonce, timestamp, body)})
+    return web.Response(body=body, headers=headers)
+
+
 class AveragingServer:
     """Serves ``/average`` and ``/state`` on ``host:port`` (0: a free port) until :meth:`stop`.
 
@@ -93,12 +103,7 @@ class AveragingServer:
         except Exception as e:  # noqa: BLE001 - a peer's request must never take the trainer down
             logger.exception("averaging request failed")
             return web.json_response({"error": f"{type(e).__name__}: {e}"}, status=500)
-        headers = {"Content-Type": "application/octet-stream"}
-        if self.secret is not None:
-            timestamp = f"{time.time():.3f}"
-            headers.update({"X-Timestamp": timestamp, "X-Signature": response_signature(
-                self.secret, request.path, request.headers.get("X-Nonce", ""), timestamp, answer)})
-        return web.Response(body=answer, headers=headers)
+        return signed_answer(self.secret, request.path, request.headers.get("X-Nonce", ""), answer)
 
     async def _average(self, request: web.Request) -> web.Response:
         try:

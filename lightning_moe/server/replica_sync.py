@@ -37,7 +37,7 @@ import torch
 from aiohttp import web
 
 import lightning_moe.averaging.state as state
-from lightning_moe.averaging.server import response_signature
+from lightning_moe.averaging.server import response_signature, signed_answer
 from lightning_moe.averaging.state import Layout, RefusedState
 from lightning_moe.client.remote_expert import host_id
 from lightning_moe.net import http_client
@@ -272,12 +272,7 @@ class ReplicaSync:
                 raise RequestError(503, f"replica: {e}", uid, headers={"Retry-After": "1"}) from None
         finally:
             server.budget.release(length)
-        headers = {"Content-Type": "application/octet-stream"}
-        if self.secret is not None:
-            timestamp = f"{time.time():.3f}"
-            headers.update({"X-Timestamp": timestamp, "X-Signature": response_signature(
-                self.secret, request.raw_path, request.headers.get("X-Nonce", ""), timestamp, answer)})
-        return web.Response(body=answer, headers=headers)
+        return signed_answer(self.secret, request.raw_path, request.headers.get("X-Nonce", ""), answer)
 
     def answer(self, uid: str, body: bytes) -> bytes:
         """Our parameters for a replica's (``body``), then move to the pair's aggregate; raises RefusedState or
