@@ -25,6 +25,7 @@ seeds, is within ``--quality-goal`` percent of uncompressed::
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import statistics
@@ -123,18 +124,31 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--link-steps", type=int, default=6, help="timed steps per codec, round and link setting")
     parser.add_argument("--quality-goal", type=float, default=1.0, help="percent of bpc a codec may lose")
     parser.add_argument("--skip-quality", action="store_true", help="only the link part (no bpc column)")
+    parser.add_argument("--save-quality", metavar="JSON", help="write the quality part's val bpc per codec and seed")
+    parser.add_argument("--load-quality", metavar="JSON", help="read the quality part from an earlier --save-quality "
+                                                                "instead of training (the link part still runs)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for the quality runs")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     codecs = ["none", *[c for c in dict.fromkeys(args.codecs) if c != "none"]]
     figures = {c: CodecFigures(c) for c in codecs}
     began = time.monotonic()
-    if not args.skip_quality:
+    if args.load_quality:
+        with open(args.load_quality) as f:
+            saved = json.load(f)
+        for codec, fig in figures.items():
+            fig.bpc = {int(seed): bpc for seed, bpc in saved[codec].items()}
+        args.seeds = sorted(figures["none"].bpc)
+        print(f"quality from {args.load_quality}: {saved}")
+    elif not args.skip_quality:
         for seed in args.seeds:
             for codec in codecs:
                 figures[codec].bpc[seed] = train_example(codec, seed, args.steps, args.overrides)
                 print(f"quality seed {seed} {codec:>8}: val bpc {figures[codec].bpc[seed]:.4f} "
                       f"({time.monotonic() - began:.0f} s)", flush=True)
+        if args.save_quality:
+            with open(args.save_quality, "w") as f:
+                json.dump({codec: fig.bpc for codec, fig in figures.items()}, f)
     else:
         for fig in figures.values():
             fig.bpc = {0: float("nan")}
