@@ -5,7 +5,9 @@ Two parts:
 1. **Quality.** The example (``examples/train.py``: CharLM, one DecentralizedMoE layer on a 4x4 grid, 2 local hosts)
    trained for ``--steps`` steps with each codec as ``moe.compression`` (the hosts answer in kind), once per seed;
    validation bits per character against the uncompressed run of the same seed. The codecs of a seed run one after
-   the other (none, then each codec), so each seed's runs share the machine's mood.
+   the other (none, then each codec), so each seed's runs share the machine's mood. These runs wait for every
+   expert's answer (``timeout_after_k_min=null``), so the machine's load cannot change what is computed: the
+   quality column is the codec's effect alone.
 2. **The link.** The WAN benchmark's swarm (``tests/benchmark_wan.py``: 2 hosts, each behind a user-space proxy that
    delays and paces its traffic) and its one-layer trainer: bytes up and down per step counted at the proxies on an
    unlimited link, and steps/s at 20 Mbit/s and 100 ms RTT. Codecs interleaved (none, int8, ..., none, int8, ...)
@@ -68,7 +70,9 @@ def train_example(codec: str, seed: int, steps: int, overrides: Sequence[str]) -
     is: every ``trainer.val_check_interval`` batches of an epoch)."""
     import fault_runs
 
+    # every answer is waited for: on a loaded machine given-up stragglers would change what is computed
     report = fault_runs.run("healthy", ["trainer.enable_checkpointing=false", "~logger", "callbacks=none",
+                                        "moe.timeout_after_k_min=null", "moe.backward_timeout_after_k_min=null",
                                         f"trainer.max_steps={steps}",
                                         f"moe.compression={codec}", f"paths.output_dir=outputs/bandwidth/{codec}-{seed}",
                                         *overrides], seed=seed)
