@@ -124,9 +124,11 @@ class MoEStack(nn.Module):
         micro-batch)."""
         views = [layer.dispatcher.micro_batch_views(len(inputs)) for layer in self.layers]
         autocast = _autocast_state(inputs[0].device.type)
+        inference = torch.is_inference_mode_enabled()  # Lightning validates under inference mode; threads start without
 
         def run(m: int) -> tuple[torch.Tensor, list[Routing]]:
-            with torch.set_grad_enabled(grad), torch.autocast(inputs[0].device.type, **autocast):
+            with torch.inference_mode(inference), torch.set_grad_enabled(grad), \
+                    torch.autocast(inputs[0].device.type, **autocast):
                 return self.micro_batch(inputs[m], [per_layer[m] for per_layer in views])
 
         try:
