@@ -14,8 +14,10 @@ from test_moe import GRID, HID, make_moe, start_swarm
 
 def make_stack(swarm, layers: int = 2, **kwargs) -> MoEStack:
     """``layers`` layers on the swarm's one grid (each its own gating), a local Linear + LayerNorm before each; every
-    answer waited for (no straggler cut-off), so that both ways choose and mix the same experts."""
-    kwargs = dict(timeout_after_k_min=None, backward_timeout_after_k_min=None, spot_check_rate=0.0, **kwargs)
+    answer waited for (no straggler cut-off) and routing blind to host speed, so that both ways choose and mix the same
+    experts on a loaded machine."""
+    kwargs = dict(timeout_after_k_min=None, backward_timeout_after_k_min=None, spot_check_rate=0.0, latency_margin=0.0,
+                  **kwargs)
     pre = [nn.Sequential(nn.Linear(HID, HID), nn.LayerNorm(HID)) for _ in range(layers)]
     return MoEStack([make_moe(swarm, **kwargs) for _ in range(layers)], micro_batches=1, pre=pre)
 

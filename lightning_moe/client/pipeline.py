@@ -182,6 +182,9 @@ class PipelinedStep(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_y: torch.Tensor, *grad_aux: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        if ctx.graph is None:
+            raise RuntimeError("a pipelined MoEStack step is backpropagated once (its micro-batches' graphs are freed); "
+                               "retain_graph is not supported")
         inputs, outs, gate_logits, logits, aux = ctx.graph
         ctx.graph = None  # the micro-batches' graphs go with this backward
         pairs = [(loss, grad) for loss, grad in zip(aux, grad_aux) if grad is not None]
