@@ -10,7 +10,6 @@ their sum.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -23,8 +22,6 @@ from lightning_moe.client.call_stats import CallStats
 from lightning_moe.client.dispatch import Dispatcher
 from lightning_moe.client.gating import load_balancing_loss
 from lightning_moe.client.moe import DecentralizedMoE, Routing
-
-logger = logging.getLogger(__name__)
 
 #: The most micro-batches of one step (each runs in its own thread while the step runs).
 MAX_MICRO_BATCHES = config.MAX_MICRO_BATCHES
