@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "DecentralizedMoE": "lightning_moe.client.moe",
     "LocalMoE": "lightning_moe.client.local_moe",
+    "MoEStack": "lightning_moe.client.pipeline",
     "RemoteExpert": "lightning_moe.client.remote_expert",
     "RemoteExpertError": "lightning_moe.client.remote_expert",
     "NotEnoughExpertsError": "lightning_moe.client.parallel_call",

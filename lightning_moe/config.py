@@ -15,6 +15,7 @@ from typing import Any, Optional
 WIRE_COMPRESSIONS = ("none", "float16", "uint8", "int8", "int4")  # lightning_moe.wire.COMPRESSIONS, without importing torch
 MOE_COMPRESSIONS = (*WIRE_COMPRESSIONS, "auto")  # auto: chosen per host from its measured link (client/links.py)
 REPLICA_AGGREGATES = ("mean", "median", "trimmed_mean")  # lightning_moe.server.replica_sync.AGGREGATES
+MAX_MICRO_BATCHES = 16  # lightning_moe.client.pipeline.MAX_MICRO_BATCHES, without importing torch
 BYZANTINE_MODES = ("none", "sign_flip", "scale", "noise", "stale")  # lightning_moe.server.byzantine.MODES
 
 
@@ -328,6 +329,30 @@ class LocalSwarmConfig:
 
 
 @dataclass
+class CharLMConfig:
+    """Schema of the `model=char_lm` group: :class:`lightning_moe.lightning.char_lm.CharLM`, the example model."""
+
+    _target_: str = "lightning_moe.lightning.char_lm.CharLM"
+    hid_dim: int = _help("model width (the experts' in/out size)", default=64)
+    seq_len: int = _help("longest sequence (the data's seq_len)", default=64)
+    num_heads: int = _help("attention heads", default=4)
+    lr: float = _help("AdamW learning rate of the model's own parameters (the experts learn on their hosts)", default=3e-3)
+    aux_loss_weight: float = _help("weight of the layers' load-balancing loss", default=0.01)
+    moe_layers: int = _help("mixture layers, each residual (uid prefixes ffn for one, else ffn0, ffn1, ...)", default=1)
+    uid_prefix: str = _help("the grid prefix the layers' prefixes derive from (moe.uid_prefix)", default="ffn")
+    micro_batches: int = _help("the batch is split into this many micro-batches that flow through the mixture layers at "
+                               "once, so one micro-batch's expert calls overlap another's (lightning_moe.MoEStack; the "
+                               "same gradients as 1, which does not pipeline)", default=1)
+
+    def check(self, prefix: str = "model") -> None:
+        """Ranges; raises :class:`ConfigError` naming the key."""
+        for key in ("hid_dim", "seq_len", "num_heads", "moe_layers"):
+            _require(getattr(self, key) >= 1, f"{prefix}.{key}", "must be positive", getattr(self, key))
+        _require(1 <= self.micro_batches <= MAX_MICRO_BATCHES, f"{prefix}.micro_batches",
+                 f"must be in 1..{MAX_MICRO_BATCHES}", self.micro_batches)
+
+
+@dataclass
 class MoEConfig:
     """Keys every `moe` option has."""
 
@@ -525,6 +550,7 @@ def register_configs() -> None:
     store.store(group="host", name="host_schema", node=HostConfig)
     store.store(group="dht", name="dht_schema", node=DHTConfig)
     store.store(group="local_swarm", name="local_swarm_schema", node=LocalSwarmConfig)
+    store.store(group="model", name="char_lm_schema", node=CharLMConfig)
     store.store(group="moe", name="decentralized_schema", node=DecentralizedMoEConfig)
     store.store(group="moe", name="local_schema", node=LocalMoEConfig)
     store.store(group="callbacks", name="swarm_averaging_schema", node=SwarmAveragingCallbackConfig,

@@ -29,8 +29,14 @@ with a warm-up step). Three parts, each a table over RTT x bandwidth:
     python tests/benchmark_wan.py --rtts 0,100,200 --bandwidths inf
     python tests/benchmark_wan.py                                # the full grid (RTT 0/50/100/200, inf/100/20 Mbit/s)
 
-The last line is ``swarm throughput at 100 ms / 0 ms: X`` (median swarm samples/s at 100 ms over
-that at 0 ms, at unlimited bandwidth when that column was run, else the first one).
+4. ``layers4``: one trainer training the 4-layer example (CharLM with 4 DecentralizedMoE layers, ``experiment=
+   four_layers``; 2 hosts serve the 4 grids), unpipelined and pipelined (``model.micro_batches``, see
+   :class:`lightning_moe.MoEStack`), interleaved step by step; step times and round trips per step.
+
+Then ``swarm throughput at 100 ms / 0 ms: X`` (median swarm samples/s at 100 ms over that at 0 ms, at
+unlimited bandwidth when that column was run, else the first one). With part 4, the last line is
+``4-layer example, round trips per step at 100 ms: X`` (as the +RTTs column: (median step at 100 ms -
+median step at 0 ms) / 100 ms, for the example as configured, at unlimited bandwidth when run, else the first).
 """
 
 from __future__ import annotations
@@ -55,7 +61,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from netem import DelayProxy, UDPNetwork  # noqa: E402
 
-from lightning_moe.config import HostConfig, grid_uids  # noqa: E402
+from lightning_moe.config import HostConfig, grid_uids, layer_prefixes  # noqa: E402
 
 logger = logging.getLogger("benchmark_wan")
 
@@ -143,8 +149,8 @@ class WanSwarm:
     two DHT nodes are ``rtt`` apart (each access link ``rtt / 4`` one way), no DHT bandwidth limit.
     """
 
-    def __init__(self, num_hosts: int = 2, start_timeout: float = 120.0):
-        self.num_hosts, self.start_timeout = num_hosts, start_timeout
+    def __init__(self, num_hosts: int = 2, start_timeout: float = 120.0, num_layers: int = 1):
+        self.num_hosts, self.start_timeout, self.num_layers = num_hosts, start_timeout, num_layers
         self.http_link = VarLink()
         self.dht_link = VarLink()
         self.net: UDPNetwork | None = None
@@ -167,13 +173,14 @@ class WanSwarm:
             self.bootstrap = DHT(wait_timeout=10.0)
             public = self.net.add(("127.0.0.1", self.bootstrap.port))
             self.initial_peers = [f"{public[0]}:{public[1]}"]
-            layer = grid_uids("ffn", GRID)
+            layer = [uid for prefix in layer_prefixes("ffn", self.num_layers) for uid in grid_uids(prefix, GRID)]
             ready = self._ctx.Queue()
             for i in range(self.num_hosts):
                 # the target is set once the host has bound its port; nobody connects before
                 proxy = DelayProxy(("127.0.0.1", 9), self.http_link).start()  # type: ignore[arg-type]
                 self.proxies.append(proxy)
-                config = dataclasses.replace(host_config(), cells=layer[i :: self.num_hosts], seed=i, port=0,
+                config = dataclasses.replace(host_config(), cells=layer[i :: self.num_hosts], num_layers=self.num_layers,
+                                             seed=i, port=0,
                                              announce_host="127.0.0.1", announce_port=proxy.port)
                 p = self._ctx.Process(target=_host_main, args=(i, config, self.initial_peers[0], ready, self._stop, os.getpid()),
                                       daemon=True, name=f"wan-host-{i}")
@@ -229,15 +236,15 @@ def _end_process(process: Any, timeout: float) -> None:
 
 
 # ---- a trainer ----------------------------------------------------------------------------------
-def build_trainer(initial_peers: list[str], seed: int, layer_kwargs: dict) -> tuple[Any, Any, torch.Tensor]:
-    """The example model (CharLM with one DecentralizedMoE layer), its optimizer and its text."""
+def build_trainer(initial_peers: list[str], seed: int, layer_kwargs: dict, moe_layers: int = 1) -> tuple[Any, Any, torch.Tensor]:
+    """The example model (CharLM with ``moe_layers`` DecentralizedMoE layers), its optimizer and its text."""
     from lightning_moe.client.moe import DecentralizedMoE
     from lightning_moe.lightning.char_lm import CharLM, stdlib_text
 
     torch.manual_seed(seed)
     moe = functools.partial(DecentralizedMoE, in_features=HID, grid_size=GRID, k_best=K_BEST, initial_peers=initial_peers,
                             forward_timeout=60.0, backward_timeout=60.0, **layer_kwargs)
-    model = CharLM(moe, hid_dim=HID, seq_len=64)
+    model = CharLM(moe, hid_dim=HID, seq_len=64, moe_layers=moe_layers)
     optimizer = model.configure_optimizers()
     text = torch.frombuffer(bytearray(stdlib_text(200_000, skip_bytes=seed * 200_000 % 400_000)), dtype=torch.uint8).long()
     return model, optimizer, text
@@ -562,6 +569,94 @@ def print_dht(rows: list[dict]) -> None:
           f"(equal: nothing bypassed it); stores ok {', '.join(str(r['ok_store']) for r in rows)}")
 
 
+# ---- part 4: the 4-layer example, pipelined and not ------------------------------------------------
+def example_micro_batches() -> int:
+    """``model.micro_batches`` of the 4-layer example (``experiment=four_layers``; the model group's default if unset)."""
+    from omegaconf import OmegaConf
+
+    import lightning_moe.conf
+
+    folder = os.path.dirname(lightning_moe.conf.__file__)
+    experiment = OmegaConf.load(os.path.join(folder, "experiment", "four_layers.yaml"))
+    default = OmegaConf.load(os.path.join(folder, "model", "char_lm.yaml")).get("micro_batches", 1)
+    return int(OmegaConf.select(experiment, "model.micro_batches", default=default))
+
+
+def run_layers4(swarm: WanSwarm, cells: list[tuple[float, float | None]], steps: int, batch_size: int, layer_kwargs: dict,
+                micro_batches: int) -> list[dict]:
+    """Per (rtt, bandwidth): step times of the 4-layer example unpipelined (1 micro-batch) and with ``micro_batches``,
+    interleaved step by step (one model; only ``model.moes.micro_batches`` changes), and bytes per step."""
+    model, optimizer, text = build_trainer(swarm.initial_peers, seed=100, layer_kwargs=layer_kwargs, moe_layers=swarm.num_layers)
+    rng = random.Random(0)
+    modes = (1, micro_batches)
+    rows = []
+    try:
+        for rtt, bw in cells:
+            swarm.set_link(rtt, bw)
+            for mode in modes:  # warm-up: connections, expert info, DHT cache
+                model.moes.micro_batches = mode
+                train_step(model, optimizer, text, rng, batch_size, 64)
+            times: dict[int, list[float]] = {mode: [] for mode in modes}
+            failed = 0
+            up0, down0 = swarm.http_bytes()
+            for _ in range(steps):
+                for mode in modes:
+                    model.moes.micro_batches = mode
+                    begin = time.perf_counter()
+                    train_step(model, optimizer, text, rng, batch_size, 64)
+                    times[mode].append(time.perf_counter() - begin)
+                    failed += sum(layer.last_stats.failed + layer.last_stats.timed_out + layer.last_stats.backward_failed
+                                  for layer in model.moes)
+            up1, down1 = swarm.http_bytes()
+            row = dict(rtt=rtt, bw=bw, base=times[1], piped=times[micro_batches], failed=failed,
+                       up=(up1 - up0) / (steps * len(modes)), down=(down1 - down0) / (steps * len(modes)))
+            rows.append(row)
+            logger.info("layers4 %s", {k: (statistics.median(v) if isinstance(v, list) else v) for k, v in row.items()})
+    finally:
+        for layer in model.moes:
+            layer.close()
+    return rows
+
+
+def added_rtts(rows: list[dict], key: str) -> dict[tuple[float, float | None], float]:
+    """(rtt, bw) -> (median step at this RTT - median step at RTT 0, same bandwidth) / RTT, for the ``key`` steps."""
+    base = {r["bw"]: statistics.median(r[key]) for r in rows if r["rtt"] == 0}
+    return {(r["rtt"], r["bw"]): (statistics.median(r[key]) - base[r["bw"]]) / r["rtt"]
+            for r in rows if r["rtt"] > 0 and r["bw"] in base}
+
+
+def print_layers4(rows: list[dict], batch_size: int, micro_batches: int, num_layers: int) -> None:
+    print(f"\n== 4. one trainer: CharLM with {num_layers} DecentralizedMoE layers {GRID[0]}x{GRID[1]} k_best {K_BEST}, "
+          f"batch {batch_size}x64, 2 hosts; unpipelined vs {micro_batches} micro-batches, interleaved step by step; "
+          f"median (min-max) over steps, seconds ==")
+    print(f"{'RTT ms':>6} {'bw':>5} {'step, 1 micro-batch':>22} {'+RTTs':>6} {f'step, {micro_batches} micro-batches':>22} "
+          f"{'+RTTs':>6} {'speed-up':>8} {'KB up/st':>9} {'KB dn/st':>9} {'fail':>4}")
+    base_rtts, piped_rtts = added_rtts(rows, "base"), added_rtts(rows, "piped")
+    for r in rows:
+        cell = (r["rtt"], r["bw"])
+        b = f"{base_rtts[cell]:.1f}" if cell in base_rtts else "-"
+        p = f"{piped_rtts[cell]:.1f}" if cell in piped_rtts else "-"
+        speedup = statistics.median(r["base"]) / statistics.median(r["piped"])
+        print(f"{r['rtt'] * 1000:6.0f} {bw_name(r['bw']):>5} {spread(r['base'], '{:.3f}'):>22} {b:>6} "
+              f"{spread(r['piped'], '{:.3f}'):>22} {p:>6} {speedup:8.2f} {r['up'] / 1024:9.0f} {r['down'] / 1024:9.0f} "
+              f"{r['failed']:4d}")
+    print("+RTTs: (median step at this RTT - median step at RTT 0, same bandwidth) / RTT: the round trips a step pays")
+
+
+def layers4_line(rows: list[dict], micro_batches: int) -> str:
+    """The last line: the 4-layer example as configured (``model.micro_batches`` of ``experiment=four_layers``) at
+    100 ms, at unlimited bandwidth when that was run, else the first bandwidth."""
+    example = example_micro_batches()
+    key = "base" if example == 1 else "piped"
+    if example not in (1, micro_batches):
+        return f"4-layer example, round trips per step at 100 ms: n/a (the example runs {example} micro-batches, measured {micro_batches})"
+    bws = [r["bw"] for r in rows]
+    bw = None if None in bws else (bws[0] if bws else None)
+    found = added_rtts(rows, key).get((0.1, bw))
+    return f"4-layer example, round trips per step at 100 ms: {found:.1f}" if found is not None else \
+        "4-layer example, round trips per step at 100 ms: n/a"
+
+
 # ---- main ---------------------------------------------------------------------------------------
 def ratio_line(swarm_rows: list[dict]) -> str:
     bws = [r["bw"] for r in swarm_rows]
@@ -578,7 +673,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                                      "--quick: 0,100)")
     parser.add_argument("--bandwidths", default=None, help="Mbit/s, comma-separated, inf = unlimited "
                                                            "(default inf,100,20; --quick: inf)")
-    parser.add_argument("--parts", default="single,swarm,dht", help="which parts: single, swarm, dht")
+    parser.add_argument("--parts", default="single,swarm,dht,layers4", help="which parts: single, swarm, dht, layers4")
+    parser.add_argument("--micro-batches", type=int, default=None,
+                        help="micro-batches of the pipelined 4-layer runs (default: the example's if it pipelines, else 2)")
+    parser.add_argument("--layers", type=int, default=4, help="mixture layers of part 4")
     parser.add_argument("--quick", action="store_true", help="fewer rows, steps, rounds and shorter windows")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per row of part 1 (default 8; quick 4)")
     parser.add_argument("--trainers", type=int, default=8)
@@ -600,6 +698,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.repeats = args.repeats or (2 if args.quick else 3)
     args.dht_rounds = args.dht_rounds or (8 if args.quick else 20)
     args.parts = {p.strip() for p in args.parts.split(",") if p.strip()}
+    args.micro_batches = args.micro_batches or (example_micro_batches() if example_micro_batches() > 1 else 2)
     return args
 
 
@@ -619,6 +718,9 @@ def run(args: argparse.Namespace) -> dict[str, list[dict]]:
                                          layer_kwargs)
     if "dht" in args.parts:
         out["dht"] = run_dht(args.rtts, args.dht_nodes, args.dht_rounds)
+    if "layers4" in args.parts:
+        with WanSwarm(num_hosts=2, num_layers=args.layers) as swarm:
+            out["layers4"] = run_layers4(swarm, cells, args.steps, args.batch_size, layer_kwargs, args.micro_batches)
     return out
 
 
@@ -637,6 +739,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if "dht" in out:
         print_dht(out["dht"])
     print(ratio_line(out.get("swarm", [])))
+    if "layers4" in out:
+        print_layers4(out["layers4"], args.batch_size, args.micro_batches, args.layers)
+        print(layers4_line(out["layers4"], args.micro_batches))
 
 
 if __name__ == "__main__":

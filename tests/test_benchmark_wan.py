@@ -7,7 +7,7 @@ import pytest
 import benchmark_wan
 
 
-@pytest.mark.soak  # 20 s: a run of the benchmark itself
+@pytest.mark.soak  # about a minute: a run of the benchmark itself
 def test_benchmark_wan_runs_every_part_and_gives_sane_figures(capsys):
     args = benchmark_wan.parse_args(["--rtts", "20", "--bandwidths", "inf", "--steps", "2", "--trainers", "2",
                                      "--swarm-seconds", "3", "--repeats", "1", "--dht-nodes", "6", "--dht-rounds", "2"])
@@ -21,8 +21,15 @@ def test_benchmark_wan_runs_every_part_and_gives_sane_figures(capsys):
     check, dht = out["dht"]
     assert check["leaked"] == 0 and check["received"] == check["relayed"]
     assert dht["ok_get"] == 2 and dht["ok_beam"] == 2
+    (layers4,) = out["layers4"]
+    assert len(layers4["base"]) == len(layers4["piped"]) == 2 and layers4["failed"] == 0
+    assert all(0 < t < 120 for t in layers4["base"] + layers4["piped"]) and layers4["up"] > 0
     benchmark_wan.print_single(out["single"], args.batch_size)
     benchmark_wan.print_swarm(out["swarm"], args.trainers, args.batch_size, args.swarm_seconds)
     benchmark_wan.print_dht(out["dht"])
     print(benchmark_wan.ratio_line(out["swarm"]))
-    assert capsys.readouterr().out.strip().splitlines()[-1] == "swarm throughput at 100 ms / 0 ms: n/a"
+    benchmark_wan.print_layers4(out["layers4"], args.batch_size, args.micro_batches, args.layers)
+    print(benchmark_wan.layers4_line(out["layers4"], args.micro_batches))
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1] == "4-layer example, round trips per step at 100 ms: n/a"  # no 0 ms row to compare with
+    assert "swarm throughput at 100 ms / 0 ms: n/a" in lines

@@ -91,7 +91,8 @@ def test_train_py_command_line_names_a_misspelt_key(tmp_path):
 @pytest.mark.slow
 def test_train_py_fast_dev_run_on_the_embedded_swarm(tmp_path):
     result = subprocess.run(
-        [*TRAIN, "trainer.fast_dev_run=true", f"hydra.run.dir={tmp_path}", "local_swarm.num_hosts=2"],
+        [*TRAIN, "trainer.fast_dev_run=true", f"hydra.run.dir={tmp_path}", "local_swarm.num_hosts=2",
+         "model.moe_layers=2", "model.micro_batches=2"],  # two layers, pipelined: training and validation steps
         capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]

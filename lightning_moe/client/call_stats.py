@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
+
+#: Figures that describe the layer or its hosts rather than count calls: a merge takes the largest (latency too: the
+#: parts of a pipelined forward call at the same time).
+_LARGEST = ("latency", "link_mbps", "slow_hosts", "typical_latency", "odd_answers", "spot_check_mismatches",
+            "liars_excluded")
 
 
 @dataclass
@@ -31,6 +37,24 @@ class CallStats:
     errors: list[str] = field(default_factory=list)
     failed_endpoints: set[str] = field(default_factory=set)
     lookups: dict[str, int] = field(default_factory=dict)  # the forward's DHT reads (counts of CachedExpertLookup.stats)
+
+    @classmethod
+    def merged(cls, parts: Sequence[CallStats]) -> CallStats:
+        """One forward's stats made of several (a pipelined layer's micro-batches): counts add up, errors and failed
+        endpoints are joined; the latency, the layer's totals, the rates and the DHT reads (read from one cache at
+        once) are the largest of the parts."""
+        out = cls()
+        for f in fields(cls):
+            values = [getattr(part, f.name) for part in parts]
+            if isinstance(getattr(out, f.name), list):
+                setattr(out, f.name, [v for value in values for v in value])
+            elif isinstance(getattr(out, f.name), set):
+                setattr(out, f.name, set().union(*values))
+            elif isinstance(getattr(out, f.name), dict):
+                setattr(out, f.name, {k: max(value.get(k, 0) for value in values) for k in set().union(*values)})
+            else:
+                setattr(out, f.name, max(values, default=0) if f.name in _LARGEST else sum(values))
+        return out
 
     def count_checks(self, counts: dict[str, int]) -> None:
         """Take the layer's totals of its answer checks (:meth:`AnswerChecks.figures`)."""

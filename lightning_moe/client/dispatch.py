@@ -165,6 +165,17 @@ class Dispatcher:
         found = [e for e in endpoints if e is not None]
         logger.info("%s: found %d of %d experts on %d hosts", self.uid_prefix, len(found), len(uids), len(set(found)))
 
+    def micro_batch_views(self, count: int) -> list[Dispatcher]:
+        """``count`` dispatchers that share this one's settings, DHT node, cache, health registry, answer checks and
+        the experts' schemas (read here first, once), each keeping the stats of its own forward and backward: the
+        micro-batches of a pipelined step call through them at once (:mod:`lightning_moe.client.pipeline`)."""
+        self.expert_info(None if self.forward_timeout is None else time.monotonic() + self.forward_timeout)
+        self.checks  # noqa: B018 - made once here, shared by the views
+        views = [object.__new__(Dispatcher) for _ in range(count)]
+        for view in views:
+            view.__dict__.update(self.__dict__, stats=CallStats())
+        return views
+
     # ------------------------------------------------------------------ a forward
     def begin(self) -> float | None:
         """Start a forward: fresh stats; returns its deadline (``time.monotonic()``; ``forward_timeout`` bounds the DHT

@@ -16,6 +16,11 @@ from lightning_moe.client.health import HealthRegistry
 from lightning_moe.config import HealthConfig
 
 
+#: A forward's routing: the gating logits (one ``[rows, grid_size_d]`` tensor per grid dimension), each slot's grid cell
+#: ``[rows, k_best, dims]`` and which slots hold an answer ``[rows, k_best]``.
+Routing = tuple[tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor]
+
+
 class _Held:
     """A layer attribute that its dispatcher holds (a constructor argument): read and set through the layer."""
 
@@ -166,21 +171,30 @@ class DecentralizedMoE(nn.Module):
         return state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Mix the experts' outputs for each row of ``x`` (shape ``(..., in_features)``)."""
-        deadline = self.dispatcher.begin()  # forward_timeout bounds all of it, DHT lookups and beam search included
+        """Mix the experts' outputs for each row of ``x`` (shape ``(..., in_features)``); sets ``aux_loss``."""
+        mixed, routing = self.mixture(x)
+        self.aux_loss = load_balancing_loss(*routing)
+        return mixed
+
+    def mixture(self, x: torch.Tensor, dispatcher: Dispatcher | None = None) -> tuple[torch.Tensor, Routing]:
+        """The layer's output for ``x`` and its routing (the gating logits, each slot's grid cell, which slots
+        answered: what :func:`~lightning_moe.client.gating.load_balancing_loss` takes), calling the experts through
+        ``dispatcher`` (default: the layer's; a micro-batch passes its own view, see
+        :meth:`Dispatcher.micro_batch_views`). Leaves ``aux_loss`` alone."""
+        dispatcher = self.dispatcher if dispatcher is None else dispatcher
+        deadline = dispatcher.begin()  # forward_timeout bounds all of it, DHT lookups and beam search included
         leading, flat = x.shape[:-1], x.reshape(-1, x.shape[-1])
         # 1. gate: one logit vector per grid dimension
         logits = self.gate(flat)
         # 2. choose: the k_best live experts of each sample, by beam search through the (cached) DHT
         scores = [logit.detach().to("cpu") for logit in logits]
-        chosen = self.dispatcher.choose(scores, self.k_best, deadline)
+        chosen = dispatcher.choose(scores, self.k_best, deadline)
         # 3. apply: call them, re-routing around failures; backward sends them the gradients
         anchor = torch.empty(0, requires_grad=torch.is_grad_enabled())
-        outputs, mask, coords = RemoteMixtureCall.apply(self.dispatcher, chosen, scores, deadline, anchor, flat)
+        outputs, mask, coords = RemoteMixtureCall.apply(dispatcher, chosen, scores, deadline, anchor, flat)
         # 4. mix: softmax over the experts that answered
-        self.aux_loss = load_balancing_loss(logits, coords, mask)
         mixed = self.mix(logits, outputs, mask, coords)
-        return mixed.to(dtype=x.dtype).reshape(*leading, *mixed.shape[1:])
+        return mixed.to(dtype=x.dtype).reshape(*leading, *mixed.shape[1:]), (logits, coords, mask)
 
     def gate(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """One logit vector per grid dimension for each row of ``x`` (``[batch, in_features]``), in float32 or wider

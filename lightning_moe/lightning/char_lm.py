@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_moe.client.pipeline import MAX_MICRO_BATCHES, MoEStack
 from lightning_moe.config import layer_prefixes
 
 
@@ -104,10 +105,14 @@ class CharLM(pl.LightningModule):
         moe_layers: mixture layers; their uid prefixes are ``uid_prefix`` for one layer, else
             ``uid_prefix0 .. uid_prefix{N-1}`` (:func:`lightning_moe.config.layer_prefixes`).
         uid_prefix: the grid prefix the layers' prefixes derive from.
+        micro_batches: the batch is split into this many micro-batches that flow through the mixture layers at once
+            (:class:`~lightning_moe.client.pipeline.MoEStack`): one micro-batch's expert calls overlap another's.
+            Computes the same as 1 (no pipelining).
     """
 
     def __init__(self, moe: nn.Module | Callable[..., nn.Module], hid_dim: int = 64, seq_len: int = 64, num_heads: int = 4,
-                 lr: float = 3e-3, aux_loss_weight: float = 0.01, moe_layers: int = 1, uid_prefix: str = "ffn"):
+                 lr: float = 3e-3, aux_loss_weight: float = 0.01, moe_layers: int = 1, uid_prefix: str = "ffn",
+                 micro_batches: int = 1):
         super().__init__()
         self.save_hyperparameters(ignore=["moe"])
         self.embed = nn.Embedding(256, hid_dim)
@@ -116,9 +121,12 @@ class CharLM(pl.LightningModule):
         if isinstance(moe, nn.Module):
             if moe_layers != 1:
                 raise ValueError(f"moe_layers={moe_layers} needs a factory of layers, not one layer")
-            self.moes = nn.ModuleList([moe])
+            layers = [moe]
         else:
-            self.moes = nn.ModuleList([moe(uid_prefix=prefix) for prefix in layer_prefixes(uid_prefix, moe_layers)])
+            layers = [moe(uid_prefix=prefix) for prefix in layer_prefixes(uid_prefix, moe_layers)]
+        if not 1 <= micro_batches <= MAX_MICRO_BATCHES:
+            raise ValueError(f"model.micro_batches must be in 1..{MAX_MICRO_BATCHES}, got {micro_batches}")
+        self.moes = MoEStack(layers, micro_batches=micro_batches)  # parameter names as a ModuleList's: moes.0.proj...
         self.norm = nn.LayerNorm(hid_dim)
         self.head = nn.Linear(hid_dim, 256)
 
@@ -126,9 +134,7 @@ class CharLM(pl.LightningModule):
         length = tokens.shape[1]
         mask = nn.Transformer.generate_square_subsequent_mask(length, device=tokens.device)
         h = self.attention(self.embed(tokens) + self.position[:length], src_mask=mask, is_causal=True)
-        for moe in self.moes:
-            h = h + moe(h)
-        return self.head(self.norm(h))
+        return self.head(self.norm(self.moes(h)))
 
     def _bpc(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         tokens, targets = batch

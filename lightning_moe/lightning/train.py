@@ -17,7 +17,7 @@ from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
 import lightning_moe.conf  # noqa: F401  (registers the config schemas)
-from lightning_moe.config import AveragingConfig, ConfigError, DHTConfig, HostConfig, LocalSwarmConfig, check_moe, to_dataclass
+from lightning_moe.config import AveragingConfig, CharLMConfig, ConfigError, DHTConfig, HostConfig, LocalSwarmConfig, check_moe, to_dataclass
 from lightning_moe.swarm import LocalSwarm
 
 logger = logging.getLogger("lightning_moe.train")
@@ -42,6 +42,8 @@ def check_config(cfg: DictConfig) -> tuple[HostConfig, DHTConfig, LocalSwarmConf
     """Every range and relation of the run's config, before anything starts; errors name the key."""
     is_volunteer(cfg)
     check_moe(cfg.moe)
+    if str(cfg.model.get("_target_", "")).endswith("CharLM"):
+        to_dataclass(cfg.model, CharLMConfig).check()
     if cfg.get("objective_mode", "min") not in ("min", "max"):
         raise ConfigError(f"objective_mode must be min or max, got {cfg.objective_mode!r}")
     if "swarm_averaging" in (cfg.get("callbacks") or {}):
