@@ -57,8 +57,8 @@ def _query_chars(call: ExpertCall) -> int:
 
 def group_by_host(calls: list[ExpertCall], max_rows: int, split: bool = True) -> list[HostCall]:
     """The ``calls`` as requests to their hosts of at most ``max_rows`` distinct rows and :data:`MAX_EXPERTS` experts
-    each. ``split``: a host's rows are cut into runs of ``max_rows`` and each call into its part of each run (new
-    calls); else whole calls are packed (a backward: each call's keep covers its forward's rows)."""
+    each. ``split``: a host's rows are cut into runs of ``max_rows`` and a call across runs into its part of each (new
+    calls, without a keep); else whole calls are packed (a backward: each call's keep covers its forward's rows)."""
     by_host: dict[str, list[ExpertCall]] = {}
     for call in calls:
         by_host.setdefault(call.endpoint, []).append(call)
@@ -67,8 +67,8 @@ def group_by_host(calls: list[ExpertCall], max_rows: int, split: bool = True) ->
         runs = [group]
         if split:
             chunks = torch.unique(torch.cat([call.rows for call in group])).split(max_rows)
-            runs = [[ExpertCall(call.uid, endpoint, call.rows[inside], call.slots[inside]) for call in group
-                     if bool((inside := torch.isin(call.rows, chunk)).any())] for chunk in chunks]
+            runs = [[call if bool(inside.all()) else ExpertCall(call.uid, endpoint, call.rows[inside], call.slots[inside])
+                     for call in group if bool((inside := torch.isin(call.rows, chunk)).any())] for chunk in chunks]
         for run in runs:
             taken: list[ExpertCall] = []
             rows: set[int] = set()
