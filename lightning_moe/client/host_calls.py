@@ -20,7 +20,8 @@ import torch
 from lightning_moe import wire
 from lightning_moe.client.call_stats import CallStats
 from lightning_moe.client.links import LinkRates
-from lightning_moe.client.parallel_call import ExpertCall, Job, run_in_parallel
+from lightning_moe.client import parallel_call
+from lightning_moe.client.parallel_call import ExpertCall, Job
 from lightning_moe.client.remote_expert import RemoteExpertError, error_message, post, retry_after
 from lightning_moe.client.speed import StragglerWait
 from lightning_moe.net.http_client import CallHandle, TransportError
@@ -191,7 +192,7 @@ def call_hosts(hosts: list[HostCall], method: str, x: torch.Tensor, grads: list[
                timeout: float | None = None, wait: StragglerWait | None = None, compression: Sequence[str] = (),
                secret: bytes | None = None, deadline: float | None = None, links: LinkRates | None = None,
                traffic: CallStats | None = None) -> list[Any]:
-    """One request per host call at once (:func:`run_in_parallel`). A forward returns each call's outputs or error,
+    """One request per host call at once (:func:`~lightning_moe.client.parallel_call.run_in_parallel`). A forward returns each call's outputs or error,
     calls in the order of ``hosts``; a backward (``grads``: each host call's output gradients, call after call) returns
     per host call ``(summed input gradients of its rows or None, each call's error or None)``."""
     jobs = []
@@ -200,7 +201,7 @@ def call_hosts(hosts: list[HostCall], method: str, x: torch.Tensor, grads: list[
                 else functools.partial(_backward, host, x, grads[i], codec, secret))
         label = f"experts {[call.uid for call in host.calls]}"
         jobs.append(Job(host.endpoint, len(host.rows), label, send))
-    results = run_in_parallel(jobs, method, timeout, wait, deadline, links, traffic)
+    results = parallel_call.run_in_parallel(jobs, method, timeout, wait, deadline, links, traffic)
     out: list[Any] = []
     for host, result in zip(hosts, results):
         if isinstance(result, BaseException):  # the whole request: given up, timed out, or a bug of ours

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import gc
 import json
 import logging
 import math
@@ -40,7 +39,7 @@ from lightning_moe.net.reachability import NONCE_BYTES, PROBES
 from lightning_moe.net.signing import RequestVerifier, SignatureError
 from lightning_moe.server.backend import ExpertBackend
 from lightning_moe.server.http_protocol import (
-    FrozenHeap, InflightBudget, LimitedServer, forget_frames, json_error_body, malloc_trim,
+    FrozenHeap, InflightBudget, LimitedServer, forget_frames, json_error_body, trim_memory,
 )
 from lightning_moe.server.http_body import (
     DIRECTIONS, KEEP_ID, RETRY_AFTER, RequestError, read_body, request_compression, write_answer,
@@ -56,9 +55,6 @@ KEEP_MISSED = "backward: this host does not keep the forward of this request (ev
 DRAIN_LIMIT = 1 << 20  # an unwanted body up to this size is read and dropped to keep the connection; larger: close
 ACCEPTS_PER_TICK = 16
 LISTEN_BACKLOG = 4096
-TRIM_PERIOD = 2.0
-GC_AFTER_CLOSES = 1000  # connections closed since the last collection that make the host collect
-GC_PERIOD = 20.0
 
 
 class ExpertHTTPServer:
@@ -163,31 +159,7 @@ class ExpertHTTPServer:
         await self._site.start()
         sock.listen(LISTEN_BACKLOG)  # ...while the kernel queues many more (listen again only resizes the queue)
         loop = asyncio.get_running_loop()
-        self._housekeeping = [loop.create_task(self._trim_memory()), loop.create_task(server.sweep())]
-
-    async def _trim_memory(self) -> None:
-        """Every few seconds after a burst of connections or bodies, give their memory back to the OS.
-
-        A closed aiohttp connection sits in reference cycles until Python's cyclic GC runs, which a
-        quiet host may not do for a long time; so once a burst of many closes is over (an attack
-        ending) the host collects, and at most every ``GC_PERIOD`` s while closes go on. glibc keeps freed
-        buffers in its arenas (the loop thread has its own): ``malloc_trim`` returns them.
-        """
-        trim = malloc_trim()
-        last, closed_before, closed_at_gc, gc_at = (0, 0), 0, 0, 0.0
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(TRIM_PERIOD)
-            closed = self.slots.accepted - self.slots.open
-            burst_over = closed == closed_before  # no connection closed during the last period
-            if closed - closed_at_gc >= GC_AFTER_CLOSES and (burst_over or loop.time() - gc_at >= GC_PERIOD):
-                gc.collect()
-                closed_at_gc, gc_at = closed, loop.time()
-            closed_before = closed
-            now = (self.slots.accepted, self.budget.reserved_total)
-            if trim is not None and now != last:
-                trim(0)
-            last = now
+        self._housekeeping = [loop.create_task(trim_memory(self.slots, self.budget)), loop.create_task(server.sweep())]
 
     def stop_accepting(self) -> None:
         """Close the listening socket; open connections go on."""
