@@ -254,3 +254,40 @@ def test_a_failing_expert_inside_a_host_request_is_rerouted_and_reported_alone()
         assert moe.health.excluded("ffn.0.0", endpoint) is not None
         assert all(moe.health.excluded(uid, endpoint) is None for uid in ("ffn.0.1", "ffn.1.0", "ffn.1.1"))
         moe.close()
+
+
+def test_a_private_host_takes_signed_host_requests_only(monkeypatch):
+    monkeypatch.delenv("LIGHTNING_MOE_SECRET", raising=False)
+    secret = b"rows per host"
+    backends = [make_backend(f"ffn.{i}", seed=i) for i in range(3)]
+    with ExpertHost(backends, HostConfig(limits=HostLimits(request_timeout=WAIT)), secret=secret) as host:
+        references = {uid: copy.deepcopy(backend.expert) for uid, backend in host.backends.items()}
+        calls = [ExpertCall(uid, host.endpoint, torch.tensor(rows), torch.zeros(len(rows), dtype=torch.long), new_keep_id())
+                 for uid, rows in ROWS.items()]
+        (request,) = group_by_host(calls, max_rows=100)
+        x, grads = torch.randn(6, HID), torch.randn(9, HID)
+        expected_out, expected_grad = local_answers(references, x, grads)
+        results = call_hosts([request], "forward", x, compression=["none"], secret=secret)  # the query is signed too
+        torch.testing.assert_close(torch.cat([out for (out,) in results]), expected_out)
+        [(summed, errors)] = call_hosts([request], "backward", x, [grads], compression=["none"], secret=secret)
+        assert errors == [None] * 3
+        torch.testing.assert_close(torch.zeros_like(x).index_add_(0, request.rows, summed), expected_grad)
+        unsigned = call_hosts([request], "forward", x, compression=["none"])
+        assert all(getattr(error, "status", None) == 401 and "'ffn." in str(error) and host.endpoint in str(error)
+                   for error in unsigned), unsigned
+
+
+@pytest.mark.parametrize("codec", ["float16", "int8"])
+def test_compressed_host_requests_answer_close_to_exact(host, codec):
+    references = {uid: copy.deepcopy(backend.expert) for uid, backend in host.backends.items()}
+    calls = [ExpertCall(uid, host.endpoint, torch.tensor(rows), torch.zeros(len(rows), dtype=torch.long), new_keep_id())
+             for uid, rows in ROWS.items()]
+    (request,) = group_by_host(calls, max_rows=100)
+    x, grads = torch.randn(6, HID), torch.randn(9, HID)
+    expected_out, expected_grad = local_answers(references, x, grads)
+    results = call_hosts([request], "forward", x, compression=[codec])
+    torch.testing.assert_close(torch.cat([out for (out,) in results]), expected_out, atol=0.05, rtol=0.05)
+    [(summed, errors)] = call_hosts([request], "backward", x, [grads], compression=[codec])
+    assert errors == [None] * 3
+    grad_x = torch.zeros_like(x).index_add_(0, request.rows, summed)
+    assert (grad_x - expected_grad).norm() <= 0.05 * expected_grad.norm()
