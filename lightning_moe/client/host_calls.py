@@ -57,9 +57,10 @@ def _query_chars(call: ExpertCall) -> int:
 
 
 def group_by_host(calls: list[ExpertCall], max_rows: int, split: bool = True) -> list[HostCall]:
-    """The ``calls`` as requests to their hosts of at most ``max_rows`` distinct rows and :data:`MAX_EXPERTS` experts
-    each. ``split``: a host's rows are cut into runs of ``max_rows`` and a call across runs into its part of each (new
-    calls, without a keep); else whole calls are packed (a backward: each call's keep covers its forward's rows)."""
+    """The ``calls`` as requests to their hosts, at most :data:`MAX_EXPERTS` experts each. ``split`` (a forward): a
+    host's distinct rows are cut into runs of ``max_rows``, one request each, and a call across runs into its part of
+    each (new calls, without a keep). Else (a backward, whose output gradients differ per expert and whose calls' keeps
+    each cover their forward's rows) whole calls are packed into requests of at most ``max_rows`` expert rows."""
     by_host: dict[str, list[ExpertCall]] = {}
     for call in calls:
         by_host.setdefault(call.endpoint, []).append(call)
@@ -72,16 +73,14 @@ def group_by_host(calls: list[ExpertCall], max_rows: int, split: bool = True) ->
                      for call in group if bool((inside := torch.isin(call.rows, chunk)).any())] for chunk in chunks]
         for run in runs:
             taken: list[ExpertCall] = []
-            rows: set[int] = set()
-            chars = 0
+            rows = chars = 0
             for call in run:
-                call_rows = set(call.rows.tolist())
                 if taken and (len(taken) == MAX_EXPERTS or chars + _query_chars(call) > MAX_QUERY_CHARS
-                              or len(rows | call_rows) > max_rows):
+                              or not split and rows + len(call.rows) > max_rows):
                     out.append(_host_call(endpoint, taken))
-                    taken, rows, chars = [], set(), 0
+                    taken, rows, chars = [], 0, 0
                 taken.append(call)
-                rows |= call_rows
+                rows += len(call.rows)
                 chars += _query_chars(call)
             if taken:
                 out.append(_host_call(endpoint, taken))
@@ -200,7 +199,7 @@ def call_hosts(hosts: list[HostCall], method: str, x: torch.Tensor, grads: list[
         send = (functools.partial(_forward, host, x, codec, secret) if grads is None
                 else functools.partial(_backward, host, x, grads[i], codec, secret))
         label = f"experts {[call.uid for call in host.calls]}"
-        jobs.append(Job(host.endpoint, len(host.rows), label, send))
+        jobs.append(Job(host.endpoint, len(host.index), label, send))  # rows the host computes
     results = parallel_call.run_in_parallel(jobs, method, timeout, wait, deadline, links, traffic)
     out: list[Any] = []
     for host, result in zip(hosts, results):
