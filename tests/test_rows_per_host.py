@@ -147,8 +147,8 @@ MALFORMED = {
     "unknown uid": ("forward", [["ffn.9", 1, None]], "", lambda x: [x, _index(0)], 404, "no expert 'ffn.9'"),
     "too many experts": ("forward", [[f"ffn.{i % 3}", 1, None] for i in range(33)], "", lambda x: [x, _index(0)], 400,
                          "at most 32"),
-    "named twice": ("forward", [["ffn.0", 1, None], ["ffn.0", 1, None]], "", lambda x: [x, _index(0, 1)], 400,
-                    "named twice"),
+    "same keep twice": ("forward", [["ffn.0", 1, "0" * 32], ["ffn.0", 1, "0" * 32]], "", lambda x: [x[:2], _index(0, 1)],
+                        400, "named twice with the same keep"),
     "rows over the limit": ("forward", [["ffn.0", 10**6, None]], "", lambda x: [x, _index(0)], 413, "exceed the limit"),
     "negative rows": ("forward", [["ffn.0", -1, None]], "", lambda x: [x, _index(0)], 400, "must not be negative"),
     "bad keep": ("forward", [["ffn.0", 1, "XYZ"]], "", lambda x: [x, _index(0)], 400, "hex digits"),
@@ -291,3 +291,22 @@ def test_compressed_host_requests_answer_close_to_exact(host, codec):
     assert errors == [None] * 3
     grad_x = torch.zeros_like(x).index_add_(0, request.rows, summed)
     assert (grad_x - expected_grad).norm() <= 0.05 * expected_grad.norm()
+
+
+def test_an_expert_asked_twice_in_a_forward_gets_both_gradients_in_one_backward(host):
+    host.backends["ffn.0"].optimizer.param_groups[0]["lr"] = 0.0  # the second backward would see the first's step
+    reference = copy.deepcopy(host.backends["ffn.0"].expert)
+    x, grads = torch.randn(4, HID), torch.randn(5, HID)
+    first, second = [0, 1, 2], [2, 3]  # a re-routed round asks the same expert again for other slots of its rows
+    calls = [ExpertCall("ffn.0", host.endpoint, torch.tensor(rows), torch.zeros(len(rows), dtype=torch.long),
+                        new_keep_id()) for rows in (first, second)]
+    for call in calls:  # two forwards (two rounds), then one backward naming the expert twice
+        call_hosts(group_by_host([call], max_rows=100), "forward", x, compression=["none"])
+    (request,) = group_by_host(calls, max_rows=100, split=False)
+    [(summed, errors)] = call_hosts([request], "backward", x, [grads], compression=["none"])
+    assert errors == [None, None]
+    inputs = x[first + second].clone().requires_grad_(True)
+    reference(inputs).backward(grads)
+    expected = torch.zeros_like(x).index_add_(0, torch.tensor(first + second), inputs.grad)
+    torch.testing.assert_close(torch.zeros_like(x).index_add_(0, request.rows, summed), expected)
+    assert host.load_report()["kept_forwards"]["hits"] == 2

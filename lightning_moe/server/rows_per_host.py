@@ -16,7 +16,8 @@ The answer is a wire message and the header ``X-Experts``: a JSON list of ``[sta
 expert's error, 504, ...). The message holds the forward's outputs of the experts that answered, expert after expert
 (``rows`` each), or the backward's input gradients of the ``R`` distinct rows summed over the experts that answered.
 
-Everything is checked before any row is gathered or queued: the experts (known, distinct, their schemas shared), each
+Everything is checked before any row is gathered or queued: the experts (known, their schemas shared; an expert
+named twice, as after re-routing, has different keeps), each
 one's row count (within its ``max_rows``), the index (length, dtype, range), the tensors (schemas, finite values);
 the usual limits of a request (compression, signature, body size, in-flight budget, load shedding) apply as to one
 expert's. A malformed request gets one 4xx naming the problem. Each expert's rows then go to its own pool as a
@@ -130,8 +131,8 @@ def parse_experts(query: Mapping[str, str], backends: Mapping[str, ExpertBackend
         backend = backends.get(uid)
         if backend is None:
             raise RequestError(404, f"{route}: no expert {uid!r} on this host", uid)
-        if any(entry.uid == uid for entry in entries):
-            raise RequestError(400, f"{route}: expert {uid!r} is named twice", uid)
+        if keep is not None and any(entry.uid == uid and entry.keep == keep for entry in entries):
+            raise RequestError(400, f"{route}: expert {uid!r} is named twice with the same keep", uid)
         if rows < 0:
             raise RequestError(400, f"{route}: expert {uid!r}: rows must not be negative, got {rows}", uid)
         if rows > max_rows[uid]:
