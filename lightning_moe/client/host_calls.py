@@ -35,6 +35,15 @@ MAX_QUERY_CHARS = 4096
 MAX_STATUS_CHARS = 64 * 1024
 
 
+class NoneAnswered(Exception):
+    """A request in which no expert answered: not an answer for the straggler wait, speeds and links (as one request
+    per expert that failed is not); ``result`` holds each call's error."""
+
+    def __init__(self, result: Any):
+        super().__init__("no expert answered")
+        self.result = result
+
+
 @dataclass
 class HostCall:
     """The calls of one request to a host: ``rows``, the distinct rows of the batch (sorted), and ``index``, each
@@ -141,13 +150,13 @@ def _forward(host: HostCall, x: torch.Tensor, compression: str, secret: bytes | 
     """Each call's outputs or error."""
     answer, errors = _request(host, host.calls, "forward", experts_query(host.calls), [x[host.rows], host.index],
                               compression, [False, False], timeout, secret, handle)
-    if answer is None:
-        return errors
+    if answer is None or all(error is not None for error in errors):
+        raise NoneAnswered(errors)
     answered = [call for call, error in zip(host.calls, errors) if error is None]
     sizes = [len(call.rows) for call in answered]
     if any(out.dim() == 0 or out.shape[0] != sum(sizes) for out in answer):
         shapes = [list(out.shape) for out in answer]
-        return _each(host.calls, host.endpoint, "forward", f"answered shapes {shapes} for {sum(sizes)} rows", 200)
+        raise NoneAnswered(_each(host.calls, host.endpoint, "forward", f"answered shapes {shapes} for {sum(sizes)} rows", 200))
     outputs = iter(zip(*(out.split(sizes) for out in answer)))
     return [list(next(outputs)) if error is None else error for error in errors]
 
@@ -184,6 +193,8 @@ def _backward(host: HostCall, x: torch.Tensor, grads: torch.Tensor, compression:
                 and errors[i].status == 409]
         if not todo:
             break
+    if total is None:
+        raise NoneAnswered((None, errors))
     return total, errors
 
 
@@ -203,7 +214,9 @@ def call_hosts(hosts: list[HostCall], method: str, x: torch.Tensor, grads: list[
     results = parallel_call.run_in_parallel(jobs, method, timeout, wait, deadline, links, traffic)
     out: list[Any] = []
     for host, result in zip(hosts, results):
-        if isinstance(result, BaseException):  # the whole request: given up, timed out, or a bug of ours
+        if isinstance(result, NoneAnswered):
+            result = result.result
+        elif isinstance(result, BaseException):  # the whole request: given up, timed out, or a bug of ours
             kind, why = type(result), str(result).split(": ", 1)[-1]
             errors = [kind(f"expert {call.uid!r} at {host.endpoint} (one request for {len(host.calls)} experts): {why}")
                       if isinstance(result, TimeoutError) else
