@@ -81,8 +81,9 @@ class DecentralizedMoE(nn.Module):
         max_retries: rounds of re-routing for samples left short of ``k_min`` after failures.
         allow_zero_outputs: a sample that no expert answered contributes zeros instead of raising
             :class:`NotEnoughExpertsError` (hivemind's option of the same name); off by default.
-        max_call_bytes: a call to one expert larger than this goes out as several requests in parallel (each on
-            its own kept-alive connection: over a long link one large message costs a round trip per TCP window).
+        max_call_bytes: a request larger than this goes out as several in parallel (each on its own kept-alive
+            connection: over a long link one large message costs a round trip per TCP window): a host's distinct rows
+            are split into runs of this many bytes (per expert with ``rows_per_host=False``).
         health: how failing experts and hosts are excluded: a :class:`HealthConfig` (or its mapping) for
             the process's registry, shared by every layer (:func:`lightning_moe.shared.process_health`),
             or a :class:`HealthRegistry` of this layer's own; default: the process's as it is. The registry also
