@@ -249,7 +249,7 @@ class ExpertHost:
             "budget_refused": server.budget.refused,
             "shed_forwards": server.shed,
             "errors_by_status": dict(server.status_errors),
-            "routes": _routes(server.routes),
+            "routes": _routes(dict(server.routes)),  # a copy in one step (the loop thread counts on)
         }
 
     def load_report(self) -> dict:
@@ -340,7 +340,7 @@ class ExpertHost:
 def _routes(counts: Mapping[tuple[str, str], int]) -> dict[str, dict[str, int]]:
     """The server's route counters as ``{route: {"requests", "bytes_in", "bytes_out"}}``."""
     routes: dict[str, dict[str, int]] = {}
-    for (route, key), value in list(counts.items()):
+    for (route, key), value in counts.items():
         routes.setdefault(route, {"requests": 0, "bytes_in": 0, "bytes_out": 0})[key] = value
     return routes
 
