@@ -68,8 +68,9 @@ def _query_chars(call: ExpertCall) -> int:
 def group_by_host(calls: list[ExpertCall], max_rows: int, split: bool = True) -> list[HostCall]:
     """The ``calls`` as requests to their hosts, at most :data:`MAX_EXPERTS` experts each. ``split`` (a forward): a
     host's distinct rows are cut into runs of ``max_rows``, one request each, and a call across runs into its part of
-    each (new calls, without a keep). Else (a backward, whose output gradients differ per expert and whose calls' keeps
-    each cover their forward's rows) whole calls are packed into requests of at most ``max_rows`` expert rows."""
+    each (new calls, without a keep). Else (a backward: each call's keep covers its forward's rows) whole calls are
+    packed into requests of at most ``max_rows`` distinct rows, as their forwards were: the input gradients come back
+    once per row, while the output gradients (one per expert row) may make the request larger."""
     by_host: dict[str, list[ExpertCall]] = {}
     for call in calls:
         by_host.setdefault(call.endpoint, []).append(call)
@@ -82,14 +83,16 @@ def group_by_host(calls: list[ExpertCall], max_rows: int, split: bool = True) ->
                      for call in group if bool((inside := torch.isin(call.rows, chunk)).any())] for chunk in chunks]
         for run in runs:
             taken: list[ExpertCall] = []
-            rows = chars = 0
+            rows: set[int] = set()
+            chars = 0
             for call in run:
+                call_rows = set() if split else set(call.rows.tolist())
                 if taken and (len(taken) == MAX_EXPERTS or chars + _query_chars(call) > MAX_QUERY_CHARS
-                              or not split and rows + len(call.rows) > max_rows):
+                              or len(rows | call_rows) > max_rows):
                     out.append(_host_call(endpoint, taken))
-                    taken, rows, chars = [], 0, 0
+                    taken, rows, chars = [], set(), 0
                 taken.append(call)
-                rows += len(call.rows)
+                rows |= call_rows
                 chars += _query_chars(call)
             if taken:
                 out.append(_host_call(endpoint, taken))
