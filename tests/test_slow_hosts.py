@@ -121,17 +121,17 @@ def forward_requests(endpoint: str) -> int:
 def test_a_consistently_slow_host_is_not_waited_for_nor_excluded_and_still_gets_rows():
     swarm = start_swarm(host_delays=[1.0])  # host 0 answers every batch 1 s late
     slow, fast = swarm.endpoints
-    moe = DecentralizedMoE(HID, GRID, "ffn", k_best=4, initial_peers=swarm.initial_peers, cache_ttl=1.0)
+    # one request per expert: with one per host (the default), a host 1 s late per batch answers its first request
+    # after a batch per expert it holds (8 s), so it is known to be slow that much later (issue 22, not solved yet)
+    moe = DecentralizedMoE(HID, GRID, "ffn", k_best=4, initial_peers=swarm.initial_peers, cache_ttl=1.0,
+                           rows_per_host=False)
     torch.manual_seed(0)
     x = torch.randn(32, HID)
     try:
         history = []
-        for _ in range(100):  # the default timeout_after_k_min of 1 s would wait for it in every step
+        for _ in range(10):  # the default timeout_after_k_min of 1 s would wait for it in every step
             moe(x).sum().backward()
             history.append(moe.last_stats)
-            # one request per host: the slow host's first answer, measured late, comes after a batch per expert (8 s)
-            if len(history) >= 10 and any(s.slow_hosts == 1 for s in history[2:]):
-                break
         assert sum(s.given_up for s in history) > 0, "the slow host was waited for"
         assert all(s.failed == 0 and s.backward_failed == 0 for s in history), [s.errors for s in history]
         speeds = moe.health.speeds
