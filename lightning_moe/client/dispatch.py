@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from lightning_moe import auth, wire
-from lightning_moe.client import direct, parallel_call
+from lightning_moe.client import direct, host_calls, parallel_call
 from lightning_moe.client.beam_search import beam_search, live_experts
 from lightning_moe.client.call_stats import CallStats
 from lightning_moe.client.dht_cache import CachedExpertLookup
@@ -51,7 +51,7 @@ class Dispatcher:
                  allow_zero_outputs: bool, health: HealthRegistry | HealthConfig | Mapping[str, Any] | None, max_call_bytes: int,
                  slow_wait_budget: float = 0.1, latency_margin: float = 1.0, hole_punch: bool = True,
                  spot_check_rate: float = 0.02, spot_check_tolerance: float = 0.1, liar_ban_time: float = 600.0,
-                 poison: float | None = None):
+                 poison: float | None = None, rows_per_host: bool = True):
         if compression not in MOE_COMPRESSIONS:
             raise ValueError(f"compression must be one of {MOE_COMPRESSIONS}, got {compression!r}")
         if not 1 <= k_min <= k_best:
@@ -86,7 +86,7 @@ class Dispatcher:
         self.latency_margin, self.wait_budget = latency_margin, WaitBudget(slow_wait_budget)
         self.hole_punch = bool(hole_punch)
         self.spot_check_rate, self.spot_check_tolerance, self.liar_ban_time = spot_check_rate, spot_check_tolerance, liar_ban_time
-        self.poison, self._checks = poison, None
+        self.poison, self._checks, self.rows_per_host = poison, None, bool(rows_per_host)
         self.health_config = health if isinstance(health, HealthConfig) else None
         self._health = health if isinstance(health, HealthRegistry) else None
         self._dht, self._owns_dht_ref, self._lookup = dht, False, None
@@ -318,15 +318,22 @@ class Dispatcher:
         answer up to ``timeout_after_k_min`` from the start, whatever the estimates say, as a host that looks slow may
         be such a sample's only way to an answer (say, a volunteer's own in-process experts answer first and make the
         only other host look slow)."""
-        calls = split_calls(calls, max(self.max_call_bytes // max(x[0].numel() * x.element_size(), 1), 1))
+        hosts = host_calls.group_by_host(calls, self._max_rows(x)) if self.rows_per_host else []
+        calls = [call for host in hosts for call in host.calls] if self.rows_per_host else split_calls(calls, self._max_rows(x))
         for call in calls:
             call.keep = new_keep_id() if keep else None
         begin = time.monotonic()
         health = self.health
         wait = StragglerWait(self.timeout_after_k_min, health.speeds, self.wait_budget, patient=patient)
         codecs = self.codecs(calls, self.stats)
-        results = parallel_call.call_in_parallel(calls, "forward", [[x[call.rows]] for call in calls], self.forward_timeout,
-                                                 wait, codecs, self.secret, deadline, health.links)
+        if self.rows_per_host:
+            results = host_calls.call_hosts(hosts, "forward", x, None, self.forward_timeout, wait,
+                                            [self.codec(host.endpoint) for host in hosts], self.secret, deadline,
+                                            health.links, self.stats)
+        else:
+            results = parallel_call.call_in_parallel(calls, "forward", [[x[call.rows]] for call in calls],
+                                                     self.forward_timeout, wait, codecs, self.secret, deadline,
+                                                     health.links, self.stats)
         self._note_calls(calls, results)
         stats, out_shape = self.stats, tuple(outputs.shape[2:])
         stats.latency += time.monotonic() - begin
@@ -360,6 +367,10 @@ class Dispatcher:
             tried.append((call, None))
         return tried
 
+    def _max_rows(self, x: torch.Tensor) -> int:
+        """Rows of ``x`` in one request of at most ``max_call_bytes``."""
+        return max(self.max_call_bytes // max(x[0].numel() * x.element_size(), 1), 1)
+
     def _note_calls(self, calls: list[ExpertCall], results: list) -> None:
         """Count answered calls per endpoint: a relayed host called often is asked for a direct path (client/direct.py)."""
         if self.hole_punch:
@@ -370,28 +381,34 @@ class Dispatcher:
         """The gradient of ``x`` (host inputs) from the experts that answered a forward (``calls``), given the gradient
         of its outputs. An expert whose backward fails drops its contribution, counted in ``stats`` (the forward's)."""
         scale = self.poison or 1.0  # a poisoning trainer (tests and demos) sends scaled gradients
-        payloads = [([x[call.rows]], [grad_outputs[call.rows, call.slots] * scale]) for call in calls]
         health, begin = self.health, time.monotonic()
         wait = StragglerWait(self.backward_timeout_after_k_min, health.speeds, self.wait_budget, "backward")
-        results = parallel_call.call_in_parallel(calls, "backward", payloads, self.backward_timeout, wait,
-                                                 self.codecs(calls), self.secret, links=health.links)
-        self.wait_budget.add_elapsed(time.monotonic() - begin)
-        self._note_calls(calls, results)
         grad_x = torch.zeros_like(x)
         answers = torch.zeros(x.shape[0], dtype=torch.long)
+        if self.rows_per_host:  # the input gradients come summed per row; results: None for an answer
+            calls, results = host_calls.backward(calls, x, grad_outputs, scale, self._max_rows(x), self.codec,
+                                                 self.backward_timeout, wait, self.secret, health.links, stats, grad_x)
+        else:
+            payloads = [([x[call.rows]], [grad_outputs[call.rows, call.slots] * scale]) for call in calls]
+            results = parallel_call.call_in_parallel(calls, "backward", payloads, self.backward_timeout, wait,
+                                                     self.codecs(calls), self.secret, links=health.links, traffic=stats)
+        self.wait_budget.add_elapsed(time.monotonic() - begin)
+        self._note_calls(calls, results)
         for call, result in zip(calls, results):
             stats.backward_asked += 1
             record_outcome(health, call.uid, call.endpoint, result)
             if isinstance(result, GivenUp):  # the host got the gradients and learns; its answer was not waited for
                 stats.backward_given_up += 1
                 continue
-            if isinstance(result, BaseException) or len(result) != 1 or result[0].shape != x[call.rows].shape:
+            if isinstance(result, BaseException) or result is not None and (len(result) != 1 or
+                                                                               result[0].shape != x[call.rows].shape):
                 stats.backward_failed += 1
                 stats.errors.append(f"backward: {result}" if isinstance(result, BaseException)
                                     else f"backward: expert {call.uid!r} answered a wrong shape")
                 continue
             stats.backward_answered += 1
-            grad_x.index_add_(0, call.rows, result[0].to(x.dtype) / scale)
+            if result is not None:
+                grad_x.index_add_(0, call.rows, result[0].to(x.dtype) / scale)
             answers[call.rows] += 1
         short = int((answers < self.backward_k_min).sum())
         if short:

@@ -86,8 +86,9 @@ class DecentralizedMoE(nn.Module):
         max_retries: rounds of re-routing for samples left short of ``k_min`` after failures.
         allow_zero_outputs: a sample that no expert answered contributes zeros instead of raising
             :class:`NotEnoughExpertsError` (hivemind's option of the same name); off by default.
-        max_call_bytes: a call to one expert larger than this goes out as several requests in parallel (each on
-            its own kept-alive connection: over a long link one large message costs a round trip per TCP window).
+        max_call_bytes: a request larger than this goes out as several in parallel (each on its own kept-alive
+            connection: over a long link one large message costs a round trip per TCP window): a host's distinct rows
+            are split into runs of this many bytes (per expert with ``rows_per_host=False``).
         health: how failing experts and hosts are excluded: a :class:`HealthConfig` (or its mapping) for
             the process's registry, shared by every layer (:func:`lightning_moe.shared.process_health`),
             or a :class:`HealthRegistry` of this layer's own; default: the process's as it is. The registry also
@@ -109,6 +110,9 @@ class DecentralizedMoE(nn.Module):
         liar_ban_time: seconds a host caught lying stays excluded.
         poison: a poisoning trainer, for tests and demos: the output gradients sent to hosts are multiplied by this
             (the layer's own input gradients are not). None: honest.
+        rows_per_host: one request per host for a forward and one for its backward, each distinct row sent once with
+            every expert's index list (:mod:`lightning_moe.client.host_calls`); the host answers per expert and sums
+            the input gradients per row. False: one request per expert (hosts before this route need it).
     """
 
     # the constructor arguments that the dispatcher holds (a change applies from the next forward)
@@ -116,7 +120,7 @@ class DecentralizedMoE(nn.Module):
     forward_timeout, timeout_after_k_min, max_retries, allow_zero_outputs = _Held(), _Held(), _Held(), _Held()
     backward_k_min, backward_timeout, backward_timeout_after_k_min = _Held(), _Held(), _Held()
     compression, secret, max_call_bytes, cache_ttl, expert_info_timeout = _Held(), _Held(), _Held(), _Held(), _Held()
-    latency_margin, hole_punch = _Held(), _Held()
+    latency_margin, hole_punch, rows_per_host = _Held(), _Held(), _Held()
     spot_check_rate, spot_check_tolerance, liar_ban_time, poison = _Held(), _Held(), _Held(), _Held()
     dht_config = _Held()  # where the layer joins the swarm (made from ``dht`` / ``initial_peers`` / ``secret``)
 
@@ -150,6 +154,7 @@ class DecentralizedMoE(nn.Module):
         spot_check_tolerance: float = 0.1,
         liar_ban_time: float = 600.0,
         poison: float | None = None,
+        rows_per_host: bool = True,
     ):
         super().__init__()
         self.dispatcher = Dispatcher(
@@ -160,7 +165,7 @@ class DecentralizedMoE(nn.Module):
             max_retries=max_retries, allow_zero_outputs=allow_zero_outputs, health=health, max_call_bytes=max_call_bytes,
             slow_wait_budget=slow_wait_budget, latency_margin=latency_margin, hole_punch=hole_punch,
             spot_check_rate=spot_check_rate, spot_check_tolerance=spot_check_tolerance, liar_ban_time=liar_ban_time,
-            poison=poison)
+            poison=poison, rows_per_host=rows_per_host)
         self.in_features, self.jitter = in_features, jitter
         self.proj = nn.Linear(in_features, sum(self.grid_size))
         self.aux_loss: torch.Tensor | None = None

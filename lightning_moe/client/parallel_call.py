@@ -13,6 +13,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from lightning_moe.client.call_stats import CallStats
 from lightning_moe.client.health import HealthRegistry
 from lightning_moe.client.links import LinkRates
 from lightning_moe.client.remote_expert import RemoteExpertError, call_backward, call_expert
@@ -81,6 +82,17 @@ def is_refused(error: BaseException) -> bool:
     return cause is not None and cause.refused
 
 
+@dataclass
+class Job:
+    """One request of :func:`run_in_parallel`: to ``endpoint`` about ``rows`` rows, for the experts ``label`` names;
+    ``send(timeout, handle)`` makes it and returns its answer."""
+
+    endpoint: str
+    rows: int
+    label: str
+    send: Callable[[float | None, CallHandle], Any]
+
+
 def call_in_parallel(
     calls: list[ExpertCall],
     method: str,
@@ -91,18 +103,53 @@ def call_in_parallel(
     secret: bytes | None = None,
     deadline: float | None = None,
     links: LinkRates | None = None,
+    traffic: CallStats | None = None,
 ) -> list[list[torch.Tensor] | BaseException]:
-    """Send every call at once; return each call's answer or the exception it failed with.
+    """Send every call at once, one request per expert (:func:`run_in_parallel`); return each call's answer or the
+    exception it failed with.
 
     A forward payload is the call's inputs (the host keeps the forward if ``call.keep`` is set); a
-    backward payload is ``(inputs, grad_outputs)``, sent as :func:`call_backward` does.
+    backward payload is ``(inputs, grad_outputs)``, sent as :func:`call_backward` does. ``compression`` is one codec
+    for every call or one per call.
+    """
+    codecs = [compression] * len(calls) if isinstance(compression, str) else list(compression)
+    jobs = []
+    for c, p, codec in zip(calls, payloads, codecs):
+        if method == "backward":
+            send = functools.partial(_backward, c, p, codec, secret)
+        else:
+            send = functools.partial(_forward, c, method, p, codec, secret)
+        jobs.append(Job(c.endpoint, len(c.rows), f"expert {c.uid!r}", send))
+    return run_in_parallel(jobs, method, timeout, wait, deadline, links, traffic)
 
-    Waits until all calls answered, or until ``timeout`` (or the earlier ``deadline``, a ``time.monotonic()``
-    value) ran out: calls still out then get TimeoutError. With ``wait``, once the first call answered, the others
+
+def _forward(c: ExpertCall, method: str, tensors: list[torch.Tensor], codec: str, secret: bytes | None,
+             timeout: float | None, handle: CallHandle) -> list[torch.Tensor]:
+    return call_expert(c.uid, c.endpoint, method, tensors, codec, timeout, secret, c.keep, handle)
+
+
+def _backward(c: ExpertCall, payload: tuple[list[torch.Tensor], list[torch.Tensor]], codec: str, secret: bytes | None,
+              timeout: float | None, handle: CallHandle) -> list[torch.Tensor]:
+    return call_backward(c.uid, c.endpoint, c.keep, *payload, codec, timeout, secret, handle)
+
+
+def run_in_parallel(
+    jobs: list[Job],
+    method: str,
+    timeout: float | None = None,
+    wait: StragglerWait | None = None,
+    deadline: float | None = None,
+    links: LinkRates | None = None,
+    traffic: CallStats | None = None,
+) -> list[Any]:
+    """Make every request at once; return each one's answer or the exception it failed with.
+
+    Waits until all answered, or until ``timeout`` (or the earlier ``deadline``, a ``time.monotonic()``
+    value) ran out: requests still out then get TimeoutError. With ``wait``, once the first answered, the others
     are waited for only until ``wait.end(...)`` (see :class:`StragglerWait`); stragglers then get :class:`GivenUp`
     (a sample they leave short of ``k_min`` is the caller's to re-route). Each answer's time, and each straggler's
-    wait, goes to ``wait.speeds``; each answer's bytes and network time to ``links``. ``compression`` is one codec for
-    every call or one per call.
+    wait, goes to ``wait.speeds``; each answer's bytes and network time to ``links``; the bytes sent and received to
+    ``traffic`` (``bytes_up``, ``bytes_down``).
 
     Waiting for every sample to reach ``k_min`` first, as hivemind does, lets one slow host
     stall every step in which some sample chose only its experts.
@@ -115,17 +162,11 @@ def call_in_parallel(
     request_timeout = None if hard_end is None else max(hard_end - start, 1e-3)
     executor = get_executor()
     futures: dict[Future, int] = {}
-    handles = [CallHandle() for _ in calls]
-    codecs = [compression] * len(calls) if isinstance(compression, str) else list(compression)
-    for i, (c, p, handle, codec) in enumerate(zip(calls, payloads, handles, codecs)):
-        if method == "backward":
-            future = executor.submit(call_backward, c.uid, c.endpoint, c.keep, *p, codec, request_timeout, secret, handle)
-        else:
-            future = executor.submit(call_expert, c.uid, c.endpoint, method, p, codec, request_timeout, secret, c.keep,
-                                     handle)
-        futures[future] = i
+    handles = [CallHandle() for _ in jobs]
+    for i, (job, handle) in enumerate(zip(jobs, handles)):
+        futures[executor.submit(job.send, request_timeout, handle)] = i
     speeds = None if wait is None else wait.speeds
-    results: list[Any] = [None] * len(calls)
+    results: list[Any] = [None] * len(jobs)
     pending = set(futures)
     soft_end, first = None, None
     while pending:
@@ -139,35 +180,38 @@ def call_in_parallel(
             index = futures[future]
             try:
                 results[index] = future.result()
-            except Exception as e:  # noqa: BLE001 - every failure is reported per expert
+            except Exception as e:  # noqa: BLE001 - every failure is reported per request
                 results[index] = e
                 continue
             if speeds is not None:
-                speeds.answered(calls[index].endpoint, now - start, len(calls[index].rows), method)
+                speeds.answered(jobs[index].endpoint, now - start, jobs[index].rows, method)
             if links is not None:
                 handle = handles[index]
-                links.measured(calls[index].endpoint, handle.sent_bytes + handle.received_bytes, now - start,
+                links.measured(jobs[index].endpoint, handle.sent_bytes + handle.received_bytes, now - start,
                                handle.host_seconds)
         if first is None and any(r is not None and not isinstance(r, BaseException) for r in results):
             first = now
         if first is not None and wait is not None and not wait.waits_for_all and pending and done:
-            soft_end = wait.end(start, first, [calls[futures[f]].endpoint for f in pending])
+            soft_end = wait.end(start, first, [jobs[futures[f]].endpoint for f in pending])
     now = time.monotonic()
+    if traffic is not None:
+        traffic.bytes_up += sum(handle.sent_bytes for handle in handles)
+        traffic.bytes_down += sum(handle.received_bytes for handle in handles)
     given_up = soft_end is not None and (hard_end is None or soft_end < hard_end)
     for future in pending:
         index = futures[future]
-        call = calls[index]
+        job = jobs[index]
         if given_up:
-            results[index] = GivenUp(f"expert {call.uid!r} at {call.endpoint}: no {method} answer within "
+            results[index] = GivenUp(f"{job.label} at {job.endpoint}: no {method} answer within "
                                      f"{now - start:.3f} s, when the other answers had come (a slow host)")
             if speeds is not None:
-                speeds.gave_up(call.endpoint, method)
+                speeds.gave_up(job.endpoint, method)
                 late = _late_calls()
                 if late.acquire(blocking=False):  # left to finish so that its answer time is measured
-                    future.add_done_callback(functools.partial(_measure_late, speeds, call, method, start, late))
+                    future.add_done_callback(functools.partial(_measure_late, speeds, job, method, start, late))
                     continue
         else:
-            results[index] = TimeoutError(f"expert {call.uid!r} at {call.endpoint}: no {method} answer in time")
+            results[index] = TimeoutError(f"{job.label} at {job.endpoint}: no {method} answer in time")
         future.cancel()  # the socket is shut down, so no worker waits for it any longer
         handles[index].cancel()
     return results
@@ -178,12 +222,12 @@ def _late_calls() -> threading.BoundedSemaphore:
     return context().get("late_calls", lambda: threading.BoundedSemaphore(MAX_LATE_CALLS))
 
 
-def _measure_late(speeds: HostSpeeds, call: ExpertCall, method: str, start: float, slots: threading.BoundedSemaphore,
+def _measure_late(speeds: HostSpeeds, job: Job, method: str, start: float, slots: threading.BoundedSemaphore,
                   future: Future) -> None:
-    """A given-up call's answer came after all: its time still tells how fast the host is."""
+    """A given-up request's answer came after all: its time still tells how fast the host is."""
     slots.release()
     if not future.cancelled() and future.exception() is None:
-        speeds.answered(call.endpoint, time.monotonic() - start, len(call.rows), method)
+        speeds.answered(job.endpoint, time.monotonic() - start, job.rows, method)
 
 
 def plan_calls(candidates: dict[int, list[tuple[str, str]]], mask: torch.Tensor, coords: torch.Tensor,

@@ -37,7 +37,7 @@ def fetch_info(endpoint: str, secret: bytes | None, timeout: float | None = DEFA
     except http_client.TransportError as e:
         raise RemoteExpertError("*", endpoint, f"info: {e}") from e
     if response.status != 200:
-        raise RemoteExpertError("*", endpoint, f"info: {_error_message(response)}", response.status)
+        raise RemoteExpertError("*", endpoint, f"info: {error_message(response)}", response.status)
     try:
         info = json.loads(response.body)
     except ValueError as e:
@@ -86,33 +86,50 @@ def call_expert(
     """
     path = f"/{method}/{uid}" if keep is None else f"/{method}/{uid}?keep={keep}"
     try:
-        body = wire.serialize(tensors, compression, stochastic)
-        target = host_id(endpoint, secret, timeout)
-        for attempt in range(2):
-            headers = {"Content-Type": "application/octet-stream", "X-Compression": compression}
-            headers.update(http_client.signed(secret, "POST", path, body, compression, target))
-            response = http_client.request(endpoint, "POST", path, body, headers, timeout, handle)
-            if response.status != 401 or secret is None or attempt == 1:
-                break
-            renewed = host_id(endpoint, secret, timeout, refresh=True)
-            if renewed == target:
-                break
-            target = renewed
+        response = post(endpoint, path, wire.serialize(tensors, compression, stochastic), compression, timeout, secret,
+                        handle)
     except http_client.TransportError as e:
         raise RemoteExpertError(uid, endpoint, f"{method}: {e}") from e
     except RemoteExpertError as e:
         raise RemoteExpertError(uid, endpoint, f"{method}: {e.message}", e.status) from e
     if response.status != 200:
-        message = _error_message(response)  # the host's message usually names the direction already
+        message = error_message(response)  # the host's message usually names the direction already
         raise RemoteExpertError(uid, endpoint, message if message.startswith(f"{method}:") else f"{method}: {message}",
-                                response.status, _retry_after(response) if response.status == 503 else None)
+                                response.status, retry_after(response) if response.status == 503 else None)
     try:
         return wire.deserialize(response.body)
     except wire.WireError as e:
         raise RemoteExpertError(uid, endpoint, f"{method}: malformed answer: {e}", response.status) from e
 
 
-def _retry_after(response: http_client.Answer) -> float | None:
+def post(endpoint: str, path: str, body: bytes | bytearray, compression: str, timeout: float | None,
+         secret: bytes | None, handle: http_client.CallHandle | None = None) -> http_client.Answer:
+    """POST a wire ``body`` to ``path``, signed in a private swarm for the host instance (its host_id from /info, fetched
+    once per endpoint; fetched again, and the request made once more, if the host refuses the signature: it restarted).
+    Raises TransportError, or RemoteExpertError (uid ``"*"``) if /info could not be read."""
+    target = host_id(endpoint, secret, timeout)
+    for attempt in range(2):
+        headers = {"Content-Type": "application/octet-stream", "X-Compression": compression}
+        headers.update(http_client.signed(secret, "POST", path, body, compression, target))
+        response = http_client.request(endpoint, "POST", path, body, headers, timeout, handle)
+        if response.status != 401 or secret is None or attempt == 1:
+            break
+        renewed = host_id(endpoint, secret, timeout, refresh=True)
+        if renewed == target:
+            break
+        target = renewed
+    return response
+
+
+def error_message(response: http_client.Answer) -> str:
+    """The host's message in an error answer (its JSON ``error``, else the start of the body)."""
+    try:
+        return str(json.loads(response.body)["error"])
+    except (ValueError, KeyError, TypeError):
+        return response.body[:500].decode("utf-8", "replace") or response.reason or "empty answer"
+
+
+def retry_after(response: http_client.Answer) -> float | None:
     """A 503's Retry-After in seconds (delta-seconds form only), at most MAX_RETRY_AFTER; None if absent or not a number."""
     try:
         seconds = float(response.headers.get("retry-after", ""))
@@ -151,13 +168,6 @@ def call_backward(
                 raise
     return call_expert(uid, endpoint, "backward", [*inputs, *grad_outputs], compression, timeout, secret, handle=handle,
                        stochastic=[False] * len(inputs) + [True] * len(grad_outputs))
-
-
-def _error_message(response: http_client.Answer) -> str:
-    try:
-        return str(json.loads(response.body)["error"])
-    except (ValueError, KeyError, TypeError):
-        return response.body[:500].decode("utf-8", "replace") or response.reason or "empty answer"
 
 
 class _RemoteCall(torch.autograd.Function):

@@ -46,7 +46,7 @@ class Answer:
 
 class CallHandle:
     """Lets another thread give up a call in flight: its socket is shut down and the call raises TransportError.
-    Once answered, it holds the bytes sent and received and the time the host says it spent (``X-Host-Seconds``)."""
+    Once answered, it holds the bytes sent and received (bodies, summed over its requests) and the time the host says it spent (``X-Host-Seconds``)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -56,7 +56,8 @@ class CallHandle:
         self.host_seconds: float | None = None
 
     def _answered(self, sent: int, answer: Answer) -> None:
-        self.sent_bytes, self.received_bytes = sent, len(answer.body)
+        self.sent_bytes += sent  # of every request made with this handle (a call may retry)
+        self.received_bytes += len(answer.body)
         try:
             seconds = float(answer.headers.get("x-host-seconds", "nan"))
         except ValueError:

@@ -236,7 +236,7 @@ class ExpertHost:
         if server is None:
             return {"connections_accepted": 0, "connections_refused": 0, "open_connections": 0, "client_addresses": 0,
                     "client_networks": 0, "connections_evicted": 0, "trickles_stopped": 0, "inflight_bytes": 0, "budget_refused": 0, "shed_forwards": 0,
-                    "errors_by_status": {}}
+                    "errors_by_status": {}, "routes": {}}
         return {
             "connections_accepted": server.slots.accepted,
             "connections_refused": server.slots.refused,
@@ -249,6 +249,7 @@ class ExpertHost:
             "budget_refused": server.budget.refused,
             "shed_forwards": server.shed,
             "errors_by_status": dict(server.status_errors),
+            "routes": _routes(dict(server.routes)),  # a copy in one step (the loop thread counts on)
         }
 
     def load_report(self) -> dict:
@@ -266,6 +267,7 @@ class ExpertHost:
               "client_addresses": int, "trickles_stopped": int, "inflight_bytes": int, "budget_refused": int,
               "shed_forwards": int,
               "errors_by_status": {"401": int, ...},            # every error answer, by HTTP status
+              "routes": {"forward" | "host/forward" | ...: {"requests", "bytes_in", "bytes_out"}},  # served, with bodies
               "kept_forwards": {"kept", "hits", "misses", "graph_backwards", "recomputed", "evicted",
                                 "used_bytes", "budget_bytes", ...},   # forwards kept for their backward
               "replica_sync": {"rounds", "initiated", "answered", "skipped", "refused", "busy", "bytes", "period",
@@ -333,6 +335,14 @@ class ExpertHost:
     def __repr__(self) -> str:
         where = self.endpoint if self.server is not None else "not started"
         return f"ExpertHost({len(self.backends)} experts, {where}, device={self.device})"
+
+
+def _routes(counts: Mapping[tuple[str, str], int]) -> dict[str, dict[str, int]]:
+    """The server's route counters as ``{route: {"requests", "bytes_in", "bytes_out"}}``."""
+    routes: dict[str, dict[str, int]] = {}
+    for (route, key), value in counts.items():
+        routes.setdefault(route, {"requests": 0, "bytes_in": 0, "bytes_out": 0})[key] = value
+    return routes
 
 
 def _version() -> str:

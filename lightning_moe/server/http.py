@@ -1,6 +1,7 @@
 """The host's HTTP endpoints on aiohttp: ``GET /info``, ``GET /stats``, ``POST /forward/<uid>``, ``POST /backward/<uid>``;
 ``GET /state/<uid>`` (handover), ``POST /replica/<uid>`` (replicas' averaging, :mod:`.replica_sync`) and
-``GET``/``POST /punch`` for hole punching when the host is relayed (``punch``, :mod:`lightning_moe.net.punch`).
+``GET``/``POST /punch`` for hole punching when the host is relayed (``punch``, :mod:`lightning_moe.net.punch`);
+``POST /host/forward`` and ``/host/backward``: several experts' rows in one request (:mod:`.rows_per_host`).
 
 One asyncio loop in one background thread serves every connection (an idle connection costs a
 few KiB, no thread). Handlers read, check, queue and write; compute happens in the Runtime thread,
@@ -18,11 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import gc
 import json
 import logging
 import math
-import re
 import secrets
 import socket
 import threading
@@ -40,24 +39,22 @@ from lightning_moe.net.reachability import NONCE_BYTES, PROBES
 from lightning_moe.net.signing import RequestVerifier, SignatureError
 from lightning_moe.server.backend import ExpertBackend
 from lightning_moe.server.http_protocol import (
-    FrozenHeap, InflightBudget, LimitedServer, forget_frames, json_error_body, malloc_trim,
+    FrozenHeap, InflightBudget, LimitedServer, forget_frames, json_error_body, trim_memory,
 )
-from lightning_moe.server.http_body import RETRY_AFTER, RequestError, read_body, write_answer
+from lightning_moe.server.http_body import (
+    DIRECTIONS, KEEP_ID, RETRY_AFTER, RequestError, read_body, request_compression, write_answer,
+)
 from lightning_moe.server.http_routes import serve_info, serve_punch, serve_state
+from lightning_moe.server.rows_per_host import MAX_EXPERTS, serve_host_call
 from lightning_moe.server.slots import ConnectionSlots
 from lightning_moe.server.task_pool import PoolClosedError
 
 logger = logging.getLogger(__name__)
 
-DIRECTIONS = ("forward", "backward")
-KEEP_ID = re.compile(r"[0-9a-f]{16,64}")  # a request id whose forward the trainer asks the host to keep
 KEEP_MISSED = "backward: this host does not keep the forward of this request (evicted, expired or never kept); send the inputs"
 DRAIN_LIMIT = 1 << 20  # an unwanted body up to this size is read and dropped to keep the connection; larger: close
 ACCEPTS_PER_TICK = 16
 LISTEN_BACKLOG = 4096
-TRIM_PERIOD = 2.0
-GC_AFTER_CLOSES = 1000  # connections closed since the last collection that make the host collect
-GC_PERIOD = 20.0
 
 
 class ExpertHTTPServer:
@@ -109,6 +106,7 @@ class ExpertHTTPServer:
                 "compression": list(wire.COMPRESSIONS),
                 "max_body_bytes": self.max_body_bytes,
                 "private": secret is not None,
+                "max_experts_per_request": MAX_EXPERTS,  # of POST /host/forward and /host/backward
                 "experts": {uid: {**b.get_info(), "max_rows_per_request": self.max_rows[uid]} for uid, b in self.backends.items()},
             }
         ).encode()
@@ -116,6 +114,7 @@ class ExpertHTTPServer:
         self.requests: collections.Counter = collections.Counter()  # (direction, uid) -> requests
         self.request_errors: collections.Counter = collections.Counter()  # (direction, uid) -> rejected or failed
         self.status_errors: collections.Counter = collections.Counter()  # HTTP status -> count
+        self.routes: collections.Counter = collections.Counter()  # (route, "requests" | "bytes_in" | "bytes_out") -> count
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._runner: web.ServerRunner | None = None
@@ -160,31 +159,7 @@ class ExpertHTTPServer:
         await self._site.start()
         sock.listen(LISTEN_BACKLOG)  # ...while the kernel queues many more (listen again only resizes the queue)
         loop = asyncio.get_running_loop()
-        self._housekeeping = [loop.create_task(self._trim_memory()), loop.create_task(server.sweep())]
-
-    async def _trim_memory(self) -> None:
-        """Every few seconds after a burst of connections or bodies, give their memory back to the OS.
-
-        A closed aiohttp connection sits in reference cycles until Python's cyclic GC runs, which a
-        quiet host may not do for a long time; so once a burst of many closes is over (an attack
-        ending) the host collects, and at most every ``GC_PERIOD`` s while closes go on. glibc keeps freed
-        buffers in its arenas (the loop thread has its own): ``malloc_trim`` returns them.
-        """
-        trim = malloc_trim()
-        last, closed_before, closed_at_gc, gc_at = (0, 0), 0, 0, 0.0
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(TRIM_PERIOD)
-            closed = self.slots.accepted - self.slots.open
-            burst_over = closed == closed_before  # no connection closed during the last period
-            if closed - closed_at_gc >= GC_AFTER_CLOSES and (burst_over or loop.time() - gc_at >= GC_PERIOD):
-                gc.collect()
-                closed_at_gc, gc_at = closed, loop.time()
-            closed_before = closed
-            now = (self.slots.accepted, self.budget.reserved_total)
-            if trim is not None and now != last:
-                trim(0)
-            last = now
+        self._housekeeping = [loop.create_task(trim_memory(self.slots, self.budget)), loop.create_task(server.sweep())]
 
     def stop_accepting(self) -> None:
         """Close the listening socket; open connections go on."""
@@ -225,6 +200,13 @@ class ExpertHTTPServer:
     def count_request_error(self, direction: str, uid: str | None) -> None:
         with self._lock:
             self.request_errors[direction, uid] += 1
+
+    def count_route(self, route: str, bytes_in: int, bytes_out: int) -> None:
+        """A request of ``route`` (``forward``, ``host/forward``, ...) with its body and answer sizes."""
+        with self._lock:
+            self.routes[route, "requests"] += 1
+            self.routes[route, "bytes_in"] += bytes_in
+            self.routes[route, "bytes_out"] += bytes_out
 
     def count_error(self, status: int) -> None:
         with self._lock:
@@ -273,6 +255,8 @@ class ExpertHTTPServer:
             return web.Response(status=204 if arrived else 404)
         if raw_path == "/punch":
             return await serve_punch(self, request)
+        if len(parts) == 3 and parts[0] == "" and parts[1] == "host":
+            return await serve_host_call(self, request, parts[2][:40])
         if not (len(parts) == 3 and parts[0] == "" and parts[1] in DIRECTIONS and parts[2]):
             raise RequestError(404, f"no such path: {raw_path[:200]}", None)
         direction, uid = parts[1], unquote(parts[2])[:200]
@@ -287,9 +271,10 @@ class ExpertHTTPServer:
         except RequestError:
             self.count_request_error(direction, uid)
             raise
+        self.count_route(direction, request.content_length or 0, sum(len(part) for part in parts))
         return await write_answer(request, parts, host_seconds)
 
-    def _content_length(self, request: web.BaseRequest, uid: str) -> int:
+    def content_length(self, request: web.BaseRequest, uid: str) -> int:
         if request.headers.get("Transfer-Encoding"):
             raise RequestError(413, "chunked bodies are not supported: send Content-Length", uid, close=True)
         length = request.content_length
@@ -319,33 +304,18 @@ class ExpertHTTPServer:
         The body is read once into one bytearray (:func:`read_body`) and decoded in place: the
         tensors handed to the expert are views of it, not copies.
         """
-        compression = request.headers.get("X-Compression", "none").strip()
-        if compression not in wire.COMPRESSIONS:
-            raise RequestError(400, f"unknown X-Compression {compression[:40]!r}; choose one of {list(wire.COMPRESSIONS)}", uid)
-        length = self._content_length(request, uid)
+        compression = request_compression(request, uid)
+        length = self.content_length(request, uid)
         self.check_headers(request, post=True, uid=uid)
         keep = request.query.get("keep")
         if keep is not None and not KEEP_ID.fullmatch(keep):
             raise RequestError(400, f"{direction}: keep must be 16 to 64 lowercase hex digits, got {keep[:80]!r}", uid)
         group = netgroup(request.remote) if request.remote else None
         if direction == "forward":
-            self._shed_if_behind(uid, group)
-        if not self.budget.reserve(length):
-            raise RequestError(503, f"the host is reading too many request bodies ({self.budget.used} bytes in flight); "
-                                    f"retry in {RETRY_AFTER} s", uid, close=True, headers={"Retry-After": RETRY_AFTER})
+            self.shed_if_behind(uid, group)
+        self.reserve(length, uid)
         try:
-            if request.headers.get("Expect", "").lower() == "100-continue":  # checks passed: ask for the body
-                await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            try:
-                reading = read_body(request.content, length, uid, self.max_rows[uid], self.max_body_bytes)
-                body = await asyncio.wait_for(reading, self.limits.body_timeout)
-            except asyncio.TimeoutError:
-                raise RequestError(408, f"timed out reading the body of {length} bytes after {self.limits.body_timeout} s",
-                                   uid, close=True) from None
-            except RequestError as e:
-                forget_frames(e)  # wait_for's task holds the error, whose traceback holds the task: a cycle
-                raise
-            self.verify(request, body, uid)
+            body = await self.read_verified(request, length, uid, self.max_rows[uid])
             started = time.monotonic()
             try:
                 tensors = wire.deserialize(body, self.max_body_bytes)
@@ -356,7 +326,7 @@ class ExpertHTTPServer:
                     tensors = backend.bound_gradients(tensors, request.remote)  # one trainer's pull is bounded
             except ValueError as e:  # WireError is a ValueError
                 raise RequestError(400, f"{direction}: {e}", uid) from None
-            outputs = await self._compute(direction, uid, backend, tensors, keep, group, request.remote)
+            outputs = await self.compute(direction, uid, backend, tensors, keep, group, request.remote)
             try:
                 # input gradients are rounded unbiased (int8/int4): see lightning_moe.codecs
                 parts = wire.serialize_parts(outputs, self.compression or compression, stochastic=direction == "backward")
@@ -366,7 +336,29 @@ class ExpertHTTPServer:
         finally:
             self.budget.release(length)
 
-    def _shed_if_behind(self, uid: str, group: str | None) -> None:
+    def reserve(self, length: int, uid: str | None) -> None:
+        """Reserve ``length`` bytes of the host-wide budget of bodies in flight (release them after), or 503."""
+        if not self.budget.reserve(length):
+            raise RequestError(503, f"the host is reading too many request bodies ({self.budget.used} bytes in flight); "
+                                    f"retry in {RETRY_AFTER} s", uid, close=True, headers={"Retry-After": RETRY_AFTER})
+
+    async def read_verified(self, request: web.BaseRequest, length: int, uid: str, max_rows: int) -> bytearray:
+        """The body (its wire header checked against ``max_rows`` before the rest is read), its signature verified."""
+        if request.headers.get("Expect", "").lower() == "100-continue":  # checks passed: ask for the body
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        try:
+            body = await asyncio.wait_for(read_body(request.content, length, uid, max_rows, self.max_body_bytes),
+                                          self.limits.body_timeout)
+        except asyncio.TimeoutError:
+            raise RequestError(408, f"timed out reading the body of {length} bytes after {self.limits.body_timeout} s",
+                               uid, close=True) from None
+        except RequestError as e:
+            forget_frames(e)  # wait_for's task holds the error, whose traceback holds the task: a cycle
+            raise
+        self.verify(request, body, uid)
+        return body
+
+    def shed_if_behind(self, uid: str, group: str | None) -> None:
         """503 with Retry-After for a forward while the oldest queued work of its client's network (``group``) waited
         over ``limits.max_queue_wait``: its answer would come after the trainer moved on. The pools share their
         batches fairly between networks, so a network that floods the host sheds its own forwards, not others'.
@@ -379,7 +371,7 @@ class ExpertHTTPServer:
                                     f"(more than {limit} s); retry in {math.ceil(age)} s", uid,
                                headers={"Retry-After": str(math.ceil(age))})
 
-    async def _compute(self, direction: str, uid: str, backend: ExpertBackend, tensors: list, keep: str | None,
+    async def compute(self, direction: str, uid: str, backend: ExpertBackend, tensors: list, keep: str | None,
                        group: str | None, source: str | None) -> Any:
         """Queue the request's rows in its expert's pool, where they take the share of ``group`` (the client's network),
         in turn with the network's other addresses (``source``: the client's)."""

@@ -11,6 +11,7 @@ may sit in a reference cycle (wait_for's task) until the cyclic GC runs, and mus
 from __future__ import annotations
 
 import math
+import re
 from typing import Mapping
 
 from aiohttp import StreamReader, web
@@ -19,6 +20,8 @@ from lightning_moe import wire
 from lightning_moe.server.http_protocol import forget_frames
 
 RETRY_AFTER = "1"  # seconds a client waits after a 503
+DIRECTIONS = ("forward", "backward")
+KEEP_ID = re.compile(r"[0-9a-f]{16,64}")  # a request id whose forward the trainer asks the host to keep
 
 
 class RequestError(Exception):
@@ -30,7 +33,15 @@ class RequestError(Exception):
         self.status, self.uid, self.close, self.headers = status, uid, close, dict(headers or {})
 
 
-async def read_body(content: StreamReader, length: int, uid: str, max_rows: int, max_body_bytes: int) -> bytearray:
+def request_compression(request: web.BaseRequest, uid: str | None) -> str:
+    """The request's ``X-Compression`` (the answer's too, unless the host sets one), or 400."""
+    compression = request.headers.get("X-Compression", "none").strip()
+    if compression not in wire.COMPRESSIONS:
+        raise RequestError(400, f"unknown X-Compression {compression[:40]!r}; choose one of {list(wire.COMPRESSIONS)}", uid)
+    return compression
+
+
+async def read_body(content: StreamReader, length: int, uid: str | None, max_rows: int, max_body_bytes: int) -> bytearray:
     """The body in one buffer, allocated once the wire header (sizes, rows) has arrived and passed its checks."""
     head = bytearray()
     if length >= wire.PREFIX_BYTES:  # the wire header: at most 8 + 64 KiB, read before anything is allocated
@@ -63,7 +74,7 @@ async def read_body(content: StreamReader, length: int, uid: str, max_rows: int,
     return body
 
 
-def header_end(prefix: bytearray, length: int, uid: str) -> int:
+def header_end(prefix: bytearray, length: int, uid: str | None) -> int:
     """Where the wire header ends, from the message's prefix."""
     try:
         return min(length, wire.PREFIX_BYTES + wire.header_length(prefix))
@@ -71,7 +82,7 @@ def header_end(prefix: bytearray, length: int, uid: str) -> int:
         raise RequestError(400, str(e), uid, close=length > len(prefix)) from None
 
 
-def check_wire_header(head: bytearray, length: int, uid: str, max_rows: int, max_body_bytes: int) -> None:
+def check_wire_header(head: bytearray, length: int, uid: str | None, max_rows: int, max_body_bytes: int) -> None:
     """Sizes and rows from the wire header, before the buffers are read or anything is allocated for them."""
     close = len(head) < length
     try:
@@ -90,7 +101,8 @@ def check_wire_header(head: bytearray, length: int, uid: str, max_rows: int, max
                            uid, close=close)
 
 
-async def write_answer(request: web.BaseRequest, parts: list, host_seconds: float) -> web.StreamResponse:
+async def write_answer(request: web.BaseRequest, parts: list, host_seconds: float,
+                       headers: Mapping[str, str] | None = None) -> web.StreamResponse:
     """Write an answer's wire parts one after another, never joined into one buffer.
 
     A ``web.Response(body=...)`` would cost a copy of the whole body: aiohttp joins its headers
@@ -100,7 +112,7 @@ async def write_answer(request: web.BaseRequest, parts: list, host_seconds: floa
     read to the answer ready, so that the trainer can tell its link's time apart (``compression="auto"``).
     """
     response = web.StreamResponse(headers={"Content-Type": "application/octet-stream",
-                                           "X-Host-Seconds": f"{host_seconds:.6f}"})
+                                           "X-Host-Seconds": f"{host_seconds:.6f}", **(headers or {})})
     response.content_length = sum(len(part) for part in parts)
     await response.prepare(request)
     try:

@@ -1,4 +1,5 @@
-"""Connection-level limits for the host's aiohttp server: slots, header bytes, half-closed peers, JSON errors.
+"""Connection-level limits for the host's aiohttp server: slots, header bytes, half-closed peers, JSON errors; and
+giving memory back after bursts (:func:`trim_memory`).
 
 aiohttp's :class:`~aiohttp.web_protocol.RequestHandler` serves one connection as a coroutine (no
 thread). This subclass adds what a host facing strangers needs before any handler runs:
@@ -360,3 +361,33 @@ class LimitedServer(web_server.Server):
         for lobby in list(self.lobby):
             self.close_lobby(lobby)
         await super().shutdown(timeout)
+
+
+TRIM_PERIOD = 2.0
+GC_AFTER_CLOSES = 1000  # connections closed since the last collection that make the host collect
+GC_PERIOD = 20.0
+
+
+async def trim_memory(slots: ConnectionSlots, budget: InflightBudget) -> None:
+    """Every few seconds after a burst of connections or bodies, give their memory back to the OS.
+
+    A closed aiohttp connection sits in reference cycles until Python's cyclic GC runs, which a
+    quiet host may not do for a long time; so once a burst of many closes is over (an attack
+    ending) the host collects, and at most every ``GC_PERIOD`` s while closes go on. glibc keeps freed
+    buffers in its arenas (the loop thread has its own): ``malloc_trim`` returns them.
+    """
+    trim = malloc_trim()
+    last, closed_before, closed_at_gc, gc_at = (0, 0), 0, 0, 0.0
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(TRIM_PERIOD)
+        closed = slots.accepted - slots.open
+        burst_over = closed == closed_before  # no connection closed during the last period
+        if closed - closed_at_gc >= GC_AFTER_CLOSES and (burst_over or loop.time() - gc_at >= GC_PERIOD):
+            gc.collect()
+            closed_at_gc, gc_at = closed, loop.time()
+        closed_before = closed
+        now = (slots.accepted, budget.reserved_total)
+        if trim is not None and now != last:
+            trim(0)
+        last = now
