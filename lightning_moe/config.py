@@ -312,7 +312,9 @@ class LocalSwarmConfig:
 
     num_hosts: int = _help("host processes to start; host i serves every num_hosts-th cell of each layer's grid from "
                            "cell i (and from the replicas - 1 cells before it), with seed host.seed + i", default=2)
-    replicas: int = _help("local hosts that serve each cell at start (host.replicas is what joiners aim for)", default=1)
+    replicas: int = _help("local hosts that serve each cell at start (host.replicas is what joiners aim for); they start "
+                          "in waves: a cell starts on one host and its other replicas adopt that host's state, so they "
+                          "start equal", default=1)
     num_threads: Optional[int] = _help("each host's torch threads, replacing host.num_threads (the hosts share this "
                                        "machine); null: torch's default", default=1)
     update_period: float = _help("seconds between each host's DHT declarations, replacing host.update_period",
@@ -320,6 +322,9 @@ class LocalSwarmConfig:
     start_timeout: float = _help("seconds to wait for every host to serve", default=120.0)
     host_delays: list[float] = _help("extra seconds per batch for each of the first hosts, e.g. [2.0] makes host 0 a "
                                      "slow volunteer (the others keep host.delay)", default_factory=list)
+    host_byzantine: list[str] = _help("host.byzantine for each of the first hosts, e.g. [sign_flip, none, none, scale] "
+                                      "makes hosts 0 and 3 lying volunteers (the others keep host.byzantine)",
+                                      default_factory=list)
 
     def __post_init__(self) -> None:
         self.check()
@@ -339,6 +344,10 @@ class LocalSwarmConfig:
         _require(all(d >= 0 for d in self.host_delays), f"{prefix}.host_delays", "must be seconds >= 0", self.host_delays)
         _require(len(self.host_delays) <= self.num_hosts, f"{prefix}.host_delays",
                  f"must have at most {prefix}.num_hosts={self.num_hosts} delays", self.host_delays)
+        _require(all(mode in BYZANTINE_MODES for mode in self.host_byzantine), f"{prefix}.host_byzantine",
+                 f"must list modes of {list(BYZANTINE_MODES)}", self.host_byzantine)
+        _require(len(self.host_byzantine) <= self.num_hosts, f"{prefix}.host_byzantine",
+                 f"must have at most {prefix}.num_hosts={self.num_hosts} modes", self.host_byzantine)
 
 
 @dataclass

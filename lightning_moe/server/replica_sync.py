@@ -127,7 +127,8 @@ class ReplicaSync:
         self.stats: Counter = Counter()  # rounds, initiated, answered, skipped, refused, busy, bytes, clipped
         self.last_sync: dict[str, float] = {}  # uid -> time.monotonic() of its last averaging
         self.last_distance: dict[str, float] = {}  # uid -> relative distance to the replica(s) before it
-        self.last_radius: dict[str, float] = {}  # uid -> centered_clip's radius in its last averaging (relative)
+        self.last_radius: dict[str, float] = {}  # uid -> the clipping radius of its last averaging (relative; measured
+        # with every aggregate, applied by centered_clip)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -242,11 +243,11 @@ class ReplicaSync:
                initiated: bool) -> None:
         """Move the cell to the aggregate of ``ours`` and ``theirs``: add ``aggregate - ours`` in place, under the
         backend's lock (never during an optimizer step; steps taken since the snapshot are kept)."""
-        radius = self.radii[uid].radius(ours) if self.method == CENTERED_CLIP else None
+        radius = self.radii[uid].radius(ours)  # measured with every aggregate: /stats shows what clipping would do
         new = aggregate([ours, *theirs], self.method, radius)
         distances = [state.relative_distance(t, ours) for t in theirs]
         distance, scale = max(distances), max(norm(ours), 1e-12)
-        clipped = 0 if radius is None else sum(d * scale > radius for d in distances)
+        clipped = sum(d * scale > radius for d in distances) if self.method == CENTERED_CLIP else 0
         self.radii[uid].averaged(new)
         backend = self.backends[uid]
         with backend.lock:
@@ -257,11 +258,9 @@ class ReplicaSync:
             self.stats["bytes"] += nbytes
             self.stats["clipped"] += clipped
             self.last_sync[uid], self.last_distance[uid] = time.monotonic(), distance
-            if radius is not None:
-                self.last_radius[uid] = radius / scale
-        logger.debug("%s: averaged with %d replicas (%s; relative distance before %.3g, radius %s, %d clipped)", uid,
-                     len(theirs), "initiated" if initiated else "answered", distance,
-                     "-" if radius is None else f"{radius / scale:.3g}", clipped)
+            self.last_radius[uid] = radius / scale
+        logger.debug("%s: averaged with %d replicas (%s; relative distance before %.3g, radius %.3g, %d clipped)", uid,
+                     len(theirs), "initiated" if initiated else "answered", distance, radius / scale, clipped)
 
     # ---- answering (the host's HTTP server) -----------------------------------------------------
     async def handle(self, server: Any, request: web.BaseRequest, uid: str) -> web.StreamResponse:
@@ -339,8 +338,7 @@ class ReplicaSync:
                                                        "bytes", "clipped")},
                     "period": self.period, "aggregate": self.method,
                     "cells": {uid: {"age": round(now - t, 3), "distance": self.last_distance.get(uid, 0.0),
-                                    **({"radius": self.last_radius[uid]} if uid in self.last_radius else {})}
-                              for uid, t in self.last_sync.items()}}
+                                    "radius": self.last_radius.get(uid, 0.0)} for uid, t in self.last_sync.items()}}
 
 
 class ReplicaError(RuntimeError):
