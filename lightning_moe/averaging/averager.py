@@ -31,12 +31,11 @@ from torch import nn
 
 from lightning_moe.net import http_client, resolve_binding
 from lightning_moe.dht.records import is_valid_endpoint
-from lightning_moe.net.signing import MAX_CLOCK_SKEW
 
 import lightning_moe.averaging.state as state
 from .robust import METHOD as CENTERED_CLIP
 from .robust import ClipRadius
-from .server import AveragingServer, Unavailable, response_signature
+from .server import AveragingServer, Unavailable, verify_answer
 from .state import RefusedState
 
 logger = logging.getLogger(__name__)
@@ -310,16 +309,7 @@ class Averager:
         content = bytes(response.body)
         if response.status != 200:
             raise PeerError(f"HTTP {response.status}: {content[:300]!r}", response.status)
-        if self.secret is not None:
-            timestamp = response.headers.get("x-timestamp", "")
-            nonce = headers.get("X-Nonce", "")
-            expected = response_signature(self.secret, path, nonce, timestamp, content)
-            try:
-                fresh = abs(float(timestamp) - time.time()) <= MAX_CLOCK_SKEW
-            except ValueError:
-                fresh = False
-            if not fresh or response.headers.get("x-signature", "") != expected:
-                raise RefusedState("the answer is not signed with this swarm's secret")
+        verify_answer(self.secret, path, headers.get("X-Nonce", ""), response.headers, content)
         flats, step = state.decode(content, self.layout, self.max_body)
         if reference is not None:
             self._check_distance(flats, reference)

@@ -42,11 +42,10 @@ from aiohttp import web
 import lightning_moe.averaging.state as state
 from lightning_moe.averaging.robust import METHOD as CENTERED_CLIP
 from lightning_moe.averaging.robust import ClipRadius, centered_clip, norm
-from lightning_moe.averaging.server import response_signature, signed_answer
+from lightning_moe.averaging.server import signed_answer, verify_answer
 from lightning_moe.averaging.state import Layout, RefusedState
 from lightning_moe.client.remote_expert import host_id
 from lightning_moe.net import http_client
-from lightning_moe.net.signing import MAX_CLOCK_SKEW
 from lightning_moe.server.backend import ExpertBackend
 from lightning_moe.server.http_body import RequestError
 
@@ -219,15 +218,7 @@ class ReplicaSync:
         content = bytes(answer.body)
         if answer.status != 200:
             raise ReplicaError(f"HTTP {answer.status}: {content[:300].decode(errors='replace')}")
-        if self.secret is not None:
-            timestamp = answer.headers.get("x-timestamp", "")
-            expected = response_signature(self.secret, path, headers.get("X-Nonce", ""), timestamp, content)
-            try:
-                fresh = abs(float(timestamp) - time.time()) <= MAX_CLOCK_SKEW
-            except ValueError:
-                fresh = False
-            if not fresh or answer.headers.get("x-signature", "") != expected:
-                raise RefusedState("the answer is not signed with this swarm's secret")
+        verify_answer(self.secret, path, headers.get("X-Nonce", ""), answer.headers, content)
         flats, _ = state.decode(content, self.layouts[uid], self.limits[uid])
         self._check_distance(flats, ours)
         return flats, len(content)
