@@ -142,7 +142,7 @@ def distances(mode: str, args: argparse.Namespace, out_dir: str) -> dict[int, fl
 def print_table(results: dict[str, dict[int, dict]], dist: dict[str, dict[int, float]], args: argparse.Namespace) -> None:
     print(f"\n{args.steps} steps per trainer, averaging every {args.every} steps; val bpc on the same validation text\n")
     print(f"{'trainer':<8} {'val bpc alone':>13} {'val bpc averaged':>16} {'better':>6} {'rounds':>6} {'refused':>7} "
-          f"{'failed':>6} {'bytes':>11} {'s/exchange':>10} {'wall s alone/avg':>16}")
+          f"{'failed':>6} {'clipped':>7} {'bytes':>11} {'s/exchange':>10} {'wall s alone/avg':>16}")
     better = 0
     for i in range(NUM_TRAINERS):
         alone, averaged = results["alone"][i], results["averaged"][i]
@@ -151,6 +151,7 @@ def print_table(results: dict[str, dict[int, dict]], dist: dict[str, dict[int, f
         better += is_better
         print(f"{i:<8} {alone['val_bpc']:13.3f} {averaged['val_bpc']:16.3f} {'yes' if is_better else 'no':>6} "
               f"{avg.get('averaging/rounds', 0):6.0f} {avg.get('averaging/refused', 0):7.0f} {avg.get('averaging/failed', 0):6.0f} "
+              f"{avg.get('averaging/clipped', 0):7.0f} "
               f"{avg.get('averaging/bytes_total', 0):11,.0f} {avg.get('averaging/seconds_total', 0) / max(avg.get('averaging/rounds', 0), 1):10.3f} "
               f"{alone['seconds']:7.0f}/{averaged['seconds']:<7.0f}")
     total = sum(results["averaged"][i].get("averaging", {}).get("averaging/bytes_total", 0) for i in range(NUM_TRAINERS)) / 2

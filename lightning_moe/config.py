@@ -14,7 +14,8 @@ from typing import Any, Optional
 
 WIRE_COMPRESSIONS = ("none", "float16", "uint8", "int8", "int4")  # lightning_moe.wire.COMPRESSIONS, without importing torch
 MOE_COMPRESSIONS = (*WIRE_COMPRESSIONS, "auto")  # auto: chosen per host from its measured link (client/links.py)
-REPLICA_AGGREGATES = ("mean", "median", "trimmed_mean")  # lightning_moe.server.replica_sync.AGGREGATES
+REPLICA_AGGREGATES = ("centered_clip", "mean", "median", "trimmed_mean")  # lightning_moe.server.replica_sync.AGGREGATES
+SWARM_AGGREGATES = ("centered_clip", "mean")  # lightning_moe.averaging.averager
 MAX_MICRO_BATCHES = 16  # lightning_moe.client.pipeline.MAX_MICRO_BATCHES, without importing torch
 BYZANTINE_MODES = ("none", "sign_flip", "scale", "noise", "stale")  # lightning_moe.server.byzantine.MODES
 
@@ -167,9 +168,17 @@ class HostConfig:
                                           "large experts on slow links", default=5.0)
     replica_average_timeout: float = _help("seconds one replica may take to answer an averaging exchange; a replica "
                                            "that does not answer in time is skipped for that round", default=10.0)
-    replica_aggregate: str = _help("how a cell's replicas' parameters are combined: mean, or the robust median "
-                                   "(coordinate-wise) or trimmed_mean (drops the lowest and highest quarter per "
-                                   "coordinate); with 2 replicas all three are the mean", default="mean")
+    replica_aggregate: str = _help("how a cell's replicas' parameters are combined: centered_clip (the mean, with each "
+                                   "replica's pull clipped to a radius this host measures itself, so one lying replica "
+                                   "moves a cell a bounded amount, also with 2 replicas), mean (trusts every replica), "
+                                   "or the coordinate-wise median or trimmed_mean (drops the lowest and highest quarter; "
+                                   "robust from 3 replicas on; with 2 they are the mean)", default="centered_clip")
+    replica_clip_min: float = _help("centered_clip: the least radius, relative to the cell's norm (a liar moves a "
+                                    "cell at most half of it per exchange beyond what its own training moved it)",
+                                    default=0.05)
+    replica_clip_factor: float = _help("centered_clip: the radius is at least this many times how far the cell's own "
+                                       "training moved it since its last averaging (two honest replicas that were "
+                                       "equal then differ by at most both moves)", default=2.0)
     replica_max_distance: float = _help("refuse a replica whose parameters are farther than this from ours "
                                         "(||theirs - ours|| / ||ours||): the most one averaging can move a cell",
                                         default=0.5)
@@ -269,6 +278,11 @@ class HostConfig:
                  f"must be one of {list(REPLICA_AGGREGATES)}", self.replica_aggregate)
         _require(self.replica_max_distance > 0, f"{prefix}.replica_max_distance", "must be positive",
                  self.replica_max_distance)
+        _require(0 < self.replica_clip_min <= self.replica_max_distance, f"{prefix}.replica_clip_min",
+                 f"must be positive and at most {prefix}.replica_max_distance={self.replica_max_distance:g}",
+                 self.replica_clip_min)
+        _require(self.replica_clip_factor >= 0, f"{prefix}.replica_clip_factor", "must be 0 or positive",
+                 self.replica_clip_factor)
         _require(self.stats_every >= 0, f"{prefix}.stats_every", "must be 0 or positive", self.stats_every)
         _require(self.delay >= 0, f"{prefix}.delay", "must be 0 or positive", self.delay)
         _require(self.byzantine in BYZANTINE_MODES, f"{prefix}.byzantine", f"must be one of {list(BYZANTINE_MODES)}",
@@ -299,7 +313,9 @@ class LocalSwarmConfig:
 
     num_hosts: int = _help("host processes to start; host i serves every num_hosts-th cell of each layer's grid from "
                            "cell i (and from the replicas - 1 cells before it), with seed host.seed + i", default=2)
-    replicas: int = _help("local hosts that serve each cell at start (host.replicas is what joiners aim for)", default=1)
+    replicas: int = _help("local hosts that serve each cell at start (host.replicas is what joiners aim for); they start "
+                          "in waves: a cell starts on one host and its other replicas adopt that host's state, so they "
+                          "start equal", default=1)
     num_threads: Optional[int] = _help("each host's torch threads, replacing host.num_threads (the hosts share this "
                                        "machine); null: torch's default", default=1)
     update_period: float = _help("seconds between each host's DHT declarations, replacing host.update_period",
@@ -307,6 +323,9 @@ class LocalSwarmConfig:
     start_timeout: float = _help("seconds to wait for every host to serve", default=120.0)
     host_delays: list[float] = _help("extra seconds per batch for each of the first hosts, e.g. [2.0] makes host 0 a "
                                      "slow volunteer (the others keep host.delay)", default_factory=list)
+    host_byzantine: list[str] = _help("host.byzantine for each of the first hosts, e.g. [sign_flip, none, none, scale] "
+                                      "makes hosts 0 and 3 lying volunteers (the others keep host.byzantine)",
+                                      default_factory=list)
 
     def __post_init__(self) -> None:
         self.check()
@@ -326,6 +345,10 @@ class LocalSwarmConfig:
         _require(all(d >= 0 for d in self.host_delays), f"{prefix}.host_delays", "must be seconds >= 0", self.host_delays)
         _require(len(self.host_delays) <= self.num_hosts, f"{prefix}.host_delays",
                  f"must have at most {prefix}.num_hosts={self.num_hosts} delays", self.host_delays)
+        _require(all(mode in BYZANTINE_MODES for mode in self.host_byzantine), f"{prefix}.host_byzantine",
+                 f"must list modes of {list(BYZANTINE_MODES)}", self.host_byzantine)
+        _require(len(self.host_byzantine) <= self.num_hosts, f"{prefix}.host_byzantine",
+                 f"must have at most {prefix}.num_hosts={self.num_hosts} modes", self.host_byzantine)
 
 
 @dataclass
@@ -415,6 +438,14 @@ class AveragingConfig:
                                          default=None)
     max_distance: float = _help("refuse a peer whose parameters are farther than this from ours (||peer - ours|| / "
                                 "||ours||) and leave it out for ban_seconds", default=0.5)
+    aggregate: str = _help("how a pair's parameters are combined: centered_clip (the pair's mean, with the peer's pull "
+                           "clipped to a radius this trainer measures itself, so a lying peer moves it a bounded "
+                           "amount) or mean (trusts every peer)", default="centered_clip")
+    clip_min: float = _help("centered_clip: the least radius, relative to the parameters' norm (a liar moves a "
+                            "trainer at most half of it per exchange beyond what its own training moved it)",
+                            default=0.05)
+    clip_factor: float = _help("centered_clip: the radius is at least this many times how far this trainer's own "
+                               "training moved its parameters since its last averaging", default=2.0)
     ban_seconds: float = _help("seconds a refused peer is left out", default=60.0)
     timeout: float = _help("seconds one exchange or download may take (a dead peer costs one exchange)", default=10.0)
     compression: str = _help("the parameters on the wire: none or float16", default="none")
@@ -438,6 +469,11 @@ class AveragingConfig:
         _require(self.every_n_steps >= 1, f"{prefix}.every_n_steps", "must be at least 1", self.every_n_steps)
         _require(0 <= self.port <= 65535, f"{prefix}.port", "must be a port number (0 to 65535)", self.port)
         _require(self.max_distance > 0, f"{prefix}.max_distance", "must be positive", self.max_distance)
+        _require(self.aggregate in SWARM_AGGREGATES, f"{prefix}.aggregate", f"must be one of {list(SWARM_AGGREGATES)}",
+                 self.aggregate)
+        _require(0 < self.clip_min <= self.max_distance, f"{prefix}.clip_min",
+                 f"must be positive and at most {prefix}.max_distance={self.max_distance:g}", self.clip_min)
+        _require(self.clip_factor >= 0, f"{prefix}.clip_factor", "must be 0 or positive", self.clip_factor)
         _require(self.ban_seconds >= 0, f"{prefix}.ban_seconds", "must be 0 or positive", self.ban_seconds)
         _require(self.timeout > 0, f"{prefix}.timeout", "must be positive", self.timeout)
         _require(self.compression in ("none", "float16"), f"{prefix}.compression", "must be none or float16",

@@ -49,7 +49,9 @@ class LocalSwarm:
     Each host process runs :func:`~lightning_moe.volunteer.start_volunteer` with ``host``, except for
     the keys ``config`` sets (:class:`~lightning_moe.config.LocalSwarmConfig` documents them: how many
     hosts, their cells, seeds, delays, threads and update period); they bind where the swarm's DHT
-    node does, on ports of their own, without host checkpoints. The hosts start in parallel.
+    node does, on ports of their own, without host checkpoints. The hosts start in parallel, in waves
+    (:meth:`start_waves`; one wave without replicas): a cell starts on one host, and each later host adopts its cells'
+    state from a live replica (as any joiner does), so the replicas of a cell start equal and can average.
 
     Args:
         host: the hosts' configuration (:class:`~lightning_moe.config.HostConfig` or its mapping); must be
@@ -109,17 +111,38 @@ class LocalSwarm:
     def start(self) -> "LocalSwarm":
         """Start the DHT node and all hosts in parallel; returns once every host serves."""
         self.start_dht()
-        num_hosts, delays = self.config.num_hosts, self.config.host_delays
+        num_hosts, delays, liars = self.config.num_hosts, self.config.host_delays, self.config.host_byzantine
         try:
             for i in range(num_hosts):
-                delay = delays[i] if i < len(delays) else self.host_config.delay
-                self.add_host(self.host_cells(i), seed=(self.host_config.seed or 0) + i, delay=delay, wait=False)
-            self._wait_ready(range(num_hosts))
+                self._new_host(self.host_cells(i), (self.host_config.seed or 0) + i,
+                               delays[i] if i < len(delays) else self.host_config.delay,
+                               liars[i] if i < len(liars) else None)
+            for hosts in self.start_waves():
+                for i in hosts:
+                    self.processes[i].start()
+                self._wait_ready(hosts)
         except BaseException:
             self.shutdown()
             raise
         logger.info("local swarm: DHT at %s, %d hosts at %s", self.dht.address, num_hosts, self.endpoints)
         return self
+
+    def start_waves(self) -> list[list[int]]:
+        """The first ``num_hosts`` hosts in the order they start: no two hosts of a wave share a cell that no earlier
+        wave serves, so every cell starts on one host and its other replicas adopt that host's state."""
+        live: set[str] = set()
+        waves, waiting = [], list(range(self.config.num_hosts))
+        while waiting:
+            wave, fresh = [], set()
+            for i in waiting:
+                new = set(self.host_cells(i)) - live
+                if not new & fresh:
+                    wave.append(i)
+                    fresh |= new
+            waiting = [i for i in waiting if i not in wave]
+            live |= fresh
+            waves.append(wave)
+        return waves
 
     def host_cells(self, i: int) -> list[str]:
         """The cells host ``i`` of the first ``num_hosts`` serves: of each layer, cell j when i is one of the
@@ -128,20 +151,28 @@ class LocalSwarm:
         return [uid for prefix in self.host_config.layer_prefixes()
                 for j, uid in enumerate(grid_uids(prefix, self.grid_size)) if (i - j) % num_hosts < replicas]
 
-    def add_host(self, uids: Sequence[str], seed: int | None = None, delay: float = 0.0, wait: bool = True) -> int:
-        """Start one more host process serving ``uids``; returns its index."""
+    def add_host(self, uids: Sequence[str], seed: int | None = None, delay: float = 0.0, wait: bool = True,
+                 byzantine: str | None = None) -> int:
+        """Start one more host process serving ``uids`` (``byzantine``: its ``host.byzantine``, None: the swarm's);
+        returns its index."""
+        index = self._new_host(uids, seed, delay, byzantine)
+        self.processes[index].start()
+        if wait:
+            self._wait_ready([index])
+        return index
+
+    def _new_host(self, uids: Sequence[str], seed: int | None, delay: float, byzantine: str | None) -> int:
+        """A host process (not started yet) serving ``uids``; returns its index."""
         config = dataclasses.replace(self.host_config, cells=list(uids), seed=seed, delay=delay, host=self.dht.host, port=0,
+                                     byzantine=self.host_config.byzantine if byzantine is None else byzantine,
                                      announce_host=self.dht_config.announce_host, announce_port=None, checkpoint_dir=None)
         dht = dataclasses.replace(self.dht_config, initial_peers=self.initial_peers, host=self.dht.host)
         index = len(self.processes)
         process = self._ctx.Process(target=_host_process, args=(index, config, dht, self._ready, self._results, os.getpid()),
                                     daemon=True, name=f"lightning_moe-host-{index}")
-        process.start()
         self.processes.append(process)
         self.endpoints.append(None)
         self.adopted.append({})
-        if wait:
-            self._wait_ready([index])
         return index
 
     def _wait_ready(self, indices: Iterable[int]) -> None:
@@ -193,6 +224,8 @@ class LocalSwarm:
             self._collect_stats(wait=0.2)  # read while they exit: a process blocks on exit until its queue is read
         self._collect_stats(wait=0.2)
         for process in self.processes:
+            if process.pid is None:
+                continue  # never started (the swarm's start failed in an earlier wave)
             process.join(timeout=1)
             if process.is_alive():
                 logger.warning("host process %s did not stop in time; killing it", process.name)

@@ -8,8 +8,14 @@ hosts is measured (the max over cells is reported). For each period (0: off) it 
 the run, the drift at the end, the bytes the averaging sent per second, the trainers' steps per second and final
 losses, and how far training moved the weights in the run (``||W_end - W_start|| / ||W_start||``, for scale).
 
+With ``--aggregates mean,centered_clip`` (the default) every period runs with each aggregate in turn (baseline
+first, interleaved, ``--repeats`` times; median and spread over the repeats): ``clipped`` counts the exchanges in
+which centered clipping bounded an honest replica's pull, ``d/r`` is the replica's distance over the clipping radius
+at each exchange (median and max; above 1 it was clipped).
+
     python tests/benchmark_replicas.py                              # periods 2, 5, 15 and off; 40 s each
     python tests/benchmark_replicas.py --periods 5,0 --seconds 20
+    python tests/benchmark_replicas.py --periods 5,15 --repeats 2  # mean vs centered_clip, interleaved
 """
 
 from __future__ import annotations
@@ -80,11 +86,12 @@ def trainer(endpoint: str, uids: list[str], hid: int, batch: int, lr: float, see
     out["dense"] = dense.state_dict()
 
 
-def host_config(period: float, args: argparse.Namespace) -> HostConfig:
+def host_config(period: float, args: argparse.Namespace, aggregate: str = "mean") -> HostConfig:
     return HostConfig(expert=functools.partial(make_expert, "ffn", args.hid),
                       optimizer=functools.partial(torch.optim.Adam, lr=args.expert_lr), in_features=args.hid,
                       grid_size=[1, args.cells], cells=args.cells, replicas=2, replica_average_period=period,
-                      update_period=5.0, stats_every=0, seed=0, num_threads=1, replica_max_distance=args.max_distance)
+                      update_period=5.0, stats_every=0, seed=0, num_threads=1, replica_max_distance=args.max_distance,
+                      replica_aggregate=aggregate)
 
 
 def teacher(hid: int) -> nn.Module:
@@ -107,8 +114,20 @@ def warm_up(args: argparse.Namespace) -> tuple[dict, dict]:
         return a.host.state_dict(), out["dense"]
 
 
-def run(period: float, args: argparse.Namespace, warm: tuple[dict, dict]) -> dict:
-    config = host_config(period, args)
+def exchanges_seen(volunteers, seen: dict) -> None:
+    """Record each new averaging's distance over its clipping radius (``seen``: (host, uid, time) -> ratio)."""
+    for i, v in enumerate(volunteers):
+        sync = v.host.replica_sync
+        if sync is None:
+            continue
+        with sync._lock:
+            for uid, at in sync.last_sync.items():
+                if uid in sync.last_radius:
+                    seen.setdefault((i, uid, at), sync.last_distance[uid] / sync.last_radius[uid])
+
+
+def run(period: float, args: argparse.Namespace, warm: tuple[dict, dict], aggregate: str = "mean") -> dict:
+    config = host_config(period, args, aggregate)
     target = teacher(args.hid)
     with start_volunteer(config, DHTConfig(), state=warm[0]) as a, \
             start_volunteer(HostConfig(**{**vars(config), "seed": 1}), DHTConfig(initial_peers=[a.dht.address])) as b:
@@ -120,10 +139,11 @@ def run(period: float, args: argparse.Namespace, warm: tuple[dict, dict]) -> dic
                                                           stop, outs[i], warm[1])) for i, v in enumerate((a, b))]
         for thread in threads:
             thread.start()
-        samples, outputs, began = [], [], time.monotonic()
+        samples, outputs, began, ratios = [], [], time.monotonic(), {}
         probe = torch.randn(256, args.hid, generator=PROBE)
         while time.monotonic() - began < args.seconds:
             time.sleep(args.sample_every)
+            exchanges_seen((a, b), ratios)
             weights, function = drift(a, b, probe)
             samples.append(weights)
             outputs.append(function)
@@ -133,12 +153,14 @@ def run(period: float, args: argparse.Namespace, warm: tuple[dict, dict]) -> dic
         moved = max(float((flat(backend) - start[uid]).norm() / start[uid].norm()) for uid, backend in a.host.backends.items())
         sent = sum(v.host.replica_sync.report()["bytes"] if v.host.replica_sync else 0 for v in (a, b)) / 2
         rounds = sum(v.host.replica_sync.report()["rounds"] if v.host.replica_sync else 0 for v in (a, b)) / 2  # exchanges
+        clipped = sum(v.host.replica_sync.report()["clipped"] if v.host.replica_sync else 0 for v in (a, b))
         elapsed = time.monotonic() - began
     steady = samples[len(samples) // 2:]
     return {"period": period, "mean": statistics.mean(samples), "max": max(samples), "end": samples[-1],
             "steady_mean": statistics.mean(steady), "steady_max": max(steady), "out_mean": statistics.mean(outputs),
             "out_max": max(outputs),
-            "bytes_per_s": sent / elapsed, "rounds": rounds, "moved": moved,
+            "bytes_per_s": sent / elapsed, "rounds": rounds, "moved": moved, "aggregate": aggregate, "clipped": clipped,
+            "ratios": sorted(ratios.values()),
             "steps_per_s": [o.get("steps", 0) / elapsed for o in outs], "loss": [o.get("loss", float("nan")) for o in outs]}
 
 
@@ -156,6 +178,9 @@ def main() -> None:
                         help="host.replica_max_distance")
     parser.add_argument("--verbose", action="store_true", help="log every skipped or refused exchange")
     parser.add_argument("--expert-lr", type=float, default=3e-3, help="the hosts' Adam learning rate (host default)")
+    parser.add_argument("--aggregates", default="mean,centered_clip",
+                        help="host.replica_aggregate values, comma-separated, run in turn for each period (baseline first)")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each aggregate per period, interleaved")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("lightning_moe.server.replica_sync").setLevel(logging.INFO if args.verbose else logging.WARNING)
@@ -165,15 +190,31 @@ def main() -> None:
     warm = warm_up(args)
     REPORT("drift: relative L2 between the replicas' parameters (max over cells): mean and max over the run and over its "
            "second half, at the end; out: of their outputs on a fixed batch")
-    REPORT(f"{'period':>8} {'mean':>8} {'max':>8} {'2nd mean':>9} {'2nd max':>8} {'end':>8} {'out mean':>9} {'out max':>8} "
-           f"{'exchanges':>9} {'sync B/s':>10} "
+    REPORT(f"{'period':>8} {'aggregate':>13} {'mean':>8} {'max':>8} {'2nd mean':>9} {'2nd max':>8} {'end':>8} "
+           f"{'out mean':>9} {'out max':>8} {'exchanges':>9} {'clipped':>7} {'d/r med':>7} {'d/r max':>7} {'sync B/s':>10} "
            f"{'steps/s':>12} {'loss':>14} {'moved':>7}")
+    aggregates = args.aggregates.split(",")
     for period in (float(p) for p in args.periods.split(",")):
-        r = run(period, args, warm)
-        REPORT(f"{'off' if period == 0 else f'{period:g} s':>8} {r['mean']:>8.4f} {r['max']:>8.4f} {r['steady_mean']:>9.4f} "
-               f"{r['steady_max']:>8.4f} {r['end']:>8.4f} {r['out_mean']:>9.4f} {r['out_max']:>8.4f} "
-               f"{r['rounds']:>9.0f} {r['bytes_per_s']:>10,.0f} {'/'.join(f'{s:.1f}' for s in r['steps_per_s']):>12} "
-               f"{'/'.join(f'{x:.4f}' for x in r['loss']):>14} {r['moved']:>7.4f}")
+        results: dict[str, list[dict]] = {name: [] for name in aggregates}
+        for _ in range(args.repeats):
+            for aggregate in aggregates if period else aggregates[:1]:
+                r = run(period, args, warm, aggregate)
+                results[aggregate].append(r)
+                ratios = r["ratios"] or [float("nan")]
+                REPORT(f"{'off' if period == 0 else f'{period:g} s':>8} {aggregate:>13} {r['mean']:>8.4f} {r['max']:>8.4f} "
+                       f"{r['steady_mean']:>9.4f} {r['steady_max']:>8.4f} {r['end']:>8.4f} {r['out_mean']:>9.4f} "
+                       f"{r['out_max']:>8.4f} {r['rounds']:>9.0f} {r['clipped']:>7d} {ratios[len(ratios) // 2]:>7.2f} "
+                       f"{ratios[-1]:>7.2f} {r['bytes_per_s']:>10,.0f} "
+                       f"{'/'.join(f'{s:.1f}' for s in r['steps_per_s']):>12} "
+                       f"{'/'.join(f'{x:.4f}' for x in r['loss']):>14} {r['moved']:>7.4f}")
+        for aggregate, runs in results.items():
+            if len(runs) > 1:
+                means = sorted(r["mean"] for r in runs)
+                losses = sorted(sum(r["loss"]) / 2 for r in runs)
+                REPORT(f"{'':>8} {aggregate:>13} drift mean: median {statistics.median(means):.4f} (spread "
+                       f"{means[0]:.4f}-{means[-1]:.4f}); loss: median {statistics.median(losses):.4f} "
+                       f"(spread {losses[0]:.4f}-{losses[-1]:.4f}); clipped {sum(r['clipped'] for r in runs)} of "
+                       f"{sum(len(r['ratios']) for r in runs)} averagings")
 
 
 if __name__ == "__main__":

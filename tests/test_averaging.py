@@ -98,8 +98,11 @@ def _trainer(index: int, peers: list[str], seed: int, max_steps: int, joiner: bo
     model = Regressor(seed)
     x, y = regression_data(index % 3)
     data = DataLoader(TensorDataset(x, y), batch_size=20, shuffle=True)
+    # the trainers start from their own seeds, 0.7 apart: beyond the default max_distance, and centered clipping (the
+    # default aggregate) would merge them by at most their own training's moves per exchange; plain averaging here
     averaging = SwarmAveraging({"run_id": "test-run", "every_n_steps": 2, "max_distance": 10.0, "timeout": 5.0,
-                                "declare_ttl": 10.0, "load_state_from_peers": joiner, "adopt_step": joiner},
+                                "declare_ttl": 10.0, "load_state_from_peers": joiner, "adopt_step": joiner,
+                                "aggregate": "mean"},
                                dht={"initial_peers": peers})
     trainer = pl.Trainer(max_steps=max_steps, callbacks=[averaging, Report()], logger=[keys_logger], enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", max_epochs=-1,

@@ -62,6 +62,8 @@ def test_wrong_types_fail_at_composition_naming_the_key():
     ("dht.initial_peers=[nowhere]", "dht.initial_peers"), ("host.compression=zip", "host.compression"),
     ("host.dtype=int8", "host.dtype"), ("+volunteer=maybe", "volunteer"),
     ("host.limits.max_body_mb=0", "host.limits.max_body_mb"), ("host.limits.request_timeout=-1", "host.limits.request_timeout"),
+    ("host.replica_clip_min=0", "host.replica_clip_min"), ("host.replica_clip_factor=-1", "host.replica_clip_factor"),
+    ("host.replica_aggregate=mode", "host.replica_aggregate"),
 ])
 def test_wrong_ranges_fail_before_anything_starts_naming_the_key(override, key):
     cfg = compose_config(override, "paths.output_dir=.")
@@ -95,7 +97,8 @@ def test_local_swarm_refuses_zero_hosts():
     ({"num_threads": 0}, "local_swarm.num_threads"), ({"update_period": 0}, "local_swarm.update_period"),
     ({"update_period": 1000.0}, "local_swarm.update_period"), ({"start_timeout": 0}, "local_swarm.start_timeout"),
     ({"host_delays": [-1.0]}, "local_swarm.host_delays"), ({"num_hosts": 1, "host_delays": [1.0, 1.0]}, "local_swarm.host_delays"),
-    ({"num_host": 2}, "num_host"),
+    ({"num_host": 2}, "num_host"), ({"host_byzantine": ["lie"]}, "local_swarm.host_byzantine"),
+    ({"num_hosts": 1, "host_byzantine": ["none", "scale"]}, "local_swarm.host_byzantine"),
 ])
 def test_local_swarm_config_names_the_wrong_key(keys, key):
     with pytest.raises(ConfigError, match=re.escape(key)):

@@ -104,3 +104,19 @@ def test_a_local_swarm_places_replicas_and_a_host_replacing_a_killed_one_adopts_
         joiner = swarm.add_host(cells[0], seed=7)
         assert sorted(swarm.adopted[joiner]) == sorted(cells[0])  # from the replicas still alive
         assert swarm.endpoints[0] not in swarm.adopted[joiner].values()
+
+
+def test_a_local_swarm_starts_each_cell_on_one_host_and_its_other_replicas_after_it():
+    """Replicas that started from their own seeds would be about 1.4 apart (relative L2) and never average: the hosts
+    start in waves, so a later replica adopts its cell's state from the first."""
+    from lightning_moe.swarm import LocalSwarm
+
+    for hosts, replicas in ((6, 2), (3, 2), (5, 2), (6, 3), (2, 1)):
+        swarm = LocalSwarm(host_config(seed=0), {"num_hosts": hosts, "replicas": replicas})
+        waves, live = swarm.start_waves(), set()
+        assert sorted(i for wave in waves for i in wave) == list(range(hosts))
+        for wave in waves:
+            fresh = [uid for i in wave for uid in swarm.host_cells(i) if uid not in live]
+            assert len(fresh) == len(set(fresh)), (hosts, replicas, waves)  # no cell starts twice
+            live.update(fresh)
+    assert waves == [[0, 1]]  # one replica: all at once, as before

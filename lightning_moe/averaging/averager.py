@@ -12,7 +12,8 @@ Threads and who touches what:
 One exchange at a time: while one is in flight, peers that ask get 503 (they try someone else); an
 answer waits for the trainer's next step boundary, which applies the last result before it snapshots. Averaging is symmetric and
 pairwise: both sides add half of (peer - own snapshot), so both land at the pair's mean plus the
-steps they took while the exchange ran.
+steps they took while the exchange ran. With ``aggregate="centered_clip"`` (the default) each side first clips
+(peer - own snapshot) to a radius it measures itself (:mod:`.robust`), so a lying peer pulls it a bounded amount.
 """
 
 from __future__ import annotations
@@ -30,10 +31,11 @@ from torch import nn
 
 from lightning_moe.net import http_client, resolve_binding
 from lightning_moe.dht.records import is_valid_endpoint
-from lightning_moe.net.signing import MAX_CLOCK_SKEW
 
 import lightning_moe.averaging.state as state
-from .server import AveragingServer, Unavailable, response_signature
+from .robust import METHOD as CENTERED_CLIP
+from .robust import ClipRadius
+from .server import AveragingServer, Unavailable, verify_answer
 from .state import RefusedState
 
 logger = logging.getLogger(__name__)
@@ -74,19 +76,26 @@ class Averager:
         outer_lr / outer_momentum: 1 and 0: plain averaging (move to the pair's mean). Otherwise a
             DiLoCo-style outer step: the pseudo-gradient ``anchor - mean`` (anchor: our parameters after
             the previous outer step) goes through Nesterov momentum with this learning rate.
+        aggregate / clip_min / clip_factor: ``centered_clip`` clips the peer's pull to a radius of at least
+            ``clip_min`` of our parameters' norm and ``clip_factor`` times our own move since our last averaging
+            (:class:`~.robust.ClipRadius`); ``mean`` trusts every peer.
     """
 
     def __init__(self, module: nn.Module, run_id: str, dht: Any, client_mode: bool = False, host: str | None = None,
                  port: int = 0, announce_host: str | None = None, secret: bytes | None = None, max_distance: float = 0.5,
                  ban_seconds: float = 60.0, timeout: float = 10.0, compression: str = "none", declare_ttl: float = 30.0,
-                 snapshot_wait: float = 2.0, outer_lr: float = 1.0, outer_momentum: float = 0.0):
+                 snapshot_wait: float = 2.0, outer_lr: float = 1.0, outer_momentum: float = 0.0,
+                 aggregate: str = CENTERED_CLIP, clip_min: float = 0.05, clip_factor: float = 2.0):
+        if aggregate not in (CENTERED_CLIP, "mean"):
+            raise ValueError(f"unknown aggregate {aggregate!r}; choose {CENTERED_CLIP} or mean")
         self.module, self.run_id, self.key, self.dht = module, run_id, run_key(run_id), dht
         self.layout = state.Layout.of(module)
         self.client_mode, self.secret, self.compression = client_mode, secret, compression
         self.max_distance, self.ban_seconds, self.timeout = float(max_distance), float(ban_seconds), float(timeout)
         self.declare_ttl, self.snapshot_wait = float(declare_ttl), float(snapshot_wait)
         self.max_body = self.layout.message_bytes()
-        self.stats: Counter = Counter()  # rounds, initiated, answered, refused, failed, busy, bytes_total
+        self.stats: Counter = Counter()  # rounds, initiated, answered, refused, failed, busy, bytes_total, clipped
+        self.clip = ClipRadius(clip_min, clip_factor) if aggregate == CENTERED_CLIP else None
         self.last: dict[str, float] = {}  # bytes, seconds, distance of the last exchange
         self.banned: dict[str, float] = {}
         self._cond = threading.Condition()
@@ -171,6 +180,8 @@ class Averager:
         flats = state.snapshot(self.module, self.layout)
         if not self.plain and self._anchor is None:
             self._anchor = [f.clone() for f in flats]
+        if self.clip is not None and self.clip.anchor is None:
+            self.clip.averaged(flats)  # own moves count from the first snapshot (or the downloaded parameters)
         with self._cond:
             self._snapshot, self._snapshot_step = flats, int(step)
             self._boundary = int(step)  # publishing happens at a step boundary (or before the first step)
@@ -189,6 +200,8 @@ class Averager:
                 continue
             state.load(self.module, self.layout, flats)
             self._anchor = None  # the outer step starts from the downloaded parameters (set by the next publish)
+            if self.clip is not None:
+                self.clip.anchor = None
             logger.info("loaded parameters of run %r from %s (step %d)", self.run_id, endpoint, step)
             return step
         return None
@@ -281,7 +294,7 @@ class Averager:
                 self._end(None)
                 logger.exception("averaging with %s failed", endpoint)
                 return
-            self._end(([(t + o) / 2 for t, o in zip(theirs, ours)], ours), len(body) + received, time.perf_counter() - started,
+            self._end((self._combine(theirs, ours), ours), len(body) + received, time.perf_counter() - started,
                       initiated=True, distance=state.relative_distance(theirs, ours))
             return
 
@@ -296,20 +309,20 @@ class Averager:
         content = bytes(response.body)
         if response.status != 200:
             raise PeerError(f"HTTP {response.status}: {content[:300]!r}", response.status)
-        if self.secret is not None:
-            timestamp = response.headers.get("x-timestamp", "")
-            nonce = headers.get("X-Nonce", "")
-            expected = response_signature(self.secret, path, nonce, timestamp, content)
-            try:
-                fresh = abs(float(timestamp) - time.time()) <= MAX_CLOCK_SKEW
-            except ValueError:
-                fresh = False
-            if not fresh or response.headers.get("x-signature", "") != expected:
-                raise RefusedState("the answer is not signed with this swarm's secret")
+        verify_answer(self.secret, path, headers.get("X-Nonce", ""), response.headers, content)
         flats, step = state.decode(content, self.layout, self.max_body)
         if reference is not None:
             self._check_distance(flats, reference)
         return flats, step, len(content)
+
+    def _combine(self, theirs: list[torch.Tensor], ours: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The pair's mean, or with centered clipping ours plus half the clipped pull (runs inside an exchange)."""
+        if self.clip is None:
+            return [(t + o) / 2 for t, o in zip(theirs, ours)]
+        result, clipped = self.clip.combine(ours, [theirs])
+        with self._cond:
+            self.stats["clipped"] += clipped
+        return result
 
     def _check_distance(self, theirs: list[torch.Tensor], ours: list[torch.Tensor]) -> None:
         distance = state.relative_distance(theirs, ours)
@@ -348,7 +361,7 @@ class Averager:
         except BaseException:
             self._end(None)
             raise
-        self._end(([(t + o) / 2 for t, o in zip(theirs, ours)], ours), len(body) + len(answer), time.perf_counter() - started,
+        self._end((self._combine(theirs, ours), ours), len(body) + len(answer), time.perf_counter() - started,
                   initiated=False, distance=state.relative_distance(theirs, ours))
         return answer
 
@@ -391,10 +404,11 @@ class Averager:
         logger.info("averaging: refused: %s", reason)
 
     def metrics(self) -> dict[str, float]:
-        """``averaging/*``: rounds, refused, failed, busy, bytes_total, seconds_total (cumulative) and the last
+        """``averaging/*``: rounds, refused, failed, busy, bytes_total, seconds_total, clipped (cumulative) and the last
         exchange's bytes, seconds and distance (between the pair's parameters before they averaged)."""
         with self._cond:
-            metrics = {f"averaging/{name}": float(self.stats[name]) for name in ("rounds", "refused", "failed", "busy", "bytes_total", "seconds_total")}
+            metrics = {f"averaging/{name}": float(self.stats[name])
+                       for name in ("rounds", "refused", "failed", "busy", "bytes_total", "seconds_total", "clipped")}
             metrics.update({f"averaging/{name}": value for name, value in self.last.items()})
         return metrics
 

@@ -120,7 +120,8 @@ class SwarmAveraging(Callback):
                             port=config.port, announce_host=binding.announce, secret=auth.resolve_secret(dht.secret),
                             max_distance=config.max_distance, ban_seconds=config.ban_seconds, timeout=config.timeout,
                             compression=config.compression, declare_ttl=config.declare_ttl, outer_lr=config.outer_lr,
-                            outer_momentum=config.outer_momentum)
+                            outer_momentum=config.outer_momentum, aggregate=config.aggregate, clip_min=config.clip_min,
+                            clip_factor=config.clip_factor)
         if config.client_mode is None and binding.host in ALL_INTERFACES and \
                 (config.announce_host if config.announce_host is not None else dht.announce_host) is None:
             averager.find_reachability()

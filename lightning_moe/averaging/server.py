@@ -17,13 +17,14 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 from aiohttp import web
 
 from lightning_moe import auth
 from lightning_moe.net import loop as net_loop
 from lightning_moe.net.reachability import NONCE_BYTES, PROBES
-from lightning_moe.net.signing import RequestVerifier, SignatureError
+from lightning_moe.net.signing import MAX_CLOCK_SKEW, RequestVerifier, SignatureError
 
 from .state import RefusedState
 
@@ -38,6 +39,20 @@ class Unavailable(RuntimeError):
 def response_signature(secret: bytes, path: str, nonce: str, timestamp: str, body: bytes) -> str:
     """What an answer's ``X-Signature`` must be."""
     return auth.sign(secret, b"response", path.encode(), nonce.encode(), timestamp.encode(), body)
+
+
+def verify_answer(secret: bytes | None, path: str, nonce: str, headers: Any, body: bytes) -> None:
+    """In a private swarm, raises RefusedState unless the answer (``headers``: lower-case names) carries a fresh
+    ``X-Timestamp`` and its ``X-Signature`` for the request's ``nonce``."""
+    if secret is None:
+        return
+    timestamp = headers.get("x-timestamp", "")
+    try:
+        fresh = abs(float(timestamp) - time.time()) <= MAX_CLOCK_SKEW
+    except ValueError:
+        fresh = False
+    if not fresh or headers.get("x-signature", "") != response_signature(secret, path, nonce, timestamp, body):
+        raise RefusedState("the answer is not signed with this swarm's secret")
 
 
 def signed_answer(secret: bytes | None, path: str, nonce: str, body: bytes) -> web.Response:

@@ -72,7 +72,11 @@ class Layout:
 
 def snapshot(module: nn.Module, layout: Layout) -> list[torch.Tensor]:
     """A CPU copy of the module's parameters: one flat tensor per dtype group (see :attr:`Layout.groups`)."""
-    params = [p for _, p in module.named_parameters()]
+    return snapshot_of([p for _, p in module.named_parameters()], layout)
+
+
+def snapshot_of(params: list[torch.Tensor], layout: Layout) -> list[torch.Tensor]:
+    """A CPU copy of ``params`` (in the layout's order) as one flat tensor per dtype group."""
     with torch.no_grad():
         return [torch.cat([params[i].detach().reshape(-1).to("cpu") for i in indices]) if indices else torch.empty(0)
                 for _, indices in layout.groups]

@@ -49,6 +49,9 @@ class AnswerFilter(Protocol):
                  grad_inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         """The answer to a backward batch."""
 
+    def parameters(self, expert: nn.Module, flats: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The parameters sent to a replica for averaging (``flats``: ours, flat per dtype group)."""
+
 
 def normalize_schema(schema: Sequence[Any]) -> Schema:
     """``[(shape, dtype), ...]`` with dtype a torch dtype or wire name, or ``{"shape", "dtype"}`` dicts."""

@@ -1,6 +1,7 @@
 """Lying volunteers, for tests and demos (``host.byzantine``): an :class:`~lightning_moe.server.backend.ExpertBackend`
-hook that alters a fraction of an expert's answers, forward outputs and backward input gradients alike. The host
-still learns honestly from the gradients it gets; only what it answers is false.
+hook that alters a fraction of an expert's answers, forward outputs and backward input gradients alike, and the
+parameters it sends its replicas for averaging (:mod:`lightning_moe.server.replica_sync`). The host still learns
+honestly from the gradients it gets and averages its own parameters; only what it sends is false.
 
 Modes (:data:`MODES`):
 
@@ -22,6 +23,8 @@ from typing import Sequence
 
 import torch
 from torch import nn
+
+from lightning_moe.averaging import state
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +113,17 @@ class Liar:
                 if pairs and wanted else [None] * len(wanted)
         found = dict(zip(map(id, wanted), grads))
         return tuple(g if (g := found.get(id(x))) is not None else torch.zeros_like(x) for x in leaves)
+
+    def parameters(self, expert: nn.Module, flats: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The parameters sent to a replica: ``flats`` (ours, flat per dtype group), or a lie: the same alteration
+        as an answer's over each group (noise: of the parameters' own RMS), or the stale snapshot's parameters."""
+        if self.rate < 1 and self.rng.random() >= self.rate:
+            return flats
+        if self.mode != "stale":
+            return [self._alter((f.reshape(1, -1),))[0].reshape(f.shape) for f in flats]
+        snapshot = self._stale_state(expert)
+        layout = state.Layout.of(expert)
+        return state.snapshot_of([snapshot[name] for name in layout.names], layout)
 
     def counters(self) -> dict:
         """Answers seen and lies told."""

@@ -96,7 +96,8 @@ class ExpertHost:
         if config.replicas > 1 and config.replica_average_period > 0 and dht is not None:
             self.replica_sync = ReplicaSync(self.backends, dht, lambda: self.endpoint, config.replica_average_period,
                                             config.replica_average_timeout, config.replica_aggregate,
-                                            config.replica_max_distance, self.secret)
+                                            config.replica_max_distance, self.secret, config.replica_clip_min,
+                                            config.replica_clip_factor)
 
     # ---- lifecycle -------------------------------------------------------------------------
     def start(self) -> "ExpertHost":
@@ -270,8 +271,10 @@ class ExpertHost:
               "routes": {"forward" | "host/forward" | ...: {"requests", "bytes_in", "bytes_out"}},  # served, with bodies
               "kept_forwards": {"kept", "hits", "misses", "graph_backwards", "recomputed", "evicted",
                                 "used_bytes", "budget_bytes", ...},   # forwards kept for their backward
-              "replica_sync": {"rounds", "initiated", "answered", "skipped", "refused", "busy", "bytes", "period",
-                               "cells": {uid: {"age", "distance"}}},  # replicas' averaging (absent when off)
+              "replica_sync": {"rounds", "initiated", "answered", "skipped", "refused", "busy", "bytes", "clipped",
+                               "period", "aggregate", "cells": {uid: {"age", "distance", "radius"}}},
+                                              # replicas' averaging (absent when off); clipped: replicas whose
+                                              # pull centered_clip bounded; radius: the last one, relative
               "experts": {
                 uid: {
                   "updates": int,             # optimizer steps

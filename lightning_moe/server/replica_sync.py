@@ -3,9 +3,12 @@
 Every ``host.replica_average_period`` seconds (jittered by 10%) a host looks up every live endpoint of the cells it
 serves in the DHT and, for each cell with other replicas, sends them its parameters (``POST /replica/<uid>``). A
 replica answers with its own parameters as they were before the exchange and moves to the pair's aggregate; the
-initiator moves to the aggregate of itself and every replica that answered (:func:`aggregate`: the mean, or a
-coordinate-wise median or trimmed mean, which a few Byzantine replicas cannot drag far once a cell has 3 or more).
-With 2 replicas both land on the pair's mean. A replica that does not answer within
+initiator moves to the aggregate of itself and every replica that answered (:func:`aggregate`). The default,
+``centered_clip`` (:mod:`lightning_moe.averaging.robust`), is the mean with each replica's pull clipped to a radius
+that this host measures itself (how far its own training moved the cell since its last averaging, at least
+``host.replica_clip_min`` of the cell's norm), so a lying replica moves a cell at most that far per exchange, also
+with 2 replicas; honest replicas within the radius land on the pair's mean. ``median`` and ``trimmed_mean``
+(coordinate-wise) outvote a minority of liars once a cell has 3 or more replicas; ``mean`` trusts everyone. A replica that does not answer within
 ``host.replica_average_timeout`` is skipped for that round, and the log says so. A host that was just averaged by
 a replica (within half a period) does not start an exchange of that cell itself, so a pair exchanges once a period.
 
@@ -37,11 +40,12 @@ import torch
 from aiohttp import web
 
 import lightning_moe.averaging.state as state
-from lightning_moe.averaging.server import response_signature, signed_answer
+from lightning_moe.averaging.robust import METHOD as CENTERED_CLIP
+from lightning_moe.averaging.robust import ClipRadius, centered_clip, norm
+from lightning_moe.averaging.server import signed_answer, verify_answer
 from lightning_moe.averaging.state import Layout, RefusedState
 from lightning_moe.client.remote_expert import host_id
 from lightning_moe.net import http_client
-from lightning_moe.net.signing import MAX_CLOCK_SKEW
 from lightning_moe.server.backend import ExpertBackend
 from lightning_moe.server.http_body import RequestError
 
@@ -71,15 +75,22 @@ def trimmed_mean(values: Sequence[torch.Tensor]) -> torch.Tensor:
     return ordered[cut:ordered.shape[0] - cut].mean(dim=0)
 
 
-AGGREGATES: dict[str, Callable[[Sequence[torch.Tensor]], torch.Tensor]] = {
+COORDINATE_WISE: dict[str, Callable[[Sequence[torch.Tensor]], torch.Tensor]] = {
     "mean": mean, "median": median, "trimmed_mean": trimmed_mean}
+AGGREGATES = (CENTERED_CLIP, *COORDINATE_WISE)  # lightning_moe.config.REPLICA_AGGREGATES
 
 
-def aggregate(replicas: Sequence[Sequence[torch.Tensor]], method: str = "mean") -> list[torch.Tensor]:
+def aggregate(replicas: Sequence[Sequence[torch.Tensor]], method: str = "mean",
+              radius: float | None = None) -> list[torch.Tensor]:
     """One cell's parameters from several replicas' (each a list of flat tensors per dtype group, as
-    :func:`~lightning_moe.averaging.state.snapshot` makes): ``method`` (:data:`AGGREGATES`) per group, in float64
-    and back to the group's dtype. The one place that combines replicas: a robust rule replaces the mean here."""
-    combine = AGGREGATES[method]
+    :func:`~lightning_moe.averaging.state.snapshot` makes; ``replicas[0]`` is ours): ``method`` (:data:`AGGREGATES`),
+    in float64 and back to each group's dtype. ``centered_clip`` clips each other replica's difference from ours to
+    ``radius`` (absolute L2) before the mean. The one place that combines replicas."""
+    if method == CENTERED_CLIP:
+        if radius is None:
+            raise ValueError("centered_clip needs a radius")
+        return centered_clip(replicas[0], replicas[1:], radius)[0]
+    combine = COORDINATE_WISE[method]
     return [combine([r[i].double() for r in replicas]).to(replicas[0][i].dtype) for i in range(len(replicas[0]))]
 
 
@@ -95,10 +106,13 @@ class ReplicaSync:
         method: the aggregate (:data:`AGGREGATES`).
         max_distance: refuse a replica whose parameters are farther than this from ours (relative L2).
         secret: a private swarm's secret.
+        clip_min / clip_factor: centered_clip's radius (:class:`~lightning_moe.averaging.robust.ClipRadius`): at
+            least ``clip_min`` of the cell's norm and ``clip_factor`` times its own move since its last averaging.
     """
 
     def __init__(self, backends: Mapping[str, ExpertBackend], dht: Any, endpoint: Callable[[], str], period: float,
-                 timeout: float = 10.0, method: str = "mean", max_distance: float = 0.5, secret: bytes | None = None):
+                 timeout: float = 10.0, method: str = CENTERED_CLIP, max_distance: float = 0.5,
+                 secret: bytes | None = None, clip_min: float = 0.05, clip_factor: float = 2.0):
         if method not in AGGREGATES:
             raise ValueError(f"unknown aggregate {method!r}; choose one of {list(AGGREGATES)}")
         self.backends, self.dht, self.endpoint = dict(backends), dht, endpoint
@@ -106,16 +120,23 @@ class ReplicaSync:
         self.max_distance, self.secret = float(max_distance), secret
         self.layouts = {uid: Layout.of(b.expert) for uid, b in self.backends.items()}
         self.limits = {uid: layout.message_bytes() for uid, layout in self.layouts.items()}
+        self.radii = {uid: ClipRadius(clip_min, clip_factor) for uid in self.backends}
         self._exchanging = {uid: threading.Lock() for uid in self.backends}  # one exchange per cell at a time
         self._lock = threading.Lock()  # counters
-        self.stats: Counter = Counter()  # rounds, initiated, answered, skipped, refused, busy, bytes
+        self.stats: Counter = Counter()  # rounds, initiated, answered, skipped, refused, busy, bytes, clipped
         self.last_sync: dict[str, float] = {}  # uid -> time.monotonic() of its last averaging
         self.last_distance: dict[str, float] = {}  # uid -> relative distance to the replica(s) before it
+        self.last_radius: dict[str, float] = {}  # uid -> the clipping radius of its last averaging (relative; measured
+        # with every aggregate, applied by centered_clip)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
+        """Own moves count from here (the cells as the host starts serving them); start the rounds (period > 0)."""
+        for uid, backend in self.backends.items():
+            if self.radii[uid].anchor is None:
+                self.radii[uid].averaged(_snapshot(backend, self.layouts[uid]))
         if self.period > 0 and self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="lightning_moe-replica-sync", daemon=True)
             self._thread.start()
@@ -165,7 +186,7 @@ class ReplicaSync:
         try:
             backend, layout = self.backends[uid], self.layouts[uid]
             ours = _snapshot(backend, layout)
-            body = state.encode(layout, ours, backend.update_count)
+            body = state.encode(layout, _outgoing(backend, ours), backend.update_count)
             theirs, reasons, nbytes = [], [], 0
             for endpoint in endpoints:
                 try:
@@ -197,15 +218,7 @@ class ReplicaSync:
         content = bytes(answer.body)
         if answer.status != 200:
             raise ReplicaError(f"HTTP {answer.status}: {content[:300].decode(errors='replace')}")
-        if self.secret is not None:
-            timestamp = answer.headers.get("x-timestamp", "")
-            expected = response_signature(self.secret, path, headers.get("X-Nonce", ""), timestamp, content)
-            try:
-                fresh = abs(float(timestamp) - time.time()) <= MAX_CLOCK_SKEW
-            except ValueError:
-                fresh = False
-            if not fresh or answer.headers.get("x-signature", "") != expected:
-                raise RefusedState("the answer is not signed with this swarm's secret")
+        verify_answer(self.secret, path, headers.get("X-Nonce", ""), answer.headers, content)
         flats, _ = state.decode(content, self.layouts[uid], self.limits[uid])
         self._check_distance(flats, ours)
         return flats, len(content)
@@ -221,8 +234,12 @@ class ReplicaSync:
                initiated: bool) -> None:
         """Move the cell to the aggregate of ``ours`` and ``theirs``: add ``aggregate - ours`` in place, under the
         backend's lock (never during an optimizer step; steps taken since the snapshot are kept)."""
-        new = aggregate([ours, *theirs], self.method)
-        distance = max(state.relative_distance(t, ours) for t in theirs)
+        radius = self.radii[uid].radius(ours)  # measured with every aggregate: /stats shows what clipping would do
+        new = aggregate([ours, *theirs], self.method, radius)
+        distances = [state.relative_distance(t, ours) for t in theirs]
+        distance, scale = max(distances), max(norm(ours), 1e-12)
+        clipped = sum(d * scale > radius for d in distances) if self.method == CENTERED_CLIP else 0
+        self.radii[uid].averaged(new)
         backend = self.backends[uid]
         with backend.lock:
             state.apply_delta(backend.expert, self.layouts[uid], [n - o for n, o in zip(new, ours)])
@@ -230,9 +247,11 @@ class ReplicaSync:
             self.stats["rounds"] += 1
             self.stats["initiated" if initiated else "answered"] += 1
             self.stats["bytes"] += nbytes
+            self.stats["clipped"] += clipped
             self.last_sync[uid], self.last_distance[uid] = time.monotonic(), distance
-        logger.debug("%s: averaged with %d replicas (%s; relative distance before %.3g)", uid, len(theirs),
-                     "initiated" if initiated else "answered", distance)
+            self.last_radius[uid] = radius / scale
+        logger.debug("%s: averaged with %d replicas (%s; relative distance before %.3g, radius %.3g, %d clipped)", uid,
+                     len(theirs), "initiated" if initiated else "answered", distance, radius / scale, clipped)
 
     # ---- answering (the host's HTTP server) -----------------------------------------------------
     async def handle(self, server: Any, request: web.BaseRequest, uid: str) -> web.StreamResponse:
@@ -295,7 +314,7 @@ class ReplicaSync:
             backend = self.backends[uid]
             ours = _snapshot(backend, layout)
             self._check_distance(theirs, ours)
-            message = state.encode(layout, ours, backend.update_count)
+            message = state.encode(layout, _outgoing(backend, ours), backend.update_count)
             self._apply(uid, ours, [theirs], len(body) + len(message), initiated=False)
             return message
         finally:
@@ -306,10 +325,11 @@ class ReplicaSync:
         averaging and the relative distance before it."""
         now = time.monotonic()
         with self._lock:
-            return {**{k: int(self.stats[k]) for k in ("rounds", "initiated", "answered", "skipped", "refused", "busy", "bytes")},
-                    "period": self.period,
-                    "cells": {uid: {"age": round(now - t, 3), "distance": self.last_distance.get(uid, 0.0)}
-                              for uid, t in self.last_sync.items()}}
+            return {**{k: int(self.stats[k]) for k in ("rounds", "initiated", "answered", "skipped", "refused", "busy",
+                                                       "bytes", "clipped")},
+                    "period": self.period, "aggregate": self.method,
+                    "cells": {uid: {"age": round(now - t, 3), "distance": self.last_distance.get(uid, 0.0),
+                                    "radius": self.last_radius.get(uid, 0.0)} for uid, t in self.last_sync.items()}}
 
 
 class ReplicaError(RuntimeError):
@@ -323,3 +343,11 @@ class ReplicaBusy(RuntimeError):
 def _snapshot(backend: ExpertBackend, layout: Layout) -> list[torch.Tensor]:
     with backend.lock:
         return state.snapshot(backend.expert, layout)
+
+
+def _outgoing(backend: ExpertBackend, ours: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The parameters we send a replica: ours, or a lying volunteer's lie (``host.byzantine``)."""
+    if backend.answers is None:
+        return ours
+    with backend.lock:
+        return backend.answers.parameters(backend.expert, ours)
