@@ -157,8 +157,8 @@ def test_a_natted_trainer_and_a_home_volunteer_behind_another_nat_go_direct_afte
     home = endpoints["H"]
     assert result["outcomes"][home] >= 4, (result, logs["H"][-3000:])  # direct connections punched
     assert result["failed"] == 0 and result["answered"] > 0, result
-    # more calls at once than 4 connections: more attempts while calls still go through the relay
-    assert result["direct"][home] >= 40 and result["direct"][home] > 2 * result["other"][home], result
+    # 6 steps send each host 12 requests (a forward and a backward: moe.rows_per_host); most go direct
+    assert result["direct"][home] >= 10 and result["direct"][home] > 2 * result["other"][home], result
     assert "direct path to" in logs["H"] and "4 of 4 connections hole-punched" in logs["H"], logs["H"][-3000:]
 
 
@@ -166,7 +166,7 @@ def test_behind_a_symmetric_nat_hole_punching_fails_and_calls_go_on_through_the_
     result, endpoints, logs = punched
     symmetric = endpoints["S"]
     assert result["outcomes"][symmetric] == 0, result  # tried, and no connection made
-    assert result["direct"][symmetric] == 0 and result["other"][symmetric] >= 40, result
+    assert result["direct"][symmetric] == 0 and result["other"][symmetric] >= 10, result
     assert result["failed"] == 0, result  # no call failed meanwhile
     assert "no direct path to" in logs["S"], logs["S"][-3000:]
 
