@@ -412,7 +412,7 @@ class DecentralizedMoEConfig(MoEConfig):
     spot_check_tolerance: float = 0.1
     liar_ban_time: float = 600.0
     poison: Optional[float] = None
-    rows_per_host: bool = True
+    rows_per_host: bool = False
 
 
 @dataclass

@@ -3,7 +3,8 @@
 Two parts:
 
 1. **Quality.** The example (``examples/train.py``: CharLM, one DecentralizedMoE layer on a 4x4 grid, 2 local hosts)
-   trained for ``--steps`` steps with each codec as ``moe.compression`` (the hosts answer in kind), once per seed;
+   trained for ``--steps`` steps with each codec as ``moe.compression`` (the hosts answer in kind) and
+   ``moe.rows_per_host=true`` (each row once per host, the setting for slow links), once per seed;
    validation bits per character against the uncompressed run of the same seed. The codecs of a seed run one after
    the other (none, then each codec), so each seed's runs share the machine's mood. These runs wait for every
    expert's answer (``timeout_after_k_min=null``), so the machine's load cannot change what is computed: the
@@ -48,6 +49,7 @@ from lightning_moe.wire import COMPRESSIONS  # noqa: E402
 logger = logging.getLogger("benchmark_bandwidth")
 
 SLOW_LINK = (0.1, 20e6)  # 100 ms RTT, 20 Mbit/s per host and direction
+ROWS_PER_HOST = True  # every codec, and the uncompressed baseline, sends each row once per host (moe.rows_per_host)
 
 
 @dataclass
@@ -73,6 +75,7 @@ def train_example(codec: str, seed: int, steps: int, overrides: Sequence[str]) -
     # every answer is waited for: on a loaded machine given-up stragglers would change what is computed
     report = fault_runs.run("healthy", ["trainer.enable_checkpointing=false", "~logger", "callbacks=none",
                                         "moe.timeout_after_k_min=null", "moe.backward_timeout_after_k_min=null",
+                                        f"moe.rows_per_host={str(ROWS_PER_HOST).lower()}",
                                         f"trainer.max_steps={steps}",
                                         f"moe.compression={codec}", f"paths.output_dir=outputs/bandwidth/{codec}-{seed}",
                                         *overrides], seed=seed)
@@ -84,7 +87,8 @@ def measure_link(figures: dict[str, CodecFigures], rounds: int, steps: int) -> N
     with benchmark_wan.WanSwarm(num_hosts=2) as swarm:
         for i in range(rounds):
             for codec, fig in figures.items():
-                kwargs = dict(timeout_after_k_min=1.0, backward_timeout_after_k_min=1.0, compression=codec)
+                kwargs = dict(timeout_after_k_min=1.0, backward_timeout_after_k_min=1.0, compression=codec,
+                              rows_per_host=ROWS_PER_HOST)
                 fast, slow = benchmark_wan.run_single(swarm, [(0.0, None), SLOW_LINK], steps, 32, kwargs)
                 fig.up.append(fast["up"])
                 fig.down.append(fast["down"])

@@ -201,7 +201,8 @@ def test_a_step_sends_one_request_per_host_with_the_answers_of_one_request_per_e
     with start_volunteer(config, DHTConfig()) as first, \
             start_volunteer(dataclasses.replace(config, seed=1), DHTConfig(initial_peers=[first.dht.address])) as second:
         hosts = [first.host, second.host]
-        moe = DecentralizedMoE(HID, [4, 4], "ffn", k_best=4, initial_peers=[first.dht.address], spot_check_rate=0.0)
+        moe = DecentralizedMoE(HID, [4, 4], "ffn", k_best=4, initial_peers=[first.dht.address], spot_check_rate=0.0,
+                               rows_per_host=True)
         torch.manual_seed(0)
         x, grad = torch.randn(32, HID), torch.randn(32, HID)
         runs = {}
@@ -236,7 +237,7 @@ def test_a_failing_expert_inside_a_host_request_is_rerouted_and_reported_alone()
     with start_volunteer(volunteer_config(), DHTConfig()) as volunteer:
         volunteer.host.backends["ffn.0.0"].expert = Broken()
         moe = DecentralizedMoE(HID, [2, 2], "ffn", k_best=2, k_min=2, initial_peers=[volunteer.dht.address],
-                               spot_check_rate=0.0)
+                               spot_check_rate=0.0, rows_per_host=True)
         with torch.no_grad():
             moe.proj.weight.zero_()
             moe.proj.bias.copy_(torch.tensor([1.0, 0.0, 1.0, 0.0]))  # every sample's best: ffn.0.0, then ffn.0.1/ffn.1.0

@@ -51,7 +51,7 @@ class Dispatcher:
                  allow_zero_outputs: bool, health: HealthRegistry | HealthConfig | Mapping[str, Any] | None, max_call_bytes: int,
                  slow_wait_budget: float = 0.1, latency_margin: float = 1.0, hole_punch: bool = True,
                  spot_check_rate: float = 0.02, spot_check_tolerance: float = 0.1, liar_ban_time: float = 600.0,
-                 poison: float | None = None, rows_per_host: bool = True):
+                 poison: float | None = None, rows_per_host: bool = False):
         if compression not in MOE_COMPRESSIONS:
             raise ValueError(f"compression must be one of {MOE_COMPRESSIONS}, got {compression!r}")
         if not 1 <= k_min <= k_best:
