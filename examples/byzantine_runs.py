@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytorch_lightning as pl
+from collaborative_runs import start_and_wait  # examples/ is on the path of a script run from it
 
 NUM_HOSTS = 6
 MODES = ("sign_flip", "scale", "noise", "stale")
@@ -184,13 +185,7 @@ def run_trainers(name: str, seed: int, args: argparse.Namespace) -> LieReport:
                  for i in range(3)]
     started = time.perf_counter()
     try:
-        for process in processes:
-            process.start()
-        deadline = time.monotonic() + args.timeout
-        while any(p.is_alive() for p in processes) and time.monotonic() < deadline:
-            if any(p.exitcode not in (None, 0) for p in processes):
-                break  # one trainer failed: the others would wait for it at the start barrier
-            time.sleep(0.5)
+        start_and_wait(processes, args.timeout)
         report.averaging = host_stats(swarm.endpoints)
     finally:
         for process in processes:

@@ -94,6 +94,18 @@ def _trainer(mode: str, index: int, peers: list[str], args: argparse.Namespace, 
         json.dump(summary, f)
 
 
+
+def start_and_wait(processes: list, timeout: float) -> None:
+    """Start the trainer processes; return when all ended, one failed (the others would wait for it at the start
+    barrier) or ``timeout`` seconds passed. The caller kills what still runs."""
+    for process in processes:
+        process.start()
+    deadline = time.monotonic() + timeout
+    while any(p.is_alive() for p in processes) and time.monotonic() < deadline:
+        if any(p.exitcode not in (None, 0) for p in processes):
+            break
+        time.sleep(0.5)
+
 def run_mode(mode: str, args: argparse.Namespace, out_dir: str) -> dict[int, dict]:
     """A fresh local swarm and three trainer processes; returns each trainer's summary."""
     from lightning_moe.lightning.train import check_config
@@ -107,13 +119,7 @@ def run_mode(mode: str, args: argparse.Namespace, out_dir: str) -> dict[int, dic
     processes = [ctx.Process(target=_trainer, args=(mode, i, swarm.initial_peers, args, out_dir, barrier))
                  for i in range(NUM_TRAINERS)]
     try:
-        for process in processes:
-            process.start()
-        deadline = time.monotonic() + args.timeout
-        while any(p.is_alive() for p in processes) and time.monotonic() < deadline:
-            if any(p.exitcode not in (None, 0) for p in processes):
-                break  # one trainer failed: the others would wait for it at the start barrier
-            time.sleep(0.5)
+        start_and_wait(processes, args.timeout)
     finally:
         for process in processes:
             if process.is_alive():
