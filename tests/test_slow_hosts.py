@@ -102,6 +102,25 @@ def test_routing_prefers_a_close_faster_expert_and_never_starves_the_slow_host()
     assert 0 < kept < 60  # about SLOW_HOST_MIN_SHARE of 100 keep the slow host's close expert; the rest go faster
     assert all(row[0] == ("ffn.0.0", "slow:1") for row in close if ("ffn.0.0", "slow:1") in row)  # in score order
     assert prefer_fast(chosen, scores, 2, set(), margin=1.0) == [row[:2] for row in chosen]
+    # keep_share 0 (a call the wait budget does not pay for): no close candidate of the slow host is kept
+    out = prefer_fast(chosen, scores, 2, {"slow:1"}, margin=1.0, keep_share=0.0)
+    assert not any(("ffn.0.0", "slow:1") in row for row in out[300:])
+    assert all(row[0] == ("ffn.2.0", "slow:1") for row in out[:300])
+
+
+def test_the_wait_budget_says_what_it_affords_without_spending_it():
+    speeds = HostSpeeds()
+    for _ in range(10):
+        speeds.answered("slow:1", 0.5, rows=1)
+        speeds.answered("slow:1", 0.5, rows=1, method="backward")
+        for fast in ("fast:1", "fast:2"):
+            speeds.answered(fast, 0.02, rows=1)
+            speeds.answered(fast, 0.02, rows=1, method="backward")
+    budget = WaitBudget(0.1)
+    cost = 2 * (speeds.expected("slow:1") - speeds.expected("fast:1"))  # forward and backward, beyond the typical
+    assert not budget.affords(cost)
+    budget.add_elapsed(10 * cost)
+    assert budget.affords(cost) and budget.spent == 0  # asking spends nothing
 
 
 # ---------------------------------------------------------------- real hosts

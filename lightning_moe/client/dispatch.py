@@ -22,7 +22,7 @@ from lightning_moe.client.dht_cache import CachedExpertLookup
 from lightning_moe.client.health import HealthRegistry
 from lightning_moe.client.parallel_call import (ExpertCall, GivenUp, NotEnoughExpertsError, check_k_min, forget_uid,
                                                 is_refused, plan_calls, record_outcome, split_calls)
-from lightning_moe.client.speed import SLOW_FACTOR, StragglerWait, WaitBudget, prefer_fast
+from lightning_moe.client.speed import SLOW_FACTOR, SLOW_HOST_MIN_SHARE, StragglerWait, WaitBudget, prefer_fast
 from lightning_moe.client.spot_checks import AnswerChecks
 from lightning_moe.client.remote_expert import RemoteExpert, RemoteExpertError, new_keep_id
 from lightning_moe.config import MOE_COMPRESSIONS, DHTConfig, HealthConfig, grid_uids, to_dataclass
@@ -212,12 +212,16 @@ class Dispatcher:
         has an empty candidate set while the DHT knows experts.
         """
         slow = self.health.speeds.slow_hosts(SLOW_FACTOR) if self.latency_margin > 0 else set()
-        wanted = k + max(2, k // 2) if slow else k  # alternatives to the slow hosts' experts
+        self.stats.slow_hosts = len(slow)
+        # a call the wait budget pays for waits for the slow hosts, and the gating's choice stands; in any other call
+        # their answers would not be waited for, and a sample loses fewer answers when it asks faster hosts
+        lean = bool(slow) and not self.wait_budget.affords(self._slow_wait_cost(slow))
+        wanted = k + max(2, k // 2) if lean else k  # alternatives to the slow hosts' experts
         lookup = self.lookup.avoiding(avoid) if avoid else self.lookup
         chosen = beam_search(lookup, self.uid_prefix, scores, wanted, timeout=_left(deadline), return_endpoints=True)
-        if slow:
-            chosen = prefer_fast(chosen, scores, k, slow, self.latency_margin)
-            self.stats.slow_hosts = len(slow)
+        if lean:
+            keep_share = 0.0 if self.wait_budget.fraction > 0 else SLOW_HOST_MIN_SHARE  # else paid calls feed them
+            chosen = prefer_fast(chosen, scores, k, slow, self.latency_margin, keep_share)
         short = [i for i, row in enumerate(chosen) if len(row) < self.k_min]
         if short:
             fallback = beam_search(self.lookup.least_bad_view(), self.uid_prefix, [s[short] for s in scores], k,
@@ -225,6 +229,14 @@ class Dispatcher:
             for i, row in zip(short, fallback):
                 chosen[i] = row
         return chosen
+
+    def _slow_wait_cost(self, slow: set[str]) -> float:
+        """Seconds a call would wait, forward and backward, for the slowest of the ``slow`` hosts beyond the typical."""
+        speeds, cost = self.health.speeds, 0.0
+        for method in ("forward", "backward"):
+            typical = speeds.typical(method) or 0.0
+            cost += max((speeds.expected(e, method) or typical) - typical for e in slow)
+        return max(cost, 0.0)
 
     def expert_info(self, deadline: float | None) -> dict:
         """Input and output schemas of this layer's experts, read once from any host that serves a live one (found

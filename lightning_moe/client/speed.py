@@ -44,7 +44,8 @@ SOON = 2.0
 SLOW_FLOOR = 0.05
 #: A host expected to answer this many times slower than the typical host is slow: routing leans away from it.
 SLOW_FACTOR = 2.0
-#: The share of a slow host's rows that routing leaves with it whatever the scores (its experts must not starve).
+#: With no wait budget, the share of a slow host's rows that routing leaves with it whatever the scores, so it is still
+#: measured (and noticed once it got faster).
 SLOW_HOST_MIN_SHARE = 0.25
 
 
@@ -178,6 +179,11 @@ class WaitBudget:
         with self._lock:
             self.elapsed += seconds
 
+    def affords(self, seconds: float) -> bool:
+        """Whether ``seconds`` of waiting fit in the budget now (nothing is spent)."""
+        with self._lock:
+            return self.spent + seconds <= self.fraction * self.elapsed
+
     def try_spend(self, seconds: float) -> bool:
         """Spend ``seconds`` of waiting if the budget allows it."""
         with self._lock:
@@ -238,10 +244,10 @@ class StragglerWait:
 
 
 def prefer_fast(chosen: list[list[tuple[str, str]]], scores: Sequence[torch.Tensor], k: int, slow: set[str],
-                margin: float) -> list[list[tuple[str, str]]]:
+                margin: float, keep_share: float = SLOW_HOST_MIN_SHARE) -> list[list[tuple[str, str]]]:
     """Each sample's ``k`` best of its candidates (best first, as beam search found them) after an expert on a ``slow``
     host lost ``margin`` of its score (the sum of its cells' logits, as the layer's mix weighs them): a faster
-    expert that scores within ``margin`` of it takes its place. A random ``SLOW_HOST_MIN_SHARE`` of the slow hosts'
+    expert that scores within ``margin`` of it takes its place. A random ``keep_share`` of the slow hosts'
     candidates keep their scores, so no host is starved whatever the gating learns. Vectorized over the samples
     that have a slow candidate."""
     out = [row[:k] for row in chosen]
@@ -270,7 +276,7 @@ def prefer_fast(chosen: list[list[tuple[str, str]]], scores: Sequence[torch.Tens
     present = torch.tensor(flat_present).view(len(touched), width)
     rows = torch.tensor(touched)
     total = sum(s[rows].gather(1, coords[..., d]).float() for d, s in enumerate(scores))
-    penalized = is_slow & (torch.rand(is_slow.shape) >= SLOW_HOST_MIN_SHARE)
+    penalized = is_slow & (torch.rand(is_slow.shape) >= keep_share)
     adjusted = (total - margin * penalized.float()).masked_fill(~present, -math.inf)
     order = torch.sort(adjusted, dim=1, descending=True, stable=True).indices[:, :k].tolist()
     for r, b in enumerate(touched):
