@@ -61,6 +61,12 @@ def _host_call(endpoint: str, calls: list[ExpertCall]) -> HostCall:
     return HostCall(endpoint, calls, rows, torch.searchsorted(rows, every))
 
 
+def narrow_index(index: torch.Tensor, distinct: int) -> torch.Tensor:
+    """``index`` (positions among ``distinct`` rows) in the narrowest integer type that holds them: a quarter of the
+    bytes of int64 for any batch under 32,768 rows."""
+    return index.to(torch.int16 if distinct <= torch.iinfo(torch.int16).max + 1 else torch.int32)
+
+
 def _query_chars(call: ExpertCall) -> int:
     return len(quote(json.dumps([call.uid, len(call.rows), call.keep or "0" * 32]))) + 3
 
@@ -151,7 +157,8 @@ def _request(host: HostCall, calls: Sequence[ExpertCall], method: str, query: st
 def _forward(host: HostCall, x: torch.Tensor, compression: str, secret: bytes | None, timeout: float | None,
              handle: CallHandle) -> list[Any]:
     """Each call's outputs or error."""
-    answer, errors = _request(host, host.calls, "forward", experts_query(host.calls), [x[host.rows], host.index],
+    tensors = [x[host.rows], narrow_index(host.index, len(host.rows))]
+    answer, errors = _request(host, host.calls, "forward", experts_query(host.calls), tensors,
                               compression, [False, False], timeout, secret, handle)
     if answer is None or all(error is not None for error in errors):
         raise NoneAnswered(errors)
@@ -180,6 +187,7 @@ def _backward(host: HostCall, x: torch.Tensor, grads: torch.Tensor, compression:
         rows = torch.unique(index)  # the host numbers only this request's rows
         local = torch.searchsorted(rows, index)
         query = f"{experts_query(calls, keep=kept)}&rows={len(rows)}"
+        local = narrow_index(local, len(rows))
         tensors = [grad, local] if kept else [x[host.rows[rows]], grad, local]
         answer, round_errors = _request(host, calls, "backward", query, tensors, compression,
                                         [True, False] if kept else [False, True, False], timeout, secret, handle)

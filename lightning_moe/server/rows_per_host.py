@@ -6,7 +6,7 @@ says ``&rows=R``, its number of distinct rows. The query is signed with the path
 message (:mod:`lightning_moe.wire`):
 
 - forward: ``[*inputs, index]``: ``inputs`` holds the ``R`` distinct rows in the experts' args schema (the experts of
-  one request share their schemas), ``index`` (int64, ``sum(rows)`` long) each expert's rows into them, expert after
+  one request share their schemas), ``index`` (int16, int32 or int64, ``sum(rows)`` long) each expert's rows into them, expert after
   expert;
 - backward: ``[*inputs, *grad_outputs, index]``, or ``[*grad_outputs, index]`` when every expert has a keep (its kept
   forward is used); ``grad_outputs`` has ``sum(rows)`` rows, in the order of ``index``.
@@ -42,6 +42,7 @@ from lightning_moe.server.http_body import DIRECTIONS, KEEP_ID, RequestError, re
 
 MAX_EXPERTS = 32  # experts in one request (their uids and keep ids travel in the request line)
 MAX_MESSAGE_CHARS = 300  # of one expert's error message in X-Experts
+INDEX_DTYPES = (torch.int16, torch.int32, torch.int64)  # the index; a client sends the narrowest that holds its rows
 
 
 @dataclass
@@ -161,8 +162,10 @@ def check_body(tensors: list[torch.Tensor], entries: Sequence[Entry], direction:
         what = "inputs and the index" if direction == "forward" else "[inputs,] output gradients and the index"
         raise ValueError(f"the body holds {len(tensors)} tensors; expected {' or '.join(map(str, expected))} ({what})")
     index = tensors[-1]
-    if index.dtype != torch.int64 or index.dim() != 1:
-        raise ValueError(f"the index must be a 1-D int64 tensor, got {wire.dtype_name(index.dtype)}{list(index.shape)}")
+    if index.dtype not in INDEX_DTYPES or index.dim() != 1:
+        raise ValueError(f"the index must be a 1-D int16, int32 or int64 tensor, got "
+                         f"{wire.dtype_name(index.dtype)}{list(index.shape)}")
+    index = index.long()
     if len(index) != total:
         raise ValueError(f"the index has {len(index)} entries but the experts' rows add up to {total}")
     has_inputs = len(tensors) == num_args + 1 + (num_outputs if direction == "backward" else 0)
