@@ -94,11 +94,12 @@ class DecentralizedMoE(nn.Module):
             or a :class:`HealthRegistry` of this layer's own; default: the process's as it is. The registry also
             holds each host's measured answer times (``health.speeds``).
         slow_wait_budget: the share of the layer's call time that may go to waiting for hosts known to be slow, so
-            that their experts still learn and their answer times stay measured (0: never wait for them).
-        latency_margin: an expert on a host at least ``speed.SLOW_FACTOR`` times slower than the typical host loses
-            this much of its score (in gating logits) when the layer chooses experts, so a faster expert that scores
-            close takes its place; a quarter of the slow host's candidates keep their score (0: routing ignores
-            speed).
+            that their experts still learn and their answer times stay measured (0: never wait for them). A call the
+            budget can pay for waits for them and routes as the gating says.
+        latency_margin: in a call the wait budget cannot pay for, an expert on a host at least ``speed.SLOW_FACTOR``
+            times slower than the typical host loses this much of its score (in gating logits) when the layer
+            chooses experts, so a faster expert that scores close takes its place (with ``slow_wait_budget=0``, a
+            quarter of the slow host's candidates keep their score). 0: routing ignores speed.
         hole_punch: a host behind NAT that the layer calls often through a relay is asked for a direct path (TCP
             hole punching, :mod:`lightning_moe.client.direct`); calls use it once made and go on through the relay
             when it fails or closes. False: always through the relay.
