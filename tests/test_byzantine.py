@@ -79,7 +79,7 @@ def test_each_lying_mode_is_caught_and_its_host_excluded_saying_why(three_replic
         reason = exclusion.describe()
         mode = liar.config.byzantine
         if mode == "scale":  # 10x answers: the screen or the spot checks, whichever strikes twice first
-            assert "x the scale of its last" in reason or "disagree with 2 replicas of ffn." in reason, reason
+            assert "x the scale of" in reason or "disagree with 2 replicas of ffn." in reason, reason
         else:
             assert "outputs disagree with 2 replicas of ffn." in reason, reason
         for honest in (first, second):
@@ -181,6 +181,27 @@ def test_a_liar_alters_only_its_rate_of_answers_and_stale_answers_use_the_old_we
     half = Liar("sign_flip", rate=0.5, seed=0)
     lies = sum(torch.equal(half.forward(expert, [x], (y,))[0], -y) for _ in range(400))
     assert 150 < lies < 250 and half.counters()["lies"] == lies
+
+
+def test_with_two_replicas_the_layers_answers_screen_a_host_whose_every_answer_is_scaled():
+    """Each expert on 2 of 6 hosts: no expert's own replicas can outvote a liar, the layer's other hosts can."""
+    health = HealthRegistry()
+    checks = AnswerChecks(health, lambda uid: [], lambda e: "none", None, ban_time=60.0)
+    generator = torch.Generator().manual_seed(0)
+    hosts = [f"h{i}:1" for i in range(6)]
+    dropped: dict[str, int] = {}
+    for step in range(40):
+        for cell in range(16):  # ffn.a.b on hosts cell % 6 and (cell + 3) % 6; h0 answers 10x
+            uid = f"ffn.{cell // 4}.{cell % 4}"
+            scale = 0.5 + cell / 16  # the experts of a layer differ, within the screen's limit of each other
+            for host in (hosts[cell % 6], hosts[(cell + 3) % 6]):
+                y = torch.randn(4, HID, generator=generator) * scale * (10.0 if host == "h0:1" else 1.0)
+                if checks.screen(uid, host, y) is not None:
+                    dropped[host] = dropped.get(host, 0) + 1
+    assert set(dropped) == {"h0:1"}, dropped  # never an honest host's answer
+    exclusion = health.excluded("ffn.0.0", "h0:1")
+    assert exclusion is not None and "x the scale of the layer's last answers here" in exclusion.describe()
+    assert not any(health.excluded(f"ffn.{c // 4}.{c % 4}", h) for h in hosts[1:] for c in range(16))
 
 
 def test_two_disagreeing_replicas_blame_neither_and_a_majority_blames_the_odd_one():

@@ -6,7 +6,10 @@ registry with the reason (``outputs disagree with 2 replicas of ffn.1.3 ...``).
   trainer (``HISTORY`` answers, those that passed). One off by more than ``SCALE_LIMIT`` x, when at least two other
   hosts' answers back that median, is dropped (the call counts as failed, its rows are re-routed) and is a strike
   against its host; ``STRIKES`` strikes within ``STRIKE_WINDOW`` seconds exclude it. Non-finite answers are always
-  dropped. With fewer than 3 replicas the screen judges no scale: a pair cannot outvote a liar.
+  dropped. While an expert's own history is not backed by two other hosts (fewer than 3 replicas: a pair cannot
+  outvote a liar), the answer is compared with the layer's: the median of its experts' last ``LAYER_HISTORY`` answers,
+  when at least two other hosts back it (a layer's experts share an architecture; a host whose every answer is 10x
+  is off from all of them).
 - *Spot checks.* A random ``rate`` of the answers (one expert's rows in one forward) also send up to ``CHECK_ROWS`` of
   their rows to up to 2 other replicas of the expert, in the background: the step does not wait; a check not answered
   within ``CHECK_TIMEOUT`` is dropped, and at most ``MAX_IN_FLIGHT`` run at once (more are skipped). The answers are
@@ -38,6 +41,7 @@ from lightning_moe.client.remote_expert import RemoteExpertError, call_expert
 logger = logging.getLogger(__name__)
 
 HISTORY = 64
+LAYER_HISTORY = 256  # the layer's answers (all its experts) that back the screen while an expert's own replicas cannot
 WARMUP = 8
 SCALE_LIMIT = 4.0
 STRIKES = 3
@@ -83,6 +87,7 @@ class AnswerChecks:
         self.rng = random.Random(seed)
         self._lock = threading.Lock()
         self._history: collections.OrderedDict[str, collections.deque] = collections.OrderedDict()  # uid -> (endpoint, scale)
+        self._layer: collections.deque = collections.deque(maxlen=LAYER_HISTORY)  # every expert's (endpoint, scale)
         self._strikes: dict[tuple[str, str], collections.deque] = {}  # (kind, endpoint) -> strike times
         self._verdicts: collections.OrderedDict[str, collections.deque] = collections.OrderedDict()  # endpoint -> outvoted?
         self._agreeing: collections.deque[float] = collections.deque(maxlen=256)  # differences of agreeing replicas
@@ -105,17 +110,30 @@ class AnswerChecks:
             self._history[uid] = history
             while len(self._history) > MAX_EXPERTS:
                 self._history.popitem(last=False)
-            typical = statistics.median(s for _, s in history) if len(history) >= WARMUP else None
-            if finite and (typical is None or abs(scale - typical) <= math.log(SCALE_LIMIT)
-                           or self._backers(history, endpoint, typical) < 2):  # two other hosts must back the history
+            judge = self._judge(history, endpoint) or self._judge(self._layer, endpoint)
+            if finite and (judge is None or abs(scale - judge[0]) <= math.log(SCALE_LIMIT)):
                 history.append((endpoint, scale))
+                self._layer.append((endpoint, scale))
                 return None
             self.counts["odd_answers"] += 1
-        reason = (f"answer of {uid} holds non-finite values" if not finite else
-                  f"answer of {uid} is {math.exp(scale - typical):.3g}x the scale of its last {len(history)} answers here, "
-                  f"from other replicas")
+        if not finite:
+            reason = f"answer of {uid} holds non-finite values"
+        else:
+            typical, what = judge
+            reason = f"answer of {uid} is {math.exp(scale - typical):.3g}x the scale of {what}"
         self._strike("screen", endpoint, STRIKES, f"{reason} ({STRIKES} such answers within {STRIKE_WINDOW:g} s)")
         return reason
+
+    def _judge(self, history: collections.deque, endpoint: str) -> tuple[float, str] | None:
+        """The typical scale of ``history`` and what it holds, if at least two other hosts back it; else None."""
+        if len(history) < WARMUP:
+            return None
+        typical = statistics.median(s for _, s in history)
+        if self._backers(history, endpoint, typical) < 2:
+            return None
+        what = "the layer's last answers here, from other hosts" if history is self._layer else \
+            f"its last {len(history)} answers here, from other replicas"
+        return typical, what
 
     @staticmethod
     def _backers(history: collections.deque, endpoint: str, typical: float) -> int:
