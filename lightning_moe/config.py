@@ -8,7 +8,6 @@ and relations with errors that name the key, before anything starts.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from typing import Any, Optional
@@ -407,7 +406,7 @@ class DecentralizedMoEConfig(MoEConfig):
     max_call_bytes: int = 128 * 1024
     health: HealthConfig = field(default_factory=HealthConfig)
     slow_wait_budget: float = 0.1
-    latency_margin: float = math.inf
+    latency_margin: float = 1.0
     hole_punch: bool = True
     spot_check_rate: float = 0.02
     spot_check_tolerance: float = 0.1

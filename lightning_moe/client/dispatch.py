@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import threading
 import time
 from collections.abc import Collection, Mapping, Sequence
@@ -50,7 +49,7 @@ class Dispatcher:
                  backward_timeout_after_k_min: float | None, dht: Any, initial_peers: Sequence[str], compression: str,
                  cache_ttl: float, expert_info_timeout: float, secret: str | bytes | None, max_retries: int,
                  allow_zero_outputs: bool, health: HealthRegistry | HealthConfig | Mapping[str, Any] | None, max_call_bytes: int,
-                 slow_wait_budget: float = 0.1, latency_margin: float = math.inf, hole_punch: bool = True,
+                 slow_wait_budget: float = 0.1, latency_margin: float = 1.0, hole_punch: bool = True,
                  spot_check_rate: float = 0.02, spot_check_tolerance: float = 0.1, liar_ban_time: float = 600.0,
                  poison: float | None = None, rows_per_host: bool = False):
         if compression not in MOE_COMPRESSIONS:

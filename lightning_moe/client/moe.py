@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -99,10 +98,8 @@ class DecentralizedMoE(nn.Module):
             budget can pay for waits for them and routes as the gating says.
         latency_margin: in a call the wait budget cannot pay for, an expert on a host at least ``speed.SLOW_FACTOR``
             times slower than the typical host loses this much of its score (in gating logits) when the layer
-            chooses experts, so a faster expert that scores within it takes its place (with ``slow_wait_budget=0``, a
-            quarter of the slow host's candidates keep their score). The default, inf: such a call sends a slow host
-            rows only for samples with no other candidate, as it would not wait for its answer. 0: routing ignores
-            speed.
+            chooses experts, so a faster expert that scores close takes its place (with ``slow_wait_budget=0``, a
+            quarter of the slow host's candidates keep their score). 0: routing ignores speed.
         hole_punch: a host behind NAT that the layer calls often through a relay is asked for a direct path (TCP
             hole punching, :mod:`lightning_moe.client.direct`); calls use it once made and go on through the relay
             when it fails or closes. False: always through the relay.
@@ -153,7 +150,7 @@ class DecentralizedMoE(nn.Module):
         health: HealthRegistry | HealthConfig | Mapping[str, Any] | None = None,
         max_call_bytes: int = 128 * 1024,
         slow_wait_budget: float = 0.1,
-        latency_margin: float = math.inf,
+        latency_margin: float = 1.0,
         hole_punch: bool = True,
         spot_check_rate: float = 0.02,
         spot_check_tolerance: float = 0.1,
