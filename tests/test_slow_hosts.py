@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import threading
 import time
 
@@ -106,6 +107,12 @@ def test_routing_prefers_a_close_faster_expert_and_never_starves_the_slow_host()
     out = prefer_fast(chosen, scores, 2, {"slow:1"}, margin=1.0, keep_share=0.0)
     assert not any(("ffn.0.0", "slow:1") in row for row in out[300:])
     assert all(row[0] == ("ffn.2.0", "slow:1") for row in out[:300])
+    # an infinite margin (the default): a slow host's expert only where the sample has no other candidate
+    out = prefer_fast(chosen, scores, 2, {"slow:1"}, margin=math.inf, keep_share=0.0)
+    assert all(row == [("ffn.1.0", "fast:1"), ("ffn.1.1", "fast:1")] for row in out)
+    out = prefer_fast(chosen, scores, 3, {"slow:1"}, margin=math.inf, keep_share=0.0)
+    assert all(row[:2] == [("ffn.1.0", "fast:1"), ("ffn.1.1", "fast:1")] and row[2][1] == "slow:1" for row in out)
+    assert all(row[2] == ("ffn.2.0", "slow:1") for row in out[:300])  # the best of the slow ones, in score order
 
 
 def test_the_wait_budget_says_what_it_affords_without_spending_it():

@@ -277,7 +277,7 @@ def prefer_fast(chosen: list[list[tuple[str, str]]], scores: Sequence[torch.Tens
     rows = torch.tensor(touched)
     total = sum(s[rows].gather(1, coords[..., d]).float() for d, s in enumerate(scores))
     penalized = is_slow & (torch.rand(is_slow.shape) >= keep_share)
-    adjusted = (total - margin * penalized.float()).masked_fill(~present, -math.inf)
+    adjusted = torch.where(penalized, total - margin, total).masked_fill(~present, -math.inf)  # margin may be inf
     order = torch.sort(adjusted, dim=1, descending=True, stable=True).indices[:, :k].tolist()
     for r, b in enumerate(touched):
         row = chosen[b]
