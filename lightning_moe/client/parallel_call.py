@@ -27,6 +27,8 @@ MAX_CALLS_IN_FLIGHT = 128
 #: Given-up calls left running to measure their host (more are cancelled): a very slow host must not hold the
 #: workers that the next steps' calls need.
 MAX_LATE_CALLS = MAX_CALLS_IN_FLIGHT // 4
+#: Seconds a request's own timeout waits beyond the wait's end (the wait cancels it first).
+REQUEST_TIMEOUT_GRACE = 1.0
 
 
 def get_executor() -> ThreadPoolExecutor:
@@ -159,7 +161,9 @@ def run_in_parallel(
     if timeout is not None:
         ends.append(start + timeout)
     hard_end = min(ends) if ends else None
-    request_timeout = None if hard_end is None else max(hard_end - start, 1e-3)
+    # the requests' own timeout comes later than hard_end, so that this loop, not a racing worker, reports it;
+    # then it cancels them
+    request_timeout = None if hard_end is None else max(hard_end - start, 1e-3) + REQUEST_TIMEOUT_GRACE
     executor = get_executor()
     futures: dict[Future, int] = {}
     handles = [CallHandle() for _ in jobs]
