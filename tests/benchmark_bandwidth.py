@@ -14,6 +14,11 @@ Two parts:
    unlimited link, and steps/s at 20 Mbit/s and 100 ms RTT. Codecs interleaved (none, int8, ..., none, int8, ...)
    over ``--link-rounds`` rounds.
 
+The link part also runs the step as it was before rows once per host: uncompressed, one request per expert (each row
+and each output gradient once per expert), the row ``per-expert``. Bytes and speed are compared with it, the step
+that this issue set out to shrink (4.0 MB up and down); the table's ``vs none`` column and the line before the last
+three compare with uncompressed rows once per host. Its quality is uncompressed's: the same computation.
+
 The last three lines are for the best codec: the fewest bytes per step among those whose quality, the worst over the
 seeds, is within ``--quality-goal`` percent of uncompressed::
 
@@ -50,6 +55,7 @@ logger = logging.getLogger("benchmark_bandwidth")
 
 SLOW_LINK = (0.1, 20e6)  # 100 ms RTT, 20 Mbit/s per host and direction
 ROWS_PER_HOST = True  # every codec, and the uncompressed baseline, sends each row once per host (moe.rows_per_host)
+PER_EXPERT = "per-expert"  # the link part's baseline: uncompressed, one request per expert (rows_per_host=False)
 
 
 @dataclass
@@ -87,8 +93,9 @@ def measure_link(figures: dict[str, CodecFigures], rounds: int, steps: int) -> N
     with benchmark_wan.WanSwarm(num_hosts=2) as swarm:
         for i in range(rounds):
             for codec, fig in figures.items():
-                kwargs = dict(timeout_after_k_min=1.0, backward_timeout_after_k_min=1.0, compression=codec,
-                              rows_per_host=ROWS_PER_HOST)
+                kwargs = dict(timeout_after_k_min=1.0, backward_timeout_after_k_min=1.0,
+                              compression="none" if codec == PER_EXPERT else codec,
+                              rows_per_host=ROWS_PER_HOST and codec != PER_EXPERT)
                 fast, slow = benchmark_wan.run_single(swarm, [(0.0, None), SLOW_LINK], steps, 32, kwargs)
                 fig.up.append(fast["up"])
                 fig.down.append(fast["down"])
@@ -98,8 +105,8 @@ def measure_link(figures: dict[str, CodecFigures], rounds: int, steps: int) -> N
 
 
 def worst_quality(fig: CodecFigures, base: CodecFigures) -> float:
-    """The codec's worst relative bpc change over the seeds, in percent."""
-    return max(100 * (fig.bpc[s] / base.bpc[s] - 1) for s in base.bpc if s in fig.bpc)
+    """The codec's worst relative bpc change over the seeds, in percent (nan without quality runs)."""
+    return max((100 * (fig.bpc[s] / base.bpc[s] - 1) for s in base.bpc if s in fig.bpc), default=float("nan"))
 
 
 def print_table(figures: dict[str, CodecFigures], seeds: Sequence[int], goal: float) -> None:
@@ -114,13 +121,19 @@ def print_table(figures: dict[str, CodecFigures], seeds: Sequence[int], goal: fl
               f"{spread(fig.slow_steps):>26} "
               f"{statistics.median(fig.slow_steps) / statistics.median(base.slow_steps):8.2f}")
     print(f"quality: the worst over seeds of (bpc / uncompressed bpc - 1); goal within +{goal}%")
-    within = [f for f in figures.values() if not worst_quality(f, base) > goal]  # nan (no quality runs) counts in
+    codecs = [f for f in figures.values() if f.codec != PER_EXPERT]
+    within = [f for f in codecs if not worst_quality(f, base) > goal]  # nan (no quality runs) counts in
     best = min(within, key=lambda f: f.bytes)
-    print(f"best codec within the quality goal: {best.codec}")
-    print(f"bytes per step vs uncompressed: 1/{base.bytes / best.bytes:.1f}")
+    before = figures[PER_EXPERT]
+    print(f"best codec within the quality goal: {best.codec}; against uncompressed rows once per host: bytes 1/"
+          f"{base.bytes / best.bytes:.1f}, steps/s at 20 Mbit/s, 100 ms "
+          f"{statistics.median(best.slow_steps) / statistics.median(base.slow_steps):.2f}; below, against the step "
+          f"before this issue (uncompressed, one request per expert: "
+          f"{statistics.median(before.up) / 1024:.0f} KB up, {statistics.median(before.down) / 1024:.0f} KB down)")
+    print(f"bytes per step vs uncompressed: 1/{before.bytes / best.bytes:.1f}")
     print(f"quality vs uncompressed: {worst_quality(best, base):+.1f}%")
     print(f"steps/s at 20 Mbit/s, 100 ms vs uncompressed: "
-          f"{statistics.median(best.slow_steps) / statistics.median(base.slow_steps):.2f}")
+          f"{statistics.median(best.slow_steps) / statistics.median(before.slow_steps):.2f}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -161,6 +174,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     else:
         for fig in figures.values():
             fig.bpc = {0: float("nan")}
+    figures[PER_EXPERT] = CodecFigures(PER_EXPERT, dict(figures["none"].bpc))  # uncompressed's computation
     measure_link(figures, args.link_rounds, args.link_steps)
     print(f"\nbenchmark_bandwidth: {args.steps} steps x seeds {args.seeds}, {os.cpu_count()} CPUs, "
           f"{time.monotonic() - began:.0f} s")

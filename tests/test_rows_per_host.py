@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from lightning_moe import DecentralizedMoE, wire
-from lightning_moe.client.host_calls import call_hosts, group_by_host
+from lightning_moe.client.host_calls import call_hosts, factor_rows, group_by_host
 from lightning_moe.client.parallel_call import ExpertCall
 from lightning_moe.client.remote_expert import new_keep_id
 from lightning_moe.config import DHTConfig, HostConfig, HostLimits
@@ -104,11 +104,40 @@ def test_several_experts_in_one_request_answer_as_each_would_alone(host, index_d
     assert "forward" not in report["routes"] and report["experts"]["ffn.1"]["forward"]["requests"] == 1
 
 
-def test_a_forward_no_longer_kept_gets_409_per_expert_and_the_client_resends_it_with_the_inputs(host):
+def test_a_factored_backward_answers_as_the_output_gradients_it_stands_for(host):
+    references = {uid: copy.deepcopy(backend.expert) for uid, backend in host.backends.items()}
+    torch.manual_seed(2)
+    x, by_row, coeffs = torch.randn(6, HID), torch.randn(6, HID), torch.rand(9)
+    experts, index, _ = plan()
+    _, expected_grad = local_answers(references, x, coeffs[:, None] * by_row[index])
+    answer_of(host_post(host, "forward", experts, [x, index]))
+    statuses, (grad_x,) = answer_of(host_post(host, "backward", experts, [by_row, coeffs, index], "&rows=6&factored=1"))
+    assert statuses == [[200, ""]] * 3
+    torch.testing.assert_close(grad_x, expected_grad)
+
+
+def test_factor_rows_finds_a_mixtures_output_gradients_and_nothing_else():
+    torch.manual_seed(3)
+    by_sample, weights = torch.randn(8, HID), torch.softmax(torch.randn(8, 4), dim=1)
+    weights[0] = 0.0  # a sample whose experts all failed: no gradient at all
+    grads = weights[..., None] * by_sample[:, None]  # as autograd computes a softmax-weighted mixture's
+    rows, coeffs = factor_rows(grads)
+    assert torch.equal(coeffs[0], torch.zeros(4))
+    torch.testing.assert_close(coeffs[..., None] * rows[:, None], grads, rtol=1e-6, atol=1e-7)
+    other = grads.clone()
+    other[3, 1, 0] += 1e-3 * grads[3].abs().max()  # one slot not a multiple of its sample's vector
+    assert factor_rows(other) is None and factor_rows(torch.randn(8, 4, HID)) is None
+
+
+@pytest.mark.parametrize("factored", [False, True])
+def test_a_forward_no_longer_kept_gets_409_per_expert_and_the_client_resends_it_with_the_inputs(host, factored):
     references = {uid: copy.deepcopy(backend.expert) for uid, backend in host.backends.items()}
     host.kept.budget_bytes = 0  # keeps nothing
     torch.manual_seed(1)
     x, grads = torch.randn(6, HID), torch.randn(9, HID)
+    by_sample, coeffs = torch.randn(6, HID), torch.rand(9)
+    if factored:  # output gradients of the form a mixture has: a vector per sample times a coefficient per expert
+        grads = coeffs[:, None] * by_sample[plan()[1]]
     expected_out, expected_grad = local_answers(references, x, grads)
     experts, index, _ = plan()
     statuses, _ = answer_of(host_post(host, "forward", experts, [x, index]))
@@ -120,7 +149,8 @@ def test_a_forward_no_longer_kept_gets_409_per_expert_and_the_client_resends_it_
     (request,) = group_by_host(calls, max_rows=100)
     results = call_hosts([request], "forward", x, compression=["none"])
     torch.testing.assert_close(torch.cat([out for (out,) in results]), expected_out)
-    [(summed, errors)] = call_hosts([request], "backward", x, [grads], compression=["none"])
+    sent = (by_sample, coeffs) if factored else grads  # the rows of a sample, the coefficients call after call
+    [(summed, errors)] = call_hosts([request], "backward", x, [sent], compression=["none"])
     assert errors == [None] * 3
     grad_of_rows = torch.zeros_like(x).index_add_(0, request.rows, summed)
     torch.testing.assert_close(grad_of_rows, expected_grad)
@@ -168,6 +198,18 @@ MALFORMED = {
     "no inputs": ("backward", [["ffn.0", 1, None]], "&rows=1", lambda x: [x[:1], _index(0)], 400, "need the inputs"),
     "rows differ": ("backward", [["ffn.0", 1, None]], "&rows=1", lambda x: [x[:2], x[:1], _index(0)], 400,
                     "the inputs hold 2"),
+    "factored, no coefficients": ("backward", [["ffn.0", 2, "0" * 32]], "&rows=2&factored=1",
+                                  lambda x: [x[:2], _index(0, 1)], 400, "output gradients by row, their coefficients"),
+    "factored, short coefficients": ("backward", [["ffn.0", 2, "0" * 32]], "&rows=2&factored=1",
+                                     lambda x: [x[:2], torch.ones(1), _index(0, 1)], 400, "1-D floating tensor of 2"),
+    "factored, integer coefficients": ("backward", [["ffn.0", 2, "0" * 32]], "&rows=2&factored=1",
+                                       lambda x: [x[:2], torch.ones(2, dtype=torch.long), _index(0, 1)], 400,
+                                       "coefficients must be a 1-D floating"),
+    "factored, infinite coefficient": ("backward", [["ffn.0", 2, "0" * 32]], "&rows=2&factored=1",
+                                       lambda x: [x[:2], torch.tensor([1.0, float("inf")]), _index(0, 1)], 400,
+                                       "coefficients hold NaN or Inf"),
+    "factored, rows per pair": ("backward", [["ffn.0", 2, "0" * 32]], "&rows=1&factored=1",
+                                lambda x: [x[:2], torch.ones(2), _index(0, 0)], 400, "expected 1 floating rows"),
 }
 
 
@@ -231,6 +273,9 @@ def test_a_step_sends_one_request_per_host_with_the_answers_of_one_request_per_e
         assert stats.bytes_up < stats_alone.bytes_up and stats.bytes_down < stats_alone.bytes_down
         up = sum(counts["host/forward"]["bytes_in"] for counts in routes)
         assert up < 0.75 * sum(counts["forward"]["bytes_in"] for counts in routes_alone)
+        # the output gradients too: once per row and host, with a coefficient per expert (a mixture's are factored)
+        up = sum(counts["host/backward"]["bytes_in"] for counts in routes)
+        assert up < 0.75 * sum(counts["backward"]["bytes_in"] for counts in routes_alone)
         assert moe.stats["bytes_up"] == stats.bytes_up
         moe.close()
 

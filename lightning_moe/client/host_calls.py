@@ -1,6 +1,8 @@
 """Rows once per host: a layer's expert calls grouped by endpoint into one request per host (``POST /host/forward``
 and ``/host/backward``, :mod:`lightning_moe.server.rows_per_host`), each distinct row sent once with each expert's
-index list into them; the host answers per expert, and a backward's input gradients come back summed per row.
+index list into them; the host answers per expert, and a backward's input gradients come back summed per row. A
+backward's output gradients go once per row as well when they are one vector per sample times a coefficient per expert,
+as a mixture's are (each expert's is its weight times the layer's output gradient): :func:`factor_rows`.
 
 Everything else stays per expert: each :class:`ExpertCall` gets its own answer or error (naming its uid, the endpoint
 and the host's message), so health accounting, re-routing, spot checks and kept forwards work as with one request per
@@ -33,6 +35,9 @@ MAX_EXPERTS = 32
 MAX_QUERY_CHARS = 4096
 #: Largest ``X-Experts`` header of an answer that is read.
 MAX_STATUS_CHARS = 64 * 1024
+#: How far, in units of the floating type's epsilon and relative to a sample's largest output gradient, the gradients
+#: may stray from one vector per sample times a coefficient per expert and still be sent factored.
+FACTOR_TOLERANCE = 16
 
 
 class NoneAnswered(Exception):
@@ -65,6 +70,25 @@ def narrow_index(index: torch.Tensor, distinct: int) -> torch.Tensor:
     """``index`` (positions among ``distinct`` rows) in the narrowest integer type that holds them: a quarter of the
     bytes of int64 for any batch under 32,768 rows."""
     return index.to(torch.int16 if distinct <= torch.iinfo(torch.int16).max + 1 else torch.int32)
+
+
+def factor_rows(grad_outputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(rows, coeffs)`` with ``grad_outputs[b, k] == coeffs[b, k] * rows[b]`` within float rounding, or None when
+    the output gradients (samples x slots x ...) are not of that form."""
+    if grad_outputs.dim() < 3 or not grad_outputs.is_floating_point():
+        return None
+    kind = torch.float64 if grad_outputs.dtype == torch.float64 else torch.float32
+    flat = grad_outputs.flatten(2).to(kind)
+    norms = flat.abs().amax(dim=2)  # samples x slots
+    rows = flat[torch.arange(len(flat)), norms.argmax(dim=1)]  # each sample's largest slot
+    squares = (rows * rows).sum(dim=1, keepdim=True)
+    coeffs = torch.where(squares > 0, torch.einsum("bkd,bd->bk", flat, rows) / squares.clamp_min(torch.finfo(kind).tiny),
+                         0.0)
+    residual = (flat - coeffs[..., None] * rows[:, None]).abs().amax(dim=2)
+    tolerance = FACTOR_TOLERANCE * torch.finfo(grad_outputs.dtype).eps * norms.amax(dim=1, keepdim=True)
+    if not bool(torch.isfinite(coeffs).all()) or bool((residual > tolerance).any()):
+        return None
+    return rows.view(len(flat), *grad_outputs.shape[2:]).to(grad_outputs.dtype), coeffs.to(kind)
 
 
 def _query_chars(call: ExpertCall) -> int:
@@ -171,11 +195,13 @@ def _forward(host: HostCall, x: torch.Tensor, compression: str, secret: bytes | 
     return [list(next(outputs)) if error is None else error for error in errors]
 
 
-def _backward(host: HostCall, x: torch.Tensor, grads: torch.Tensor, compression: str, secret: bytes | None,
-              timeout: float | None, handle: CallHandle) -> tuple[torch.Tensor | None, list[BaseException | None]]:
+def _backward(host: HostCall, x: torch.Tensor, grads: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+              compression: str, secret: bytes | None, timeout: float | None, handle: CallHandle
+              ) -> tuple[torch.Tensor | None, list[BaseException | None]]:
     """The input gradients of ``host.rows`` summed over the calls that answered, and each call's error or None. Sends
     only the output gradients of kept forwards first; calls whose host no longer keeps theirs (409) go once more with
-    the inputs."""
+    the inputs. ``grads``: the calls' output gradients, call after call, or ``(rows, coeffs)``, the factored form of
+    :func:`factor_rows` (a row per sample of the batch, a coefficient per row of a call, call after call)."""
     starts = torch.tensor([0] + [len(call.rows) for call in host.calls]).cumsum(0).tolist()
     total: torch.Tensor | None = None
     errors: list[BaseException | None] = [None] * len(host.calls)
@@ -183,14 +209,19 @@ def _backward(host: HostCall, x: torch.Tensor, grads: torch.Tensor, compression:
     for kept in (True, False) if all(call.keep for call in host.calls) else (False,):
         calls = [host.calls[i] for i in todo]
         index = torch.cat([host.index[starts[i]:starts[i + 1]] for i in todo])
-        grad = torch.cat([grads[starts[i]:starts[i + 1]] for i in todo])
         rows = torch.unique(index)  # the host numbers only this request's rows
-        local = torch.searchsorted(rows, index)
+        local = narrow_index(torch.searchsorted(rows, index), len(rows))
         query = f"{experts_query(calls, keep=kept)}&rows={len(rows)}"
-        local = narrow_index(local, len(rows))
-        tensors = [grad, local] if kept else [x[host.rows[rows]], grad, local]
+        if isinstance(grads, tuple):
+            coeffs = torch.cat([grads[1][starts[i]:starts[i + 1]] for i in todo])
+            grad_parts = [grads[0][host.rows[rows]], coeffs.to(torch.float16 if compression != "none" else coeffs.dtype)]
+            query += "&factored=1"
+        else:
+            grad_parts = [torch.cat([grads[starts[i]:starts[i + 1]] for i in todo])]
+        stochastic = [True] + [False] * (len(grad_parts) - 1) + [False]
+        tensors = [*grad_parts, local] if kept else [x[host.rows[rows]], *grad_parts, local]
         answer, round_errors = _request(host, calls, "backward", query, tensors, compression,
-                                        [True, False] if kept else [False, True, False], timeout, secret, handle)
+                                        stochastic if kept else [False, *stochastic], timeout, secret, handle)
         if answer is not None and (len(answer) != 1 or tuple(answer[0].shape) != (len(rows), *x.shape[1:])):
             shape = [list(a.shape) for a in answer]
             answer, round_errors = None, _each(calls, host.endpoint, "backward", f"answered shapes {shape}", 200)
@@ -209,12 +240,14 @@ def _backward(host: HostCall, x: torch.Tensor, grads: torch.Tensor, compression:
     return total, errors
 
 
-def call_hosts(hosts: list[HostCall], method: str, x: torch.Tensor, grads: list[torch.Tensor] | None = None,
+def call_hosts(hosts: list[HostCall], method: str, x: torch.Tensor,
+               grads: list[torch.Tensor] | list[tuple[torch.Tensor, torch.Tensor]] | None = None,
                timeout: float | None = None, wait: StragglerWait | None = None, compression: Sequence[str] = (),
                secret: bytes | None = None, deadline: float | None = None, links: LinkRates | None = None,
                traffic: CallStats | None = None) -> list[Any]:
     """One request per host call at once (:func:`~lightning_moe.client.parallel_call.run_in_parallel`). A forward returns each call's outputs or error,
-    calls in the order of ``hosts``; a backward (``grads``: each host call's output gradients, call after call) returns
+    calls in the order of ``hosts``; a backward (``grads``: each host call's output gradients, call after call, or their
+    factored form, see :func:`_backward`) returns
     per host call ``(summed input gradients of its rows or None, each call's error or None)``."""
     jobs = []
     for i, (host, codec) in enumerate(zip(hosts, compression)):
@@ -246,7 +279,12 @@ def backward(calls: list[ExpertCall], x: torch.Tensor, grad_outputs: torch.Tenso
     """A layer's backward, one request per host: adds the input gradients (the hosts' sums, divided by ``scale``, by
     which the output gradients are multiplied) into ``grad_x``; returns the calls and each one's error or None."""
     hosts = group_by_host(calls, max_rows, split=False)
-    grads = [torch.cat([grad_outputs[call.rows, call.slots] for call in host.calls]) * scale for host in hosts]
+    factored = factor_rows(grad_outputs)
+    if factored is not None:
+        rows, coeffs = factored[0] * scale, factored[1]
+        grads = [(rows, torch.cat([coeffs[call.rows, call.slots] for call in host.calls])) for host in hosts]
+    else:
+        grads = [torch.cat([grad_outputs[call.rows, call.slots] for call in host.calls]) * scale for host in hosts]
     answered = call_hosts(hosts, "backward", x, grads, timeout, wait, [codec(host.endpoint) for host in hosts], secret,
                           links=links, traffic=traffic)
     errors: list[BaseException | None] = []

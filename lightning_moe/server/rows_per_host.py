@@ -9,7 +9,10 @@ message (:mod:`lightning_moe.wire`):
   one request share their schemas), ``index`` (int16, int32 or int64, ``sum(rows)`` long) each expert's rows into them, expert after
   expert;
 - backward: ``[*inputs, *grad_outputs, index]``, or ``[*grad_outputs, index]`` when every expert has a keep (its kept
-  forward is used); ``grad_outputs`` has ``sum(rows)`` rows, in the order of ``index``.
+  forward is used); ``grad_outputs`` has ``sum(rows)`` rows, in the order of ``index``. With ``&factored=1`` the output
+  gradients come once per distinct row: ``[*inputs, *grad_rows, coeffs, index]``, ``grad_rows`` with ``R`` rows and
+  ``coeffs`` (1-D, floating, ``sum(rows)`` long) giving each index entry's output gradients as
+  ``coeffs[i] * grad_rows[index[i]]`` (a mixture's output gradients: a weight per expert times one vector per sample).
 
 The answer is a wire message and the header ``X-Experts``: a JSON list of ``[status, message]`` per expert, 200 and
 ``""`` for those that answered, else what the expert would have answered alone (409: kept forward missed, 500: the
@@ -157,9 +160,13 @@ def check_body(tensors: list[torch.Tensor], entries: Sequence[Entry], direction:
     backend = entries[0].backend
     num_args, num_outputs = len(backend.args_schema), len(backend.outputs_schema)
     total = sum(entry.rows for entry in entries)
-    expected = [num_args + 1] if direction == "forward" else [num_outputs + 1, num_args + num_outputs + 1]
+    factored = direction == "backward" and query.get("factored") == "1"
+    grad_count = num_outputs + factored  # the output gradients, and the coefficients when factored
+    expected = [num_args + 1] if direction == "forward" else [grad_count + 1, num_args + grad_count + 1]
     if len(tensors) not in expected:
-        what = "inputs and the index" if direction == "forward" else "[inputs,] output gradients and the index"
+        what = ("inputs and the index" if direction == "forward" else
+                "[inputs,] output gradients by row, their coefficients and the index" if factored else
+                "[inputs,] output gradients and the index")
         raise ValueError(f"the body holds {len(tensors)} tensors; expected {' or '.join(map(str, expected))} ({what})")
     index = tensors[-1]
     if index.dtype not in INDEX_DTYPES or index.dim() != 1:
@@ -168,7 +175,7 @@ def check_body(tensors: list[torch.Tensor], entries: Sequence[Entry], direction:
     index = index.long()
     if len(index) != total:
         raise ValueError(f"the index has {len(index)} entries but the experts' rows add up to {total}")
-    has_inputs = len(tensors) == num_args + 1 + (num_outputs if direction == "backward" else 0)
+    has_inputs = len(tensors) == num_args + 1 + (grad_count if direction == "backward" else 0)
     inputs = backend.validate_forward(tensors[:num_args]) if has_inputs else None
     if direction == "forward":
         distinct = inputs[0].shape[0] if inputs else 0
@@ -186,12 +193,29 @@ def check_body(tensors: list[torch.Tensor], entries: Sequence[Entry], direction:
     indices = list(index.split([entry.rows for entry in entries]))
     if direction == "forward":
         return inputs, None, indices, distinct
-    grads = tensors[-1 - num_outputs:-1]
+    grads = list(tensors[-1 - grad_count:-1])
+    if factored:
+        grads = _expand(grads[:-1], grads[-1], index, distinct, total)
     for i, grad in enumerate(grads):
         if grad.dim() == 0 or grad.shape[0] != total:
             raise ValueError(f"grad_output {i} holds {list(grad.shape)[:1]} rows; expected {total}, one per index entry")
     parts = zip(*(grad.split([entry.rows for entry in entries]) for grad in grads))
     return inputs, [entry.backend.validate_grads(part) for entry, part in zip(entries, parts)], indices, distinct
+
+
+def _expand(grad_rows: list[torch.Tensor], coeffs: torch.Tensor, index: torch.Tensor, distinct: int, total: int
+            ) -> list[torch.Tensor]:
+    """A factored backward's output gradients, one per index entry: ``coeffs[i] * grad_rows[index[i]]``."""
+    if not coeffs.is_floating_point() or coeffs.dim() != 1 or len(coeffs) != total:
+        raise ValueError(f"the coefficients must be a 1-D floating tensor of {total} entries, one per index entry, got "
+                         f"{wire.dtype_name(coeffs.dtype)}{list(coeffs.shape)}")
+    if not bool(torch.isfinite(coeffs).all()):
+        raise ValueError("the coefficients hold NaN or Inf")
+    for i, rows in enumerate(grad_rows):
+        if rows.dim() == 0 or rows.shape[0] != distinct or not rows.is_floating_point():
+            raise ValueError(f"grad_output {i} by row holds {wire.dtype_name(rows.dtype)}{list(rows.shape)[:1]} rows; "
+                             f"expected {distinct} floating rows, one per distinct row")
+    return [rows[index] * coeffs.to(rows.dtype).view(-1, *[1] * (rows.dim() - 1)) for rows in grad_rows]
 
 
 def _int(value: str | None, name: str) -> int:
