@@ -21,9 +21,10 @@ averagings that centered clipping bounded or the distance check refused) and end
     honest hosts excluded: N                (in any run)
     poisoned trainer: quality +X%           (the honest trainers of poison3 vs honest3, the worst seed)
 
-With 2 replicas a trainer cannot tell which of two disagreeing replicas lies (README, *Volunteers that lie*): no
-host is excluded, and what bounds the harm is the screen of non-finite answers, the hosts' gradient clipping and
-the replicas' clipped averaging. ``--replicas 3`` lets the trainers' spot checks outvote a liar.
+With 2 replicas a trainer cannot tell which replica of one cell lies, but a host disagreeing grossly with the
+partners of all its cells is outvoted across cells (README, *Volunteers that lie*); below that, what bounds the harm
+is the screen, the hosts' gradient clipping and the replicas' clipped averaging. ``--replicas 3`` lets the trainers'
+spot checks outvote a liar within a cell. The ``outvoted`` column counts both (a verdict against a host).
 """
 
 from __future__ import annotations
@@ -228,7 +229,7 @@ def print_table(reports: list[LieReport], steps: int) -> None:
         c = r.checks
         print(f"{r.name:<10} {r.seed:>4} {r.val_bpc:8.3f} {vs:>17} {r.steps_per_s:8.2f} {liars:>16} "
               f"{len(r.honest_excluded):12d} {c.get('spot_checks', 0):11d} {c.get('mismatches', 0):10d} "
-              f"{c.get('outvoted', 0):8d} {c.get('odd_answers', 0):6d} "
+              f"{c.get('outvoted', 0) + c.get('outvoted_across_cells', 0):8d} {c.get('odd_answers', 0):6d} "
               f"{r.averaging.get('clipped', 0):>5d} of {r.averaging.get('rounds', 0):<4d} {r.averaging.get('refused', 0):11d}")
     lying = [(r, baseline(r, reports)) for r in reports if r.liars]
     worst = [100 * (r.val_bpc / b.val_bpc - 1) for r, b in lying if b is not None]

@@ -208,15 +208,47 @@ def test_two_disagreeing_replicas_blame_neither_and_a_majority_blames_the_odd_on
     health = HealthRegistry()
     checks = AnswerChecks(health, lambda uid: [], lambda e: "none", None, ban_time=60.0)
     y = torch.randn(4, HID)
-    assert checks.judge("ffn.0.1", {"a:1": y, "b:1": -y}) is None  # a pair cannot outvote a liar
-    assert health.excluded("ffn.0.1", "a:1") is None and health.excluded("ffn.0.1", "b:1") is None
     for _ in range(16):  # calibration: honest replicas agree within about 1%
         assert checks.judge("ffn.0.1", {"a:1": y, "b:1": y * 1.01, "c:1": y * 0.99}) is None
+    for _ in range(8):  # a pair cannot outvote a liar in one cell (nor across cells: they have no other partner)
+        assert checks.judge("ffn.0.1", {"a:1": y, "b:1": -y}) is None
+    assert health.excluded("ffn.0.1", "a:1") is None and health.excluded("ffn.0.1", "b:1") is None
     for _ in range(6):
         assert checks.judge("ffn.0.1", {"a:1": y, "b:1": y * 1.01, "c:1": -y}) == "c:1"
     exclusion = health.excluded("ffn.0.1", "c:1")
     assert exclusion is not None and "outputs disagree with 2 replicas of ffn.0.1" in exclusion.describe()
     assert health.excluded("ffn.0.1", "a:1") is None and health.excluded("ffn.0.1", "b:1") is None
+
+
+@pytest.mark.parametrize("liars, rate", [(("h0:1",), 1.0), (("h0:1", "h3:1"), 1.0), (("h0:1", "h3:1"), 0.5)])
+def test_with_two_replicas_a_host_outvoted_across_its_cells_is_excluded_and_its_partners_never(liars, rate):
+    """Each cell on 2 of 6 hosts, one cell per pair of hosts (the liars share none): no cell's pair can outvote a liar,
+    but a liar disagrees with every partner, and an honest host only with the liars."""
+    health = HealthRegistry()
+    checks = AnswerChecks(health, lambda uid: [], lambda e: "none", None, ban_time=60.0, seed=0)
+    rng = torch.Generator().manual_seed(0)
+    hosts = [f"h{i}:1" for i in range(6)]
+    cells = [(a, b) for i, a in enumerate(hosts) for b in hosts[i + 1:] if not (a in liars and b in liars)]
+    lies = torch.Generator().manual_seed(1)
+    blamed = []
+    for check in range(400):
+        uid = f"ffn.{check % len(cells)}"
+        y = torch.randn(8, HID, generator=rng)
+        answers = {}
+        for host in cells[check % len(cells)]:
+            honest = y * (1 + 0.02 * torch.randn(8, HID, generator=rng))  # replicas drift a little apart
+            lying = host in liars and health.excluded(uid, host) is None and torch.rand(1, generator=lies) < rate
+            answers[host] = -honest if lying else honest
+        if any(health.excluded(uid, host) is not None for host in answers):
+            continue  # an excluded host is no longer asked
+        who = checks.judge(uid, answers)
+        if who is not None:
+            blamed.append(who)
+    assert sorted(blamed) == sorted(liars), (blamed, checks.figures())
+    for liar in liars:
+        reason = health.excluded("ffn.0", liar).describe()
+        assert "outputs disagree with the replicas on" in reason and "two-way spot checks" in reason, reason
+    assert not any(health.excluded("ffn.0", host) for host in hosts if host not in liars)
 
 
 def test_byzantine_and_spot_check_keys_fail_by_name():
