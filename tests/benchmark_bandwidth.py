@@ -4,11 +4,12 @@ Two parts:
 
 1. **Quality.** The example (``examples/train.py``: CharLM, one DecentralizedMoE layer on a 4x4 grid, 2 local hosts)
    trained for ``--steps`` steps with each codec as ``moe.compression`` (the hosts answer in kind) and
-   ``moe.rows_per_host=true`` (each row once per host, the setting for slow links), once per seed;
-   validation bits per character against the uncompressed run of the same seed. The codecs of a seed run one after
-   the other (none, then each codec), so each seed's runs share the machine's mood. These runs wait for every
-   expert's answer (``timeout_after_k_min=null``), so the machine's load cannot change what is computed: the
-   quality column is the codec's effect alone.
+   ``moe.rows_per_host=true`` (each row once per host, the setting for slow links), ``--repeats`` times per seed;
+   validation bits per character (the mean of the repeats) against the uncompressed runs of the same seed. The
+   codecs of a seed run one after the other (none, then each codec, then again), so each seed's runs share the
+   machine's mood. These runs wait for every expert's answer (``timeout_after_k_min=null``), so the machine's load
+   cannot drop answers; runs still differ (the hosts batch and step as requests arrive): two runs of the same codec
+   and seed ended 1.3% apart, which is why ``--repeats`` exists.
 2. **The link.** The WAN benchmark's swarm (``tests/benchmark_wan.py``: 2 hosts, each behind a user-space proxy that
    delays and paces its traffic) and its one-layer trainer: bytes up and down per step counted at the proxies on an
    unlimited link, and steps/s at 20 Mbit/s and 100 ms RTT. Codecs interleaved (none, int8, ..., none, int8, ...)
@@ -63,7 +64,8 @@ class CodecFigures:
     """What one codec measured: bpc per seed, bytes per step and steps/s on the slow link per round."""
 
     codec: str
-    bpc: dict[int, float] = field(default_factory=dict)
+    bpc: dict[int, float] = field(default_factory=dict)  # per seed: the mean over the repeats
+    runs: dict[int, list[float]] = field(default_factory=dict)  # per seed: each repeat's bpc
     up: list[float] = field(default_factory=list)
     down: list[float] = field(default_factory=list)
     slow_steps: list[float] = field(default_factory=list)
@@ -120,7 +122,7 @@ def print_table(figures: dict[str, CodecFigures], seeds: Sequence[int], goal: fl
               f"{'1/' + format(base.bytes / fig.bytes, '.1f'):>8} {bpcs} {worst_quality(fig, base):+7.2f}% "
               f"{spread(fig.slow_steps):>26} "
               f"{statistics.median(fig.slow_steps) / statistics.median(base.slow_steps):8.2f}")
-    print(f"quality: the worst over seeds of (bpc / uncompressed bpc - 1); goal within +{goal}%")
+    print(f"quality: the worst over seeds of (mean bpc / mean uncompressed bpc - 1); goal within +{goal}%")
     codecs = [f for f in figures.values() if f.codec != PER_EXPERT]
     within = [f for f in codecs if not worst_quality(f, base) > goal]  # nan (no quality runs) counts in
     best = min(within, key=lambda f: f.bytes)
@@ -142,6 +144,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                         choices=COMPRESSIONS, help="codecs to compare (none is always run: the baseline)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--steps", type=int, default=600, help="training steps per quality run")
+    parser.add_argument("--repeats", type=int, default=1, help="quality runs per codec and seed (their mean counts)")
     parser.add_argument("--link-rounds", type=int, default=2, help="interleaved rounds of the link part")
     parser.add_argument("--link-steps", type=int, default=6, help="timed steps per codec, round and link setting")
     parser.add_argument("--quality-goal", type=float, default=1.0, help="percent of bpc a codec may lose")
@@ -164,10 +167,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"quality from {args.load_quality}: {saved}")
     elif not args.skip_quality:
         for seed in args.seeds:
-            for codec in codecs:
-                figures[codec].bpc[seed] = train_example(codec, seed, args.steps, args.overrides)
-                print(f"quality seed {seed} {codec:>8}: val bpc {figures[codec].bpc[seed]:.4f} "
-                      f"({time.monotonic() - began:.0f} s)", flush=True)
+            for repeat in range(args.repeats):
+                for codec in codecs:
+                    runs = figures[codec].runs.setdefault(seed, [])
+                    runs.append(train_example(codec, seed, args.steps, args.overrides))
+                    figures[codec].bpc[seed] = statistics.mean(runs)
+                    print(f"quality seed {seed} repeat {repeat} {codec:>8}: val bpc {runs[-1]:.4f} "
+                          f"({time.monotonic() - began:.0f} s)", flush=True)
+            spreads = {codec: f"{min(f.runs[seed]):.4f}-{max(f.runs[seed]):.4f}" for codec, f in figures.items()}
+            print(f"quality seed {seed}: val bpc over {args.repeats} repeats {spreads}", flush=True)
         if args.save_quality:
             with open(args.save_quality, "w") as f:
                 json.dump({codec: fig.bpc for codec, fig in figures.items()}, f)

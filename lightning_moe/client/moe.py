@@ -112,9 +112,10 @@ class DecentralizedMoE(nn.Module):
         poison: a poisoning trainer, for tests and demos: the output gradients sent to hosts are multiplied by this
             (the layer's own input gradients are not). None: honest.
         rows_per_host: one request per host for a forward and one for its backward, each distinct row sent once with
-            every expert's index list (:mod:`lightning_moe.client.host_calls`); the host answers per expert and sums
-            the input gradients per row: a quarter fewer bytes per step, for slow links. False (the default): one
-            request per expert, faster on loopback and LANs (the main job ran 1.2x faster) and what older hosts serve.
+            every expert's index list (:mod:`lightning_moe.client.host_calls`), and in the backward its output
+            gradient once with a coefficient per expert; the host answers per expert and sums the input gradients per
+            row: about 40% fewer bytes per step, for slow links. False (the default): one request per expert, faster
+            on loopback and LANs (the main job ran 1.2x faster) and what older hosts serve.
     """
 
     # the constructor arguments that the dispatcher holds (a change applies from the next forward)
