@@ -86,7 +86,7 @@ def test_each_lying_mode_is_caught_and_its_host_excluded_saying_why(three_replic
             assert all(health.excluded(uid, honest.endpoint) is None for uid in honest.host.backends)
         # the liar is avoided from now on: every answer comes from the honest replicas
         layer(torch.randn(32, HID)).sum().backward()
-        assert layer.last_stats.failed == 0 and layer.last_stats.liars_excluded >= 1
+        assert layer.last_stats.failed == 0 and layer.last_stats.liars_excluded >= 1, layer.last_stats.errors
     finally:
         layer.close()
 
@@ -249,6 +249,22 @@ def test_with_two_replicas_a_host_outvoted_across_its_cells_is_excluded_and_its_
         reason = health.excluded("ffn.0", liar).describe()
         assert "outputs disagree with the replicas on" in reason and "two-way spot checks" in reason, reason
     assert not any(health.excluded("ffn.0", host) for host in hosts if host not in liars)
+
+
+def test_the_layers_of_a_process_pool_their_votes_across_cells():
+    """A liar lies in every layer: 3 disagreements seen by each of two layers exclude it, as 6 in one layer would."""
+    health = HealthRegistry()
+    layers = [AnswerChecks(health, lambda uid: [], lambda e: "none", None, ban_time=60.0) for _ in range(2)]
+    y = torch.randn(4, HID)
+    for checks in layers:
+        for _ in range(16):  # calibration, per layer: honest pairs agree within about 1%
+            assert checks.judge("ffn.0.0", {"h1:1": y, "h2:1": y * 1.01}) is None
+    blamed = []
+    for i in range(3):
+        for checks, partner in zip(layers, ("h1:1", "h2:1")):
+            blamed.append(checks.judge(f"ffn.{i}.1", {"liar:1": -y, partner: y}))
+    assert blamed == [None] * 5 + ["liar:1"]
+    assert "outputs disagree with the replicas on 2 other hosts" in health.excluded("ffn.0.0", "liar:1").describe()
 
 
 def test_byzantine_and_spot_check_keys_fail_by_name():

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from lightning_moe.client.links import LinkRates
 from lightning_moe.client.speed import HostSpeeds
+from lightning_moe.client.votes import CrossCellVotes
 from lightning_moe.config import HealthConfig
 
 
@@ -56,12 +57,14 @@ class Exclusion:
 
 
 class HealthRegistry:
-    """Circuit breakers for experts and hosts, the hosts' answer times and their links' rates (thread-safe)."""
+    """Circuit breakers for experts and hosts, the hosts' answer times, their links' rates and the spot checks' votes
+    across cells (thread-safe)."""
 
     def __init__(self, config: HealthConfig | None = None):
         self.config = config or HealthConfig()
         self.speeds = HostSpeeds()
         self.links = LinkRates()
+        self.votes = CrossCellVotes()  # every layer's two-way spot checks, per host
         self._breakers: dict[str, Breaker] = {}
         self._lock = threading.Lock()
 

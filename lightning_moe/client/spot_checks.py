@@ -19,11 +19,9 @@ registry with the reason (``outputs disagree with 2 replicas of ffn.1.3 ...``).
   it is farther than the tolerance (and ``TOLERANCE_FACTOR`` x the pair's difference) from both. Nobody is blamed
   before ``MIN_CALIBRATION`` three-way checks; a host outvoted in ``OUTVOTED_TO_EXCLUDE`` of its last ``VERDICTS``
   three-way checks is excluded. With 2 answers a disagreement is counted (``mismatches``) and blames neither replica
-  of that cell, but hosts serve several cells with different partners: a host that disagreed grossly (beyond
-  ``MAX_TOLERANCE``, farther than honest replicas were ever seen apart) with at least 2 other hosts in
-  ``OUTVOTED_TO_EXCLUDE`` of its last ``VERDICTS`` two-way checks is excluded when each of those hosts agreed with
-  some host and disagreed less often than it (an honest host next to liars disagrees only with them, and they agree
-  with nobody, or less often than it does).
+  of that cell; gross disagreements (beyond ``MAX_TOLERANCE``, farther than honest replicas were ever seen apart)
+  go to the process's :class:`~lightning_moe.client.votes.CrossCellVotes`, which outvotes a host across the cells
+  it shares with others.
 """
 
 from __future__ import annotations
@@ -95,7 +93,6 @@ class AnswerChecks:
         self._layer: collections.deque = collections.deque(maxlen=LAYER_HISTORY)  # every expert's (endpoint, scale)
         self._strikes: dict[tuple[str, str], collections.deque] = {}  # (kind, endpoint) -> strike times
         self._verdicts: collections.OrderedDict[str, collections.deque] = collections.OrderedDict()  # endpoint -> outvoted?
-        self._pairs: collections.OrderedDict[str, collections.deque] = collections.OrderedDict()  # endpoint -> (peer, agreed)
         self._agreeing: collections.deque[float] = collections.deque(maxlen=256)  # differences of agreeing replicas
         self._in_flight = 0
         self.counts = collections.Counter()  # screened, odd_answers, spot_checks, compared, mismatches, ...
@@ -270,43 +267,19 @@ class AnswerChecks:
         return odd
 
     def _across_cells(self, uid: str, a: str, b: str, difference: float, tolerance: float) -> str | None:
-        """Record a two-way check of ``a`` against ``b``; on a gross disagreement, the one of them that other hosts
-        outvote across the cells they share with it (see the module's docstring), excluded; else None."""
-        agreed = difference <= max(tolerance, MAX_TOLERANCE)
+        """Record a two-way check of ``a`` against ``b`` with the process's other layers' (a gross disagreement:
+        beyond ``MAX_TOLERANCE``); the host that other hosts outvote across cells, excluded; else None."""
+        verdict = self.health.votes.record(a, b, difference <= max(tolerance, MAX_TOLERANCE))
+        if verdict is None:
+            return None
+        suspect, peers, against, checks = verdict
         with self._lock:
-            for endpoint, peer in ((a, b), (b, a)):
-                record = self._pairs.pop(endpoint, None) or collections.deque(maxlen=VERDICTS)
-                record.append((peer, agreed))
-                self._pairs[endpoint] = record
-            while len(self._pairs) > MAX_EXPERTS:
-                self._pairs.popitem(last=False)
-            if agreed:
-                return None
-            for suspect in (a, b):
-                record = self._pairs[suspect]
-                against = [peer for peer, ok in record if not ok]
-                share = len(against) / len(record)
-                if len(against) >= OUTVOTED_TO_EXCLUDE and len(set(against)) >= 2 and all(
-                        self._vouched(peer, share) for peer in set(against)):
-                    break
-            else:
-                return None
-            del self._pairs[suspect]  # its disagreements no longer count against its partners
-            for endpoint, entries in self._pairs.items():
-                self._pairs[endpoint] = collections.deque((e for e in entries if e[0] != suspect), maxlen=VERDICTS)
             self.counts["outvoted_across_cells"] += 1
-        self._strike("spot", suspect, 1, f"outputs disagree with the replicas on {len(set(against))} other hosts "
-                                         f"(in {len(against)} of its last {len(record)} two-way spot checks, each of "
-                                         f"those hosts less often; the latest: {uid}, relative difference "
-                                         f"{difference:.3g}, beyond {max(tolerance, MAX_TOLERANCE):.3g})")
+        self._strike("spot", suspect, 1, f"outputs disagree with the replicas on {len(peers)} other hosts (in {against} "
+                                         f"of its last {checks} two-way spot checks, each of those hosts less often; "
+                                         f"the latest: {uid}, relative difference {difference:.3g}, beyond "
+                                         f"{max(tolerance, MAX_TOLERANCE):.3g})")
         return suspect
-
-    def _vouched(self, endpoint: str, share: float) -> bool:
-        """Whether ``endpoint`` agreed with some host in its recent two-way checks and disagreed in a smaller share of
-        them than ``share`` (call with the lock held)."""
-        record = self._pairs.get(endpoint, ())
-        agreed = sum(ok for _, ok in record)
-        return agreed >= 1 and (len(record) - agreed) / len(record) < share
 
     def figures(self) -> dict[str, int]:
         """Counts so far: ``screened``, ``odd_answers``, ``spot_checks``, ``compared``, ``mismatches``, ``outvoted``,
