@@ -85,8 +85,15 @@ def test_each_lying_mode_is_caught_and_its_host_excluded_saying_why(three_replic
         for honest in (first, second):
             assert all(health.excluded(uid, honest.endpoint) is None for uid in honest.host.backends)
         # the liar is avoided from now on: every answer comes from the honest replicas
+        deadline = time.monotonic() + 15
+        while layer.dispatcher.checks.in_flight and time.monotonic() < deadline:  # checks sent before the exclusion
+            time.sleep(0.05)
+        asked_liar = liar.host.load_report()["routes"].get("forward", {}).get("requests", 0)
         layer(torch.randn(32, HID)).sum().backward()
-        assert layer.last_stats.failed == 0 and layer.last_stats.liars_excluded >= 1, layer.last_stats.errors
+        stats = layer.last_stats
+        assert liar.host.load_report()["routes"].get("forward", {}).get("requests", 0) == asked_liar
+        assert stats.answered >= 1 and stats.liars_excluded >= 1, stats.errors
+        assert not any(liar.endpoint in error for error in stats.errors), stats.errors
     finally:
         layer.close()
 
