@@ -341,6 +341,23 @@ def test_compressed_host_requests_answer_close_to_exact(host, codec):
     assert (grad_x - expected_grad).norm() <= 0.05 * expected_grad.norm()
 
 
+def test_a_factored_backward_under_a_lossy_codec_quantizes_the_rows_and_never_the_coefficients(host, monkeypatch):
+    references = {uid: copy.deepcopy(backend.expert) for uid, backend in host.backends.items()}
+    calls = [ExpertCall(uid, host.endpoint, torch.tensor(rows), torch.zeros(len(rows), dtype=torch.long), new_keep_id())
+             for uid, rows in ROWS.items()]
+    (request,) = group_by_host(calls, max_rows=100)
+    x, by_sample, coeffs = torch.randn(6, HID), torch.randn(6, HID), torch.rand(9) * 1e-3  # small weights
+    _, expected_grad = local_answers(references, x, coeffs[:, None] * by_sample[request.index])
+    call_hosts([request], "forward", x, compression=["int4"])
+    sent = []
+    serialize = wire.serialize
+    monkeypatch.setattr(wire, "serialize", lambda tensors, codecs, *a: sent.append(codecs) or serialize(tensors, codecs, *a))
+    [(summed, errors)] = call_hosts([request], "backward", x, [(by_sample, coeffs)], compression=["int4"])
+    assert errors == [None] * 3 and sent == [["int4", "float16", "none"]]  # rows, coefficients, index
+    grad_x = torch.zeros_like(x).index_add_(0, request.rows, summed)
+    assert (grad_x - expected_grad).norm() <= 0.6 * expected_grad.norm()  # int4 rows, rounded at random, both ways
+
+
 def test_an_expert_asked_twice_in_a_forward_gets_both_gradients_in_one_backward(host):
     host.backends["ffn.0"].optimizer.param_groups[0]["lr"] = 0.0  # the second backward would see the first's step
     reference = copy.deepcopy(host.backends["ffn.0"].expert)

@@ -149,11 +149,13 @@ def _each(calls: Sequence[ExpertCall], endpoint: str, method: str, message: str,
 
 def _request(host: HostCall, calls: Sequence[ExpertCall], method: str, query: str, tensors: list[torch.Tensor],
              compression: str, stochastic: list[bool], timeout: float | None, secret: bytes | None,
-             handle: CallHandle) -> tuple[list[torch.Tensor] | None, list[BaseException | None]]:
-    """One request; the answer's tensors (None if the request failed as a whole) and each call's error or None."""
+             handle: CallHandle, codecs: Sequence[str] | None = None
+             ) -> tuple[list[torch.Tensor] | None, list[BaseException | None]]:
+    """One request; the answer's tensors (None if the request failed as a whole) and each call's error or None. The
+    body's tensors go in ``compression`` (the answer's too), or in ``codecs``, one per tensor."""
     endpoint = host.endpoint
     try:
-        response = post(endpoint, f"/host/{method}?{query}", wire.serialize(tensors, compression, stochastic),
+        response = post(endpoint, f"/host/{method}?{query}", wire.serialize(tensors, codecs or compression, stochastic),
                         compression, timeout, secret, handle)
     except TransportError as e:
         return None, _each(calls, endpoint, method, str(e), cause=e)
@@ -212,16 +214,19 @@ def _backward(host: HostCall, x: torch.Tensor, grads: torch.Tensor | tuple[torch
         rows = torch.unique(index)  # the host numbers only this request's rows
         local = narrow_index(torch.searchsorted(rows, index), len(rows))
         query = f"{experts_query(calls, keep=kept)}&rows={len(rows)}"
-        if isinstance(grads, tuple):
+        if isinstance(grads, tuple):  # the coefficients are never quantized: float16 at most
             coeffs = torch.cat([grads[1][starts[i]:starts[i + 1]] for i in todo])
-            grad_parts = [grads[0][host.rows[rows]], coeffs.to(torch.float16 if compression != "none" else coeffs.dtype)]
+            grad_parts = [grads[0][host.rows[rows]], coeffs]
+            part_codecs = [compression, "none" if compression == "none" else "float16"]
             query += "&factored=1"
         else:
             grad_parts = [torch.cat([grads[starts[i]:starts[i + 1]] for i in todo])]
+            part_codecs = [compression]
         stochastic = [True] + [False] * (len(grad_parts) - 1) + [False]
         tensors = [*grad_parts, local] if kept else [x[host.rows[rows]], *grad_parts, local]
+        codecs = [*part_codecs, "none"] if kept else [compression, *part_codecs, "none"]
         answer, round_errors = _request(host, calls, "backward", query, tensors, compression,
-                                        stochastic if kept else [False, *stochastic], timeout, secret, handle)
+                                        stochastic if kept else [False, *stochastic], timeout, secret, handle, codecs)
         if answer is not None and (len(answer) != 1 or tuple(answer[0].shape) != (len(rows), *x.shape[1:])):
             shape = [list(a.shape) for a in answer]
             answer, round_errors = None, _each(calls, host.endpoint, "backward", f"answered shapes {shape}", 200)
