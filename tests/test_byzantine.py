@@ -11,7 +11,8 @@ import torch
 from omegaconf import OmegaConf
 
 from lightning_moe import DecentralizedMoE
-from lightning_moe.client.spot_checks import AnswerChecks
+from lightning_moe.client import spot_checks
+from lightning_moe.client.spot_checks import SUSPECT_RATE, AnswerChecks
 from lightning_moe.config import ConfigError, DecentralizedMoEConfig, DHTConfig, HostConfig, check_moe
 from lightning_moe.client.health import HealthRegistry
 from lightning_moe.server import make_expert
@@ -272,6 +273,40 @@ def test_the_layers_of_a_process_pool_their_votes_across_cells():
             blamed.append(checks.judge(f"ffn.{i}.1", {"liar:1": -y, partner: y}))
     assert blamed == [None] * 5 + ["liar:1"]
     assert "outputs disagree with the replicas on 2 other hosts" in health.excluded("ffn.0.0", "liar:1").describe()
+
+
+class _NowExecutor:
+    """Runs a spot check at once, in the caller's thread."""
+
+    def submit(self, fn, *args):
+        fn(*args)
+
+
+def test_a_suspected_host_and_its_partners_are_spot_checked_at_the_higher_rate_until_checks_clear_them(monkeypatch):
+    """A gross disagreement makes both hosts of the check suspects: their answers are checked at SUSPECT_RATE, the
+    others' still at the base rate, until agreeing checks push the disagreement out of their records."""
+    monkeypatch.setattr(spot_checks, "get_executor", _NowExecutor)
+    monkeypatch.setattr(spot_checks, "call_expert", lambda uid, endpoint, *args: [torch.ones(8, HID)])
+    health = HealthRegistry()
+    checks = AnswerChecks(health, lambda uid: ["a:1", "b:1"], lambda e: "none", None, rate=0.02, seed=0)
+    y = torch.ones(8, HID)
+    for _ in range(16):  # calibration: from here on two-way checks count across cells
+        checks.judge("ffn.1.1", {"c:1": y, "d:1": y, "e:1": y})
+    x, y = torch.randn(16, HID), torch.ones(16, HID)
+
+    def checked(endpoint: str, answers: int) -> int:
+        return sum(checks.maybe_check("ffn.0.0", endpoint, x, y) for _ in range(answers))
+
+    assert checks.rate_for("a:1") == 0.02 and checked("a:1", 200) < 12  # about 4
+    health.votes.record("a:1", "b:1", False)
+    assert [checks.rate_for(h) for h in ("a:1", "b:1", "c:1")] == [SUSPECT_RATE, SUSPECT_RATE, 0.02]
+    assert checked("c:1", 40) < 4
+    assert checked("a:1", 40) >= 5  # about 10; at the base rate about 1
+    assert checked("a:1", 2000) < 80  # once 16 checks agreed, back to the base rate
+    assert checks.rate_for("a:1") == 0.02 and health.excluded("ffn.0.0", "a:1") is None
+    checks.rate = 0.0  # spot checks off: off for suspects too
+    health.votes.record("a:1", "b:1", False)
+    assert checks.rate_for("a:1") == 0.0 and checked("a:1", 100) == 0
 
 
 def test_byzantine_and_spot_check_keys_fail_by_name():

@@ -103,9 +103,11 @@ class DecentralizedMoE(nn.Module):
         hole_punch: a host behind NAT that the layer calls often through a relay is asked for a direct path (TCP
             hole punching, :mod:`lightning_moe.client.direct`); calls use it once made and go on through the relay
             when it fails or closes. False: always through the relay.
-        spot_check_rate: the share of answered rows also sent to up to 2 other replicas of the same expert in the
-            background; a host whose answers disagree with the majority is excluded (:mod:`~lightning_moe.client.
-            spot_checks`, which also screens every answer's scale against the expert's history). 0: no spot checks.
+        spot_check_rate: the share of answers (one expert's rows in one forward) of which a few rows also go to up
+            to 2 other replicas of the same expert in the background; a host whose answers disagree with the majority
+            is excluded (:mod:`~lightning_moe.client.spot_checks`, which also screens every answer's scale against
+            the expert's history). A host suspected after a gross disagreement is checked at 0.25 until checks clear
+            or exclude it. 0: no spot checks.
         spot_check_tolerance: the least relative difference of two replicas' answers that counts as disagreement
             (the tolerance is calibrated from agreeing replicas, never below this).
         liar_ban_time: seconds a host caught lying stays excluded.

@@ -21,7 +21,9 @@ registry with the reason (``outputs disagree with 2 replicas of ffn.1.3 ...``).
   three-way checks is excluded. With 2 answers a disagreement is counted (``mismatches``) and blames neither replica
   of that cell; gross disagreements (beyond ``MAX_TOLERANCE``, farther than honest replicas were ever seen apart)
   go to the process's :class:`~lightning_moe.client.votes.CrossCellVotes`, which outvotes a host across the cells
-  it shares with others.
+  it shares with others. A host with a gross disagreement or an outvote remembered is suspected, and its answers
+  are checked at ``SUSPECT_RATE`` (at least ``rate``) until a verdict clears or excludes it: checks cost little where
+  nobody is suspected and a liar is judged within a few steps.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ MAX_IN_FLIGHT = 8
 TOLERANCE_FACTOR = 4.0
 TOLERANCE_QUANTILE = 0.9
 MAX_TOLERANCE = 0.6
+SUSPECT_RATE = 0.25  # the share of a suspected host's answers spot-checked
 MIN_CALIBRATION = 16  # three-way comparisons seen before a verdict may blame a host
 MAX_EXPERTS = 4096  # experts whose history is kept (least recently answered forgotten first)
 
@@ -177,7 +180,7 @@ class AnswerChecks:
     def maybe_check(self, uid: str, endpoint: str, inputs: torch.Tensor, output: torch.Tensor) -> bool:
         """With probability ``rate``, send up to ``CHECK_ROWS`` random rows of this answer (``inputs`` answered with
         ``output`` by ``uid`` at ``endpoint``) to other replicas, in the background; True if a check went out."""
-        if self.rate <= 0 or not len(inputs) or self.rng.random() >= self.rate:
+        if self.rate <= 0 or not len(inputs) or self.rng.random() >= self.rate_for(endpoint):
             return False
         chosen = sorted(self.rng.sample(range(len(inputs)), min(CHECK_ROWS, len(inputs))))
         others = [e for e in self.replicas(uid) if e != endpoint and self.health.excluded(uid, e) is None]
@@ -195,6 +198,15 @@ class AnswerChecks:
         others = self.rng.sample(others, min(2, len(others)))
         get_executor().submit(self._run, uid, endpoint, inputs[rows].clone(), output[rows].clone(), others)
         return True
+
+    def rate_for(self, endpoint: str) -> float:
+        """The share of ``endpoint``'s answers spot-checked now: ``SUSPECT_RATE`` while it is suspected (a gross
+        disagreement across cells, or an outvote in this layer, remembered), else ``rate``."""
+        with self._lock:
+            outvoted = any(self._verdicts.get(endpoint, ()))
+        if self.rate > 0 and (outvoted or self.health.votes.suspected(endpoint)):
+            return max(self.rate, SUSPECT_RATE)
+        return self.rate
 
     def _run(self, uid: str, endpoint: str, inputs: torch.Tensor, output: torch.Tensor, others: list[str]) -> None:
         try:

@@ -6,6 +6,10 @@ A pair of replicas cannot outvote a liar in their cell, but a host serves severa
 host that disagreed with at least 2 other hosts in ``needed`` of its last ``remembered`` two-way checks is outvoted when
 each of those hosts agreed with some host and disagreed less often than it: an honest host next to liars disagrees
 only with them, and they agree with nobody (or, lying at a rate, less often than it does).
+
+A host with a gross disagreement remembered is *suspected*: the layers spot-check its answers at a higher rate
+(:data:`lightning_moe.client.spot_checks.SUSPECT_RATE`), so a verdict on it comes within a few steps instead of after
+``needed`` checks at the base rate, and its honest partners, checked as often, are vouched for by the others.
 """
 
 from __future__ import annotations
@@ -49,6 +53,11 @@ class CrossCellVotes:
             for host, entries in self._records.items():
                 self._records[host] = collections.deque((e for e in entries if e[0] != suspect), maxlen=self.remembered)
             return suspect, set(against), len(against), len(record)
+
+    def suspected(self, host: str) -> bool:
+        """Whether ``host`` disagreed grossly in one of its remembered checks."""
+        with self._lock:
+            return any(not ok for _, ok in self._records.get(host, ()))
 
     def _vouched(self, host: str, share: float) -> bool:
         """Whether ``host`` agreed with some host and disagreed in a smaller share of its checks than ``share``."""
