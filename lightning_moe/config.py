@@ -162,10 +162,12 @@ class HostConfig:
                           "already have as many; above 1 it first downloads a busy cell's state from a live replica "
                           "(1: a busy cell starts from fresh weights, and replicas never average)", default=2)
     replica_average_period: float = _help("seconds between averagings of each served cell's parameters with its other "
-                                          "live replicas (DHT), when host.replicas > 1; 0: never. 5 s held two "
-                                          "replicas trained apart at 8% relative L2, against 20% after 60 s without "
-                                          "averaging, for 53 KB/s per cell of hid 64 (README, Replicas); raise it for "
-                                          "large experts on slow links", default=5.0)
+                                          "live replicas (DHT), when host.replicas > 1; 0: never. 2 s held two "
+                                          "replicas trained apart at 4.6% relative L2 (5 s: 7.8%, none: 20% after "
+                                          "60 s) and kept churn within 1% of steady training, for 0.5 Mbit/s each way "
+                                          "per cell of hid 64 (README, Replicas; the host logs its figure); raise it "
+                                          "for large experts on slow links",
+                                          default=2.0)
     replica_average_timeout: float = _help("seconds one replica may take to answer an averaging exchange; a replica "
                                            "that does not answer in time is skipped for that round", default=10.0)
     replica_aggregate: str = _help("how a cell's replicas' parameters are combined: centered_clip (the mean, with each "
@@ -363,16 +365,18 @@ class CharLMConfig:
     aux_loss_weight: float = _help("weight of the layers' load-balancing loss", default=0.01)
     moe_layers: int = _help("mixture layers, each residual (uid prefixes ffn for one, else ffn0, ffn1, ...)", default=1)
     uid_prefix: str = _help("the grid prefix the layers' prefixes derive from (moe.uid_prefix)", default="ffn")
-    micro_batches: int = _help("the batch is split into this many micro-batches that flow through the mixture layers at "
+    micro_batches: Any = _help("the batch is split into this many micro-batches that flow through the mixture layers at "
                                "once, so one micro-batch's expert calls overlap another's (lightning_moe.MoEStack; the "
-                               "same gradients as 1, which does not pipeline)", default=1)
+                               "same gradients as 1, which does not pipeline); auto: 2 while a layer calls a host over "
+                               "a slow link (the rule of moe.compression=auto), else 1", default="auto")
 
     def check(self, prefix: str = "model") -> None:
         """Ranges; raises :class:`ConfigError` naming the key."""
         for key in ("hid_dim", "seq_len", "num_heads", "moe_layers"):
             _require(getattr(self, key) >= 1, f"{prefix}.{key}", "must be positive", getattr(self, key))
-        _require(1 <= self.micro_batches <= MAX_MICRO_BATCHES, f"{prefix}.micro_batches",
-                 f"must be in 1..{MAX_MICRO_BATCHES}", self.micro_batches)
+        _require(self.micro_batches == "auto" or (type(self.micro_batches) is int
+                                                  and 1 <= self.micro_batches <= MAX_MICRO_BATCHES),
+                 f"{prefix}.micro_batches", f"must be auto or an integer in 1..{MAX_MICRO_BATCHES}", self.micro_batches)
 
 
 @dataclass

@@ -30,8 +30,9 @@ with a warm-up step). Three parts, each a table over RTT x bandwidth:
     python tests/benchmark_wan.py                                # the full grid (RTT 0/50/100/200, inf/100/20 Mbit/s)
 
 4. ``layers4``: one trainer training the 4-layer example (CharLM with 4 DecentralizedMoE layers, ``experiment=
-   four_layers``; 2 hosts serve the 4 grids), unpipelined and pipelined (``model.micro_batches``, see
-   :class:`lightning_moe.MoEStack`), interleaved step by step; step times and round trips per step.
+   four_layers``; 2 hosts serve the 4 grids), unpipelined, pipelined and ``model.micro_batches=auto`` (pipelined
+   while a link is measured slow; see :class:`lightning_moe.MoEStack`), interleaved step by step; step times and
+   round trips per step.
 
 Then ``swarm throughput at 100 ms / 0 ms: X`` (median swarm samples/s at 100 ms over that at 0 ms, at
 unlimited bandwidth when that column was run, else the first one). With part 4, the last line is
@@ -61,6 +62,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from netem import DelayProxy, UDPNetwork  # noqa: E402
 
+from lightning_moe.client.pipeline import AUTO_MICRO_BATCHES  # noqa: E402
 from lightning_moe.config import HostConfig, grid_uids, layer_prefixes  # noqa: E402
 
 logger = logging.getLogger("benchmark_wan")
@@ -570,8 +572,9 @@ def print_dht(rows: list[dict]) -> None:
 
 
 # ---- part 4: the 4-layer example, pipelined and not ------------------------------------------------
-def example_micro_batches() -> int:
-    """``model.micro_batches`` of the 4-layer example (``experiment=four_layers``; the model group's default if unset)."""
+def example_micro_batches() -> int | str:
+    """``model.micro_batches`` of the 4-layer example (``experiment=four_layers``; the model group's default if unset):
+    an int, or ``"auto"``."""
     from omegaconf import OmegaConf
 
     import lightning_moe.conf
@@ -579,24 +582,31 @@ def example_micro_batches() -> int:
     folder = os.path.dirname(lightning_moe.conf.__file__)
     experiment = OmegaConf.load(os.path.join(folder, "experiment", "four_layers.yaml"))
     default = OmegaConf.load(os.path.join(folder, "model", "char_lm.yaml")).get("micro_batches", 1)
-    return int(OmegaConf.select(experiment, "model.micro_batches", default=default))
+    value = OmegaConf.select(experiment, "model.micro_batches", default=default)
+    return value if value == "auto" else int(value)
 
 
 def run_layers4(swarm: WanSwarm, cells: list[tuple[float, float | None]], steps: int, batch_size: int, layer_kwargs: dict,
                 micro_batches: int) -> list[dict]:
-    """Per (rtt, bandwidth): step times of the 4-layer example unpipelined (1 micro-batch) and with ``micro_batches``,
-    interleaved step by step (one model; only ``model.moes.micro_batches`` changes), and bytes per step."""
+    """Per (rtt, bandwidth): step times of the 4-layer example unpipelined (1 micro-batch), with ``micro_batches`` and
+    with ``"auto"``, interleaved step by step (one model; only ``model.moes.micro_batches`` changes), the micro-batches
+    auto chose, and bytes per step. The emulated links end on loopback, which auto (as ``compression="auto"``) would
+    always take as fast: here it judges them by their measured rates (``links.LOOPBACK_IS_EXACT`` off)."""
+    from lightning_moe.client import links
+
     model, optimizer, text = build_trainer(swarm.initial_peers, seed=100, layer_kwargs=layer_kwargs, moe_layers=swarm.num_layers)
     rng = random.Random(0)
-    modes = (1, micro_batches)
+    modes = (1, micro_batches, "auto")
     rows = []
+    loopback_is_exact, links.LOOPBACK_IS_EXACT = links.LOOPBACK_IS_EXACT, False
     try:
         for rtt, bw in cells:
             swarm.set_link(rtt, bw)
             for mode in modes:  # warm-up: connections, expert info, DHT cache
                 model.moes.micro_batches = mode
                 train_step(model, optimizer, text, rng, batch_size, 64)
-            times: dict[int, list[float]] = {mode: [] for mode in modes}
+            times: dict[int | str, list[float]] = {mode: [] for mode in modes}
+            chosen: list[int] = []
             failed = 0
             up0, down0 = swarm.http_bytes()
             for _ in range(steps):
@@ -605,14 +615,18 @@ def run_layers4(swarm: WanSwarm, cells: list[tuple[float, float | None]], steps:
                     begin = time.perf_counter()
                     train_step(model, optimizer, text, rng, batch_size, 64)
                     times[mode].append(time.perf_counter() - begin)
+                    if mode == "auto":
+                        chosen.append(model.moes.last_micro_batches)
                     failed += sum(layer.last_stats.failed + layer.last_stats.timed_out + layer.last_stats.backward_failed
                                   for layer in model.moes)
             up1, down1 = swarm.http_bytes()
-            row = dict(rtt=rtt, bw=bw, base=times[1], piped=times[micro_batches], failed=failed,
+            row = dict(rtt=rtt, bw=bw, base=times[1], piped=times[micro_batches], auto=times["auto"], chosen=chosen,
+                       failed=failed,
                        up=(up1 - up0) / (steps * len(modes)), down=(down1 - down0) / (steps * len(modes)))
             rows.append(row)
             logger.info("layers4 %s", {k: (statistics.median(v) if isinstance(v, list) else v) for k, v in row.items()})
     finally:
+        links.LOOPBACK_IS_EXACT = loopback_is_exact
         for layer in model.moes:
             layer.close()
     return rows
@@ -627,28 +641,30 @@ def added_rtts(rows: list[dict], key: str) -> dict[tuple[float, float | None], f
 
 def print_layers4(rows: list[dict], batch_size: int, micro_batches: int, num_layers: int) -> None:
     print(f"\n== 4. one trainer: CharLM with {num_layers} DecentralizedMoE layers {GRID[0]}x{GRID[1]} k_best {K_BEST}, "
-          f"batch {batch_size}x64, 2 hosts; unpipelined vs {micro_batches} micro-batches, interleaved step by step; "
-          f"median (min-max) over steps, seconds ==")
+          f"batch {batch_size}x64, 2 hosts; unpipelined vs {micro_batches} micro-batches vs auto, interleaved step by "
+          f"step; median (min-max) over steps, seconds ==")
     print(f"{'RTT ms':>6} {'bw':>5} {'step, 1 micro-batch':>22} {'+RTTs':>6} {f'step, {micro_batches} micro-batches':>22} "
-          f"{'+RTTs':>6} {'speed-up':>8} {'KB up/st':>9} {'KB dn/st':>9} {'fail':>4}")
-    base_rtts, piped_rtts = added_rtts(rows, "base"), added_rtts(rows, "piped")
+          f"{'+RTTs':>6} {'step, auto':>22} {'+RTTs':>6} {'auto chose':>10} {'speed-up':>8} {'KB up/st':>9} "
+          f"{'KB dn/st':>9} {'fail':>4}")
+    found = {key: added_rtts(rows, key) for key in ("base", "piped", "auto")}
     for r in rows:
         cell = (r["rtt"], r["bw"])
-        b = f"{base_rtts[cell]:.1f}" if cell in base_rtts else "-"
-        p = f"{piped_rtts[cell]:.1f}" if cell in piped_rtts else "-"
-        speedup = statistics.median(r["base"]) / statistics.median(r["piped"])
+        b, p, a = (f"{found[key][cell]:.1f}" if cell in found[key] else "-" for key in ("base", "piped", "auto"))
+        speedup = statistics.median(r["base"]) / statistics.median(r["auto"])
+        chose = "/".join(str(r["chosen"].count(n)) for n in (1, 2))
         print(f"{r['rtt'] * 1000:6.0f} {bw_name(r['bw']):>5} {spread(r['base'], '{:.3f}'):>22} {b:>6} "
-              f"{spread(r['piped'], '{:.3f}'):>22} {p:>6} {speedup:8.2f} {r['up'] / 1024:9.0f} {r['down'] / 1024:9.0f} "
-              f"{r['failed']:4d}")
-    print("+RTTs: (median step at this RTT - median step at RTT 0, same bandwidth) / RTT: the round trips a step pays")
+              f"{spread(r['piped'], '{:.3f}'):>22} {p:>6} {spread(r['auto'], '{:.3f}'):>22} {a:>6} {chose:>10} "
+              f"{speedup:8.2f} {r['up'] / 1024:9.0f} {r['down'] / 1024:9.0f} {r['failed']:4d}")
+    print("+RTTs: (median step at this RTT - median step at RTT 0, same bandwidth) / RTT: the round trips a step pays; "
+          "auto chose: its steps with 1 / 2 micro-batches; speed-up: 1 micro-batch's median step / auto's")
 
 
 def layers4_line(rows: list[dict], micro_batches: int) -> str:
     """The last line: the 4-layer example as configured (``model.micro_batches`` of ``experiment=four_layers``) at
     100 ms, at unlimited bandwidth when that was run, else the first bandwidth."""
     example = example_micro_batches()
-    key = "base" if example == 1 else "piped"
-    if example not in (1, micro_batches):
+    key = "auto" if example == "auto" else "base" if example == 1 else "piped"
+    if example not in (1, micro_batches, "auto"):
         return f"4-layer example, round trips per step at 100 ms: n/a (the example runs {example} micro-batches, measured {micro_batches})"
     bws = [r["bw"] for r in rows]
     bw = None if None in bws else (bws[0] if bws else None)
@@ -698,7 +714,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.repeats = args.repeats or (2 if args.quick else 3)
     args.dht_rounds = args.dht_rounds or (8 if args.quick else 20)
     args.parts = {p.strip() for p in args.parts.split(",") if p.strip()}
-    args.micro_batches = args.micro_batches or (example_micro_batches() if example_micro_batches() > 1 else 2)
+    example = example_micro_batches()
+    args.micro_batches = args.micro_batches or (example if example != "auto" and example > 1 else AUTO_MICRO_BATCHES)
     return args
 
 

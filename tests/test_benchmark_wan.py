@@ -22,8 +22,9 @@ def test_benchmark_wan_runs_every_part_and_gives_sane_figures(capsys):
     assert check["leaked"] == 0 and check["received"] == check["relayed"]
     assert dht["ok_get"] == 2 and dht["ok_beam"] == 2
     (layers4,) = out["layers4"]
-    assert len(layers4["base"]) == len(layers4["piped"]) == 2 and layers4["failed"] == 0
-    assert all(0 < t < 120 for t in layers4["base"] + layers4["piped"]) and layers4["up"] > 0
+    assert len(layers4["base"]) == len(layers4["piped"]) == len(layers4["auto"]) == 2 and layers4["failed"] == 0
+    assert all(0 < t < 120 for t in layers4["base"] + layers4["piped"] + layers4["auto"]) and layers4["up"] > 0
+    assert len(layers4["chosen"]) == 2 and set(layers4["chosen"]) <= {1, 2}
     benchmark_wan.print_single(out["single"], args.batch_size)
     benchmark_wan.print_swarm(out["swarm"], args.trainers, args.batch_size, args.swarm_seconds)
     benchmark_wan.print_dht(out["dht"])

@@ -5,10 +5,12 @@ import pytest
 import torch
 from torch import nn
 
+from lightning_moe.client import links
 from lightning_moe.client.call_stats import CallStats
 from lightning_moe.client.local_moe import LocalMoE
 from lightning_moe.client.parallel_call import NotEnoughExpertsError
 from lightning_moe.client.pipeline import MoEStack, in_threads
+from lightning_moe.config import CharLMConfig, ConfigError
 from test_moe import GRID, HID, make_moe, start_swarm
 
 
@@ -85,6 +87,39 @@ def test_host_failure_inside_a_micro_batch_is_rerouted_then_named():
         swarm.shutdown()
 
 
+@pytest.mark.slow
+def test_auto_pipelines_only_while_a_layer_calls_a_host_over_a_slow_link(monkeypatch):
+    """micro_batches="auto": one micro-batch to loopback hosts (never slow), two once the links measured from the
+    layers' own calls are slow, one again once they are fast."""
+    swarm = start_swarm(optimizer=False)
+    torch.manual_seed(3)
+    stack = make_stack(swarm)
+    stack.micro_batches = "auto"
+    x, grad = torch.randn(32, HID), torch.randn(32, HID)
+
+    def chosen(steps: int) -> list[int]:
+        out = []
+        for _ in range(steps):
+            step(stack, x, grad)
+            out.append(stack.last_micro_batches)
+        return out
+
+    try:
+        monkeypatch.setattr(links, "MIN_SAMPLE_BYTES", 0)  # every call measured, however small
+        assert chosen(3) == [1, 1, 1]  # loopback: exact, never slow
+        assert all(layer.stats["slow_links"] == 0 for layer in stack.layers)
+        monkeypatch.setattr(links, "LOOPBACK_IS_EXACT", False)  # judge the hosts by their measured links, and
+        monkeypatch.setattr(links, "EXACT_ABOVE", float("inf"))  # take every measured link as slow
+        assert chosen(3)[-2:] == [2, 2]  # from the step after the first slow-judged forward on
+        assert all(layer.stats["slow_links"] == 2 for layer in stack.layers)  # both hosts, a merged stat
+        monkeypatch.setattr(links, "EXACT_ABOVE", 0.0)  # every link fast again
+        assert chosen(2)[-1] == 1
+    finally:
+        for layer in stack.layers:
+            layer.close()
+        swarm.shutdown()
+
+
 def test_local_layers_run_unpipelined_and_stats_merge():
     torch.manual_seed(2)
     layers = [LocalMoE(HID, GRID, lambda: nn.Linear(HID, HID), k_best=2) for _ in range(2)]
@@ -93,8 +128,10 @@ def test_local_layers_run_unpipelined_and_stats_merge():
     x = torch.randn(8, HID)
     expected = x + layers[0](x)
     torch.testing.assert_close(stack(x), expected + layers[1](expected))
-    with pytest.raises(ValueError, match="micro_batches"):
-        MoEStack(layers, micro_batches=0)
+    for wrong in (0, "fast", 2.0):
+        with pytest.raises(ValueError, match="micro_batches must be 'auto' or an integer"):
+            MoEStack(layers, micro_batches=wrong)
+    assert not MoEStack(layers, micro_batches="auto").pipelined  # local layers: never pipelined
     merged = CallStats.merged([CallStats(asked=2, latency=0.5, errors=["a"]), CallStats(asked=3, latency=0.2, errors=["b"])])
     assert (merged.asked, merged.latency, merged.errors) == (5, 0.5, ["a", "b"])
 
@@ -112,3 +149,11 @@ def test_in_threads_waits_for_all_and_raises_the_first_error():
     with pytest.raises(RuntimeError, match="part 1"):
         in_threads(work, 4)
     assert sorted(done) == [0, 1, 2, 3]
+
+
+def test_the_micro_batches_key_fails_by_name():
+    for wrong in (0, "fast", 17, 2.5):
+        with pytest.raises(ConfigError, match="model.micro_batches must be auto or an integer in 1..16"):
+            CharLMConfig(micro_batches=wrong).check()
+    for right in ("auto", 1, 16):
+        CharLMConfig(micro_batches=right).check()

@@ -64,10 +64,14 @@ class Layout:
         return {"names": list(self.names), "shapes": [list(s) for s in self.shapes],
                 "dtypes": [wire.dtype_name(d) for d in self.dtypes], "step": int(step)}
 
+    def nbytes(self) -> int:
+        """The parameters' bytes."""
+        return sum(self.numel(i) * self.dtypes[i].itemsize for i in range(len(self.names)))
+
     def message_bytes(self) -> int:
         """An upper bound of the size of this layout's message (uncompressed), for body limits."""
         meta = len(json.dumps(self.meta(0))) + 32
-        return meta + sum(self.numel(i) * self.dtypes[i].itemsize + 8 for i in range(len(self.names))) + SLACK_BYTES
+        return meta + self.nbytes() + 8 * len(self.names) + SLACK_BYTES
 
 
 def snapshot(module: nn.Module, layout: Layout) -> list[torch.Tensor]:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, fields
 
 #: Figures that describe the layer or its hosts rather than count calls: a merge takes the largest (latency too: the
 #: parts of a pipelined forward call at the same time).
-_LARGEST = ("latency", "link_mbps", "slow_hosts", "typical_latency", "odd_answers", "spot_check_mismatches",
+_LARGEST = ("latency", "link_mbps", "slow_links", "slow_hosts", "typical_latency", "odd_answers", "spot_check_mismatches",
             "liars_excluded")
 
 
@@ -30,6 +30,7 @@ class CallStats:
     bytes_up: int = 0  # request bodies sent by the forward and its backward (all hosts)
     bytes_down: int = 0  # answer bodies received by them
     link_mbps: float = 0.0  # the median measured link rate of the forward's hosts (Mbit/s; 0: none measured yet)
+    slow_links: int = 0  # the forward's hosts whose measured link is slow (client/links.py; never loopback)
     slow_hosts: int = 0  # hosts known to be slow when this forward chose its experts (routing leaned away)
     typical_latency: float = 0.0  # the median host's expected answer time (seconds; 0 before any was measured)
     spot_checks: int = 0  # answers of this forward whose rows were also sent to other replicas (client/spot_checks.py)

@@ -192,9 +192,11 @@ class Dispatcher:
 
     def codecs(self, calls: list[ExpertCall], stats: CallStats | None = None) -> list[str]:
         """Each call's codec: the layer's ``compression``, or under ``auto`` its host's link's (counted in ``stats``:
-        ``compressed`` and ``link_mbps``)."""
+        ``slow_links``, and under ``auto`` ``compressed`` and ``link_mbps``)."""
         codecs = [self.codec(call.endpoint) for call in calls]
         links = self.health.links
+        if stats is not None:
+            stats.slow_links = max(stats.slow_links, sum(links.slow(e) for e in {call.endpoint for call in calls}))
         if stats is not None and self.compression == "auto":
             rates = sorted(r for r in (links.rate(e) for e in {call.endpoint for call in calls}) if r is not None)
             if rates:

@@ -69,9 +69,13 @@ class LinkRates:
             return None
         return entry[0]
 
+    def slow(self, endpoint: str) -> bool:
+        """Whether ``endpoint``'s link was measured slower than ``EXACT_ABOVE`` (never on loopback, nor unmeasured)."""
+        if LOOPBACK_IS_EXACT and is_loopback(endpoint.rpartition(":")[0].strip("[]")):
+            return False
+        rate = self.rate(endpoint)
+        return rate is not None and rate < EXACT_ABOVE
+
     def codec(self, endpoint: str) -> str:
         """The codec ``compression="auto"`` sends to ``endpoint`` with (see the module's docstring)."""
-        if LOOPBACK_IS_EXACT and is_loopback(endpoint.rpartition(":")[0].strip("[]")):
-            return "none"
-        rate = self.rate(endpoint)
-        return "none" if rate is None or rate >= EXACT_ABOVE else COMPACT
+        return COMPACT if self.slow(endpoint) else "none"

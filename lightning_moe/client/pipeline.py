@@ -6,6 +6,12 @@ backward needs layer ``l``'s input gradients, so each micro-batch still pays 2 r
 another. Pipelining hides the rest: while one micro-batch waits for its answers, another sends, receives or computes
 locally. On a bandwidth-limited link a step tends to the larger of the round trips and the transfer time, instead of
 their sum.
+
+``micro_batches="auto"`` pipelines only where it pays: on loopback and fast links the threads and smaller calls cost
+more than they hide (a median 0.89 of the unpipelined speed at 0 ms here), on a slow or long link pipelining is
+1.1-1.4x faster. A step runs ``AUTO_MICRO_BATCHES`` micro-batches when the layers' last forward called a host whose
+link this process measured slow (:meth:`lightning_moe.client.links.LinkRates.slow`, the rule ``compression="auto"``
+uses; never loopback), else one.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ from lightning_moe.client.moe import DecentralizedMoE, Routing
 
 #: The most micro-batches of one step (each runs in its own thread while the step runs).
 MAX_MICRO_BATCHES = config.MAX_MICRO_BATCHES
+#: Micro-batches of a step under ``micro_batches="auto"`` once a slow link was measured (4 cost more than 2 here).
+AUTO_MICRO_BATCHES = 2
 
 T = TypeVar("T")
 
@@ -52,21 +60,23 @@ class MoEStack(nn.Module):
 
     Args:
         layers: the mixture layers, in order.
-        micro_batches: parts the batch is split into (1: no pipelining; at most ``MAX_MICRO_BATCHES``).
+        micro_batches: parts the batch is split into (1: no pipelining; at most ``MAX_MICRO_BATCHES``), or
+            ``"auto"``: ``AUTO_MICRO_BATCHES`` while the layers call a host over a slow link, else 1 (the module's doc).
         pre: one local module per layer, applied to the residual stream before the layer (None: none).
     """
 
-    def __init__(self, layers: Sequence[nn.Module], micro_batches: int = 1, pre: Sequence[nn.Module] | None = None):
+    def __init__(self, layers: Sequence[nn.Module], micro_batches: int | str = 1,
+                 pre: Sequence[nn.Module] | None = None):
         super().__init__()
-        if not 1 <= micro_batches <= MAX_MICRO_BATCHES:
-            raise ValueError(f"micro_batches must be in 1..{MAX_MICRO_BATCHES}, got {micro_batches}")
+        check_micro_batches(micro_batches)
         if pre is not None and len(pre) != len(layers):
             raise ValueError(f"pre needs one module per layer: {len(pre)} for {len(layers)} layers")
         for index, layer in enumerate(layers):  # children "0", "1", ...: a ModuleList's parameter names
             self.add_module(str(index), layer)
         self.num_layers = len(layers)
         self.pre = None if pre is None else nn.ModuleList(pre)
-        self.micro_batches = int(micro_batches)
+        self.micro_batches = micro_batches
+        self.last_micro_batches = 0  # the micro-batches of the last forward (0: none yet)
 
     @property
     def layers(self) -> list[nn.Module]:
@@ -84,12 +94,25 @@ class MoEStack(nn.Module):
 
     @property
     def pipelined(self) -> bool:
-        """True when the layers can run pipelined (all :class:`DecentralizedMoE`, more than one micro-batch)."""
-        return self.micro_batches > 1 and all(isinstance(layer, DecentralizedMoE) for layer in self.layers)
+        """True when the layers can run pipelined (all :class:`DecentralizedMoE`, more than one micro-batch now)."""
+        return self.count() > 1 and self._remote()
+
+    def _remote(self) -> bool:
+        return all(isinstance(layer, DecentralizedMoE) for layer in self.layers)
+
+    def count(self) -> int:
+        """The micro-batches of the next step: ``micro_batches``, or under ``"auto"`` ``AUTO_MICRO_BATCHES`` when a
+        layer's last forward called a host over a slow link, else 1."""
+        if self.micro_batches != "auto":
+            return int(self.micro_batches)
+        slow = self._remote() and any(layer.dispatcher.stats.slow_links for layer in self.layers)
+        return AUTO_MICRO_BATCHES if slow else 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        count = min(self.micro_batches, len(x))
-        if count <= 1 or not self.pipelined:
+        count = min(self.count(), len(x))
+        pipelined = count > 1 and self._remote()
+        self.last_micro_batches = count if pipelined else 1
+        if not pipelined:
             for index, layer in enumerate(self.layers):
                 x = x + layer(self.local(index, x))
             return x
@@ -208,6 +231,12 @@ class PipelinedStep(torch.autograd.Function):
             ctx.stack.merge_stats(ctx.views)
         grad_x = torch.cat(grad_inputs) if ctx.needs_input_grad[3] and all(g is not None for g in grad_inputs) else None
         return None, None, None, grad_x
+
+
+def check_micro_batches(micro_batches: int | str) -> None:
+    """Raises ValueError unless ``micro_batches`` is ``"auto"`` or an int in 1..``MAX_MICRO_BATCHES``."""
+    if micro_batches != "auto" and not (type(micro_batches) is int and 1 <= micro_batches <= MAX_MICRO_BATCHES):
+        raise ValueError(f"micro_batches must be 'auto' or an integer in 1..{MAX_MICRO_BATCHES}, got {micro_batches!r}")
 
 
 def in_threads(function: Callable[[int], T], count: int) -> list[T]:

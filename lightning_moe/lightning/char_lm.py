@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_moe.client.pipeline import MAX_MICRO_BATCHES, MoEStack
+from lightning_moe.client.pipeline import MoEStack, check_micro_batches
 from lightning_moe.config import layer_prefixes
 
 
@@ -107,12 +107,13 @@ class CharLM(pl.LightningModule):
         uid_prefix: the grid prefix the layers' prefixes derive from.
         micro_batches: the batch is split into this many micro-batches that flow through the mixture layers at once
             (:class:`~lightning_moe.client.pipeline.MoEStack`): one micro-batch's expert calls overlap another's.
-            Computes the same as 1 (no pipelining).
+            Computes the same as 1 (no pipelining). ``"auto"`` (the default): 2 while a layer calls a host over a
+            slow link, else 1.
     """
 
     def __init__(self, moe: nn.Module | Callable[..., nn.Module], hid_dim: int = 64, seq_len: int = 64, num_heads: int = 4,
                  lr: float = 3e-3, aux_loss_weight: float = 0.01, moe_layers: int = 1, uid_prefix: str = "ffn",
-                 micro_batches: int = 1):
+                 micro_batches: int | str = "auto"):
         super().__init__()
         self.save_hyperparameters(ignore=["moe"])
         self.embed = nn.Embedding(256, hid_dim)
@@ -124,8 +125,10 @@ class CharLM(pl.LightningModule):
             layers = [moe]
         else:
             layers = [moe(uid_prefix=prefix) for prefix in layer_prefixes(uid_prefix, moe_layers)]
-        if not 1 <= micro_batches <= MAX_MICRO_BATCHES:
-            raise ValueError(f"model.micro_batches must be in 1..{MAX_MICRO_BATCHES}, got {micro_batches}")
+        try:
+            check_micro_batches(micro_batches)
+        except ValueError as e:
+            raise ValueError(f"model.{e}") from None
         self.moes = MoEStack(layers, micro_batches=micro_batches)  # parameter names as a ModuleList's: moes.0.proj...
         self.norm = nn.LayerNorm(hid_dim)
         self.head = nn.Linear(hid_dim, 256)

@@ -138,6 +138,10 @@ class ReplicaSync:
             if self.radii[uid].anchor is None:
                 self.radii[uid].averaged(_snapshot(backend, self.layouts[uid]))
         if self.period > 0 and self._thread is None:
+            sent = sum(layout.nbytes() for layout in self.layouts.values())  # each cell's leave about once a period
+            logger.info("averaging %d cells (%.0f KB of parameters) with their replicas every %g s: about %.1f Mbit/s "
+                        "each way while they have replicas; on a slow uplink raise host.replica_average_period",
+                        len(self.backends), sent / 1024, self.period, sent * 8 / self.period / 1e6)
             self._thread = threading.Thread(target=self._loop, name="lightning_moe-replica-sync", daemon=True)
             self._thread.start()
 
