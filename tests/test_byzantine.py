@@ -275,6 +275,18 @@ def test_the_layers_of_a_process_pool_their_votes_across_cells():
     assert "outputs disagree with the replicas on 2 other hosts" in health.excluded("ffn.0.0", "liar:1").describe()
 
 
+def test_gross_disagreements_count_across_cells_before_any_calibration():
+    """Beyond MAX_TOLERANCE is gross whatever the calibration: a liar at r=2 is outvoted from the first checks on."""
+    health = HealthRegistry()
+    checks = AnswerChecks(health, lambda uid: [], lambda e: "none", None, ban_time=60.0)
+    y = torch.randn(4, HID)
+    assert checks.judge("ffn.0.0", {"h1:1": y, "h2:1": y * 1.01}) is None  # h1 and h2 agree once: vouched
+    blamed = [checks.judge(f"ffn.{i}.1", {"liar:1": -y, f"h{1 + i % 2}:1": y}) for i in range(6)]
+    assert blamed == [None] * 5 + ["liar:1"] and len(checks.calibration()) < 16
+    assert "outputs disagree with the replicas on 2 other hosts" in health.excluded("ffn.0.0", "liar:1").describe()
+    assert health.excluded("ffn.0.0", "h1:1") is None and health.excluded("ffn.0.0", "h2:1") is None
+
+
 class _NowExecutor:
     """Runs a spot check at once, in the caller's thread."""
 

@@ -19,9 +19,9 @@ registry with the reason (``outputs disagree with 2 replicas of ffn.1.3 ...``).
   it is farther than the tolerance (and ``TOLERANCE_FACTOR`` x the pair's difference) from both. Nobody is blamed
   before ``MIN_CALIBRATION`` three-way checks; a host outvoted in ``OUTVOTED_TO_EXCLUDE`` of its last ``VERDICTS``
   three-way checks is excluded. With 2 answers a disagreement is counted (``mismatches``) and blames neither replica
-  of that cell; gross disagreements (beyond ``MAX_TOLERANCE``, farther than honest replicas were ever seen apart)
-  go to the process's :class:`~lightning_moe.client.votes.CrossCellVotes`, which outvotes a host across the cells
-  it shares with others. A host with a gross disagreement or an outvote remembered is suspected, and its answers
+  of that cell; gross disagreements (beyond ``MAX_TOLERANCE``, farther than honest replicas were ever seen apart,
+  a bound that needs no calibration) go, from the first check on, to the process's
+  :class:`~lightning_moe.client.votes.CrossCellVotes`, which outvotes a host across the cells it shares with others. A host with a gross disagreement or an outvote remembered is suspected, and its answers
   are checked at ``SUSPECT_RATE`` (at least ``rate``) until a verdict clears or excludes it: checks cost little where
   nobody is suspected and a liar is judged within a few steps.
 """
@@ -244,7 +244,7 @@ class AnswerChecks:
             if len(answers) > 2 or closest <= tolerance:  # of 3 answers, the closest two are the honest ones
                 self._agreeing.append(closest)
             calibrated = len(self._agreeing) >= MIN_CALIBRATION
-        if len(answers) == 2 and calibrated:
+        if len(answers) == 2:  # gross is beyond MAX_TOLERANCE whatever the calibration: counted from the first check
             blamed = self._across_cells(uid, a, b, closest, tolerance)
             if blamed is not None or closest <= tolerance:
                 return blamed
