@@ -71,3 +71,21 @@ def test_auto_compresses_calls_over_a_slow_link_and_keeps_a_fast_one_exact(monke
             expected = expert(x)
         error = (answer[0] - expected).norm() / expected.norm()
         assert error < 0.05, error
+
+
+def test_requests_to_a_host_at_once_are_measured_together_not_each_at_a_share_of_the_link(monkeypatch):
+    """8 requests at once over one 20 Mbit/s link (2.5 MB/s each way): each one's bytes over its own time see a share
+    of the link; measured together, the link's rate comes out (up and down overlap: at most twice 2.5 MB/s)."""
+    monkeypatch.setattr(links, "LOOPBACK_IS_EXACT", False)
+    expert = make_expert("ffn", HID)
+    backend = ExpertBackend("ffn.0", expert, torch.optim.SGD(expert.parameters(), lr=0.0),
+                            args_schema=[((HID,), torch.float32)], max_batch_size=512)
+    with ExpertHost([backend], HostConfig()) as host, \
+            DelayProxy(host.endpoint, Link(delay=0.005, bandwidth_bps=20e6)).start() as proxy:
+        endpoint, rates = f"127.0.0.1:{proxy.port}", LinkRates()
+        x = torch.randn(64, HID)  # 64 KiB up and down per request
+        calls = [ExpertCall("ffn.0", endpoint, torch.arange(len(x)), torch.zeros(len(x), dtype=torch.long))
+                 for _ in range(8)]
+        results = parallel_call.call_in_parallel(calls, "forward", [[x]] * len(calls), timeout=60.0, links=rates)
+        assert not any(isinstance(r, BaseException) for r in results), results
+        assert 1.2e6 < rates.rate(endpoint) < 5.2e6, rates.rate(endpoint)  # here 4.0; measured per request, 0.9

@@ -171,6 +171,7 @@ def run_in_parallel(
         futures[executor.submit(job.send, request_timeout, handle)] = i
     speeds = None if wait is None else wait.speeds
     results: list[Any] = [None] * len(jobs)
+    answered: dict[str, list] = {}  # endpoint -> [bytes, seconds to its last answer, host seconds (None: unknown)]
     pending = set(futures)
     soft_end, first = None, None
     while pending:
@@ -190,14 +191,14 @@ def run_in_parallel(
             if speeds is not None:
                 speeds.answered(jobs[index].endpoint, now - start, jobs[index].rows, method)
             if links is not None:
-                handle = handles[index]
-                links.measured(jobs[index].endpoint, handle.sent_bytes + handle.received_bytes, now - start,
-                               handle.host_seconds)
+                _add_answer(answered, jobs[index].endpoint, handles[index], now - start)
         if first is None and any(r is not None and not isinstance(r, BaseException) for r in results):
             first = now
         if first is not None and wait is not None and not wait.waits_for_all and pending and done:
             soft_end = wait.end(start, first, [jobs[futures[f]].endpoint for f in pending])
     now = time.monotonic()
+    for endpoint, (nbytes, seconds, host_seconds) in answered.items():
+        links.measured(endpoint, nbytes, seconds, host_seconds)
     if traffic is not None:
         traffic.bytes_up += sum(handle.sent_bytes for handle in handles)
         traffic.bytes_down += sum(handle.received_bytes for handle in handles)
@@ -219,6 +220,16 @@ def run_in_parallel(
         future.cancel()  # the socket is shut down, so no worker waits for it any longer
         handles[index].cancel()
     return results
+
+
+def _add_answer(answered: dict[str, list], endpoint: str, handle: CallHandle, seconds: float) -> None:
+    """Count an answered request in its host's link measurement. The requests to one host share its link, so the link
+    is measured over all of them (their bytes over the time to the last answer, less the host's longest time), not
+    per request: each of n requests at once would see about 1/n of the link's rate."""
+    entry = answered.setdefault(endpoint, [0, 0.0, 0.0])
+    entry[0] += handle.sent_bytes + handle.received_bytes
+    entry[1] = max(entry[1], seconds)
+    entry[2] = None if entry[2] is None or handle.host_seconds is None else max(entry[2], handle.host_seconds)
 
 
 def _late_calls() -> threading.BoundedSemaphore:
