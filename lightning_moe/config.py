@@ -29,6 +29,11 @@ def _help(text: str, **kwargs: Any) -> Any:
     return field(metadata={"help": text}, **kwargs)
 
 
+def valid_micro_batches(value: Any) -> bool:
+    """Whether ``value`` is a valid ``micro_batches``: ``"auto"`` or an int in 1..``MAX_MICRO_BATCHES``."""
+    return value == "auto" or (type(value) is int and 1 <= value <= MAX_MICRO_BATCHES)
+
+
 def _require(ok: bool, key: str, message: str, value: Any) -> None:
     if not ok:
         raise ConfigError(f"{key} {message}, got {value!r}")
@@ -374,9 +379,8 @@ class CharLMConfig:
         """Ranges; raises :class:`ConfigError` naming the key."""
         for key in ("hid_dim", "seq_len", "num_heads", "moe_layers"):
             _require(getattr(self, key) >= 1, f"{prefix}.{key}", "must be positive", getattr(self, key))
-        _require(self.micro_batches == "auto" or (type(self.micro_batches) is int
-                                                  and 1 <= self.micro_batches <= MAX_MICRO_BATCHES),
-                 f"{prefix}.micro_batches", f"must be auto or an integer in 1..{MAX_MICRO_BATCHES}", self.micro_batches)
+        _require(valid_micro_batches(self.micro_batches), f"{prefix}.micro_batches",
+                 f"must be auto or an integer in 1..{MAX_MICRO_BATCHES}", self.micro_batches)
 
 
 @dataclass

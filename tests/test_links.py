@@ -3,7 +3,9 @@ codec each link gets."""
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -42,16 +44,23 @@ def test_rates_need_the_hosts_time_and_enough_bytes_and_choose_the_codec():
                    health=None, max_call_bytes=1 << 20)
 
 
-def test_auto_compresses_calls_over_a_slow_link_and_keeps_a_fast_one_exact(monkeypatch):
-    """Calls to one real host, direct and through a 20 Mbit/s link: the slow link is measured slow (the host's own
-    time left out), gets int8, and its answers still decode to what the expert computes, within int8's error."""
-    monkeypatch.setattr(links, "LOOPBACK_IS_EXACT", False)  # the emulated link's proxy listens on 127.0.0.1
-    torch.manual_seed(0)
+@contextlib.contextmanager
+def host_behind_slow_link() -> Iterator[tuple[torch.nn.Module, ExpertHost, DelayProxy]]:
+    """A real host of one expert (``ffn.0``, frozen) and a 20 Mbit/s, 5 ms link to it: the expert, host and proxy."""
     expert = make_expert("ffn", HID)
     backend = ExpertBackend("ffn.0", expert, torch.optim.SGD(expert.parameters(), lr=0.0),
                             args_schema=[((HID,), torch.float32)], max_batch_size=512)
     with ExpertHost([backend], HostConfig()) as host, \
             DelayProxy(host.endpoint, Link(delay=0.005, bandwidth_bps=20e6)).start() as proxy:
+        yield expert, host, proxy
+
+
+def test_auto_compresses_calls_over_a_slow_link_and_keeps_a_fast_one_exact(monkeypatch):
+    """Calls to one real host, direct and through a 20 Mbit/s link: the slow link is measured slow (the host's own
+    time left out), gets int8, and its answers still decode to what the expert computes, within int8's error."""
+    monkeypatch.setattr(links, "LOOPBACK_IS_EXACT", False)  # the emulated link's proxy listens on 127.0.0.1
+    torch.manual_seed(0)
+    with host_behind_slow_link() as (expert, host, proxy):
         slow_endpoint, rates = f"127.0.0.1:{proxy.port}", LinkRates()
         x = torch.randn(128, HID)  # 128 KiB up, 128 KiB down
         for endpoint in (host.endpoint, slow_endpoint, slow_endpoint):
@@ -77,11 +86,7 @@ def test_requests_to_a_host_at_once_are_measured_together_not_each_at_a_share_of
     """8 requests at once over one 20 Mbit/s link (2.5 MB/s each way): each one's bytes over its own time see a share
     of the link; measured together, the link's rate comes out (up and down overlap: at most twice 2.5 MB/s)."""
     monkeypatch.setattr(links, "LOOPBACK_IS_EXACT", False)
-    expert = make_expert("ffn", HID)
-    backend = ExpertBackend("ffn.0", expert, torch.optim.SGD(expert.parameters(), lr=0.0),
-                            args_schema=[((HID,), torch.float32)], max_batch_size=512)
-    with ExpertHost([backend], HostConfig()) as host, \
-            DelayProxy(host.endpoint, Link(delay=0.005, bandwidth_bps=20e6)).start() as proxy:
+    with host_behind_slow_link() as (expert, host, proxy):
         endpoint, rates = f"127.0.0.1:{proxy.port}", LinkRates()
         x = torch.randn(64, HID)  # 64 KiB up and down per request
         calls = [ExpertCall("ffn.0", endpoint, torch.arange(len(x)), torch.zeros(len(x), dtype=torch.long))

@@ -2,11 +2,12 @@
 picks from it.
 
 A call's *network time* is its answer time less the time the host itself spent on it (the ``X-Host-Seconds`` header:
-from its body read to its answer ready), so it holds the upload, the download and the round trip. The requests sent
-to one host at once share its link, so they are measured together: their bytes over the time to the last answer, less
-the host's longest time (one request of n would see about 1/n of the rate). A link's rate is an exponentially
-weighted mean of bytes (up and down) per second of network time, over measurements of at least ``MIN_SAMPLE_BYTES``. The round trip is not subtracted: on a long path a call is slow whatever its size, and the
-compact codecs then cost little and save what they can.
+from its body read to its answer ready), so it holds the upload, the download and the round trip. The requests sent to
+one host at once share its link, so they are measured together: their bytes over the time to the last answer, less the
+host's longest time (one request of n would see about 1/n of the rate). A link's rate is an exponentially weighted
+mean of bytes (up and down) per second of network time, over measurements of at least ``MIN_SAMPLE_BYTES``. The round
+trip is not subtracted: on a long path a call is slow whatever its size, and the compact codecs then cost little and
+save what they can.
 
 The choice (:meth:`LinkRates.codec`): a loopback endpoint is always exact (a loaded machine's scheduling delays would
 look like a slow link); a host not measured yet is sent exact until it is; a link carrying at least

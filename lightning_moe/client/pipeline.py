@@ -235,7 +235,7 @@ class PipelinedStep(torch.autograd.Function):
 
 def check_micro_batches(micro_batches: int | str) -> None:
     """Raises ValueError unless ``micro_batches`` is ``"auto"`` or an int in 1..``MAX_MICRO_BATCHES``."""
-    if micro_batches != "auto" and not (type(micro_batches) is int and 1 <= micro_batches <= MAX_MICRO_BATCHES):
+    if not config.valid_micro_batches(micro_batches):
         raise ValueError(f"micro_batches must be 'auto' or an integer in 1..{MAX_MICRO_BATCHES}, got {micro_batches!r}")
 
 

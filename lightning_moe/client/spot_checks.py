@@ -21,9 +21,10 @@ registry with the reason (``outputs disagree with 2 replicas of ffn.1.3 ...``).
   three-way checks is excluded. With 2 answers a disagreement is counted (``mismatches``) and blames neither replica
   of that cell; gross disagreements (beyond ``MAX_TOLERANCE``, farther than honest replicas were ever seen apart,
   a bound that needs no calibration) go, from the first check on, to the process's
-  :class:`~lightning_moe.client.votes.CrossCellVotes`, which outvotes a host across the cells it shares with others. A host with a gross disagreement or an outvote remembered is suspected, and its answers
-  are checked at ``SUSPECT_RATE`` (at least ``rate``) until a verdict clears or excludes it: checks cost little where
-  nobody is suspected and a liar is judged within a few steps.
+  :class:`~lightning_moe.client.votes.CrossCellVotes`, which outvotes a host across the cells it shares with others.
+  A host with a gross disagreement or an outvote remembered is suspected, and its answers are checked at
+  ``SUSPECT_RATE`` (at least ``rate``) until a verdict clears or excludes it: checks cost little where nobody is
+  suspected and a liar is judged within a few steps.
 """
 
 from __future__ import annotations
@@ -245,7 +246,7 @@ class AnswerChecks:
                 self._agreeing.append(closest)
             calibrated = len(self._agreeing) >= MIN_CALIBRATION
         if len(answers) == 2:  # gross is beyond MAX_TOLERANCE whatever the calibration: counted from the first check
-            blamed = self._across_cells(uid, a, b, closest, tolerance)
+            blamed = self._across_cells(uid, a, b, closest)
             if blamed is not None or closest <= tolerance:
                 return blamed
         if closest > tolerance:
@@ -278,10 +279,10 @@ class AnswerChecks:
                                          f"{against} of its last {VERDICTS} spot checks)")
         return odd
 
-    def _across_cells(self, uid: str, a: str, b: str, difference: float, tolerance: float) -> str | None:
+    def _across_cells(self, uid: str, a: str, b: str, difference: float) -> str | None:
         """Record a two-way check of ``a`` against ``b`` with the process's other layers' (a gross disagreement:
         beyond ``MAX_TOLERANCE``); the host that other hosts outvote across cells, excluded; else None."""
-        verdict = self.health.votes.record(a, b, difference <= max(tolerance, MAX_TOLERANCE))
+        verdict = self.health.votes.record(a, b, difference <= MAX_TOLERANCE)
         if verdict is None:
             return None
         suspect, peers, against, checks = verdict
@@ -290,7 +291,7 @@ class AnswerChecks:
         self._strike("spot", suspect, 1, f"outputs disagree with the replicas on {len(peers)} other hosts (in {against} "
                                          f"of its last {checks} two-way spot checks, each of those hosts less often; "
                                          f"the latest: {uid}, relative difference {difference:.3g}, beyond "
-                                         f"{max(tolerance, MAX_TOLERANCE):.3g})")
+                                         f"{MAX_TOLERANCE:.3g})")
         return suspect
 
     def figures(self) -> dict[str, int]:
